@@ -1,0 +1,1 @@
+//! CHAP (RFC 1994, RFC 7143 12.1.3) with MD5, SHA-256 and SHA3-256.

@@ -1,0 +1,2 @@
+//! file backstore
+pub struct FileBackstore;

@@ -1,0 +1,2 @@
+//! mem backstore
+pub struct MemBackstore;

@@ -1,0 +1,96 @@
+//! The `Backstore` interface: where a LUN's blocks live. It is
+//! asynchronous, submit now and complete later, so that io_uring, libgfapi
+//! callbacks and RDMA fit it unchanged. Buffers move into the request and
+//! come back in the completion, never copied by this layer.
+
+mod file;
+mod mem;
+mod null;
+
+pub use file::FileBackstore;
+pub use mem::MemBackstore;
+pub use null::NullBackstore;
+
+/// What a backstore can do beyond reads and writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackstoreCaps {
+    /// `Discard` deallocates, and deallocated blocks read back as zeros.
+    pub discard: bool,
+    /// `WriteZeroes` is cheaper than writing a zero buffer.
+    pub write_zeroes: bool,
+    /// Writes may sit in a volatile cache until `Flush` (reported as WCE).
+    pub volatile_cache: bool,
+    /// `extent_status` answers mapped/deallocated ranges.
+    pub extent_status: bool,
+}
+
+/// One backstore operation. Offsets and lengths are in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoOp {
+    /// Fill the whole of `Io::buf` from `offset`.
+    Read { offset: u64 },
+    /// Write the whole of `Io::buf` at `offset`; with `fua`, durable before
+    /// completion.
+    Write { offset: u64, fua: bool },
+    /// Make all completed writes durable.
+    Flush,
+    /// Deallocate `len` bytes at `offset` (they then read as zeros).
+    Discard { offset: u64, len: u64 },
+    /// Zero `len` bytes at `offset`.
+    WriteZeroes { offset: u64, len: u64 },
+}
+
+/// A submitted operation.
+#[derive(Debug)]
+pub struct Io {
+    /// The caller's handle, echoed in `IoDone`.
+    pub tag: u64,
+    pub op: IoOp,
+    /// Data to write, or the buffer to read into (its length is the read
+    /// length). Empty for Flush, Discard and WriteZeroes.
+    pub buf: Vec<u8>,
+}
+
+/// A completed operation.
+#[derive(Debug)]
+pub struct IoDone {
+    pub tag: u64,
+    /// `Err(errno)` on failure.
+    pub result: Result<(), i32>,
+    /// The request's buffer, filled for reads.
+    pub buf: Vec<u8>,
+}
+
+/// Mapping state of a range, for GET LBA STATUS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub mapped: bool,
+    /// Bytes from the asked offset that share this state.
+    pub len: u64,
+}
+
+/// A LUN's storage. Implementations never block the calling reactor in
+/// `submit`; results arrive through `poll` on the same thread.
+pub trait Backstore {
+    /// Short kind name for logs ("mem", "null", "file").
+    fn kind(&self) -> &'static str;
+    /// Size in bytes.
+    fn size_bytes(&self) -> u64;
+    fn caps(&self) -> BackstoreCaps;
+    /// Start an operation. Errors found before starting are reported as a
+    /// completion, not a return value, so callers have one path.
+    fn submit(&mut self, io: Io);
+    /// Move finished operations into `out`; returns how many.
+    fn poll(&mut self, out: &mut Vec<IoDone>) -> usize;
+    /// Mapping state at `offset` (only when `caps().extent_status`).
+    fn extent_status(&mut self, offset: u64) -> Result<Extent, i32> {
+        Ok(Extent {
+            mapped: true,
+            len: self.size_bytes().saturating_sub(offset),
+        })
+    }
+    /// Make everything durable before shutdown (blocking is allowed here).
+    fn shutdown(&mut self) -> Result<(), i32> {
+        Ok(())
+    }
+}

@@ -1,0 +1,2 @@
+//! null backstore
+pub struct NullBackstore;

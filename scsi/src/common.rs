@@ -1,0 +1,147 @@
+//! Types shared by every part of the device server and its callers.
+
+use crate::sense::Sense;
+use std::path::PathBuf;
+
+/// Identifies an I_T nexus for the life of the process. Assigned by the
+/// engine; stable while the iSCSI session lives.
+pub type NexusId = u64;
+
+/// An I_T nexus as SPC sees it: the initiator port and the target port.
+/// For iSCSI the initiator port name is `<initiator name>,i,0x<ISID>` and
+/// the target port name `<target name>,t,0x<TPGT>` (RFC 7143 10.1.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nexus {
+    pub id: NexusId,
+    pub initiator_name: String,
+    /// 48-bit ISID.
+    pub isid: u64,
+    pub target_name: String,
+    /// Target Portal Group Tag, which is also the relative target port
+    /// identifier and the target port group we report.
+    pub tpgt: u16,
+}
+
+impl Nexus {
+    pub fn initiator_port_name(&self) -> String {
+        format!("{},i,0x{:012x}", self.initiator_name, self.isid)
+    }
+    pub fn target_port_name(&self) -> String {
+        format!("{},t,0x{:04x}", self.target_name, self.tpgt)
+    }
+}
+
+/// Task attribute from the iSCSI SCSI Command PDU (SAM-5 8.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TaskAttr {
+    Untagged,
+    #[default]
+    Simple,
+    Ordered,
+    HeadOfQueue,
+    Aca,
+}
+
+impl TaskAttr {
+    /// From the ATTR field (3 bits) of an iSCSI SCSI Command.
+    pub fn from_iscsi(bits: u8) -> TaskAttr {
+        match bits & 7 {
+            0 => TaskAttr::Untagged,
+            2 => TaskAttr::Ordered,
+            3 => TaskAttr::HeadOfQueue,
+            4 => TaskAttr::Aca,
+            _ => TaskAttr::Simple,
+        }
+    }
+}
+
+/// Largest CDB we accept: 16 bytes in the BHS plus an extended CDB AHS.
+pub const CDB_LEN_MAX: usize = 260;
+
+/// One SCSI command as the transport hands it over.
+#[derive(Debug, Default)]
+pub struct ScsiTask {
+    /// The caller's handle for this task, echoed in the completion. Unique
+    /// among the caller's tasks in flight on this LUN.
+    pub tag: u64,
+    pub nexus: NexusId,
+    /// The whole CDB (6 to 260 bytes).
+    pub cdb: Vec<u8>,
+    pub attr: TaskAttr,
+    /// Expected Data Transfer Length from the initiator: for reads, how
+    /// much it will accept; for writes, how much it sent.
+    pub edtl: u32,
+    /// Write data as received, `data_out.len() <= edtl`.
+    pub data_out: Vec<u8>,
+    /// An empty buffer (capacity reused) for the device server to fill.
+    pub data_in: Vec<u8>,
+}
+
+/// The device server's answer to a `ScsiTask`.
+#[derive(Debug, Default)]
+pub struct ScsiCompletion {
+    pub tag: u64,
+    pub nexus: NexusId,
+    /// SCSI status (see `crate::status`).
+    pub status: u8,
+    /// Sense data in the format the LUN uses (fixed or descriptor),
+    /// non-empty only with CHECK CONDITION.
+    pub sense: Vec<u8>,
+    /// Data for the initiator, at its natural length: the transport sends
+    /// at most EDTL bytes of it and reports the rest as residual overflow.
+    pub data_in: Vec<u8>,
+    /// Bytes the CDB asked to move in the data-out direction (0 for
+    /// reads). The transport compares it with EDTL for the residual.
+    pub data_out_len: u32,
+    /// The task's write buffer, returned for reuse.
+    pub data_out: Vec<u8>,
+}
+
+/// Why a command ends without GOOD status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CmdError {
+    /// CHECK CONDITION with this sense.
+    Check(Sense),
+    ReservationConflict,
+    Busy,
+    TaskSetFull,
+}
+
+impl From<Sense> for CmdError {
+    fn from(s: Sense) -> Self {
+        CmdError::Check(s)
+    }
+}
+
+/// Static identity and geometry of a logical unit, set when it is created.
+#[derive(Debug, Clone)]
+pub struct LunInfo {
+    pub lun: u64,
+    /// 512 or 4096.
+    pub block_size: u32,
+    /// Number of logical blocks (capacity / block_size).
+    pub num_blocks: u64,
+    /// T10 vendor identification, 8 ASCII bytes (space padded on output).
+    pub vendor: String,
+    /// Product identification, 16 ASCII bytes.
+    pub product: String,
+    /// Product revision level, 4 ASCII bytes.
+    pub revision: String,
+    /// Unit serial number (VPD 0x80), also the T10 vendor-id designator.
+    pub serial: String,
+    /// NAA IEEE Registered Extended designator (type 6), 16 bytes.
+    pub naa: [u8; 16],
+    /// The backstore can deallocate: UNMAP, WRITE SAME with UNMAP, GET LBA
+    /// STATUS are offered and the LUN reports LBPME.
+    pub thin_provisioned: bool,
+    pub read_only: bool,
+    /// Where persistent reservations with APTPL are kept across restarts.
+    pub pr_file: Option<PathBuf>,
+    /// Largest transfer per command in blocks (VPD 0xB0).
+    pub max_transfer_blocks: u32,
+    /// Largest UNMAP in blocks and descriptors (VPD 0xB0).
+    pub max_unmap_blocks: u32,
+    pub max_unmap_descriptors: u32,
+    /// Largest WRITE SAME in blocks (VPD 0xB0).
+    pub max_write_same_blocks: u64,
+}

@@ -1,0 +1,1 @@
+//! SBC-3 commands that move blocks through the backstore.
