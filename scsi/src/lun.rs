@@ -1,23 +1,105 @@
 //! A logical unit: one backstore, its SPC state, and the commands in
 //! flight against it.
+//!
+//! Commands that touch the medium live in a slab of slots until they
+//! finish. Each holds an LBA range lock while it runs (shared for reads,
+//! exclusive for writes) so that multi-step commands such as COMPARE AND
+//! WRITE are atomic against every other command on the same blocks;
+//! commands whose range is busy wait in arrival order. Task attributes are
+//! not otherwise honored: every task is treated as SIMPLE.
 
-use crate::backstore::Backstore;
-use crate::common::{LunInfo, Nexus, NexusId, ScsiCompletion, ScsiTask};
+use crate::backstore::{Backstore, BackstoreCaps, Io, IoDone};
+use crate::common::{CmdError, LunInfo, Nexus, NexusId, ScsiCompletion, ScsiTask};
+use crate::sbc::{self, Decoded, MediumCmd, Next};
+use crate::sense::Sense;
 use crate::spc::SpcState;
+use crate::status;
+use std::collections::VecDeque;
+
+/// Most commands one LUN holds at once (running, waiting for a range
+/// lock, or finished and not yet polled); beyond it, TASK SET FULL.
+pub const MAX_TASKS: usize = 1024;
+
+struct Task {
+    tag: u64,
+    nexus: NexusId,
+    /// Distinguishes this use of the slot from earlier ones, so a late
+    /// backstore completion for an aborted task cannot reach a new one.
+    generation: u32,
+    cmd: MediumCmd,
+    data_out: Vec<u8>,
+    data_in: Vec<u8>,
+    /// Range lock (start, end, exclusive) once granted.
+    held: Option<(u64, u64, bool)>,
+    /// Aborted while a backstore operation was in flight: finish that
+    /// operation, then drop the task without a completion.
+    aborted: bool,
+}
 
 pub struct Lun {
     info: LunInfo,
     backstore: Box<dyn Backstore>,
+    caps: BackstoreCaps,
     spc: SpcState,
+    slots: Vec<Option<Task>>,
+    free: Vec<usize>,
+    generation: u32,
+    /// Slots waiting for their range lock, oldest first.
+    waiting: VecDeque<usize>,
+    /// Set when a lock was released or a waiter left, so waiters are
+    /// looked at again.
+    recheck: bool,
+    done: VecDeque<ScsiCompletion>,
+    io_done: Vec<IoDone>,
+}
+
+fn ranges_conflict(a: (u64, u64, bool), b: (u64, u64, bool)) -> bool {
+    a.0 < b.1 && b.0 < a.1 && (a.2 || b.2)
+}
+
+/// Data-out length of SPC commands with a parameter list, so the
+/// transport can compute residuals; others move what was sent.
+fn spc_data_out_len(cdb: &[u8], sent: usize) -> u32 {
+    let g = |i: usize| cdb.get(i).copied().unwrap_or(0) as u32;
+    match cdb.first().copied().unwrap_or(0) {
+        0x15 => g(4),                                             // MODE SELECT (6)
+        0x55 => (g(7) << 8) | g(8),                               // MODE SELECT (10)
+        0x5f => (g(5) << 24) | (g(6) << 16) | (g(7) << 8) | g(8), // PERSISTENT RESERVE OUT
+        0x3b => (g(6) << 16) | (g(7) << 8) | g(8),                // WRITE BUFFER
+        0x1d => (g(3) << 8) | g(4),                               // SEND DIAGNOSTIC
+        _ => sent as u32,
+    }
 }
 
 impl Lun {
     pub fn new(info: LunInfo, backstore: Box<dyn Backstore>) -> Result<Lun, String> {
-        let spc = SpcState::new(&info, backstore.caps())?;
+        let caps = backstore.caps();
+        if info.block_size == 0 {
+            return Err("block size must not be zero".into());
+        }
+        let need = info.num_blocks.checked_mul(info.block_size as u64);
+        if need.is_none_or(|n| n > backstore.size_bytes()) {
+            return Err(format!(
+                "{} blocks of {} bytes do not fit the {} backstore of {} bytes",
+                info.num_blocks,
+                info.block_size,
+                backstore.kind(),
+                backstore.size_bytes()
+            ));
+        }
+        let spc = SpcState::new(&info, caps)?;
         Ok(Lun {
             info,
             backstore,
+            caps,
             spc,
+            slots: Vec::new(),
+            free: Vec::new(),
+            generation: 0,
+            waiting: VecDeque::new(),
+            recheck: false,
+            done: VecDeque::new(),
+            io_done: Vec::new(),
         })
     }
 
@@ -29,28 +111,286 @@ impl Lun {
         self.spc.nexus_added(nexus)
     }
 
+    /// The nexus is gone: its tasks are aborted silently.
     pub fn nexus_removed(&mut self, id: NexusId) {
+        self.abort_where(|n, _| n == id);
         self.spc.nexus_removed(id)
     }
 
+    fn finish(
+        &mut self,
+        tag: u64,
+        nexus: NexusId,
+        result: Result<u8, CmdError>,
+        data_in: Vec<u8>,
+        data_out: Vec<u8>,
+        data_out_len: u32,
+    ) {
+        let mut c = ScsiCompletion {
+            tag,
+            nexus,
+            status: status::GOOD,
+            sense: Vec::new(),
+            data_in,
+            data_out_len,
+            data_out,
+        };
+        match result {
+            Ok(s) => c.status = s,
+            Err(e) => {
+                c.data_in.clear();
+                c.status = match e {
+                    CmdError::Check(s) => {
+                        s.encode(self.spc.descriptor_sense(), &mut c.sense);
+                        status::CHECK_CONDITION
+                    }
+                    CmdError::ReservationConflict => status::RESERVATION_CONFLICT,
+                    CmdError::Busy => status::BUSY,
+                    CmdError::TaskSetFull => status::TASK_SET_FULL,
+                };
+            }
+        }
+        self.done.push_back(c);
+    }
+
+    fn tasks_held(&self) -> usize {
+        self.slots.len() - self.free.len() + self.done.len()
+    }
+
     /// Start a command. Never blocks; the answer comes from `poll`.
-    pub fn submit(&mut self, _task: ScsiTask) {
-        let _ = &mut self.backstore;
-        todo!("lun dispatch")
+    pub fn submit(&mut self, task: ScsiTask) {
+        let ScsiTask {
+            tag,
+            nexus,
+            cdb,
+            data_out,
+            mut data_in,
+            ..
+        } = task;
+        data_in.clear();
+        let sent = data_out.len();
+        if self.tasks_held() >= MAX_TASKS {
+            return self.finish(tag, nexus, Err(CmdError::TaskSetFull), data_in, data_out, 0);
+        }
+        if cdb.is_empty() {
+            let e = CmdError::Check(Sense::invalid_opcode());
+            return self.finish(tag, nexus, Err(e), data_in, data_out, 0);
+        }
+        if let Some(e) = self.spc.precheck(nexus, &cdb) {
+            let dol = spc_data_out_len(&cdb, sent);
+            return self.finish(tag, nexus, Err(e), data_in, data_out, dol);
+        }
+        if let Some(r) = self.spc.execute(nexus, &cdb, &data_out, &mut data_in) {
+            let dol = spc_data_out_len(&cdb, sent);
+            let r = r.map(|()| status::GOOD);
+            return self.finish(tag, nexus, r, data_in, data_out, dol);
+        }
+        if self.info.read_only && sbc::is_write_opcode(cdb[0]) {
+            let e = CmdError::Check(Sense::write_protected());
+            return self.finish(tag, nexus, Err(e), data_in, data_out, sent as u32);
+        }
+        let decoded = sbc::decode(
+            &cdb,
+            &self.info,
+            self.caps,
+            self.backstore.as_mut(),
+            &data_out,
+            &mut data_in,
+        );
+        let cmd = match decoded {
+            None => {
+                let e = CmdError::Check(Sense::invalid_opcode());
+                return self.finish(tag, nexus, Err(e), data_in, data_out, sent as u32);
+            }
+            Some(Decoded::Done(r, dol)) => {
+                return self.finish(tag, nexus, r, data_in, data_out, dol);
+            }
+            Some(Decoded::Medium(cmd)) => cmd,
+        };
+        self.generation = self.generation.wrapping_add(1);
+        let t = Task {
+            tag,
+            nexus,
+            generation: self.generation,
+            cmd,
+            data_out,
+            data_in,
+            held: None,
+            aborted: false,
+        };
+        let slot = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(t);
+                i
+            }
+            None => {
+                self.slots.push(Some(t));
+                self.slots.len() - 1
+            }
+        };
+        self.waiting.push_back(slot);
+        self.recheck = true;
+        self.start_waiters();
+    }
+
+    /// Range a task wants locked, as (start, end, exclusive).
+    fn want(&self, slot: usize) -> Option<(u64, u64, bool)> {
+        let t = self.slots.get(slot)?.as_ref()?;
+        t.cmd.lock.map(|(s, n, x)| (s, s.saturating_add(n), x))
+    }
+
+    /// Start every waiting task whose range conflicts neither with a held
+    /// lock nor with an older waiter (which keeps writers from starving).
+    fn start_waiters(&mut self) {
+        while std::mem::take(&mut self.recheck) {
+            let mut blocked: Vec<(u64, u64, bool)> = Vec::new();
+            let mut i = 0;
+            while i < self.waiting.len() {
+                let slot = self.waiting[i];
+                let want = self.want(slot);
+                let free = match want {
+                    None => true,
+                    Some(w) => {
+                        !blocked.iter().any(|&b| ranges_conflict(w, b))
+                            && !self
+                                .slots
+                                .iter()
+                                .flatten()
+                                .any(|t| t.held.is_some_and(|h| ranges_conflict(w, h)))
+                    }
+                };
+                if free {
+                    self.waiting.remove(i);
+                    if let Some(Some(t)) = self.slots.get_mut(slot) {
+                        t.held = want;
+                    }
+                    self.advance(slot, None);
+                } else {
+                    if let Some(w) = want {
+                        blocked.push(w);
+                    }
+                    i += 1;
+                }
+            }
+        }
+    }
+
+    /// Run a task's next step.
+    fn advance(&mut self, slot: usize, done: Option<(Result<(), i32>, Vec<u8>)>) {
+        let Some(Some(t)) = self.slots.get_mut(slot) else {
+            return;
+        };
+        let next = if t.aborted {
+            Next::Done(Ok(()))
+        } else {
+            t.cmd
+                .step(&self.info, self.caps, done, &mut t.data_out, &mut t.data_in)
+        };
+        match next {
+            Next::Io(op, buf) => {
+                let tag = ((slot as u64) << 32) | t.generation as u64;
+                self.backstore.submit(Io { tag, op, buf });
+            }
+            Next::Done(r) => {
+                let Some(t) = self.slots.get_mut(slot).and_then(Option::take) else {
+                    return;
+                };
+                self.free.push(slot);
+                if t.held.is_some() {
+                    self.recheck = true;
+                }
+                if !t.aborted {
+                    let r = r.map(|()| status::GOOD);
+                    let dol = t.cmd.data_out_len;
+                    self.finish(t.tag, t.nexus, r, t.data_in, t.data_out, dol);
+                }
+            }
+        }
     }
 
     /// Move finished commands into `out`; returns how many.
-    pub fn poll(&mut self, _out: &mut Vec<ScsiCompletion>) -> usize {
-        0
+    pub fn poll(&mut self, out: &mut Vec<ScsiCompletion>) -> usize {
+        let mut io_done = std::mem::take(&mut self.io_done);
+        // Backstores that complete inline finish a step's successor in the
+        // same call, so keep going until the backstore has nothing more.
+        while self.backstore.poll(&mut io_done) > 0 {
+            for d in io_done.drain(..) {
+                let slot = (d.tag >> 32) as usize;
+                let generation = d.tag as u32;
+                let ours =
+                    matches!(self.slots.get(slot), Some(Some(t)) if t.generation == generation);
+                if ours {
+                    self.advance(slot, Some((d.result, d.buf)));
+                }
+            }
+            self.start_waiters();
+        }
+        self.io_done = io_done;
+        let n = self.done.len();
+        out.extend(self.done.drain(..));
+        n
     }
 
-    /// Commands submitted and not yet returned by `poll`.
+    /// Commands submitted and not yet returned by `poll` (aborted ones
+    /// excluded: they are never returned).
     pub fn in_flight(&self) -> usize {
-        0
+        self.slots.iter().flatten().filter(|t| !t.aborted).count() + self.done.len()
     }
 
-    /// LOGICAL UNIT RESET requested by `by`.
+    /// Abort the tasks `pred(nexus, tag)` selects; returns how many were
+    /// found. Waiting and finished-unpolled tasks go at once; running ones
+    /// when their backstore operation returns, without a completion.
+    fn abort_where(&mut self, pred: impl Fn(NexusId, u64) -> bool) -> usize {
+        let mut found = 0;
+        let before = self.done.len();
+        self.done.retain(|c| !pred(c.nexus, c.tag));
+        found += before - self.done.len();
+        let mut i = 0;
+        while i < self.waiting.len() {
+            let slot = self.waiting[i];
+            let hit = matches!(self.slots.get(slot), Some(Some(t)) if pred(t.nexus, t.tag));
+            if hit {
+                self.waiting.remove(i);
+                self.slots[slot] = None;
+                self.free.push(slot);
+                self.recheck = true;
+                found += 1;
+            } else {
+                i += 1;
+            }
+        }
+        for t in self.slots.iter_mut().flatten() {
+            if !t.aborted && pred(t.nexus, t.tag) {
+                t.aborted = true;
+                found += 1;
+            }
+        }
+        self.start_waiters();
+        found
+    }
+
+    /// ABORT TASK: true if the task was found (it will not complete).
+    pub fn abort(&mut self, nexus: NexusId, tag: u64) -> bool {
+        self.abort_where(|n, t| n == nexus && t == tag) > 0
+    }
+
+    /// ABORT TASK SET / CLEAR TASK SET for one nexus; returns how many.
+    pub fn abort_nexus(&mut self, nexus: NexusId) -> usize {
+        self.abort_where(|n, _| n == nexus)
+    }
+
+    /// QUERY TASK: is the task in the task set (not yet completed)?
+    pub fn has_task(&self, nexus: NexusId, tag: u64) -> bool {
+        self.slots
+            .iter()
+            .flatten()
+            .any(|t| !t.aborted && t.nexus == nexus && t.tag == tag)
+            || self.done.iter().any(|c| c.nexus == nexus && c.tag == tag)
+    }
+
+    /// LOGICAL UNIT RESET requested by `by`: every task is aborted.
     pub fn reset(&mut self, by: NexusId) {
+        self.abort_where(|_, _| true);
         self.spc.lun_reset(by)
     }
 

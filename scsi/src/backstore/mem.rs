@@ -20,6 +20,10 @@ pub struct MemBackstore {
 }
 
 impl MemBackstore {
+    /// The allocation granule, which is also the granularity at which
+    /// `extent_status` reports.
+    pub const CHUNK: u64 = MEM_CHUNK;
+
     pub fn new(size_bytes: u64) -> MemBackstore {
         let n = size_bytes.div_ceil(MEM_CHUNK);
         let mut chunks = Vec::new();
