@@ -1,0 +1,2628 @@
+//! Command line and config file of the `target-rdma` binary.
+//!
+//! [`load`] parses the command line (clap), reads the `--config` TOML file if
+//! one is named, merges the two, validates everything and returns a plain
+//! [`Config`] for the engine. Every error names where the bad value came
+//! from (the flag, or the file and the field) and why it was refused.
+//!
+//! Merge rules when `--config` and flags are used together:
+//! - settings flags (`--log-level`, `--cores`, `--queue-depth`,
+//!   `--max-sessions`, `--pr-dir`, `--nop-interval-s`, `--nop-timeout-s`,
+//!   `--discovery-chap`) override the file's value;
+//! - `--portal` flags replace the file's `portals` list;
+//! - target flags (`--target`, `--alias`, `--lun`, `--allow`, `--chap`,
+//!   `--mutual-chap`) act on one target: the file's target named by
+//!   `--target`, or a new target if the file has no target of that name, or
+//!   the file's only target when `--target` is absent. `--lun` and `--allow`
+//!   add to that target (new LUNs are numbered after its highest LUN);
+//!   `--alias`, `--chap` and `--mutual-chap` replace its values. When the
+//!   file has several targets, target flags need `--target`.
+//!
+//! Defaults: with no portals anywhere, 127.0.0.1:3260 (TCP); with no targets
+//! anywhere, one target [`DEFAULT_TARGET_NAME`]; a target made from flags
+//! alone without `--lun` gets one 1 GiB RAM LUN (`mem:1GiB`).
+//!
+//! Relative paths in the config file (`path` of file LUNs, `pr_dir`) are taken
+//! relative to the config file's directory; relative paths given as flags are
+//! left as they are (relative to the working directory).
+
+// The binary uses only part of this module's public surface.
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fmt;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::Deserialize;
+
+pub use iscsi::params::Transport;
+
+/// Target name used when neither flags nor the config file name a target.
+pub const DEFAULT_TARGET_NAME: &str = "iqn.2026-11.io.target-rdma:default";
+/// Portal used when neither flags nor the config file name a portal.
+pub const DEFAULT_PORTAL: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 3260);
+/// The LUN a target made from flags alone gets when no `--lun` is given.
+pub const DEFAULT_LUN_SPEC: &str = "mem:1GiB";
+/// The iSCSI well-known port, used when a portal names no port.
+pub const ISCSI_PORT: u16 = 3260;
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+pub const DEFAULT_QUEUE_DEPTH: u32 = 128;
+pub const MAX_QUEUE_DEPTH: u32 = 4096;
+pub const DEFAULT_MAX_SESSIONS: u32 = 64;
+/// TSIH is 16 bits and 0 is reserved.
+pub const MAX_MAX_SESSIONS: u32 = 65535;
+/// 0 turns the NOP-In pings off.
+pub const DEFAULT_NOP_INTERVAL_S: u32 = 30;
+pub const DEFAULT_NOP_TIMEOUT_S: u32 = 30;
+pub const MAX_NOP_S: u32 = 3600;
+/// Preferred directory for persistent reservation (APTPL) state.
+pub const DEFAULT_PR_DIR: &str = "/var/lib/target-rdma";
+pub const DEFAULT_BLOCK_SIZE: u32 = 512;
+/// Target portal group tag of every portal unless the config file says otherwise.
+pub const DEFAULT_TPGT: u16 = 1;
+/// Highest LUN number (SAM flat space addressing, 14 bits).
+pub const MAX_LUN: u64 = 16383;
+/// Highest core number accepted by `--cores`.
+pub const MAX_CORE: usize = 4095;
+/// RFC 7143 9.2.1: CHAP secrets must be at least 96 bits.
+pub const MIN_CHAP_SECRET: usize = 12;
+pub const MAX_CHAP_SECRET: usize = 255;
+/// RFC 7143 4.2.7.1: iSCSI names are at most 223 bytes.
+pub const MAX_ISCSI_NAME: usize = 223;
+
+const SIZE_HINT: &str = "use forms such as 4k, 64MiB, 1GiB";
+
+// ---------------------------------------------------------------------------
+// The validated result
+// ---------------------------------------------------------------------------
+
+/// Everything the engine needs, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub targets: Vec<TargetConfig>,
+    /// Where to listen; every target is reachable on every portal.
+    pub portals: Vec<PortalConfig>,
+    /// One of [`LOG_LEVELS`].
+    pub log_level: String,
+    /// Cores to pin worker threads to, in the order given; `None`: no pinning.
+    pub cores: Option<Vec<usize>>,
+    /// Per-session command window (MaxCmdSN - ExpCmdSN + 1).
+    pub queue_depth: u32,
+    pub max_sessions: u32,
+    /// Directory for persistent reservation APTPL state (may not exist yet).
+    pub pr_dir: PathBuf,
+    /// Seconds of idleness before the target sends a NOP-In; 0 = never.
+    pub nop_interval_s: u32,
+    /// Seconds to wait for the NOP-Out answer before dropping the connection.
+    pub nop_timeout_s: u32,
+    /// CHAP credentials initiators must present for discovery sessions.
+    pub discovery_chap: Option<ChapPair>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortalConfig {
+    pub addr: SocketAddr,
+    pub transport: Transport,
+    pub tpgt: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetConfig {
+    /// Lowercase iqn./eui./naa. name.
+    pub name: String,
+    pub alias: Option<String>,
+    /// Non-empty, LUN numbers unique.
+    pub luns: Vec<LunConfig>,
+    /// Initiator names allowed to log in; empty: anyone.
+    pub allow: Vec<String>,
+    /// Credentials initiators must present (one-way CHAP).
+    pub chap: Option<ChapPair>,
+    /// The target's own credentials for mutual CHAP; only with `chap`.
+    pub mutual_chap: Option<ChapPair>,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct ChapPair {
+    pub user: String,
+    pub secret: String,
+}
+
+impl fmt::Debug for ChapPair {
+    // Keep secrets out of logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChapPair")
+            .field("user", &self.user)
+            .field("secret", &"<hidden>")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LunConfig {
+    pub lun: u64,
+    pub backstore: BackstoreSpec,
+    /// 512 or 4096.
+    pub block_size: u32,
+    pub read_only: bool,
+    /// Unit serial number (VPD 0x80); `None`: the engine makes one.
+    pub serial: Option<String>,
+}
+
+/// Sizes are in bytes, non-zero and a multiple of the LUN's block size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackstoreSpec {
+    Mem {
+        size: u64,
+    },
+    Null {
+        size: u64,
+    },
+    /// `size: None`: use the file's (or block device's) current size.
+    File {
+        path: PathBuf,
+        size: Option<u64>,
+    },
+}
+
+// ---------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------
+
+#[derive(Debug)]
+pub enum ConfigError {
+    /// Usage error, or `--help` / `--version` (clap renders the text).
+    Cli(clap::Error),
+    /// `--example-config`: not a failure; `Display` is the example TOML.
+    ExampleRequested,
+    /// The config file could not be read.
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML, has an unknown field or a value of
+    /// the wrong type (the message has line and column).
+    Parse { path: PathBuf, message: String },
+    /// A value was refused. `at` says where it came from, e.g.
+    /// `--lun "foo:1G"` or `config /etc/x.toml: targets[0].luns[1].size`.
+    Invalid { at: String, reason: String },
+}
+
+impl ConfigError {
+    fn invalid(at: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            at: at.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Process exit code: 0 for `--help`, `--version`, `--example-config`;
+    /// 2 for everything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ConfigError::Cli(e) => e.exit_code(),
+            ConfigError::ExampleRequested => 0,
+            _ => 2,
+        }
+    }
+
+    /// Whether the text belongs on stdout (help, version, example) rather
+    /// than stderr.
+    pub fn is_informational(&self) -> bool {
+        self.exit_code() == 0
+    }
+
+    /// Print the message where it belongs and exit the process.
+    pub fn exit(&self) -> ! {
+        match self {
+            ConfigError::Cli(e) => e.exit(),
+            ConfigError::ExampleRequested => {
+                let _ = std::io::stdout()
+                    .lock()
+                    .write_all(example_toml().as_bytes());
+            }
+            _ => {
+                let _ = writeln!(std::io::stderr().lock(), "target-rdma: {self}");
+            }
+        }
+        std::process::exit(self.exit_code())
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Cli(e) => write!(f, "{e}"),
+            ConfigError::ExampleRequested => f.write_str(example_toml()),
+            ConfigError::Read { path, source } => {
+                write!(f, "config {}: cannot read: {source}", path.display())
+            }
+            ConfigError::Parse { path, message } => {
+                write!(f, "config {}: {}", path.display(), message.trim_end())
+            }
+            ConfigError::Invalid { at, reason } => write!(f, "{at}: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConfigError::Cli(e) => Some(e),
+            ConfigError::Read { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Command line
+// ---------------------------------------------------------------------------
+
+const AFTER_HELP: &str = "\
+LUN specs (--lun, repeatable; LUNs are numbered 0, 1, 2... in the order given):
+  mem:SIZE[,block=512|4096][,ro][,serial=TEXT]    RAM disk, lost at exit
+  null:SIZE[,block=512|4096][,ro][,serial=TEXT]   reads zeros, discards writes
+  file:PATH[,size=SIZE][,block=512|4096][,ro][,serial=TEXT]
+                                                  file or block device; without
+                                                  size=, the file's own size
+  Sizes are binary multiples: 4096, 4k, 4KiB, 64M, 64MiB, 1G, 1GiB, 1T, 1TiB.
+  Default block size 512. PATH cannot contain ',' (use --config for that).
+
+Names (--target, --allow) are iSCSI names in lowercase: iqn.YYYY-MM.reversed.domain[:text],
+eui. + 16 hex digits, or naa. + 16 or 32 hex digits.
+
+CHAP secrets are 12 to 255 bytes (RFC 7143 9.2.1 asks for at least 96 bits).
+USER cannot contain ':' on the command line. Secrets on the command line are
+visible to other local users (ps); prefer --config for real deployments.
+
+With --config, settings flags override the file, --portal replaces the file's
+portals, and target flags (--target, --alias, --lun, --allow, --chap,
+--mutual-chap) apply to the file's target named by --target (a new target if
+there is none of that name) or to the file's only target: --lun and --allow
+add, the others replace.
+
+Examples:
+  target-rdma                      1 GiB RAM LUN on 127.0.0.1:3260, anyone may log in
+  target-rdma --portal 0.0.0.0:3260 --lun file:/srv/disk.img \\
+              --allow iqn.1994-05.com.redhat:client1 --chap user1:secret123456
+  target-rdma --config /etc/target-rdma.toml --log-level debug
+  target-rdma --example-config > target-rdma.toml";
+
+#[derive(Parser, Debug, Default)]
+#[command(
+    name = "target-rdma",
+    version,
+    about = "User-space iSCSI/iSER block storage target",
+    long_about = "User-space iSCSI/iSER block storage target.\n\n\
+                  With no arguments, serves a 1 GiB RAM LUN (mem:1GiB) as target \
+                  iqn.2026-11.io.target-rdma:default on 127.0.0.1:3260.",
+    bin_name = "target-rdma",
+    after_help = "See --help for LUN specs, name and CHAP rules, and how flags combine with --config.",
+    after_long_help = AFTER_HELP
+)]
+struct Cli {
+    /// Read targets, portals and settings from this TOML file (see --example-config)
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Print a commented example config file and exit
+    #[arg(long)]
+    example_config: bool,
+
+    /// Listen on ADDR:PORT, IPv4 or [IPv6]; ",iser" selects iSER, ",tcp" (default) TCP.
+    /// Repeatable [default: 127.0.0.1:3260]
+    #[arg(long, value_name = "ADDR:PORT[,tcp|,iser]")]
+    portal: Vec<String>,
+
+    /// Target name [default: iqn.2026-11.io.target-rdma:default]
+    #[arg(long, value_name = "IQN")]
+    target: Option<String>,
+
+    /// Target alias (TargetAlias) shown to initiators
+    #[arg(long, value_name = "TEXT")]
+    alias: Option<String>,
+
+    /// Add a LUN (see "LUN specs" below). Repeatable [default: mem:1GiB]
+    #[arg(long, value_name = "SPEC")]
+    lun: Vec<String>,
+
+    /// Require initiators to authenticate with CHAP as USER with SECRET
+    #[arg(long, value_name = "USER:SECRET")]
+    chap: Option<String>,
+
+    /// The target's own credentials for mutual CHAP (needs --chap)
+    #[arg(long, value_name = "USER:SECRET")]
+    mutual_chap: Option<String>,
+
+    /// Let only this initiator name log in. Repeatable; none: anyone may
+    #[arg(long, value_name = "INITIATOR-IQN")]
+    allow: Vec<String>,
+
+    /// Require CHAP for discovery sessions
+    #[arg(long, value_name = "USER:SECRET")]
+    discovery_chap: Option<String>,
+
+    /// Log level [default: info]
+    #[arg(long, value_name = "LEVEL", value_parser = LOG_LEVELS)]
+    log_level: Option<String>,
+
+    /// Pin worker threads to these cores, e.g. 0-7 or 0,2,4-7 [default: no pinning]
+    #[arg(long, value_name = "LIST")]
+    cores: Option<String>,
+
+    /// Commands each session may have outstanding, 1..=4096 [default: 128]
+    #[arg(long, value_name = "N")]
+    queue_depth: Option<u32>,
+
+    /// Most sessions at once, 1..=65535 [default: 64]
+    #[arg(long, value_name = "N")]
+    max_sessions: Option<u32>,
+
+    /// Directory for persistent reservation (APTPL) state
+    /// [default: /var/lib/target-rdma, else $XDG_STATE_HOME/target-rdma or
+    /// ~/.local/state/target-rdma when /var/lib is not writable]
+    #[arg(long, value_name = "DIR")]
+    pr_dir: Option<PathBuf>,
+
+    /// Ping an idle initiator with NOP-In after this many seconds; 0: never [default: 30]
+    #[arg(long, value_name = "SECONDS")]
+    nop_interval_s: Option<u32>,
+
+    /// Drop the connection when a NOP-In ping is not answered within this many
+    /// seconds [default: 30]
+    #[arg(long, value_name = "SECONDS")]
+    nop_timeout_s: Option<u32>,
+}
+
+impl Cli {
+    fn has_target_flags(&self) -> bool {
+        self.target.is_some()
+            || self.alias.is_some()
+            || !self.lun.is_empty()
+            || !self.allow.is_empty()
+            || self.chap.is_some()
+            || self.mutual_chap.is_some()
+    }
+
+    /// The first target flag given, to point at in errors.
+    fn first_target_flag(&self) -> String {
+        if let Some(l) = self.lun.first() {
+            flag_at("--lun", l)
+        } else if let Some(a) = self.allow.first() {
+            flag_at("--allow", a)
+        } else if let Some(a) = &self.alias {
+            flag_at("--alias", a)
+        } else if self.chap.is_some() {
+            "--chap".to_string()
+        } else {
+            "--mutual-chap".to_string()
+        }
+    }
+}
+
+fn flag_at(flag: &str, value: &str) -> String {
+    format!("{flag} {value:?}")
+}
+
+// ---------------------------------------------------------------------------
+// Config file
+// ---------------------------------------------------------------------------
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    log_level: Option<String>,
+    cores: Option<toml::Value>,
+    queue_depth: Option<i64>,
+    max_sessions: Option<i64>,
+    pr_dir: Option<PathBuf>,
+    nop_interval_s: Option<i64>,
+    nop_timeout_s: Option<i64>,
+    discovery_chap: Option<FileChap>,
+    #[serde(default)]
+    portals: Vec<FilePortal>,
+    #[serde(default)]
+    targets: Vec<FileTarget>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct FilePortal {
+    addr: String,
+    transport: Option<String>,
+    tpgt: Option<i64>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileTarget {
+    name: String,
+    alias: Option<String>,
+    #[serde(default)]
+    luns: Vec<FileLun>,
+    #[serde(default)]
+    allow: Vec<String>,
+    chap: Option<FileChap>,
+    mutual_chap: Option<FileChap>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileLun {
+    lun: Option<i64>,
+    backstore: String,
+    size: Option<toml::Value>,
+    path: Option<PathBuf>,
+    block_size: Option<i64>,
+    read_only: Option<bool>,
+    serial: Option<String>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileChap {
+    user: String,
+    secret: String,
+}
+
+/// A commented example config file; it parses and validates (tested).
+pub fn example_toml() -> &'static str {
+    EXAMPLE_TOML
+}
+
+const EXAMPLE_TOML: &str = r#"# target-rdma example configuration (TOML).
+# Every field is optional unless marked "required"; unknown fields are errors.
+# Command-line flags given together with --config override these settings.
+
+# error, warn, info, debug or trace.
+log_level = "info"
+# Pin worker threads to these cores: "0-7", "0,2,4-7" or [0, 1, 2, 3].
+# Leave out for no pinning.
+cores = "0-1"
+# Commands each session may have outstanding (1..=4096).
+queue_depth = 128
+# Most sessions at once (1..=65535).
+max_sessions = 64
+# Persistent reservation (APTPL) state; relative paths are relative to
+# this file's directory.
+pr_dir = "/var/lib/target-rdma"
+# Ping idle initiators with NOP-In after this many seconds (0: never), and
+# drop the connection if the answer takes longer than nop_timeout_s.
+nop_interval_s = 30
+nop_timeout_s = 30
+
+# CHAP for discovery (SendTargets) sessions. Secrets are 12..=255 bytes.
+[discovery_chap]
+user = "discovery"
+secret = "discovery-secret-1"
+
+# Where to listen; every target is offered on every portal.
+# Default when there is none: 127.0.0.1:3260 over TCP.
+[[portals]]
+addr = "0.0.0.0:3260"       # required; IPv4 or [IPv6], port defaults to 3260
+transport = "tcp"           # "tcp" (default) or "iser"
+tpgt = 1                    # target portal group tag (default 1)
+
+[[portals]]
+addr = "[::]:3260"
+
+[[targets]]
+name = "iqn.2026-11.io.example:fast"    # required: iqn./eui./naa. name, lowercase
+alias = "fast scratch disks"
+# Initiators allowed to log in; leave out (or empty) to allow anyone.
+allow = ["iqn.1994-05.com.redhat:client1", "iqn.1991-05.com.microsoft:host2"]
+# Initiators must log in with these credentials (one-way CHAP) ...
+chap = { user = "client", secret = "client-secret-1" }
+# ... and the target answers with these (mutual CHAP; needs chap, and the
+# two secrets must differ).
+mutual_chap = { user = "target", secret = "target-secret-1" }
+
+# LUNs are numbered 0, 1, 2... in order unless "lun" says otherwise.
+[[targets.luns]]
+backstore = "mem"       # required: "mem", "null" or "file"
+size = "4GiB"           # required for mem and null: 4096, 4k, 64MiB, 1GiB, 1TiB...
+block_size = 4096       # 512 (default) or 4096
+
+[[targets.luns]]
+backstore = "null"
+size = "1TiB"
+read_only = false       # default false
+serial = "NULL0001"     # unit serial number (VPD 0x80); made up when left out
+
+[[targets]]
+name = "iqn.2026-11.io.example:storage"
+
+[[targets.luns]]
+lun = 0
+backstore = "file"
+path = "/srv/target-rdma/disk0.img"   # required for file; a file or block device
+# size = "100GiB"   # leave out to use the file's own size
+
+[[targets.luns]]
+lun = 5
+backstore = "file"
+path = "/srv/target-rdma/iso.img"
+read_only = true
+"#;
+
+// ---------------------------------------------------------------------------
+// Entry point
+// ---------------------------------------------------------------------------
+
+/// Parse the command line (`args` includes the program name, as
+/// `std::env::args_os()` does), read `--config` if given, merge and validate.
+///
+/// `--help`, `--version` and `--example-config` come back as errors whose
+/// [`ConfigError::exit_code`] is 0; [`ConfigError::exit`] prints any error
+/// where it belongs and exits.
+pub fn load<I, T>(args: I) -> Result<Config, ConfigError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = Cli::try_parse_from(args).map_err(ConfigError::Cli)?;
+    if cli.example_config {
+        return Err(ConfigError::ExampleRequested);
+    }
+    let file = match &cli.config {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            Some((path.clone(), parse_file(path, &text)?))
+        }
+    };
+    build(&cli, file.as_ref().map(|(p, f)| (p.as_path(), f)))
+}
+
+fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// A target being assembled, with where its parts came from for errors.
+struct TargetDraft {
+    cfg: TargetConfig,
+    at: String,
+    luns_at: String,
+    mutual_at: String,
+    chap_secret_at: String,
+}
+
+fn build(cli: &Cli, file: Option<(&Path, &FileConfig)>) -> Result<Config, ConfigError> {
+    let empty = FileConfig::default();
+    let (path, fc) = match file {
+        Some((p, f)) => (Some(p), f),
+        None => (None, &empty),
+    };
+    let prefix = path.map(|p| format!("config {}", p.display()));
+    let fat = |field: &str| format!("{}: {field}", prefix.as_deref().unwrap_or("config"));
+    let base_dir = path.and_then(|p| p.parent()).unwrap_or(Path::new(""));
+
+    // Settings: flag, else file, else default.
+    let log_level = match (&cli.log_level, &fc.log_level) {
+        (Some(l), _) => l.clone(),
+        (None, Some(l)) => {
+            check_log_level(l).map_err(|r| ConfigError::invalid(fat("log_level"), r))?
+        }
+        (None, None) => DEFAULT_LOG_LEVEL.to_string(),
+    };
+    let cores = match (&cli.cores, &fc.cores) {
+        (Some(c), _) => {
+            Some(parse_cores(c).map_err(|r| ConfigError::invalid(flag_at("--cores", c), r))?)
+        }
+        (None, Some(v)) => {
+            Some(cores_from_toml(v).map_err(|r| ConfigError::invalid(fat("cores"), r))?)
+        }
+        (None, None) => None,
+    };
+    let num = |flag: &str,
+               flag_v: Option<u32>,
+               field: &str,
+               file_v: Option<i64>,
+               lo: u32,
+               hi: u32,
+               default: u32|
+     -> Result<u32, ConfigError> {
+        match (flag_v, file_v) {
+            (Some(v), _) => check_range(i64::from(v), lo, hi)
+                .map_err(|r| ConfigError::invalid(flag_at(flag, &v.to_string()), r)),
+            (None, Some(v)) => {
+                check_range(v, lo, hi).map_err(|r| ConfigError::invalid(fat(field), r))
+            }
+            (None, None) => Ok(default),
+        }
+    };
+    let queue_depth = num(
+        "--queue-depth",
+        cli.queue_depth,
+        "queue_depth",
+        fc.queue_depth,
+        1,
+        MAX_QUEUE_DEPTH,
+        DEFAULT_QUEUE_DEPTH,
+    )?;
+    let max_sessions = num(
+        "--max-sessions",
+        cli.max_sessions,
+        "max_sessions",
+        fc.max_sessions,
+        1,
+        MAX_MAX_SESSIONS,
+        DEFAULT_MAX_SESSIONS,
+    )?;
+    let nop_interval_s = num(
+        "--nop-interval-s",
+        cli.nop_interval_s,
+        "nop_interval_s",
+        fc.nop_interval_s,
+        0,
+        MAX_NOP_S,
+        DEFAULT_NOP_INTERVAL_S,
+    )?;
+    let nop_timeout_s = num(
+        "--nop-timeout-s",
+        cli.nop_timeout_s,
+        "nop_timeout_s",
+        fc.nop_timeout_s,
+        1,
+        MAX_NOP_S,
+        DEFAULT_NOP_TIMEOUT_S,
+    )?;
+    let pr_dir = match (&cli.pr_dir, &fc.pr_dir) {
+        (Some(d), _) => {
+            check_dir(d).map_err(|r| {
+                ConfigError::invalid(flag_at("--pr-dir", &d.display().to_string()), r)
+            })?;
+            d.clone()
+        }
+        (None, Some(d)) => {
+            check_dir(d).map_err(|r| ConfigError::invalid(fat("pr_dir"), r))?;
+            base_dir.join(d)
+        }
+        (None, None) => default_pr_dir(),
+    };
+    let discovery_chap = match (&cli.discovery_chap, &fc.discovery_chap) {
+        (Some(c), _) => Some(chap_from_flag("--discovery-chap", c)?),
+        (None, Some(c)) => Some(chap_from_file(c, &fat("discovery_chap"))?),
+        (None, None) => None,
+    };
+
+    // Portals: flags replace the file's list.
+    let mut portals: Vec<(PortalConfig, String)> = Vec::new();
+    if !cli.portal.is_empty() {
+        for p in &cli.portal {
+            let at = flag_at("--portal", p);
+            let pc = parse_portal_flag(p).map_err(|r| ConfigError::invalid(&at, r))?;
+            portals.push((pc, at));
+        }
+    } else {
+        for (i, p) in fc.portals.iter().enumerate() {
+            let pat = |f: &str| fat(&format!("portals[{i}].{f}"));
+            let addr = parse_addr(&p.addr).map_err(|r| ConfigError::invalid(pat("addr"), r))?;
+            let transport = match &p.transport {
+                None => Transport::Tcp,
+                Some(t) => {
+                    parse_transport(t).map_err(|r| ConfigError::invalid(pat("transport"), r))?
+                }
+            };
+            let tpgt = match p.tpgt {
+                None => DEFAULT_TPGT,
+                Some(t) => u16::try_from(t).map_err(|_| {
+                    ConfigError::invalid(
+                        pat("tpgt"),
+                        format!("{t} is out of range (expected 0..=65535)"),
+                    )
+                })?,
+            };
+            portals.push((
+                PortalConfig {
+                    addr,
+                    transport,
+                    tpgt,
+                },
+                fat(&format!("portals[{i}]")),
+            ));
+        }
+    }
+    if portals.is_empty() {
+        portals.push((
+            PortalConfig {
+                addr: DEFAULT_PORTAL,
+                transport: Transport::Tcp,
+                tpgt: DEFAULT_TPGT,
+            },
+            "default portal".to_string(),
+        ));
+    }
+    for (i, (p, at)) in portals.iter().enumerate() {
+        for (q, _) in &portals[..i] {
+            if let Some(why) = portal_clash(p, q) {
+                return Err(ConfigError::invalid(at, why));
+            }
+        }
+    }
+
+    // Targets from the file.
+    let mut drafts: Vec<TargetDraft> = Vec::new();
+    for (t, ft) in fc.targets.iter().enumerate() {
+        let d = target_from_file(ft, t, &fat, base_dir)?;
+        if let Some(prev) = drafts.iter().find(|p| p.cfg.name == d.cfg.name) {
+            return Err(ConfigError::invalid(
+                fat(&format!("targets[{t}].name")),
+                format!("target {:?} is already defined at {}", d.cfg.name, prev.at),
+            ));
+        }
+        drafts.push(d);
+    }
+
+    // Target flags.
+    if cli.has_target_flags() {
+        let idx = match &cli.target {
+            Some(name) => {
+                let at = flag_at("--target", name);
+                check_iscsi_name(name).map_err(|r| ConfigError::invalid(&at, r))?;
+                match drafts.iter().position(|d| &d.cfg.name == name) {
+                    Some(i) => i,
+                    None => {
+                        drafts.push(flag_target(name, at));
+                        drafts.len() - 1
+                    }
+                }
+            }
+            None => match drafts.len() {
+                0 => {
+                    drafts.push(flag_target(DEFAULT_TARGET_NAME, "default target".into()));
+                    0
+                }
+                1 => 0,
+                n => {
+                    return Err(ConfigError::invalid(
+                        cli.first_target_flag(),
+                        format!(
+                            "the config file defines {n} targets; add --target IQN to say which \
+                             one this applies to (or to add a new target)"
+                        ),
+                    ))
+                }
+            },
+        };
+        let made_from_flags = idx >= fc.targets.len();
+        let d = &mut drafts[idx];
+        apply_target_flags(cli, d)?;
+        if made_from_flags && d.cfg.luns.is_empty() {
+            d.cfg.luns.push(default_lun());
+        }
+    } else if drafts.is_empty() {
+        let mut d = flag_target(DEFAULT_TARGET_NAME, "default target".into());
+        d.cfg.luns.push(default_lun());
+        drafts.push(d);
+    }
+
+    // Whole-target checks.
+    for d in &drafts {
+        if d.cfg.luns.is_empty() {
+            return Err(ConfigError::invalid(
+                &d.luns_at,
+                "a target needs at least one LUN",
+            ));
+        }
+        if let Some(m) = &d.cfg.mutual_chap {
+            match &d.cfg.chap {
+                None => {
+                    return Err(ConfigError::invalid(
+                        &d.mutual_at,
+                        "mutual CHAP needs one-way CHAP too (add chap / --chap)",
+                    ))
+                }
+                Some(c) if c.secret == m.secret => {
+                    return Err(ConfigError::invalid(
+                        &d.mutual_at,
+                        format!(
+                            "the target's secret must differ from the initiator's CHAP secret \
+                             (given at {}; RFC 7143 9.2.1)",
+                            d.chap_secret_at
+                        ),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    Ok(Config {
+        targets: drafts.into_iter().map(|d| d.cfg).collect(),
+        portals: portals.into_iter().map(|(p, _)| p).collect(),
+        log_level,
+        cores,
+        queue_depth,
+        max_sessions,
+        pr_dir,
+        nop_interval_s,
+        nop_timeout_s,
+        discovery_chap,
+    })
+}
+
+fn default_lun() -> LunConfig {
+    LunConfig {
+        lun: 0,
+        backstore: BackstoreSpec::Mem { size: 1 << 30 },
+        block_size: DEFAULT_BLOCK_SIZE,
+        read_only: false,
+        serial: None,
+    }
+}
+
+fn flag_target(name: &str, at: String) -> TargetDraft {
+    TargetDraft {
+        cfg: TargetConfig {
+            name: name.to_string(),
+            alias: None,
+            luns: Vec::new(),
+            allow: Vec::new(),
+            chap: None,
+            mutual_chap: None,
+        },
+        luns_at: at.clone(),
+        mutual_at: "--mutual-chap".into(),
+        chap_secret_at: "--chap".into(),
+        at,
+    }
+}
+
+fn apply_target_flags(cli: &Cli, d: &mut TargetDraft) -> Result<(), ConfigError> {
+    if let Some(a) = &cli.alias {
+        check_alias(a).map_err(|r| ConfigError::invalid(flag_at("--alias", a), r))?;
+        d.cfg.alias = Some(a.clone());
+    }
+    let first = d.cfg.luns.iter().map(|l| l.lun + 1).max().unwrap_or(0);
+    for (next, spec) in (first..).zip(&cli.lun) {
+        let at = flag_at("--lun", spec);
+        if next > MAX_LUN {
+            return Err(ConfigError::invalid(
+                at,
+                format!("no LUN number left (the highest is {MAX_LUN})"),
+            ));
+        }
+        let mut lun = parse_lun_spec(spec).map_err(|r| ConfigError::invalid(&at, r))?;
+        lun.lun = next;
+        d.cfg.luns.push(lun);
+    }
+    for name in &cli.allow {
+        let at = flag_at("--allow", name);
+        check_iscsi_name(name).map_err(|r| ConfigError::invalid(&at, r))?;
+        if d.cfg.allow.contains(name) {
+            return Err(ConfigError::invalid(
+                at,
+                format!("{name:?} is already allowed for {}", d.at),
+            ));
+        }
+        d.cfg.allow.push(name.clone());
+    }
+    if let Some(c) = &cli.chap {
+        d.cfg.chap = Some(chap_from_flag("--chap", c)?);
+        d.chap_secret_at = "--chap".into();
+    }
+    if let Some(c) = &cli.mutual_chap {
+        d.cfg.mutual_chap = Some(chap_from_flag("--mutual-chap", c)?);
+        d.mutual_at = "--mutual-chap".into();
+    }
+    Ok(())
+}
+
+fn target_from_file(
+    ft: &FileTarget,
+    t: usize,
+    fat: &dyn Fn(&str) -> String,
+    base_dir: &Path,
+) -> Result<TargetDraft, ConfigError> {
+    let tat = |f: &str| fat(&format!("targets[{t}].{f}"));
+    check_iscsi_name(&ft.name).map_err(|r| ConfigError::invalid(tat("name"), r))?;
+    if let Some(a) = &ft.alias {
+        check_alias(a).map_err(|r| ConfigError::invalid(tat("alias"), r))?;
+    }
+    let mut allow: Vec<String> = Vec::new();
+    for (i, name) in ft.allow.iter().enumerate() {
+        let at = tat(&format!("allow[{i}]"));
+        check_iscsi_name(name).map_err(|r| ConfigError::invalid(&at, r))?;
+        if allow.contains(name) {
+            return Err(ConfigError::invalid(
+                at,
+                format!("{name:?} is listed twice"),
+            ));
+        }
+        allow.push(name.clone());
+    }
+    let chap = match &ft.chap {
+        Some(c) => Some(chap_from_file(c, &tat("chap"))?),
+        None => None,
+    };
+    let mutual_chap = match &ft.mutual_chap {
+        Some(c) => Some(chap_from_file(c, &tat("mutual_chap"))?),
+        None => None,
+    };
+    let mut luns: Vec<LunConfig> = Vec::new();
+    let mut next = 0u64;
+    for (l, fl) in ft.luns.iter().enumerate() {
+        let lat = |f: &str| tat(&format!("luns[{l}].{f}"));
+        let lun = lun_from_file(fl, &lat, base_dir, next)?;
+        if let Some(j) = luns.iter().position(|x| x.lun == lun.lun) {
+            return Err(ConfigError::invalid(
+                lat("lun"),
+                format!("LUN {} is already used by targets[{t}].luns[{j}]", lun.lun),
+            ));
+        }
+        next = lun.lun + 1;
+        luns.push(lun);
+    }
+    Ok(TargetDraft {
+        cfg: TargetConfig {
+            name: ft.name.clone(),
+            alias: ft.alias.clone(),
+            luns,
+            allow,
+            chap,
+            mutual_chap,
+        },
+        at: fat(&format!("targets[{t}]")),
+        luns_at: tat("luns"),
+        mutual_at: tat("mutual_chap"),
+        chap_secret_at: tat("chap.secret"),
+    })
+}
+
+fn lun_from_file(
+    fl: &FileLun,
+    lat: &dyn Fn(&str) -> String,
+    base_dir: &Path,
+    next: u64,
+) -> Result<LunConfig, ConfigError> {
+    let lun = match fl.lun {
+        None if next > MAX_LUN => {
+            return Err(ConfigError::invalid(
+                lat("lun"),
+                format!("no LUN number left (the highest is {MAX_LUN})"),
+            ))
+        }
+        None => next,
+        Some(n) => u64::try_from(n)
+            .ok()
+            .filter(|&n| n <= MAX_LUN)
+            .ok_or_else(|| {
+                ConfigError::invalid(
+                    lat("lun"),
+                    format!("{n} is out of range (expected 0..={MAX_LUN})"),
+                )
+            })?,
+    };
+    let block_size = match fl.block_size {
+        None => DEFAULT_BLOCK_SIZE,
+        Some(b) => check_block_size(&b.to_string())
+            .map_err(|r| ConfigError::invalid(lat("block_size"), r))?,
+    };
+    let size = match &fl.size {
+        None => None,
+        Some(v) => Some(size_from_toml(v).map_err(|r| ConfigError::invalid(lat("size"), r))?),
+    };
+    if let Some(s) = size {
+        check_multiple(s, block_size).map_err(|r| ConfigError::invalid(lat("size"), r))?;
+    }
+    let kind = fl.backstore.as_str();
+    let backstore = match kind {
+        "mem" | "null" => {
+            if fl.path.is_some() {
+                return Err(ConfigError::invalid(
+                    lat("path"),
+                    format!("only file LUNs have a path, not {kind}"),
+                ));
+            }
+            let size = size.ok_or_else(|| {
+                ConfigError::invalid(lat("size"), format!("missing: {kind} LUNs need a size"))
+            })?;
+            if kind == "mem" {
+                BackstoreSpec::Mem { size }
+            } else {
+                BackstoreSpec::Null { size }
+            }
+        }
+        "file" => {
+            let path = fl.path.as_ref().ok_or_else(|| {
+                ConfigError::invalid(lat("path"), "missing: file LUNs need a path")
+            })?;
+            if path.as_os_str().is_empty() {
+                return Err(ConfigError::invalid(lat("path"), "is empty"));
+            }
+            BackstoreSpec::File {
+                path: base_dir.join(path),
+                size,
+            }
+        }
+        other => {
+            return Err(ConfigError::invalid(
+                lat("backstore"),
+                unknown_backstore(other),
+            ))
+        }
+    };
+    let serial = match &fl.serial {
+        None => None,
+        Some(s) => {
+            check_serial(s).map_err(|r| ConfigError::invalid(lat("serial"), r))?;
+            Some(s.clone())
+        }
+    };
+    Ok(LunConfig {
+        lun,
+        backstore,
+        block_size,
+        read_only: fl.read_only.unwrap_or(false),
+        serial,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Value parsers and checks (each returns the reason on failure)
+// ---------------------------------------------------------------------------
+
+/// Parse a size in bytes: a number with an optional binary suffix
+/// (k/K/KiB, M/MiB, G/GiB, T/TiB, P/PiB, E/EiB, case-insensitive; B for
+/// bytes). Zero and overflow are refused.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let s = text.trim();
+    let bad = || format!("{text:?} is not a size ({SIZE_HINT})");
+    let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    if end == 0 {
+        return Err(bad());
+    }
+    let (digits, unit) = s.split_at(end);
+    let shift = match unit.trim_start().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        "t" | "tib" => 40,
+        "p" | "pib" => 50,
+        "e" | "eib" => 60,
+        _ => return Err(bad()),
+    };
+    let too_big = || format!("{text:?} is too large (at most 2^64-1 bytes)");
+    let n: u64 = digits.parse().map_err(|_| too_big())?;
+    let bytes = n.checked_mul(1u64 << shift).ok_or_else(too_big)?;
+    if bytes == 0 {
+        return Err(format!("{text:?} is zero; a LUN needs at least one block"));
+    }
+    Ok(bytes)
+}
+
+fn size_from_toml(v: &toml::Value) -> Result<u64, String> {
+    match v {
+        toml::Value::String(s) => parse_size(s),
+        toml::Value::Integer(0) => Err("0 is zero; a LUN needs at least one block".into()),
+        toml::Value::Integer(n) => {
+            u64::try_from(*n).map_err(|_| format!("{n} is not a size ({SIZE_HINT})"))
+        }
+        other => Err(format!(
+            "{other} is not a size (use a string such as \"64MiB\" or a number of bytes)"
+        )),
+    }
+}
+
+fn check_block_size(text: &str) -> Result<u32, String> {
+    match text.trim() {
+        "512" => Ok(512),
+        "4096" | "4k" | "4K" | "4KiB" => Ok(4096),
+        _ => Err(format!(
+            "block size {text:?} is not supported (use 512 or 4096)"
+        )),
+    }
+}
+
+fn check_multiple(size: u64, block: u32) -> Result<(), String> {
+    if size % u64::from(block) != 0 {
+        Err(format!(
+            "{size} bytes is not a multiple of the block size {block}"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Parse a core list: `0-7`, `0,2,4-7`. Order is kept; duplicates refused.
+pub fn parse_cores(text: &str) -> Result<Vec<usize>, String> {
+    let bad = |why: String| {
+        format!("{text:?} is not a core list ({why}; use forms such as 0-7 or 0,2,4-7)")
+    };
+    if text.trim().is_empty() {
+        return Err(bad("it is empty".into()));
+    }
+    let num = |s: &str| -> Result<usize, String> {
+        let s = s.trim();
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad(format!("{s:?} is not a core number")));
+        }
+        match s.parse::<usize>() {
+            Ok(n) if n <= MAX_CORE => Ok(n),
+            _ => Err(bad(format!("core {s} is above {MAX_CORE}"))),
+        }
+    };
+    let mut out = Vec::new();
+    for part in text.split(',') {
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => {
+                let n = num(part)?;
+                (n, n)
+            }
+        };
+        if lo > hi {
+            return Err(bad(format!("range {} runs backwards", part.trim())));
+        }
+        for c in lo..=hi {
+            if out.contains(&c) {
+                return Err(bad(format!("core {c} is listed twice")));
+            }
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+fn cores_from_toml(v: &toml::Value) -> Result<Vec<usize>, String> {
+    match v {
+        toml::Value::String(s) => parse_cores(s),
+        toml::Value::Array(items) if !items.is_empty() => {
+            let mut out = Vec::new();
+            for item in items {
+                let c = item
+                    .as_integer()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .filter(|&n| n <= MAX_CORE)
+                    .ok_or_else(|| format!("{item} is not a core number (0..={MAX_CORE})"))?;
+                if out.contains(&c) {
+                    return Err(format!("core {c} is listed twice"));
+                }
+                out.push(c);
+            }
+            Ok(out)
+        }
+        other => Err(format!(
+            "{other} is not a core list (use a string such as \"0-7\" or \"0,2,4-7\", or an array of core numbers)"
+        )),
+    }
+}
+
+fn check_log_level(l: &str) -> Result<String, String> {
+    let lower = l.to_ascii_lowercase();
+    if LOG_LEVELS.contains(&lower.as_str()) {
+        Ok(lower)
+    } else {
+        Err(format!(
+            "{l:?} is not a log level (expected {})",
+            LOG_LEVELS.join(", ")
+        ))
+    }
+}
+
+fn check_range(v: i64, lo: u32, hi: u32) -> Result<u32, String> {
+    u32::try_from(v)
+        .ok()
+        .filter(|n| (lo..=hi).contains(n))
+        .ok_or_else(|| format!("{v} is out of range (expected {lo}..={hi})"))
+}
+
+fn check_dir(d: &Path) -> Result<(), String> {
+    if d.as_os_str().is_empty() {
+        Err("is empty".into())
+    } else {
+        Ok(())
+    }
+}
+
+/// Check an iSCSI name (RFC 7143 4.2.7): `iqn.YYYY-MM.reversed.domain[:text]`,
+/// `eui.` + 16 hex digits, `naa.` + 16 or 32 hex digits; lowercase ASCII
+/// letters, digits, '-', '.', ':' only; at most 223 bytes.
+pub fn check_iscsi_name(name: &str) -> Result<(), String> {
+    const FORMS: &str =
+        "iqn.YYYY-MM.reversed.domain[:text], eui. + 16 hex digits, or naa. + 16 or 32 hex digits";
+    if name.is_empty() {
+        return Err(format!("the name is empty (expected {FORMS})"));
+    }
+    if name.len() > MAX_ISCSI_NAME {
+        return Err(format!(
+            "{name:?} is {} bytes long; iSCSI names are at most {MAX_ISCSI_NAME}",
+            name.len()
+        ));
+    }
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(format!(
+            "{name:?} has uppercase letters; iSCSI names are lowercase (use {:?})",
+            name.to_ascii_lowercase()
+        ));
+    }
+    if let Some(c) = name.chars().find(|&c| {
+        !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.' || c == ':')
+    }) {
+        return Err(format!(
+            "{name:?} contains {c:?}; iSCSI names may hold only a-z, 0-9, '-', '.' and ':'"
+        ));
+    }
+    let hex = |s: &str| s.bytes().all(|b| b.is_ascii_hexdigit());
+    if let Some(rest) = name.strip_prefix("eui.") {
+        if rest.len() == 16 && hex(rest) {
+            return Ok(());
+        }
+        return Err(format!(
+            "{name:?} is not an EUI name (eui. + 16 hex digits)"
+        ));
+    }
+    if let Some(rest) = name.strip_prefix("naa.") {
+        if (rest.len() == 16 || rest.len() == 32) && hex(rest) {
+            return Ok(());
+        }
+        return Err(format!(
+            "{name:?} is not an NAA name (naa. + 16 or 32 hex digits)"
+        ));
+    }
+    let Some(rest) = name.strip_prefix("iqn.") else {
+        return Err(format!("{name:?} is not an iSCSI name (expected {FORMS})"));
+    };
+    let bad_iqn = |why: &str| {
+        format!("{name:?} is not an iqn. name ({why}; expected iqn.YYYY-MM.reversed.domain[:text])")
+    };
+    let b = rest.as_bytes();
+    let date_ok = b.len() >= 7
+        && b[..4].iter().all(u8::is_ascii_digit)
+        && b[4] == b'-'
+        && b[5..7].iter().all(u8::is_ascii_digit)
+        && matches!(
+            &rest[5..7],
+            "01" | "02" | "03" | "04" | "05" | "06" | "07" | "08" | "09" | "10" | "11" | "12"
+        );
+    if !date_ok {
+        return Err(bad_iqn("the date must be YYYY-MM"));
+    }
+    let Some(after) = rest[7..].strip_prefix('.') else {
+        return Err(bad_iqn(
+            "a '.' and the reversed domain must follow the date",
+        ));
+    };
+    let authority = after.split(':').next().unwrap_or("");
+    if authority.is_empty() || authority.split('.').any(|label| label.is_empty()) {
+        return Err(bad_iqn(
+            "the reversed domain is empty or has an empty label",
+        ));
+    }
+    Ok(())
+}
+
+fn check_alias(a: &str) -> Result<(), String> {
+    if a.is_empty() {
+        Err("the alias is empty".into())
+    } else if a.len() > 255 {
+        Err(format!("the alias is {} bytes long; at most 255", a.len()))
+    } else if a.chars().any(char::is_control) {
+        Err("the alias contains control characters".into())
+    } else {
+        Ok(())
+    }
+}
+
+fn check_serial(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 64 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        Err(format!(
+            "{s:?} is not a serial number (1 to 64 printable ASCII characters, no spaces)"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Which half of a CHAP pair is wrong, and why.
+fn check_chap(user: &str, secret: &str) -> Result<(), (&'static str, String)> {
+    if user.is_empty() {
+        return Err(("user", "the CHAP user name is empty".into()));
+    }
+    if user.len() > 255 {
+        return Err((
+            "user",
+            format!(
+                "the CHAP user name is {} bytes long; at most 255",
+                user.len()
+            ),
+        ));
+    }
+    if user.chars().any(char::is_control) {
+        return Err((
+            "user",
+            "the CHAP user name contains control characters".into(),
+        ));
+    }
+    if secret.len() < MIN_CHAP_SECRET {
+        return Err((
+            "secret",
+            format!(
+                "the CHAP secret is {} bytes; at least {MIN_CHAP_SECRET} are required \
+                 (RFC 7143 9.2.1 asks for 96 bits; open-iscsi and libiscsi accept 12 and up)",
+                secret.len()
+            ),
+        ));
+    }
+    if secret.len() > MAX_CHAP_SECRET {
+        return Err((
+            "secret",
+            format!(
+                "the CHAP secret is {} bytes; at most {MAX_CHAP_SECRET} are accepted",
+                secret.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `USER:SECRET`; the user ends at the first ':'. Errors never echo the secret.
+fn chap_from_flag(flag: &str, value: &str) -> Result<ChapPair, ConfigError> {
+    let Some((user, secret)) = value.split_once(':') else {
+        return Err(ConfigError::invalid(flag, "expected USER:SECRET"));
+    };
+    let at = format!("{flag} (user {user:?})");
+    check_chap(user, secret).map_err(|(_, r)| ConfigError::invalid(at, r))?;
+    Ok(ChapPair {
+        user: user.to_string(),
+        secret: secret.to_string(),
+    })
+}
+
+fn chap_from_file(c: &FileChap, at: &str) -> Result<ChapPair, ConfigError> {
+    check_chap(&c.user, &c.secret)
+        .map_err(|(field, r)| ConfigError::invalid(format!("{at}.{field}"), r))?;
+    Ok(ChapPair {
+        user: c.user.clone(),
+        secret: c.secret.clone(),
+    })
+}
+
+fn parse_transport(t: &str) -> Result<Transport, String> {
+    match t.trim().to_ascii_lowercase().as_str() {
+        "tcp" => Ok(Transport::Tcp),
+        "iser" => Ok(Transport::Iser),
+        _ => Err(format!("{t:?} is not a transport (expected tcp or iser)")),
+    }
+}
+
+fn transport_name(t: Transport) -> &'static str {
+    match t {
+        Transport::Tcp => "tcp",
+        Transport::Iser => "iser",
+    }
+}
+
+/// `ADDR[:PORT]` with ADDR an IPv4 address or a bracketed IPv6 address
+/// (a bare IPv6 address without port is accepted too). Port defaults to 3260.
+fn parse_addr(text: &str) -> Result<SocketAddr, String> {
+    let s = text.trim();
+    let hint = "use IPv4 such as 0.0.0.0:3260 or IPv6 in brackets such as [::]:3260; host names are not resolved";
+    let port_of = |p: Option<&str>| -> Result<u16, String> {
+        match p {
+            None => Ok(ISCSI_PORT),
+            Some(p) => match p.parse::<u16>() {
+                Ok(0) | Err(_) => Err(format!("port {p:?} is not a number in 1..=65535")),
+                Ok(n) => Ok(n),
+            },
+        }
+    };
+    if let Some(inner) = s.strip_prefix('[') {
+        let Some((host, after)) = inner.split_once(']') else {
+            return Err(format!("{text:?} has no closing ']' ({hint})"));
+        };
+        let ip: Ipv6Addr = host
+            .parse()
+            .map_err(|_| format!("{host:?} is not an IPv6 address ({hint})"))?;
+        let port = match after {
+            "" => None,
+            a => Some(
+                a.strip_prefix(':')
+                    .ok_or_else(|| format!("{text:?}: expected ':PORT' after ']' ({hint})"))?,
+            ),
+        };
+        return Ok(SocketAddr::new(IpAddr::V6(ip), port_of(port)?));
+    }
+    if s.matches(':').count() > 1 {
+        return match s.parse::<Ipv6Addr>() {
+            Ok(ip) => Ok(SocketAddr::new(IpAddr::V6(ip), ISCSI_PORT)),
+            Err(_) => Err(format!("{text:?} is not an address ({hint})")),
+        };
+    }
+    let (host, port) = match s.split_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (s, None),
+    };
+    let ip: Ipv4Addr = host
+        .parse()
+        .map_err(|_| format!("{host:?} is not an IP address ({hint})"))?;
+    Ok(SocketAddr::new(IpAddr::V4(ip), port_of(port)?))
+}
+
+/// `ADDR:PORT[,tcp|,iser]`.
+fn parse_portal_flag(text: &str) -> Result<PortalConfig, String> {
+    let mut parts = text.split(',');
+    let addr = parse_addr(parts.next().unwrap_or(""))?;
+    let transport = match parts.next() {
+        None => Transport::Tcp,
+        Some(t) => parse_transport(t)?,
+    };
+    if parts.next().is_some() {
+        return Err("expected ADDR:PORT[,tcp|,iser]".into());
+    }
+    Ok(PortalConfig {
+        addr,
+        transport,
+        tpgt: DEFAULT_TPGT,
+    })
+}
+
+/// Why portal `p` cannot be listened on alongside the earlier `q`.
+fn portal_clash(p: &PortalConfig, q: &PortalConfig) -> Option<String> {
+    if p.transport != q.transport || p.addr.port() != q.addr.port() {
+        return None;
+    }
+    let t = transport_name(p.transport);
+    if p.addr == q.addr {
+        return Some(format!("portal {} ({t}) is listed twice", p.addr));
+    }
+    let same_family = p.addr.is_ipv4() == q.addr.is_ipv4();
+    if same_family && (p.addr.ip().is_unspecified() || q.addr.ip().is_unspecified()) {
+        return Some(format!(
+            "portal {} ({t}) overlaps portal {} ({t}): a wildcard address already covers it",
+            p.addr, q.addr
+        ));
+    }
+    None
+}
+
+fn unknown_backstore(kind: &str) -> String {
+    if kind.eq_ignore_ascii_case("gluster") {
+        "the gluster backstore is not supported yet (expected mem, null, file)".into()
+    } else {
+        format!("unknown backstore {kind:?} (expected mem, null, file)")
+    }
+}
+
+/// `mem:SIZE`, `null:SIZE`, `file:PATH`, each with options `,size=SIZE`
+/// (file only), `,block=512|4096`, `,ro`, `,serial=TEXT`. The LUN number is
+/// left 0 for the caller to set.
+fn parse_lun_spec(spec: &str) -> Result<LunConfig, String> {
+    const EXAMPLES: &str = "mem:1GiB, null:1GiB or file:/path/disk.img";
+    if spec.starts_with("gluster:") {
+        return Err(unknown_backstore("gluster"));
+    }
+    let Some((kind, rest)) = spec.split_once(':') else {
+        if matches!(spec, "mem" | "null" | "file") {
+            return Err(format!("expected BACKSTORE:ARGS such as {EXAMPLES}"));
+        }
+        return Err(unknown_backstore(spec));
+    };
+    if !matches!(kind, "mem" | "null" | "file") {
+        return Err(unknown_backstore(kind));
+    }
+    let mut parts = rest.split(',');
+    let first = parts.next().unwrap_or("");
+    let mut size: Option<u64> = None;
+    let mut path: Option<PathBuf> = None;
+    if kind == "file" {
+        if first.is_empty() {
+            return Err("file LUNs need a path: file:PATH".into());
+        }
+        path = Some(PathBuf::from(first));
+    } else {
+        if first.is_empty() {
+            return Err(format!(
+                "{kind} LUNs need a size: {kind}:SIZE ({SIZE_HINT})"
+            ));
+        }
+        size = Some(parse_size(first)?);
+    }
+    let mut block: Option<u32> = None;
+    let mut read_only = false;
+    let mut serial: Option<String> = None;
+    let mut seen: HashSet<&str> = HashSet::new();
+    for opt in parts {
+        let (key, value) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt, None),
+        };
+        if !seen.insert(key) {
+            return Err(format!("option {key:?} is given twice"));
+        }
+        match (key, value) {
+            ("size", Some(v)) if kind == "file" => size = Some(parse_size(v)?),
+            ("size", _) if kind != "file" => {
+                return Err(format!(
+                    "{kind} LUNs take their size right after '{kind}:', not as size="
+                ))
+            }
+            ("block", Some(v)) => block = Some(check_block_size(v)?),
+            ("ro", None) => read_only = true,
+            ("serial", Some(v)) => {
+                check_serial(v)?;
+                serial = Some(v.to_string());
+            }
+            _ => {
+                return Err(format!(
+                    "unknown option {opt:?} (expected {}block=512|4096, ro, serial=TEXT)",
+                    if kind == "file" { "size=SIZE, " } else { "" }
+                ))
+            }
+        }
+    }
+    let block_size = block.unwrap_or(DEFAULT_BLOCK_SIZE);
+    if let Some(s) = size {
+        check_multiple(s, block_size)?;
+    }
+    let backstore = match (kind, size, path) {
+        ("file", size, Some(path)) => BackstoreSpec::File { path, size },
+        ("mem", Some(size), _) => BackstoreSpec::Mem { size },
+        (_, Some(size), _) => BackstoreSpec::Null { size },
+        _ => return Err(format!("expected BACKSTORE:ARGS such as {EXAMPLES}")),
+    };
+    Ok(LunConfig {
+        lun: 0,
+        backstore,
+        block_size,
+        read_only,
+        serial,
+    })
+}
+
+/// `/var/lib/target-rdma` when it is (or can be made) writable by this
+/// process, else `$XDG_STATE_HOME/target-rdma`, else
+/// `$HOME/.local/state/target-rdma`, else `<tmp>/target-rdma`. Only reads
+/// metadata; creates nothing.
+pub fn default_pr_dir() -> PathBuf {
+    let preferred = Path::new(DEFAULT_PR_DIR);
+    let usable = if preferred.exists() {
+        dir_writable(preferred)
+    } else {
+        preferred.parent().is_some_and(dir_writable)
+    };
+    if usable {
+        return preferred.to_path_buf();
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
+        let x = PathBuf::from(x);
+        if x.is_absolute() {
+            return x.join("target-rdma");
+        }
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h).join(".local/state/target-rdma");
+    }
+    std::env::temp_dir().join("target-rdma")
+}
+
+/// Best guess from metadata and /proc/self/status whether this process
+/// may create files in `dir`.
+fn dir_writable(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return false;
+    };
+    if !meta.is_dir() {
+        return false;
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| -> Vec<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| {
+                v.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // Uid: real effective saved fs; Gid likewise.
+    let Some(&euid) = field("Uid:").get(1) else {
+        return false;
+    };
+    if euid == 0 {
+        return true;
+    }
+    let mode = meta.mode();
+    if meta.uid() == euid {
+        return mode & 0o300 == 0o300;
+    }
+    let mut gids = field("Groups:");
+    gids.extend(field("Gid:").get(1));
+    if gids.contains(&meta.gid()) {
+        return mode & 0o030 == 0o030;
+    }
+    mode & 0o003 == 0o003
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "/etc/x.toml";
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("target-rdma").chain(args.iter().copied()))
+            .expect("flags parse")
+    }
+
+    fn run(args: &[&str]) -> Result<Config, ConfigError> {
+        load(std::iter::once("target-rdma").chain(args.iter().copied()))
+    }
+
+    /// Flags plus a config file text, as if given with `--config /etc/x.toml`.
+    fn run_file(args: &[&str], text: &str) -> Result<Config, ConfigError> {
+        let c = cli(args);
+        let fc = parse_file(Path::new(FILE), text)?;
+        build(&c, Some((Path::new(FILE), &fc)))
+    }
+
+    fn err(r: Result<Config, ConfigError>) -> String {
+        match r {
+            Ok(c) => panic!("expected an error, got {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn one_lun(spec: &str) -> LunConfig {
+        let c = run(&["--lun", spec]).unwrap();
+        c.targets[0].luns[0].clone()
+    }
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn defaults() {
+        let c = run(&[]).unwrap();
+        assert_eq!(c.targets.len(), 1);
+        let t = &c.targets[0];
+        assert_eq!(t.name, DEFAULT_TARGET_NAME);
+        assert_eq!(t.alias, None);
+        assert_eq!(
+            t.luns,
+            vec![LunConfig {
+                lun: 0,
+                backstore: BackstoreSpec::Mem { size: GIB },
+                block_size: 512,
+                read_only: false,
+                serial: None,
+            }]
+        );
+        assert!(t.allow.is_empty() && t.chap.is_none() && t.mutual_chap.is_none());
+        assert_eq!(
+            c.portals,
+            vec![PortalConfig {
+                addr: "127.0.0.1:3260".parse().unwrap(),
+                transport: Transport::Tcp,
+                tpgt: 1
+            }]
+        );
+        assert_eq!(c.log_level, "info");
+        assert_eq!(c.cores, None);
+        assert_eq!(c.queue_depth, 128);
+        assert_eq!(c.max_sessions, 64);
+        assert_eq!(c.nop_interval_s, 30);
+        assert_eq!(c.nop_timeout_s, 30);
+        assert_eq!(c.discovery_chap, None);
+        assert!(c.pr_dir.is_absolute(), "{:?}", c.pr_dir);
+        assert_eq!(c.pr_dir, default_pr_dir());
+        // The default LUN spec constant says the same as the built-in default.
+        assert_eq!(one_lun(DEFAULT_LUN_SPEC), default_lun());
+    }
+
+    #[test]
+    fn every_flag() {
+        let c = run(&[
+            "--portal",
+            "0.0.0.0:3261",
+            "--portal",
+            "[::1]:3262,iser",
+            "--target",
+            "iqn.2026-11.io.example:t1",
+            "--alias",
+            "my disks",
+            "--lun",
+            "mem:64MiB",
+            "--lun",
+            "null:1T,block=4096",
+            "--lun",
+            "file:/srv/d.img,size=1G,block=512,ro,serial=ABC-1",
+            "--chap",
+            "alice:alice-secret-12",
+            "--mutual-chap",
+            "tgt:target-secret-12",
+            "--allow",
+            "iqn.1994-05.com.redhat:c1",
+            "--allow",
+            "eui.0123456789abcdef",
+            "--discovery-chap",
+            "disc:disc-secret-123",
+            "--log-level",
+            "debug",
+            "--cores",
+            "0,2,4-5",
+            "--queue-depth",
+            "64",
+            "--max-sessions",
+            "8",
+            "--pr-dir",
+            "/tmp/pr",
+            "--nop-interval-s",
+            "0",
+            "--nop-timeout-s",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(c.portals.len(), 2);
+        assert_eq!(c.portals[0].addr, "0.0.0.0:3261".parse().unwrap());
+        assert_eq!(c.portals[0].transport, Transport::Tcp);
+        assert_eq!(c.portals[1].addr, "[::1]:3262".parse().unwrap());
+        assert_eq!(c.portals[1].transport, Transport::Iser);
+        let t = &c.targets[0];
+        assert_eq!(c.targets.len(), 1);
+        assert_eq!(t.name, "iqn.2026-11.io.example:t1");
+        assert_eq!(t.alias.as_deref(), Some("my disks"));
+        assert_eq!(t.luns.len(), 3);
+        assert_eq!(t.luns[0].lun, 0);
+        assert_eq!(t.luns[0].backstore, BackstoreSpec::Mem { size: 64 << 20 });
+        assert_eq!(t.luns[1].lun, 1);
+        assert_eq!(t.luns[1].backstore, BackstoreSpec::Null { size: 1 << 40 });
+        assert_eq!(t.luns[1].block_size, 4096);
+        assert_eq!(t.luns[2].lun, 2);
+        assert_eq!(
+            t.luns[2].backstore,
+            BackstoreSpec::File {
+                path: "/srv/d.img".into(),
+                size: Some(GIB)
+            }
+        );
+        assert!(t.luns[2].read_only);
+        assert_eq!(t.luns[2].serial.as_deref(), Some("ABC-1"));
+        assert_eq!(
+            t.chap,
+            Some(ChapPair {
+                user: "alice".into(),
+                secret: "alice-secret-12".into()
+            })
+        );
+        assert_eq!(t.mutual_chap.as_ref().unwrap().user, "tgt");
+        assert_eq!(
+            t.allow,
+            ["iqn.1994-05.com.redhat:c1", "eui.0123456789abcdef"]
+        );
+        assert_eq!(c.discovery_chap.as_ref().unwrap().secret, "disc-secret-123");
+        assert_eq!(c.log_level, "debug");
+        assert_eq!(c.cores, Some(vec![0, 2, 4, 5]));
+        assert_eq!(c.queue_depth, 64);
+        assert_eq!(c.max_sessions, 8);
+        assert_eq!(c.pr_dir, PathBuf::from("/tmp/pr"));
+        assert_eq!(c.nop_interval_s, 0);
+        assert_eq!(c.nop_timeout_s, 5);
+    }
+
+    #[test]
+    fn size_forms() {
+        for (text, want) in [
+            ("4096", 4096u64),
+            ("4k", 4096),
+            ("4K", 4096),
+            ("4KiB", 4096),
+            ("4kib", 4096),
+            ("512B", 512),
+            ("64MiB", 64 << 20),
+            ("64M", 64 << 20),
+            ("1GiB", GIB),
+            ("1G", GIB),
+            ("1g", GIB),
+            ("1 GiB", GIB),
+            ("1TiB", 1 << 40),
+            ("2P", 2 << 50),
+            ("15EiB", 15 << 60),
+            ("18446744073709551615", u64::MAX),
+        ] {
+            assert_eq!(parse_size(text), Ok(want), "{text}");
+        }
+        for text in [
+            "", "0", "0G", "x", "12x", "1.5G", "1GB", "-1", "G", "1 G B", "1e3",
+        ] {
+            let e = parse_size(text).unwrap_err();
+            assert!(e.contains(&format!("{text:?}")), "{text}: {e}");
+        }
+        assert!(parse_size("12x")
+            .unwrap_err()
+            .contains("use forms such as 4k, 64MiB, 1GiB"));
+        assert!(parse_size("0").unwrap_err().contains("zero"));
+        for text in ["16EiB", "18446744073709551616", "99999999999999999999999T"] {
+            assert!(
+                parse_size(text).unwrap_err().contains("too large"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn cores_forms() {
+        assert_eq!(parse_cores("0-7"), Ok((0..8).collect()));
+        assert_eq!(parse_cores("0,2,4-7"), Ok(vec![0, 2, 4, 5, 6, 7]));
+        assert_eq!(parse_cores("3"), Ok(vec![3]));
+        assert_eq!(parse_cores("5-5"), Ok(vec![5]));
+        assert_eq!(parse_cores(" 1, 0 "), Ok(vec![1, 0]));
+        for bad in [
+            "", " ", "a", "1-", "-1", "1,,2", "3-1", "1,1", "0-3,2", "4096", "1-2-3", "1.5",
+        ] {
+            let e = parse_cores(bad).unwrap_err();
+            assert!(e.contains("is not a core list"), "{bad}: {e}");
+        }
+        assert!(parse_cores("3-1").unwrap_err().contains("backwards"));
+        assert!(parse_cores("0-3,2")
+            .unwrap_err()
+            .contains("core 2 is listed twice"));
+        let e = err(run(&["--cores", "x"]));
+        assert!(e.starts_with("--cores \"x\": "), "{e}");
+    }
+
+    #[test]
+    fn lun_specs() {
+        let l = one_lun("mem:4k,block=4096");
+        assert_eq!(
+            (l.backstore, l.block_size),
+            (BackstoreSpec::Mem { size: 4096 }, 4096)
+        );
+        let l = one_lun("null:1G,ro");
+        assert_eq!(l.backstore, BackstoreSpec::Null { size: GIB });
+        assert!(l.read_only);
+        let l = one_lun("file:relative/disk.img");
+        assert_eq!(
+            l.backstore,
+            BackstoreSpec::File {
+                path: "relative/disk.img".into(),
+                size: None
+            }
+        );
+        assert_eq!(l.block_size, 512);
+        let l = one_lun("file:/d,block=4096,size=8k");
+        assert_eq!(
+            l.backstore,
+            BackstoreSpec::File {
+                path: "/d".into(),
+                size: Some(8192)
+            }
+        );
+
+        let cases: &[(&str, &str)] = &[
+            (
+                "foo:1G",
+                "--lun \"foo:1G\": unknown backstore \"foo\" (expected mem, null, file)",
+            ),
+            (
+                "mem:12x",
+                "--lun \"mem:12x\": \"12x\" is not a size (use forms such as 4k, 64MiB, 1GiB)",
+            ),
+            ("gluster://host/vol/img", "not supported yet"),
+            ("mem", "expected BACKSTORE:ARGS"),
+            ("disk.img", "unknown backstore \"disk.img\""),
+            ("mem:", "mem LUNs need a size"),
+            ("file:", "file LUNs need a path"),
+            ("mem:0", "zero"),
+            (
+                "mem:1G,block=1024",
+                "block size \"1024\" is not supported (use 512 or 4096)",
+            ),
+            (
+                "mem:1000",
+                "1000 bytes is not a multiple of the block size 512",
+            ),
+            (
+                "null:6k,block=4096",
+                "6144 bytes is not a multiple of the block size 4096",
+            ),
+            ("file:/d,size=1000", "not a multiple of the block size 512"),
+            ("file:/d,size=zz", "\"zz\" is not a size"),
+            ("mem:1G,size=2G", "not as size="),
+            ("mem:1G,colour=red", "unknown option \"colour=red\""),
+            (
+                "mem:1G,block=512,block=4096",
+                "option \"block\" is given twice",
+            ),
+            ("mem:1G,ro=yes", "unknown option \"ro=yes\""),
+            ("mem:1G,serial=", "is not a serial number"),
+            ("mem:1G,serial=a b", "is not a serial number"),
+        ];
+        for (spec, want) in cases {
+            let e = err(run(&["--lun", spec]));
+            assert!(e.contains(want), "{spec}: {e}");
+            assert!(e.starts_with(&format!("--lun {spec:?}: ")), "{spec}: {e}");
+        }
+    }
+
+    #[test]
+    fn portals() {
+        let p = parse_portal_flag("10.0.0.1").unwrap();
+        assert_eq!(p.addr, "10.0.0.1:3260".parse().unwrap());
+        let p = parse_portal_flag("[::]").unwrap();
+        assert_eq!(p.addr, "[::]:3260".parse().unwrap());
+        let p = parse_portal_flag("::1").unwrap();
+        assert_eq!(p.addr, "[::1]:3260".parse().unwrap());
+        let p = parse_portal_flag("[fe80::1]:860,TCP").unwrap();
+        assert_eq!((p.addr.port(), p.transport), (860, Transport::Tcp));
+        assert_eq!(
+            parse_portal_flag("1.2.3.4:5,iser").unwrap().transport,
+            Transport::Iser
+        );
+
+        for (flag, want) in [
+            ("localhost:3260", "host names are not resolved"),
+            ("1.2.3.4:0", "port \"0\" is not a number in 1..=65535"),
+            ("1.2.3.4:65536", "port \"65536\""),
+            ("1.2.3.4:", "port \"\""),
+            (
+                "1.2.3.4:3260,rdma",
+                "\"rdma\" is not a transport (expected tcp or iser)",
+            ),
+            ("1.2.3.4:3260,tcp,iser", "expected ADDR:PORT[,tcp|,iser]"),
+            ("[::1:3260", "no closing ']'"),
+            ("[::1]3260", "expected ':PORT'"),
+            ("[1.2.3.4]:3260", "is not an IPv6 address"),
+            ("fe80::zz", "is not an address"),
+            ("", "is not an IP address"),
+        ] {
+            let e = err(run(&["--portal", flag]));
+            assert!(e.starts_with(&format!("--portal {flag:?}: ")), "{e}");
+            assert!(e.contains(want), "{flag}: {e}");
+        }
+
+        let e = err(run(&[
+            "--portal",
+            "127.0.0.1:3260",
+            "--portal",
+            "127.0.0.1:3260",
+        ]));
+        assert_eq!(
+            e,
+            "--portal \"127.0.0.1:3260\": portal 127.0.0.1:3260 (tcp) is listed twice"
+        );
+        let e = err(run(&[
+            "--portal",
+            "0.0.0.0:3260",
+            "--portal",
+            "10.1.1.1:3260",
+        ]));
+        assert!(e.contains("overlaps portal 0.0.0.0:3260"), "{e}");
+        // Same address on another transport or another family is fine.
+        let c = run(&[
+            "--portal",
+            "0.0.0.0:3260",
+            "--portal",
+            "0.0.0.0:3260,iser",
+            "--portal",
+            "[::]:3260",
+            "--portal",
+            "10.1.1.1:3261",
+        ])
+        .unwrap();
+        assert_eq!(c.portals.len(), 4);
+        assert!(c.portals.iter().all(|p| p.tpgt == DEFAULT_TPGT));
+    }
+
+    #[test]
+    fn iscsi_names() {
+        for ok in [
+            "iqn.2026-11.io.target-rdma:default",
+            "iqn.1994-05.com.redhat:5d4c1e5f3b2",
+            "iqn.2001-04.com.example",
+            "iqn.2001-04.com.example:storage:diskarrays-sn-a8675309",
+            "iqn.2001-04.com.example:storage.disk2.sys1.xyz",
+            "eui.02004567a425678d",
+            "naa.52004567ba64678d",
+            "naa.62004567ba64678d0123456789abcdef",
+        ] {
+            assert_eq!(check_iscsi_name(ok), Ok(()), "{ok}");
+        }
+        for (bad, want) in [
+            ("", "empty"),
+            ("foo", "is not an iSCSI name"),
+            ("IQN.2026-11.io.x", "uppercase"),
+            ("eui.02004567A425678D", "use \"eui.02004567a425678d\""),
+            ("iqn.2026-11.io.x:a_b", "contains '_'"),
+            ("iqn.2026-11.io.x:a b", "contains ' '"),
+            ("iqn.2026-11.io.x:é", "contains 'é'"),
+            ("iqn.26-11.io.x", "the date must be YYYY-MM"),
+            ("iqn.2026-13.io.x", "the date must be YYYY-MM"),
+            ("iqn.2026-00.io.x", "the date must be YYYY-MM"),
+            ("iqn.2026-1.io.x", "the date must be YYYY-MM"),
+            ("iqn.2026-11", "must follow the date"),
+            ("iqn.2026-11io.x", "must follow the date"),
+            ("iqn.2026-11.", "reversed domain"),
+            ("iqn.2026-11.:x", "reversed domain"),
+            ("iqn.2026-11.io..x", "reversed domain"),
+            ("eui.0123", "not an EUI name"),
+            ("eui.0123456789abcdeg", "not an EUI name"),
+            ("naa.0123456789abcdef01", "not an NAA name"),
+        ] {
+            let e = check_iscsi_name(bad).unwrap_err();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+        let long = format!("iqn.2026-11.io.x:{}", "a".repeat(220));
+        assert!(check_iscsi_name(&long).unwrap_err().contains("at most 223"));
+
+        let e = err(run(&["--target", "iqn.2026-11.io.x:A"]));
+        assert!(e.starts_with("--target \"iqn.2026-11.io.x:A\": "), "{e}");
+        let e = err(run(&["--allow", "bogus"]));
+        assert!(e.starts_with("--allow \"bogus\": "), "{e}");
+        let e = err(run(&[
+            "--allow",
+            "eui.0123456789abcdef",
+            "--allow",
+            "eui.0123456789abcdef",
+        ]));
+        assert!(e.contains("already allowed"), "{e}");
+    }
+
+    #[test]
+    fn chap_flags() {
+        let e = err(run(&["--chap", "bob:short"]));
+        assert_eq!(
+            e,
+            "--chap (user \"bob\"): the CHAP secret is 5 bytes; at least 12 are required \
+             (RFC 7143 9.2.1 asks for 96 bits; open-iscsi and libiscsi accept 12 and up)"
+        );
+        assert!(!e.contains("short\""));
+        let e = err(run(&["--chap", "nocolon-secret-here"]));
+        assert_eq!(e, "--chap: expected USER:SECRET");
+        assert!(err(run(&["--chap", ":0123456789ab"])).contains("user name is empty"));
+        let long = format!("u:{}", "s".repeat(256));
+        assert!(err(run(&["--chap", &long])).contains("at most 255"));
+        // Exactly 12 and 255 bytes are fine; secrets may contain ':'.
+        run(&["--chap", "u:0123456789ab"]).unwrap();
+        let c = run(&["--chap", &format!("u:{}", "s".repeat(255))]).unwrap();
+        assert_eq!(c.targets[0].chap.as_ref().unwrap().secret.len(), 255);
+        let c = run(&["--chap", "u:se:cr:et-123456"]).unwrap();
+        assert_eq!(
+            c.targets[0].chap.as_ref().unwrap().secret,
+            "se:cr:et-123456"
+        );
+
+        let e = err(run(&["--mutual-chap", "t:target-secret-1"]));
+        assert_eq!(
+            e,
+            "--mutual-chap: mutual CHAP needs one-way CHAP too (add chap / --chap)"
+        );
+        let e = err(run(&[
+            "--chap",
+            "i:same-secret-123",
+            "--mutual-chap",
+            "t:same-secret-123",
+        ]));
+        assert!(
+            e.starts_with("--mutual-chap: the target's secret must differ"),
+            "{e}"
+        );
+        assert!(
+            err(run(&["--discovery-chap", "d:x"])).starts_with("--discovery-chap (user \"d\"): ")
+        );
+        // Secrets stay out of Debug output.
+        let c = run(&["--chap", "u:top-secret-value"]).unwrap();
+        assert!(!format!("{c:?}").contains("top-secret-value"));
+    }
+
+    #[test]
+    fn settings_ranges() {
+        for (flag, bad) in [
+            ("--queue-depth", "0"),
+            ("--queue-depth", "4097"),
+            ("--max-sessions", "0"),
+            ("--max-sessions", "65536"),
+            ("--nop-interval-s", "3601"),
+            ("--nop-timeout-s", "0"),
+        ] {
+            let e = err(run(&[flag, bad]));
+            assert!(
+                e.starts_with(&format!("{flag} \"{bad}\": {bad} is out of range")),
+                "{e}"
+            );
+        }
+        // clap refuses non-numbers and bad log levels itself.
+        assert!(matches!(
+            run(&["--queue-depth", "x"]),
+            Err(ConfigError::Cli(_))
+        ));
+        assert!(matches!(
+            run(&["--log-level", "loud"]),
+            Err(ConfigError::Cli(_))
+        ));
+        assert!(matches!(run(&["--bogus"]), Err(ConfigError::Cli(_))));
+        // clap refuses an empty path too.
+        assert!(matches!(run(&["--pr-dir", ""]), Err(ConfigError::Cli(_))));
+    }
+
+    #[test]
+    fn informational_exits() {
+        for args in [&["--help"][..], &["-h"], &["--version"]] {
+            let e = run(args).unwrap_err();
+            assert_eq!(e.exit_code(), 0, "{args:?}");
+            assert!(e.is_informational());
+        }
+        let help = run(&["--help"]).unwrap_err().to_string();
+        for word in [
+            "--portal",
+            "--lun",
+            "mem:SIZE",
+            "--config",
+            "--cores",
+            "--nop-timeout-s",
+        ] {
+            assert!(help.contains(word), "help lacks {word}");
+        }
+        let e = run(&["--example-config"]).unwrap_err();
+        assert_eq!(e.exit_code(), 0);
+        assert_eq!(e.to_string(), example_toml());
+        let e = run(&["--lun", "x:1"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(!e.is_informational());
+        assert_eq!(run(&["--queue-depth", "x"]).unwrap_err().exit_code(), 2);
+    }
+
+    #[test]
+    fn example_parses_and_validates() {
+        let c = run_file(&[], example_toml()).unwrap();
+        assert_eq!(c.log_level, "info");
+        assert_eq!(c.cores, Some(vec![0, 1]));
+        assert_eq!(c.queue_depth, 128);
+        assert_eq!(c.max_sessions, 64);
+        assert_eq!(c.pr_dir, PathBuf::from("/var/lib/target-rdma"));
+        assert_eq!((c.nop_interval_s, c.nop_timeout_s), (30, 30));
+        assert_eq!(c.discovery_chap.as_ref().unwrap().user, "discovery");
+        assert_eq!(
+            c.portals,
+            vec![
+                PortalConfig {
+                    addr: "0.0.0.0:3260".parse().unwrap(),
+                    transport: Transport::Tcp,
+                    tpgt: 1
+                },
+                PortalConfig {
+                    addr: "[::]:3260".parse().unwrap(),
+                    transport: Transport::Tcp,
+                    tpgt: 1
+                },
+            ]
+        );
+        assert_eq!(c.targets.len(), 2);
+        let t = &c.targets[0];
+        assert_eq!(t.name, "iqn.2026-11.io.example:fast");
+        assert_eq!(t.alias.as_deref(), Some("fast scratch disks"));
+        assert_eq!(t.allow.len(), 2);
+        assert_eq!(t.chap.as_ref().unwrap().secret, "client-secret-1");
+        assert_eq!(t.mutual_chap.as_ref().unwrap().user, "target");
+        assert_eq!(
+            t.luns,
+            vec![
+                LunConfig {
+                    lun: 0,
+                    backstore: BackstoreSpec::Mem { size: 4 * GIB },
+                    block_size: 4096,
+                    read_only: false,
+                    serial: None
+                },
+                LunConfig {
+                    lun: 1,
+                    backstore: BackstoreSpec::Null { size: 1 << 40 },
+                    block_size: 512,
+                    read_only: false,
+                    serial: Some("NULL0001".into())
+                },
+            ]
+        );
+        let t = &c.targets[1];
+        assert_eq!(t.name, "iqn.2026-11.io.example:storage");
+        assert!(t.allow.is_empty() && t.chap.is_none());
+        assert_eq!(t.luns.len(), 2);
+        assert_eq!(t.luns[0].lun, 0);
+        assert_eq!(
+            t.luns[0].backstore,
+            BackstoreSpec::File {
+                path: "/srv/target-rdma/disk0.img".into(),
+                size: None
+            }
+        );
+        assert_eq!(t.luns[1].lun, 5);
+        assert!(t.luns[1].read_only);
+    }
+
+    #[test]
+    fn load_reads_the_file() {
+        let dir =
+            std::env::temp_dir().join(format!("target-rdma-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.toml");
+        std::fs::write(
+            &path,
+            "pr_dir = \"pr\"\n[[targets]]\nname = \"iqn.2026-11.io.x:a\"\n\
+             [[targets.luns]]\nbackstore = \"file\"\npath = \"disks/a.img\"\n",
+        )
+        .unwrap();
+        let c = run(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(c.pr_dir, dir.join("pr"));
+        assert_eq!(
+            c.targets[0].luns[0].backstore,
+            BackstoreSpec::File {
+                path: dir.join("disks/a.img"),
+                size: None
+            }
+        );
+        // Relative paths from flags stay as given.
+        let c = run(&["--config", path.to_str().unwrap(), "--pr-dir", "here"]).unwrap();
+        assert_eq!(c.pr_dir, PathBuf::from("here"));
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let missing = dir.join("missing.toml");
+        let e = err(run(&["--config", missing.to_str().unwrap()]));
+        assert!(
+            e.starts_with(&format!("config {}: cannot read: ", missing.display())),
+            "{e}"
+        );
+    }
+
+    const ONE_TARGET: &str = r#"
+[[targets]]
+name = "iqn.2026-11.io.x:a"
+allow = ["iqn.1994-05.com.redhat:c1"]
+[[targets.luns]]
+backstore = "mem"
+size = "1GiB"
+[[targets.luns]]
+backstore = "null"
+size = 1048576
+"#;
+
+    #[test]
+    fn file_field_errors() {
+        let lun1 = |extra: &str| format!("{ONE_TARGET}{extra}");
+        let cases: Vec<(String, &str)> = vec![
+            (
+                ONE_TARGET.replace("size = 1048576", "size = \"12x\""),
+                "config /etc/x.toml: targets[0].luns[1].size: \"12x\" is not a size (use forms such as 4k, 64MiB, 1GiB)",
+            ),
+            (ONE_TARGET.replace("size = 1048576", "size = 0"), "config /etc/x.toml: targets[0].luns[1].size: 0 is zero"),
+            (ONE_TARGET.replace("size = 1048576", "size = -5"), "config /etc/x.toml: targets[0].luns[1].size: -5 is not a size"),
+            (ONE_TARGET.replace("size = 1048576", "size = 1.5"), "config /etc/x.toml: targets[0].luns[1].size: 1.5 is not a size"),
+            (ONE_TARGET.replace("size = 1048576", "size = 1000"), "targets[0].luns[1].size: 1000 bytes is not a multiple of the block size 512"),
+            (lun1("block_size = 1024\n"), "targets[0].luns[1].block_size: block size \"1024\" is not supported (use 512 or 4096)"),
+            (ONE_TARGET.replace("size = 1048576", "size = 6144\nblock_size = 4096"),
+                "targets[0].luns[1].size: 6144 bytes is not a multiple of the block size 4096",
+            ),
+            (lun1("path = \"/x\"\n"), "targets[0].luns[1].path: only file LUNs have a path"),
+            (lun1("serial = \"\"\n"), "targets[0].luns[1].serial: \"\" is not a serial number"),
+            (lun1("lun = 0\n"), "targets[0].luns[1].lun: LUN 0 is already used by targets[0].luns[0]"),
+            (lun1("lun = 16384\n"), "targets[0].luns[1].lun: 16384 is out of range (expected 0..=16383)"),
+            (lun1("lun = -1\n"), "targets[0].luns[1].lun: -1 is out of range"),
+            (ONE_TARGET.replace("size = 1048576", ""), "targets[0].luns[1].size: missing: null LUNs need a size"),
+            (ONE_TARGET.replace("\"null\"", "\"foo\""), "targets[0].luns[1].backstore: unknown backstore \"foo\" (expected mem, null, file)"),
+            (ONE_TARGET.replace("\"null\"", "\"gluster\""), "targets[0].luns[1].backstore: the gluster backstore is not supported yet"),
+            (ONE_TARGET.replace("backstore = \"null\"\nsize = 1048576", "backstore = \"file\""), "targets[0].luns[1].path: missing: file LUNs need a path"),
+            (ONE_TARGET.replace("backstore = \"null\"\nsize = 1048576", "backstore = \"file\"\npath = \"\""), "targets[0].luns[1].path: is empty"),
+            (ONE_TARGET.replace("iqn.2026-11.io.x:a", "iqn.2026-11.io.x:A"), "config /etc/x.toml: targets[0].name: \"iqn.2026-11.io.x:A\" has uppercase"),
+            (ONE_TARGET.replace("redhat:c1\"]", "redhat:c1\", \"bad\"]"), "targets[0].allow[1]: \"bad\" is not an iSCSI name"),
+            (ONE_TARGET.replace("redhat:c1\"]", "redhat:c1\", \"iqn.1994-05.com.redhat:c1\"]"), "targets[0].allow[1]: \"iqn.1994-05.com.redhat:c1\" is listed twice"),
+            (ONE_TARGET.replace("allow", "alias = \"\"\nallow"), "targets[0].alias: the alias is empty"),
+            (
+                ONE_TARGET.replace("allow", "chap = { user = \"u\", secret = \"short\" }\nallow"),
+                "config /etc/x.toml: targets[0].chap.secret: the CHAP secret is 5 bytes",
+            ),
+            (
+                ONE_TARGET.replace("allow", "chap = { user = \"\", secret = \"long-enough-123\" }\nallow"),
+                "targets[0].chap.user: the CHAP user name is empty",
+            ),
+            (
+                ONE_TARGET.replace("allow", "mutual_chap = { user = \"t\", secret = \"long-enough-123\" }\nallow"),
+                "config /etc/x.toml: targets[0].mutual_chap: mutual CHAP needs one-way CHAP too",
+            ),
+            (
+                ONE_TARGET.replace(
+                    "allow",
+                    "chap = { user = \"i\", secret = \"long-enough-123\" }\nmutual_chap = { user = \"t\", secret = \"long-enough-123\" }\nallow",
+                ),
+                "targets[0].mutual_chap: the target's secret must differ from the initiator's CHAP secret (given at config /etc/x.toml: targets[0].chap.secret",
+            ),
+            (format!("{ONE_TARGET}{ONE_TARGET}"), "config /etc/x.toml: targets[1].name: target \"iqn.2026-11.io.x:a\" is already defined at config /etc/x.toml: targets[0]"),
+            ("[[targets]]\nname = \"iqn.2026-11.io.x:a\"\n".to_string(), "config /etc/x.toml: targets[0].luns: a target needs at least one LUN"),
+            ("log_level = \"loud\"".into(), "config /etc/x.toml: log_level: \"loud\" is not a log level (expected error, warn, info, debug, trace)"),
+            ("queue_depth = 0".into(), "config /etc/x.toml: queue_depth: 0 is out of range (expected 1..=4096)"),
+            ("max_sessions = 70000".into(), "config /etc/x.toml: max_sessions: 70000 is out of range"),
+            ("nop_interval_s = -1".into(), "config /etc/x.toml: nop_interval_s: -1 is out of range"),
+            ("nop_timeout_s = 0".into(), "config /etc/x.toml: nop_timeout_s: 0 is out of range"),
+            ("pr_dir = \"\"".into(), "config /etc/x.toml: pr_dir: is empty"),
+            ("cores = \"2-1\"".into(), "config /etc/x.toml: cores: \"2-1\" is not a core list"),
+            ("cores = [1, 1]".into(), "config /etc/x.toml: cores: core 1 is listed twice"),
+            ("cores = [-1]".into(), "config /etc/x.toml: cores: -1 is not a core number"),
+            ("cores = []".into(), "config /etc/x.toml: cores: [] is not a core list"),
+            ("cores = 3".into(), "config /etc/x.toml: cores: 3 is not a core list"),
+            ("[discovery_chap]\nuser = \"d\"\nsecret = \"x\"".into(), "config /etc/x.toml: discovery_chap.secret: the CHAP secret is 1 bytes"),
+            ("[[portals]]\naddr = \"nowhere\"".into(), "config /etc/x.toml: portals[0].addr: \"nowhere\" is not an IP address"),
+            ("[[portals]]\naddr = \"1.2.3.4\"\ntransport = \"udp\"".into(), "config /etc/x.toml: portals[0].transport: \"udp\" is not a transport"),
+            ("[[portals]]\naddr = \"1.2.3.4\"\ntpgt = 65536".into(), "config /etc/x.toml: portals[0].tpgt: 65536 is out of range (expected 0..=65535)"),
+            (
+                "[[portals]]\naddr = \"1.2.3.4\"\n[[portals]]\naddr = \"1.2.3.4:3260\"".into(),
+                "config /etc/x.toml: portals[1]: portal 1.2.3.4:3260 (tcp) is listed twice",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = err(run_file(&[], &text));
+            assert!(e.contains(want), "want {want:?}\n got {e:?}\n for {text}");
+            assert!(e.starts_with("config /etc/x.toml: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn file_parse_errors_name_the_field() {
+        for (text, want) in [
+            ("bogus = 1", "bogus"),
+            ("[[targets]]\nname = \"iqn.2026-11.io.x:a\"\nlunz = []", "lunz"),
+            (
+                "[[targets]]\nname = \"iqn.2026-11.io.x:a\"\n[[targets.luns]]\nbackstore = \"mem\"\nsize = \"1G\"\nblock = 512",
+                "block",
+            ),
+            ("[[portals]]\naddr = \"1.2.3.4\"\nport = 1", "port"),
+            ("[discovery_chap]\nuser = \"d\"\nsecret = \"0123456789ab\"\nmutual = true", "mutual"),
+            ("queue_depth = \"many\"", "queue_depth"),
+            ("[[targets]]\nalias = \"x\"", "name"),
+            ("this is not toml", "line 1"),
+        ] {
+            let e = run_file(&[], text).unwrap_err();
+            assert!(matches!(e, ConfigError::Parse { .. }), "{text}: {e:?}");
+            let e = e.to_string();
+            assert!(e.starts_with("config /etc/x.toml: "), "{e}");
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn file_lun_numbering_and_forms() {
+        let text = r#"
+cores = [3, 1]
+[[portals]]
+addr = "[::1]:3261"
+transport = "ISER"
+tpgt = 7
+[[targets]]
+name = "eui.0123456789abcdef"
+[[targets.luns]]
+backstore = "mem"
+size = "8k"
+[[targets.luns]]
+lun = 10
+backstore = "file"
+path = "/dev/sdb"
+size = "4KiB"
+block_size = 4096
+[[targets.luns]]
+backstore = "null"
+size = 4096
+read_only = true
+"#;
+        let c = run_file(&[], text).unwrap();
+        assert_eq!(c.cores, Some(vec![3, 1]));
+        assert_eq!(
+            c.portals,
+            vec![PortalConfig {
+                addr: "[::1]:3261".parse().unwrap(),
+                transport: Transport::Iser,
+                tpgt: 7
+            }]
+        );
+        let luns = &c.targets[0].luns;
+        assert_eq!(luns.iter().map(|l| l.lun).collect::<Vec<_>>(), [0, 10, 11]);
+        assert_eq!(
+            luns[1].backstore,
+            BackstoreSpec::File {
+                path: "/dev/sdb".into(),
+                size: Some(4096)
+            }
+        );
+        assert!(luns[2].read_only);
+        // An empty file is fine: everything defaults.
+        assert_eq!(run_file(&[], "").unwrap(), run(&[]).unwrap());
+    }
+
+    #[test]
+    fn merge_settings_and_portals() {
+        let text = format!(
+            "log_level = \"warn\"\ncores = \"0-3\"\nqueue_depth = 32\nmax_sessions = 4\n\
+             pr_dir = \"/srv/pr\"\nnop_interval_s = 10\nnop_timeout_s = 10\n\
+             [discovery_chap]\nuser = \"d\"\nsecret = \"from-the-file-1\"\n\
+             [[portals]]\naddr = \"10.0.0.1:3260\"\n{ONE_TARGET}"
+        );
+        // File values when no flags.
+        let c = run_file(&[], &text).unwrap();
+        assert_eq!(c.log_level, "warn");
+        assert_eq!(c.cores, Some(vec![0, 1, 2, 3]));
+        assert_eq!((c.queue_depth, c.max_sessions), (32, 4));
+        assert_eq!(c.pr_dir, PathBuf::from("/srv/pr"));
+        assert_eq!((c.nop_interval_s, c.nop_timeout_s), (10, 10));
+        assert_eq!(c.portals[0].addr, "10.0.0.1:3260".parse().unwrap());
+        assert_eq!(c.discovery_chap.as_ref().unwrap().secret, "from-the-file-1");
+        // Flags override each.
+        let c = run_file(
+            &[
+                "--log-level",
+                "trace",
+                "--cores",
+                "5",
+                "--queue-depth",
+                "256",
+                "--max-sessions",
+                "9",
+                "--pr-dir",
+                "/other",
+                "--nop-interval-s",
+                "1",
+                "--nop-timeout-s",
+                "2",
+                "--discovery-chap",
+                "e:from-the-flag-1",
+                "--portal",
+                "10.0.0.2:3260",
+                "--portal",
+                "10.0.0.3:3260",
+            ],
+            &text,
+        )
+        .unwrap();
+        assert_eq!(c.log_level, "trace");
+        assert_eq!(c.cores, Some(vec![5]));
+        assert_eq!((c.queue_depth, c.max_sessions), (256, 9));
+        assert_eq!(c.pr_dir, PathBuf::from("/other"));
+        assert_eq!((c.nop_interval_s, c.nop_timeout_s), (1, 2));
+        assert_eq!(c.discovery_chap.as_ref().unwrap().user, "e");
+        // --portal replaces the file's portals.
+        let addrs: Vec<String> = c.portals.iter().map(|p| p.addr.to_string()).collect();
+        assert_eq!(addrs, ["10.0.0.2:3260", "10.0.0.3:3260"]);
+        // The target is untouched by settings flags.
+        assert_eq!(c.targets.len(), 1);
+        assert_eq!(c.targets[0].luns.len(), 2);
+    }
+
+    #[test]
+    fn merge_target_flags() {
+        // Target flags without --target act on the file's only target:
+        // LUNs and allows are added, CHAP and alias replaced.
+        let with_chap = ONE_TARGET.replace(
+            "allow",
+            "alias = \"old\"\nchap = { user = \"old\", secret = \"old-secret-123\" }\nallow",
+        );
+        let c = run_file(
+            &[
+                "--lun",
+                "mem:1M",
+                "--lun",
+                "null:2M",
+                "--allow",
+                "iqn.1994-05.com.redhat:c2",
+                "--chap",
+                "new:new-secret-123",
+                "--alias",
+                "new",
+            ],
+            &with_chap,
+        )
+        .unwrap();
+        assert_eq!(c.targets.len(), 1);
+        let t = &c.targets[0];
+        assert_eq!(t.name, "iqn.2026-11.io.x:a");
+        assert_eq!(t.alias.as_deref(), Some("new"));
+        assert_eq!(
+            t.luns.iter().map(|l| l.lun).collect::<Vec<_>>(),
+            [0, 1, 2, 3]
+        );
+        assert_eq!(t.luns[2].backstore, BackstoreSpec::Mem { size: 1 << 20 });
+        assert_eq!(
+            t.allow,
+            ["iqn.1994-05.com.redhat:c1", "iqn.1994-05.com.redhat:c2"]
+        );
+        assert_eq!(t.chap.as_ref().unwrap().user, "new");
+
+        // New LUNs are numbered after the highest file LUN.
+        let c = run_file(&["--lun", "mem:1M"], &format!("{ONE_TARGET}lun = 9\n")).unwrap();
+        assert_eq!(
+            c.targets[0].luns.iter().map(|l| l.lun).collect::<Vec<_>>(),
+            [0, 9, 10]
+        );
+
+        // Allow already in the file.
+        let e = err(run_file(
+            &["--allow", "iqn.1994-05.com.redhat:c1"],
+            ONE_TARGET,
+        ));
+        assert_eq!(
+            e,
+            "--allow \"iqn.1994-05.com.redhat:c1\": \"iqn.1994-05.com.redhat:c1\" is already allowed for config /etc/x.toml: targets[0]"
+        );
+
+        // --target naming a file target selects it; a new name adds a target
+        // (with the default RAM LUN when no --lun is given).
+        let two = format!("{ONE_TARGET}{}", ONE_TARGET.replace("x:a", "x:b"));
+        let c = run_file(&["--target", "iqn.2026-11.io.x:b", "--lun", "mem:1M"], &two).unwrap();
+        assert_eq!(c.targets[0].luns.len(), 2);
+        assert_eq!(c.targets[1].luns.len(), 3);
+        let c = run_file(&["--target", "iqn.2026-11.io.x:c"], &two).unwrap();
+        assert_eq!(c.targets.len(), 3);
+        assert_eq!(c.targets[2].name, "iqn.2026-11.io.x:c");
+        assert_eq!(c.targets[2].luns, vec![default_lun()]);
+        let c = run_file(
+            &["--target", "iqn.2026-11.io.x:c", "--lun", "null:1G"],
+            &two,
+        )
+        .unwrap();
+        assert_eq!(c.targets[2].luns.len(), 1);
+        assert_eq!(
+            c.targets[2].luns[0].backstore,
+            BackstoreSpec::Null { size: GIB }
+        );
+
+        // Several file targets and no --target: ambiguous.
+        let e = err(run_file(&["--lun", "mem:1M"], &two));
+        assert_eq!(
+            e,
+            "--lun \"mem:1M\": the config file defines 2 targets; add --target IQN to say which \
+             one this applies to (or to add a new target)"
+        );
+        let e = err(run_file(&["--chap", "u:long-enough-123"], &two));
+        assert!(
+            e.starts_with("--chap: the config file defines 2 targets"),
+            "{e}"
+        );
+
+        // A file with settings only: flags build the target, default name.
+        let c = run_file(&["--lun", "null:1G"], "queue_depth = 8").unwrap();
+        assert_eq!(c.targets.len(), 1);
+        assert_eq!(c.targets[0].name, DEFAULT_TARGET_NAME);
+        assert_eq!(
+            c.targets[0].luns[0].backstore,
+            BackstoreSpec::Null { size: GIB }
+        );
+        assert_eq!(c.queue_depth, 8);
+
+        // Mutual CHAP from a flag against one-way CHAP from the file.
+        let e = err(run_file(&["--mutual-chap", "t:old-secret-123"], &with_chap));
+        assert!(
+            e.starts_with("--mutual-chap: the target's secret must differ from the initiator's CHAP secret (given at config /etc/x.toml: targets[0].chap.secret"),
+            "{e}"
+        );
+        run_file(&["--mutual-chap", "t:other-secret-123"], &with_chap).unwrap();
+    }
+
+    #[test]
+    fn flags_only_target_numbering() {
+        let c = run(&["--lun", "mem:1M", "--lun", "mem:2M", "--lun", "mem:3M"]).unwrap();
+        assert_eq!(c.targets[0].name, DEFAULT_TARGET_NAME);
+        assert_eq!(
+            c.targets[0].luns.iter().map(|l| l.lun).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
+        // --chap alone keeps the default LUN.
+        let c = run(&["--chap", "u:long-enough-123"]).unwrap();
+        assert_eq!(c.targets[0].luns, vec![default_lun()]);
+    }
+
+    #[test]
+    fn dir_guess_is_sane() {
+        assert!(dir_writable(Path::new("/tmp")) || !Path::new("/tmp").exists());
+        assert!(!dir_writable(Path::new("/definitely/not/here")));
+        assert!(!dir_writable(Path::new("/etc/hostname")) || !Path::new("/etc/hostname").is_dir());
+    }
+}
