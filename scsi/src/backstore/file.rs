@@ -42,7 +42,17 @@ impl FileBackstore {
     /// existing one keeps its length unless `size` asks for more (then it
     /// grows, sparsely). A block device has its own size; a `size` larger
     /// than the device is an error, a smaller one exports a prefix.
-    pub fn open(path: &Path, size: Option<u64>, read_only: bool) -> io::Result<FileBackstore> {
+    pub fn open(path: &Path, size: Option<u64>) -> io::Result<FileBackstore> {
+        FileBackstore::open_with(path, size, false)
+    }
+
+    /// Open without write access (for media the process may only read);
+    /// every modifying operation then fails with EROFS.
+    pub fn open_read_only(path: &Path) -> io::Result<FileBackstore> {
+        FileBackstore::open_with(path, None, true)
+    }
+
+    fn open_with(path: &Path, size: Option<u64>, read_only: bool) -> io::Result<FileBackstore> {
         let exists = path.exists();
         if !exists && size.is_none() {
             return Err(io::Error::new(
@@ -284,16 +294,29 @@ mod tests {
     fn create_requires_size() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("lun0");
-        assert!(FileBackstore::open(&p, None, false).is_err());
-        let b = FileBackstore::open(&p, Some(1 << 20), false).unwrap();
+        assert!(FileBackstore::open(&p, None).is_err());
+        let b = FileBackstore::open(&p, Some(1 << 20)).unwrap();
         assert_eq!(b.size_bytes(), 1 << 20);
         drop(b);
-        let b = FileBackstore::open(&p, None, false).unwrap();
+        let b = FileBackstore::open(&p, None).unwrap();
         assert_eq!(b.size_bytes(), 1 << 20);
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20);
-        let b = FileBackstore::open(&p, None, true).unwrap();
+        let mut b = FileBackstore::open_read_only(&p).unwrap();
         assert!(!b.caps().discard);
-        assert!(FileBackstore::open(&p, Some(2 << 20), true).is_err());
+        b.submit(Io {
+            tag: 1,
+            op: IoOp::Write {
+                offset: 0,
+                fua: false,
+            },
+            buf: vec![0; 512],
+        });
+        let mut out = Vec::new();
+        b.poll(&mut out);
+        assert_eq!(out[0].result, Err(rustix::io::Errno::ROFS.raw_os_error()));
+        // Growing an existing file.
+        let b = FileBackstore::open(&p, Some(2 << 20)).unwrap();
+        assert_eq!(b.size_bytes(), 2 << 20);
     }
 
     #[test]
@@ -301,7 +324,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("lun0");
         let size = 4 << 20;
-        let mut b = FileBackstore::open(&p, Some(size), false).unwrap();
+        let mut b = FileBackstore::open(&p, Some(size)).unwrap();
 
         // A fresh sparse file is one hole.
         let e = b.extent_status(0).unwrap();
