@@ -321,18 +321,17 @@ pub(crate) fn decode(
                 if unmap && !(info.thin_provisioned && caps.discard) {
                     return Err((invalid(1, Some(3)), dol));
                 }
+                // An LBA past the end is reported as such even with zero
+                // blocks, before the zero itself is judged.
+                check_range(info, lba, nlb).map_err(|e| (e, dol))?;
                 let nlb = if nlb == 0 {
                     if limits::WSNZ {
                         return Err((invalid(len_byte(op), None), dol));
-                    }
-                    if lba > info.num_blocks {
-                        return Err((CmdError::Check(Sense::lba_out_of_range()), dol));
                     }
                     info.num_blocks - lba
                 } else {
                     nlb
                 };
-                check_range(info, lba, nlb).map_err(|e| (e, dol))?;
                 if nlb > info.max_write_same_blocks {
                     return Err((invalid(len_byte(op), None), dol));
                 }
@@ -489,6 +488,22 @@ pub(crate) fn decode(
                 // read as "not supported".
                 _ => Err((invalid(1, Some(4)), 0)),
             },
+            // READ DEFECT DATA (10/12): RAM and files have no defects;
+            // both lists are reported valid and empty in the format asked.
+            0x37 | 0xb7 => {
+                let flags = b(cdb, if op == 0x37 { 2 } else { 1 }) & 0x1f;
+                let alloc = if op == 0x37 {
+                    be(cdb, 7, 2)
+                } else {
+                    be(cdb, 6, 4)
+                } as usize;
+                let hdr = if op == 0x37 { 4 } else { 8 };
+                let mut d = vec![0u8; hdr];
+                d[1] = flags;
+                d.truncate(alloc);
+                data_in.extend_from_slice(&d);
+                Ok(Decoded::Done(Ok(crate::status::GOOD), 0))
+            }
             // START STOP UNIT: the medium cannot be removed or spun down;
             // LOEJ asks for exactly that.
             0x1b => {

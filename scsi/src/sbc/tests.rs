@@ -400,8 +400,11 @@ fn write_same_and_unmap() {
     }
     let c = run(&mut lun, &cdb10(0x41, 0, 8192, 1), blk.clone());
     assert_eq!(sense(&c), (5, 0x21, 0));
+    // Zero blocks past the end: the LBA is what is wrong.
     let c = run(&mut lun, &cdb16(0x93, 0, 1 << 63, 0), blk.clone());
-    assert_eq!(sense(&c), (5, 0x24, 0));
+    assert_eq!(sense(&c), (5, 0x21, 0));
+    let c = run(&mut lun, &cdb10(0x41, 0, 8193, 0), blk.clone());
+    assert_eq!(sense(&c), (5, 0x21, 0));
 
     // UNMAP: several descriptors.
     write10(&mut lun, 0, vec![1; 8 * BS as usize]);
@@ -500,6 +503,17 @@ fn start_stop_and_orwrite() {
     ok(&run(&mut lun, &[0x1b, 0, 0, 0, 0, 0], Vec::new()));
     let c = run(&mut lun, &[0x1b, 1, 0, 0, 2, 0], Vec::new());
     assert_eq!(sense(&c), (5, 0x24, 0));
+
+    let c = run(&mut lun, &[0x37, 0, 0x18, 0, 0, 0, 0, 0, 32, 0], Vec::new());
+    ok(&c);
+    assert_eq!(c.data_in, [0, 0x18, 0, 0]);
+    let c = run(
+        &mut lun,
+        &[0xb7, 0x0d, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+        Vec::new(),
+    );
+    ok(&c);
+    assert_eq!(c.data_in, [0, 0x0d, 0, 0, 0, 0, 0, 0]);
 
     write10(&mut lun, 0, vec![0x0f; BS as usize]);
     ok(&run(
