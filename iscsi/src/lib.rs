@@ -16,5 +16,6 @@ pub mod login;
 pub mod params;
 pub mod pdu;
 pub mod text;
+pub mod textreq;
 
 pub use pdu::{Bhs, Pdu, PduError};

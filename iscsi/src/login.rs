@@ -64,6 +64,11 @@ pub trait LoginContext {
     /// with the same initiator name, ISID and target) or add/reinstate a
     /// connection in an existing one. Returns the session's TSIH.
     fn instate_session(&mut self, req: &SessionRequest) -> Result<u16, LoginStatus>;
+    /// TargetAlias to announce for `target_name` (RFC 7143 13.6), if one
+    /// is configured.
+    fn target_alias(&self, _target_name: &str) -> Option<String> {
+        None
+    }
 }
 
 /// What `instate_session` is asked to do.
@@ -129,4 +134,8 @@ impl LoginMachine {
     }
 }
 
+mod auth;
+pub(crate) mod negotiate;
 mod state;
+#[cfg(test)]
+mod tests;
