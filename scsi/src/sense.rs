@@ -105,6 +105,32 @@ impl Sense {
         s
     }
 
+    /// NO SENSE: what REQUEST SENSE returns when nothing is pending.
+    pub const fn no_sense() -> Sense {
+        Sense::new(SenseKey::NoSense, 0x00, 0x00)
+    }
+    /// UNIT ATTENTION with the given additional sense code.
+    pub const fn unit_attention(asc: u8, ascq: u8) -> Sense {
+        Sense::new(SenseKey::UnitAttention, asc, ascq)
+    }
+    /// SAVING PARAMETERS NOT SUPPORTED (SPC-4 6.11: MODE SENSE with PC=11b
+    /// when there are no saved values), pointing at the CDB field.
+    pub const fn saving_params_unsupported(byte: u16, bit: Option<u8>) -> Sense {
+        Sense::new(SenseKey::IllegalRequest, 0x39, 0x00).with_field(byte, bit)
+    }
+    /// INVALID RELEASE OF PERSISTENT RESERVATION (SPC-4 5.13.11.2).
+    pub const fn invalid_release_of_pr() -> Sense {
+        Sense::new(SenseKey::IllegalRequest, 0x26, 0x04)
+    }
+    /// INSUFFICIENT REGISTRATION RESOURCES: the registration table is full.
+    pub const fn insufficient_registration_resources() -> Sense {
+        Sense::new(SenseKey::IllegalRequest, 0x55, 0x04)
+    }
+    /// PARAMETER LIST LENGTH ERROR with the CDB field that carried it.
+    pub const fn param_list_length_at(byte: u16) -> Sense {
+        Sense::param_list_length().with_field(byte, None)
+    }
+
     pub const fn with_field(mut self, byte: u16, bit: Option<u8>) -> Sense {
         self.field_pointer = Some(FieldPointer {
             in_cdb: true,
@@ -152,7 +178,7 @@ impl Sense {
             f[2] = self.key as u8;
             if let Some(info) = self.information {
                 f[0] |= 0x80; // VALID
-                // Fixed format holds 32 bits of information.
+                              // Fixed format holds 32 bits of information.
                 f[3..7].copy_from_slice(&(info as u32).to_be_bytes());
             }
             f[7] = 10;
