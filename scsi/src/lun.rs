@@ -183,9 +183,32 @@ impl Lun {
         if let Some(r) = self.spc.execute(nexus, &cdb, &data_out, &mut data_in) {
             let dol = spc_data_out_len(&cdb, sent);
             let r = r.map(|()| status::GOOD);
+            // PREEMPT AND ABORT: the preempted nexuses lose their tasks,
+            // but not this command (the preemptor may preempt itself).
+            for gone in self.spc.take_aborted_nexuses() {
+                self.abort_where(|n, _| n == gone);
+            }
             return self.finish(tag, nexus, r, data_in, data_out, dol);
         }
-        if self.info.read_only && sbc::is_write_opcode(cdb[0]) {
+        // REPORT SUPPORTED OPERATION CODES and the commands that work must
+        // agree, so the SPC side's table decides which SBC commands exist.
+        let sa = if cdb[0] == 0x9e {
+            cdb.get(1).map_or(0, |b| (b & 0x1f) as u16)
+        } else {
+            0
+        };
+        if !self.spc.opcode_supported(cdb[0], sa) {
+            // A SERVICE ACTION IN with an unknown service action points
+            // at the service action field, which initiators read as "not
+            // supported" too.
+            let s = if cdb[0] == 0x9e && self.spc.opcode_supported(0x9e, 0x10) {
+                Sense::invalid_field_in_cdb(1, Some(4))
+            } else {
+                Sense::invalid_opcode()
+            };
+            return self.finish(tag, nexus, Err(s.into()), data_in, data_out, sent as u32);
+        }
+        if self.spc.write_protected() && sbc::is_write_opcode(cdb[0]) {
             let e = CmdError::Check(Sense::write_protected());
             return self.finish(tag, nexus, Err(e), data_in, data_out, sent as u32);
         }

@@ -473,7 +473,9 @@ pub(crate) fn decode(
                     Ok(Decoded::Done(Ok(crate::status::GOOD), 0))
                 }
                 0x12 => {
-                    if !(info.thin_provisioned && caps.extent_status) {
+                    // Backstores without an extent map report everything
+                    // mapped (the trait's default), which is true for them.
+                    if !info.thin_provisioned {
                         return Err((invalid(1, Some(4)), 0));
                     }
                     let lba = be(cdb, 2, 8);
