@@ -1,1 +1,1558 @@
-//! Full feature phase.
+//! One iSCSI connection from login to close, sans-IO (RFC 7143 4, 11).
+//!
+//! The transport decodes PDUs with `decoder()` and hands each one to
+//! `handle_pdu`; it drains the wire bytes to send with `take_tx` and the
+//! work for the device server with `poll_event`, and feeds SCSI completions
+//! back with `scsi_complete`. Timers are driven by `tick(now_ms)`.
+//!
+//! Sessions have one connection (MaxConnections is negotiated down to our
+//! limit, 1 by default), so the session's command window (CmdSN, ExpCmdSN,
+//! MaxCmdSN) lives here too. Error recovery level 0: protocol errors inside
+//! a command's data transfer end the connection, which is what the
+//! initiator's session recovery expects at that level.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::login::{LoginContext, LoginMachine, LoginOutcome, LoginStep};
+use crate::params::{ConnParams, SessionParams, SessionType, TargetLimits, Transport};
+use crate::pdu::{flags, opcode, Bhs, Decoder, Encoder, Pdu, PduError, BHS_LEN};
+use crate::textreq::{TextContext, TextMachine};
+
+/// Tag value meaning "no tag" (RFC 7143 11.18, 11.19).
+pub const RESERVED_TAG: u32 = 0xffff_ffff;
+
+/// Reject reasons (RFC 7143 11.17.1).
+pub mod reject {
+    pub const DATA_DIGEST_ERROR: u8 = 0x02;
+    pub const SNACK_REJECT: u8 = 0x03;
+    pub const PROTOCOL_ERROR: u8 = 0x04;
+    pub const COMMAND_NOT_SUPPORTED: u8 = 0x05;
+    pub const IMMEDIATE_COMMAND_REJECT: u8 = 0x06;
+    pub const INVALID_PDU_FIELD: u8 = 0x09;
+    pub const OUT_OF_RESOURCES: u8 = 0x0a;
+    pub const WAITING_FOR_LOGOUT: u8 = 0x0c;
+}
+
+/// Task management function codes (RFC 7143 11.5.1).
+pub mod tmf {
+    pub const ABORT_TASK: u8 = 1;
+    pub const ABORT_TASK_SET: u8 = 2;
+    pub const CLEAR_ACA: u8 = 3;
+    pub const CLEAR_TASK_SET: u8 = 4;
+    pub const LOGICAL_UNIT_RESET: u8 = 5;
+    pub const TARGET_WARM_RESET: u8 = 6;
+    pub const TARGET_COLD_RESET: u8 = 7;
+    pub const TASK_REASSIGN: u8 = 8;
+    pub const QUERY_TASK: u8 = 9;
+    pub const QUERY_TASK_SET: u8 = 10;
+    pub const QUERY_ASYNC_EVENT: u8 = 11;
+
+    // Responses (RFC 7143 11.6.1).
+    pub const RESP_COMPLETE: u8 = 0;
+    pub const RESP_NO_TASK: u8 = 1;
+    pub const RESP_NO_LUN: u8 = 2;
+    pub const RESP_REASSIGN_UNSUPPORTED: u8 = 4;
+    pub const RESP_NOT_SUPPORTED: u8 = 5;
+    /// SAM-5 FUNCTION SUCCEEDED (QUERY TASK found the task); RFC 7143
+    /// carries it with the same code as "Function complete" is not enough,
+    /// so 0 means "not found/complete" and this value means "succeeded".
+    pub const RESP_SUCCEEDED: u8 = 0;
+    pub const RESP_REJECTED: u8 = 255;
+}
+
+/// The connection's view of one command.
+pub type TaskId = u32;
+
+/// Connection timing and limits, fixed at creation.
+#[derive(Debug, Clone)]
+pub struct ConnConfig {
+    pub limits: TargetLimits,
+    pub transport: Transport,
+    /// Ping an idle initiator with NOP-In after this long (0: never).
+    pub nop_interval_ms: u64,
+    /// Close when a ping is not answered within this long.
+    pub nop_timeout_ms: u64,
+    /// Close a connection that has not finished login within this long.
+    pub login_timeout_ms: u64,
+}
+
+impl Default for ConnConfig {
+    fn default() -> Self {
+        ConnConfig {
+            limits: TargetLimits::default(),
+            transport: Transport::Tcp,
+            nop_interval_ms: 30_000,
+            nop_timeout_ms: 30_000,
+            login_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Work for the engine.
+#[derive(Debug)]
+pub enum Event {
+    /// Login finished; the connection is in full feature phase.
+    LoggedIn(Box<LoginOutcome>),
+    /// Execute a SCSI command; answer with `scsi_complete(task, ..)`.
+    Scsi(ScsiRequest),
+    /// A command given to the device server was aborted: its completion
+    /// will be dropped, and the device server may drop it too.
+    Abort { task: TaskId, lun: u64 },
+    /// Reset the logical unit (raw SAM LUN); answer with `tmf_done`.
+    LunReset { itt: u32, lun: u64 },
+    /// Reset the whole target; answer with `tmf_done`. `cold` also ends
+    /// every session once the response is out.
+    TargetReset { itt: u32, cold: bool },
+    /// Close the transport once the bytes queued so far are sent.
+    Close(CloseReason),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    LoginFailed,
+    Logout,
+    ProtocolError(String),
+    NopTimeout,
+    LoginTimeout,
+    TargetColdReset,
+}
+
+/// A SCSI command for the device server.
+#[derive(Debug)]
+pub struct ScsiRequest {
+    pub task: TaskId,
+    /// Raw 8-byte SAM LUN field.
+    pub lun: u64,
+    pub cdb: Vec<u8>,
+    /// ATTR bits of the SCSI Command PDU.
+    pub attr: u8,
+    pub edtl: u32,
+    pub read: bool,
+    pub write: bool,
+    /// All write data (`<= edtl` bytes), gathered from immediate data,
+    /// unsolicited and solicited Data-Out.
+    pub data_out: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Login,
+    FullFeature,
+    /// Logout response queued or fatal error: ignore further input.
+    Closing,
+}
+
+#[derive(Debug)]
+enum TaskState {
+    /// Collecting write data.
+    DataOut,
+    /// With the device server.
+    Submitted,
+    /// Aborted while with the device server: drop its completion.
+    Aborted,
+}
+
+/// One outstanding R2T (RFC 7143 11.8).
+#[derive(Debug, Clone, Copy)]
+struct R2t {
+    ttt: u32,
+    offset: u32,
+    len: u32,
+    received: u32,
+    next_datasn: u32,
+}
+
+#[derive(Debug)]
+struct Task {
+    itt: u32,
+    /// Immediate commands hold no place in the command window.
+    immediate: bool,
+    lun: u64,
+    state: TaskState,
+    cdb: Vec<u8>,
+    attr: u8,
+    edtl: u32,
+    read: bool,
+    write: bool,
+    /// Write data gathered so far, sized to EDTL once write data flows.
+    data_out: Vec<u8>,
+    /// Bytes of write data received in order from offset 0.
+    received: u32,
+    /// The unsolicited sequence is over (F bit seen, or none allowed).
+    unsolicited_done: bool,
+    /// Unsolicited Data-Out DataSN expected next.
+    unsolicited_datasn: u32,
+    /// Offset from which no R2T has been sent yet.
+    r2t_next_offset: u32,
+    r2ts: Vec<R2t>,
+    r2tsn: u32,
+}
+
+/// Fixed-format sense: ILLEGAL REQUEST, INVALID FIELD IN CDB, pointing at
+/// the transfer length. Built here because the iSCSI layer refuses such a
+/// command before the device server sees it.
+const SENSE_TRANSFER_TOO_LONG: [u8; 18] = [
+    0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0x00, 0, 0xc0, 0, 7,
+];
+
+/// Limits on what one connection holds (TIGER_STYLE: a bound on
+/// everything).
+const PENDING_CMDS_MAX: usize = 64;
+const IMMEDIATE_SLOTS: usize = 16;
+
+pub struct Connection {
+    cfg: ConnConfig,
+    phase: Phase,
+    login: Option<LoginMachine>,
+    session: SessionParams,
+    params: ConnParams,
+    decoder: Decoder,
+    encoder: Encoder,
+    /// Wire bytes waiting for the transport.
+    tx: Vec<u8>,
+    events: VecDeque<Event>,
+
+    // Sequencing (RFC 7143 4.2.2).
+    statsn: u32,
+    exp_cmdsn: u32,
+    max_cmdsn: u32,
+    /// Non-immediate commands that arrived ahead of ExpCmdSN.
+    pending: Vec<Pdu>,
+
+    // Tasks.
+    slots: Vec<Option<Task>>,
+    generations: Vec<u16>,
+    free: Vec<u32>,
+    by_itt: HashMap<u32, TaskId>,
+    /// Non-immediate tasks holding a place in the command window.
+    window_used: u32,
+    next_ttt: u32,
+
+    text: TextMachine,
+    /// CID of this connection, from login.
+    cid: u16,
+
+    // Timers.
+    created_ms: u64,
+    last_rx_ms: u64,
+    ping: Option<(u32, u64)>,
+}
+
+/// Serial number arithmetic (RFC 1982) on 32-bit sequence numbers.
+#[inline]
+fn sn_lt(a: u32, b: u32) -> bool {
+    (b.wrapping_sub(a) as i32) > 0
+}
+#[inline]
+fn sn_le(a: u32, b: u32) -> bool {
+    a == b || sn_lt(a, b)
+}
+
+impl Connection {
+    pub fn new(cfg: ConnConfig, now_ms: u64) -> Connection {
+        let slots = cfg.limits.queue_depth as usize + IMMEDIATE_SLOTS;
+        assert!(slots < 1 << 16, "queue depth too large for task ids");
+        let login = LoginMachine::new(cfg.limits.clone(), cfg.transport);
+        Connection {
+            phase: Phase::Login,
+            login: Some(login),
+            session: SessionParams::default(),
+            params: ConnParams {
+                transport: cfg.transport,
+                ..ConnParams::default()
+            },
+            // During login both sides are limited to 8192-byte data
+            // segments (RFC 7143 13.12).
+            decoder: Decoder::new(8192),
+            encoder: Encoder::default(),
+            tx: Vec::with_capacity(64 * 1024),
+            events: VecDeque::new(),
+            statsn: 0,
+            exp_cmdsn: 0,
+            max_cmdsn: 0,
+            pending: Vec::new(),
+            slots: (0..slots).map(|_| None).collect(),
+            generations: vec![0; slots],
+            free: (0..slots as u32).rev().collect(),
+            by_itt: HashMap::with_capacity(slots),
+            window_used: 0,
+            next_ttt: 1,
+            text: TextMachine::default(),
+            cid: 0,
+            created_ms: now_ms,
+            last_rx_ms: now_ms,
+            ping: None,
+            cfg,
+        }
+    }
+
+    /// How to frame the next PDU from the initiator.
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+
+    pub fn session(&self) -> &SessionParams {
+        &self.session
+    }
+
+    pub fn params(&self) -> &ConnParams {
+        &self.params
+    }
+
+    pub fn is_full_feature(&self) -> bool {
+        self.phase == Phase::FullFeature
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.phase == Phase::Closing
+    }
+
+    /// Bytes queued for sending.
+    pub fn has_tx(&self) -> bool {
+        !self.tx.is_empty()
+    }
+
+    /// Move queued wire bytes into `out` (swapping buffers when `out` is
+    /// empty, so nothing is copied in the common case).
+    pub fn take_tx(&mut self, out: &mut Vec<u8>) {
+        if out.is_empty() {
+            std::mem::swap(out, &mut self.tx);
+        } else {
+            out.extend_from_slice(&self.tx);
+            self.tx.clear();
+        }
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Tasks in any state (for draining at close).
+    pub fn tasks_in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// A decode error from the transport.
+    pub fn handle_decode_error(&mut self, err: PduError) {
+        match err {
+            PduError::DataDigest { bhs, .. } if self.phase == Phase::FullFeature => {
+                // The header is sound, so say which PDU was lost; at ERL 0
+                // the initiator cannot retransmit it, so the connection ends.
+                self.send_reject(reject::DATA_DIGEST_ERROR, &bhs);
+                self.fatal("data digest error".into());
+            }
+            e => self.fatal(e.to_string()),
+        }
+    }
+
+    /// Feed one decoded PDU.
+    pub fn handle_pdu<C: LoginContext + TextContext>(
+        &mut self,
+        ctx: &mut C,
+        pdu: Pdu,
+        now_ms: u64,
+    ) {
+        self.last_rx_ms = now_ms;
+        match self.phase {
+            Phase::Closing => {}
+            Phase::Login => self.handle_login(ctx, pdu),
+            Phase::FullFeature => self.handle_ffp(ctx, pdu),
+        }
+    }
+
+    /// Drive timers: NOP-In pings, ping and login timeouts.
+    pub fn tick(&mut self, now_ms: u64) {
+        match self.phase {
+            Phase::Closing => {}
+            Phase::Login => {
+                if now_ms.saturating_sub(self.created_ms) > self.cfg.login_timeout_ms {
+                    self.close(CloseReason::LoginTimeout);
+                }
+            }
+            Phase::FullFeature => {
+                if let Some((_, sent)) = self.ping {
+                    if now_ms.saturating_sub(sent) > self.cfg.nop_timeout_ms {
+                        self.close(CloseReason::NopTimeout);
+                    }
+                } else if self.cfg.nop_interval_ms > 0
+                    && now_ms.saturating_sub(self.last_rx_ms) > self.cfg.nop_interval_ms
+                {
+                    let ttt = self.alloc_ttt();
+                    let mut b = Bhs::new(opcode::NOP_IN);
+                    b.set_flags(flags::FINAL);
+                    b.set_itt(RESERVED_TAG);
+                    b.set_ttt(ttt);
+                    // A ping carries the next StatSN without consuming it.
+                    self.fill_sn(&mut b, false);
+                    self.push(&b, &[]);
+                    self.ping = Some((ttt, now_ms));
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------
+    // Login
+
+    fn handle_login<C: LoginContext>(&mut self, ctx: &mut C, pdu: Pdu) {
+        if pdu.bhs.opcode() != opcode::LOGIN_REQ {
+            // Nothing but Login is valid before full feature phase, and a
+            // Login Response cannot answer another opcode.
+            self.close(CloseReason::ProtocolError(format!(
+                "opcode {:#04x} before login completed",
+                pdu.bhs.opcode()
+            )));
+            return;
+        }
+        let Some(machine) = self.login.as_mut() else {
+            return;
+        };
+        match machine.handle(ctx, &pdu) {
+            LoginStep::Continue(resps) => {
+                for r in &resps {
+                    self.push(&r.bhs, &r.data);
+                }
+            }
+            LoginStep::Failed(resp) => {
+                self.push(&resp.bhs, &resp.data);
+                self.close(CloseReason::LoginFailed);
+            }
+            LoginStep::Complete { responses, outcome } => {
+                for r in &responses {
+                    self.push(&r.bhs, &r.data);
+                }
+                self.enter_ffp(&outcome);
+                self.events.push_back(Event::LoggedIn(outcome));
+            }
+        }
+    }
+
+    fn enter_ffp(&mut self, o: &LoginOutcome) {
+        self.login = None;
+        self.phase = Phase::FullFeature;
+        self.session = o.session.clone();
+        self.params = o.conn.clone();
+        self.cid = o.cid;
+        self.statsn = o.next_statsn;
+        self.exp_cmdsn = o.exp_cmdsn;
+        let depth = self.cfg.limits.queue_depth.max(1);
+        self.max_cmdsn = self.exp_cmdsn.wrapping_add(depth - 1);
+        // Digests and the negotiated segment size apply from the first PDU
+        // after the final Login Response (RFC 7143 13.1, 13.12).
+        self.decoder = Decoder {
+            header_digest: o.conn.header_digest,
+            data_digest: o.conn.data_digest,
+            max_recv_data_len: o.conn.max_recv_data_segment_length,
+        };
+        self.encoder = Encoder {
+            header_digest: o.conn.header_digest,
+            data_digest: o.conn.data_digest,
+        };
+    }
+
+    // ---------------------------------------------------------------
+    // Full feature phase
+
+    fn handle_ffp<C: LoginContext + TextContext>(&mut self, ctx: &mut C, pdu: Pdu) {
+        let op = pdu.bhs.opcode();
+        match op {
+            opcode::DATA_OUT => return self.handle_data_out(pdu),
+            opcode::SNACK_REQ => {
+                // SNACK needs ErrorRecoveryLevel > 0, which we never agree to.
+                return self.send_reject(reject::PROTOCOL_ERROR, &pdu.bhs);
+            }
+            opcode::LOGIN_REQ => {
+                return self.send_reject(reject::PROTOCOL_ERROR, &pdu.bhs);
+            }
+            opcode::NOP_OUT
+            | opcode::SCSI_CMD
+            | opcode::TASK_MGMT_REQ
+            | opcode::TEXT_REQ
+            | opcode::LOGOUT_REQ => {}
+            _ => return self.send_reject(reject::PROTOCOL_ERROR, &pdu.bhs),
+        }
+        // A NOP-Out answering our ping carries no command number.
+        if op == opcode::NOP_OUT && pdu.bhs.itt() == RESERVED_TAG {
+            return self.handle_nop_out(pdu);
+        }
+        if pdu.bhs.immediate() {
+            // Immediate commands carry the current CmdSN and do not advance
+            // it (RFC 7143 4.2.2.1); outside the window they are ignored.
+            let sn = pdu.bhs.cmdsn();
+            if !sn_le(self.exp_cmdsn, sn) || !sn_le(sn, self.max_cmdsn.wrapping_add(1)) {
+                return;
+            }
+            return self.dispatch(ctx, pdu);
+        }
+        let sn = pdu.bhs.cmdsn();
+        if sn == self.exp_cmdsn {
+            self.exp_cmdsn = self.exp_cmdsn.wrapping_add(1);
+            self.dispatch(ctx, pdu);
+            self.drain_pending(ctx);
+        } else if sn_lt(self.exp_cmdsn, sn) && sn_le(sn, self.max_cmdsn) {
+            // Ahead of a gap: hold it until the missing commands arrive.
+            if self.pending.len() >= PENDING_CMDS_MAX {
+                return self.fatal("too many commands waiting for a CmdSN gap".into());
+            }
+            if self.pending.iter().all(|p| p.bhs.cmdsn() != sn) {
+                self.pending.push(pdu);
+            }
+        }
+        // Outside the window: silently ignored (RFC 7143 4.2.2.1).
+    }
+
+    fn drain_pending<C: LoginContext + TextContext>(&mut self, ctx: &mut C) {
+        while let Some(i) = self
+            .pending
+            .iter()
+            .position(|p| p.bhs.cmdsn() == self.exp_cmdsn)
+        {
+            let pdu = self.pending.swap_remove(i);
+            self.exp_cmdsn = self.exp_cmdsn.wrapping_add(1);
+            self.dispatch(ctx, pdu);
+        }
+    }
+
+    fn dispatch<C: LoginContext + TextContext>(&mut self, ctx: &mut C, pdu: Pdu) {
+        if self.phase != Phase::FullFeature {
+            return;
+        }
+        match pdu.bhs.opcode() {
+            opcode::NOP_OUT => self.handle_nop_out(pdu),
+            opcode::SCSI_CMD => self.handle_scsi_cmd(pdu),
+            opcode::TASK_MGMT_REQ => self.handle_tmf(pdu),
+            opcode::TEXT_REQ => self.handle_text(ctx, pdu),
+            opcode::LOGOUT_REQ => self.handle_logout(pdu),
+            _ => self.send_reject(reject::PROTOCOL_ERROR, &pdu.bhs),
+        }
+    }
+
+    fn handle_nop_out(&mut self, pdu: Pdu) {
+        let itt = pdu.bhs.itt();
+        if itt == RESERVED_TAG {
+            // The answer to our ping (or an unsolicited no-op).
+            if let Some((ttt, _)) = self.ping {
+                if pdu.bhs.ttt() == ttt {
+                    self.ping = None;
+                }
+            }
+            return;
+        }
+        let mut b = Bhs::new(opcode::NOP_IN);
+        b.set_flags(flags::FINAL);
+        b.set_lun(pdu.bhs.lun());
+        b.set_itt(itt);
+        b.set_ttt(RESERVED_TAG);
+        self.fill_sn(&mut b, true);
+        // The ping data comes back, limited to what the initiator accepts.
+        let n = pdu
+            .data
+            .len()
+            .min(self.params.max_xmit_data_segment_length as usize);
+        self.push(&b, &pdu.data[..n]);
+    }
+
+    fn handle_logout(&mut self, pdu: Pdu) {
+        let reason = pdu.bhs.logout_reason();
+        let mut b = Bhs::new(opcode::LOGOUT_RESP);
+        b.set_flags(flags::FINAL);
+        b.set_itt(pdu.bhs.itt());
+        // Response 0: closed successfully; 1: CID not found (RFC 7143
+        // 11.15.1). Reason 2 (remove for recovery) needs ERL 2.
+        let response = match reason {
+            0 => 0,
+            1 => {
+                if pdu.bhs.cid() == self.cid() {
+                    0
+                } else {
+                    1
+                }
+            }
+            _ => 2,
+        };
+        b.0[2] = response;
+        b.set_u16_at(40, self.session.default_time2wait);
+        b.set_u16_at(42, self.session.default_time2retain);
+        self.fill_sn(&mut b, true);
+        self.push(&b, &[]);
+        if response == 0 {
+            self.abort_all(None);
+            self.close(CloseReason::Logout);
+        }
+    }
+
+    fn cid(&self) -> u16 {
+        self.cid
+    }
+
+    fn handle_text<C: TextContext + ?Sized>(&mut self, ctx: &mut C, pdu: Pdu) {
+        match self.text.handle(ctx, &self.session, &self.params, &pdu) {
+            Ok(resp) => {
+                let mut b = resp.bhs;
+                self.fill_sn(&mut b, true);
+                self.push(&b, &resp.data);
+                if let Some(n) = self.text.take_max_xmit_update() {
+                    self.params.max_xmit_data_segment_length = n;
+                }
+            }
+            Err(r) => self.send_reject(r.reason(), &pdu.bhs),
+        }
+    }
+
+    // ---------------------------------------------------------------
+    // SCSI commands and write data
+
+    fn handle_scsi_cmd(&mut self, pdu: Pdu) {
+        let bhs = pdu.bhs;
+        if self.session.session_type == SessionType::Discovery {
+            return self.send_reject(reject::COMMAND_NOT_SUPPORTED, &bhs);
+        }
+        let itt = bhs.itt();
+        if itt == RESERVED_TAG || self.by_itt.contains_key(&itt) {
+            // A tag in use is a task-in-progress error (RFC 7143 11.17.1).
+            return self.send_reject(reject::INVALID_PDU_FIELD, &bhs);
+        }
+        let f = bhs.flags();
+        let read = f & flags::READ != 0;
+        let write = f & flags::WRITE != 0;
+        let edtl = bhs.edtl();
+        let imm_len = pdu.data.len() as u32;
+        // Immediate data is allowed only when negotiated, only for writes,
+        // and never beyond FirstBurstLength or EDTL.
+        if imm_len > 0
+            && (!self.session.immediate_data
+                || !write
+                || imm_len > edtl
+                || imm_len > self.session.first_burst_length)
+        {
+            return self.send_reject(reject::PROTOCOL_ERROR, &bhs);
+        }
+        if write && edtl > self.cfg.limits.max_cmd_data_len {
+            // The write buffer is sized from EDTL before any data arrives,
+            // so a hostile EDTL must not size it: INVALID FIELD IN CDB.
+            return self.respond_status_only(itt, 0x02, &SENSE_TRANSFER_TOO_LONG);
+        }
+        let Some(slot) = self.free.pop() else {
+            // No room: the window should have prevented this, so answer
+            // TASK SET FULL rather than drop the command.
+            return self.respond_status_only(itt, 0x28, &[]);
+        };
+        let mut cdb = Vec::with_capacity(16);
+        cdb.extend_from_slice(bhs.cdb());
+        if let Some(ext) = pdu.extended_cdb() {
+            cdb.extend_from_slice(ext);
+        }
+        let id = self.task_id(slot);
+        let want_data = write && edtl > 0;
+        let mut task = Task {
+            itt,
+            immediate: bhs.immediate(),
+            lun: bhs.lun(),
+            state: TaskState::DataOut,
+            cdb,
+            attr: f & flags::ATTR_MASK,
+            edtl,
+            read,
+            write,
+            data_out: Vec::new(),
+            received: 0,
+            unsolicited_done: true,
+            unsolicited_datasn: 0,
+            r2t_next_offset: 0,
+            r2ts: Vec::new(),
+            r2tsn: 0,
+        };
+        if want_data {
+            task.data_out = vec![0; edtl as usize];
+            task.data_out[..pdu.data.len()].copy_from_slice(&pdu.data);
+            task.received = imm_len;
+            // F clear on the command: unsolicited Data-Out follows, up to
+            // FirstBurstLength (RFC 7143 11.3.1.1, 13.14).
+            task.unsolicited_done = f & flags::FINAL != 0
+                || self.session.initial_r2t
+                || imm_len >= self.session.first_burst_length.min(edtl);
+            task.r2t_next_offset = imm_len;
+        }
+        if !bhs.immediate() {
+            self.window_used += 1;
+        }
+        self.by_itt.insert(itt, id);
+        self.slots[slot as usize] = Some(task);
+        self.advance_task(id);
+    }
+
+    /// Send R2Ts or hand the task to the device server, as its data allows.
+    fn advance_task(&mut self, id: TaskId) {
+        let max_burst = self.session.max_burst_length.max(512);
+        let max_r2t = self.session.max_outstanding_r2t.max(1) as usize;
+        let Some(t) = self.task_mut(id) else { return };
+        if t.received >= t.edtl || !t.write {
+            let req = ScsiRequest {
+                task: id,
+                lun: t.lun,
+                cdb: std::mem::take(&mut t.cdb),
+                attr: t.attr,
+                edtl: t.edtl,
+                read: t.read,
+                write: t.write,
+                data_out: std::mem::take(&mut t.data_out),
+            };
+            t.state = TaskState::Submitted;
+            self.events.push_back(Event::Scsi(req));
+            return;
+        }
+        if !t.unsolicited_done {
+            return;
+        }
+        // Solicit the rest, MaxBurstLength at a time, at most
+        // MaxOutstandingR2T at once.
+        let mut new_r2ts = Vec::new();
+        while t.r2ts.len() + new_r2ts.len() < max_r2t && t.r2t_next_offset < t.edtl {
+            let len = (t.edtl - t.r2t_next_offset).min(max_burst);
+            new_r2ts.push((t.r2t_next_offset, len));
+            t.r2t_next_offset += len;
+        }
+        for (offset, len) in new_r2ts {
+            let ttt = self.alloc_ttt();
+            let (itt, lun, r2tsn) = {
+                let t = self.task_mut(id).expect("task checked above");
+                let r2tsn = t.r2tsn;
+                t.r2tsn += 1;
+                t.r2ts.push(R2t {
+                    ttt,
+                    offset,
+                    len,
+                    received: 0,
+                    next_datasn: 0,
+                });
+                (t.itt, t.lun, r2tsn)
+            };
+            let mut b = Bhs::new(opcode::R2T);
+            b.set_flags(flags::FINAL);
+            b.set_lun(lun);
+            b.set_itt(itt);
+            b.set_ttt(ttt);
+            self.fill_sn(&mut b, false);
+            b.set_datasn(r2tsn);
+            b.set_buffer_offset(offset);
+            b.set_u32_at(44, len);
+            self.push(&b, &[]);
+        }
+    }
+
+    fn handle_data_out(&mut self, pdu: Pdu) {
+        let bhs = pdu.bhs;
+        let Some(&id) = self.by_itt.get(&bhs.itt()) else {
+            // Data for a task we no longer hold: it was aborted or refused
+            // before its data arrived, so the data has nowhere to go.
+            tracing::debug!(itt = bhs.itt(), "Data-Out for unknown task dropped");
+            return;
+        };
+        let ttt = bhs.ttt();
+        let offset = bhs.buffer_offset();
+        let len = pdu.data.len() as u32;
+        let datasn = bhs.datasn();
+        let final_bit = bhs.final_bit();
+        let first_burst = self.session.first_burst_length;
+        // A broken data sequence ends the command, not the connection:
+        // CHECK CONDITION, ABORTED COMMAND with the ASC saying what was
+        // wrong (SPC-4 table of 4Bh codes), and later Data-Out PDUs for
+        // the task are dropped as belonging to no task.
+        let err: Option<(u8, u8, String)> = {
+            let Some(t) = self.task_mut(id) else {
+                return;
+            };
+            if !matches!(t.state, TaskState::DataOut) {
+                Some((
+                    0x4b,
+                    0x00,
+                    "Data-Out for a task not waiting for data".into(),
+                ))
+            } else if offset as u64 + len as u64 > t.edtl as u64 {
+                Some((
+                    0x4b,
+                    0x02,
+                    "Data-Out beyond the expected data transfer length".into(),
+                ))
+            } else if ttt == RESERVED_TAG {
+                if t.unsolicited_done {
+                    Some((0x0c, 0x0c, "unexpected unsolicited data".into()))
+                } else if datasn != t.unsolicited_datasn {
+                    Some((
+                        0x4b,
+                        0x00,
+                        format!(
+                            "unsolicited DataSN {datasn}, expected {}",
+                            t.unsolicited_datasn
+                        ),
+                    ))
+                } else if offset != t.received {
+                    // DataPDUInOrder and DataSequenceInOrder are always Yes.
+                    Some((
+                        0x4b,
+                        0x05,
+                        format!("BufferOffset {offset}, expected {}", t.received),
+                    ))
+                } else if offset + len > first_burst {
+                    Some((
+                        0x0c,
+                        0x0c,
+                        "unsolicited data beyond FirstBurstLength".into(),
+                    ))
+                } else {
+                    t.unsolicited_datasn += 1;
+                    t.data_out[offset as usize..(offset + len) as usize].copy_from_slice(&pdu.data);
+                    t.received += len;
+                    if final_bit {
+                        t.unsolicited_done = true;
+                        t.r2t_next_offset = t.received;
+                    }
+                    None
+                }
+            } else if let Some(r) = t.r2ts.iter_mut().find(|r| r.ttt == ttt) {
+                if datasn != r.next_datasn {
+                    Some((
+                        0x4b,
+                        0x00,
+                        format!("DataSN {datasn}, expected {}", r.next_datasn),
+                    ))
+                } else if offset != r.offset + r.received || r.received + len > r.len {
+                    Some((0x4b, 0x05, format!("BufferOffset {offset} outside its R2T")))
+                } else {
+                    r.next_datasn += 1;
+                    r.received += len;
+                    t.data_out[offset as usize..(offset + len) as usize].copy_from_slice(&pdu.data);
+                    t.received += len;
+                    t.r2ts.retain(|r| r.received < r.len);
+                    None
+                }
+            } else {
+                Some((0x4b, 0x01, format!("Data-Out with unknown TTT {ttt:#x}")))
+            }
+        };
+        if let Some((asc, ascq, why)) = err {
+            tracing::info!(itt = bhs.itt(), "write data sequence error: {why}");
+            let itt = bhs.itt();
+            self.take_task(id);
+            let sense = [
+                0x70, 0, 0x0b, 0, 0, 0, 0, 10, 0, 0, 0, 0, asc, ascq, 0, 0, 0, 0,
+            ];
+            return self.respond_status_only(itt, 0x02, &sense);
+        }
+        self.advance_task(id);
+    }
+
+    /// The device server finished `task`. `data_in` is at its natural
+    /// length; `data_out_len` is what the CDB asked to write.
+    pub fn scsi_complete(
+        &mut self,
+        task: TaskId,
+        status: u8,
+        sense: &[u8],
+        data_in: &[u8],
+        data_out_len: u32,
+    ) {
+        let Some(t) = self.take_task(task) else {
+            return;
+        };
+        if matches!(t.state, TaskState::Aborted) || self.phase != Phase::FullFeature {
+            return;
+        }
+        let edtl = t.edtl as u64;
+        // Residuals compare EDTL with what the command wanted to move in
+        // its data direction (RFC 7143 11.4.5).
+        let natural = if t.write && !t.read {
+            data_out_len as u64
+        } else {
+            data_in.len() as u64
+        };
+        let (res_flag, residual) = if natural > edtl {
+            (flags::OVERFLOW, (natural - edtl) as u32)
+        } else if natural < edtl {
+            (flags::UNDERFLOW, (edtl - natural) as u32)
+        } else {
+            (0, 0)
+        };
+        let send_len =
+            (data_in.len() as u64).min(if t.read || !t.write { edtl } else { 0 }) as usize;
+        let data = &data_in[..send_len];
+        // Status rides in the last Data-In when there is no sense to send
+        // (RFC 7143 11.7.4).
+        let collapse = !data.is_empty() && sense.is_empty() && status == 0;
+        let mut datasn = t.r2tsn;
+        if !data.is_empty() {
+            let seg_max = self.params.max_xmit_data_segment_length.max(512) as usize;
+            let burst_max = self.session.max_burst_length.max(512) as usize;
+            let mut off = 0usize;
+            while off < data.len() {
+                let burst_left = burst_max - (off % burst_max);
+                let n = seg_max.min(data.len() - off).min(burst_left);
+                let last = off + n == data.len();
+                let mut b = Bhs::new(opcode::DATA_IN);
+                let mut fl = 0u8;
+                if last || n == burst_left {
+                    fl |= flags::FINAL;
+                }
+                b.set_lun(t.lun);
+                b.set_itt(t.itt);
+                b.set_ttt(RESERVED_TAG);
+                b.set_datasn(datasn);
+                b.set_buffer_offset(off as u32);
+                if last && collapse {
+                    fl |= flags::FINAL | flags::STATUS | res_flag;
+                    b.0[3] = status;
+                    b.set_residual_count(residual);
+                    self.fill_sn(&mut b, true);
+                } else {
+                    self.fill_sn(&mut b, false);
+                    b.set_statsn(0);
+                }
+                b.set_flags(fl);
+                self.push(&b, &data[off..off + n]);
+                datasn += 1;
+                off += n;
+            }
+        }
+        if !collapse {
+            let mut b = Bhs::new(opcode::SCSI_RESP);
+            b.set_flags(flags::FINAL | res_flag);
+            b.0[2] = 0; // Command Completed at Target
+            b.0[3] = status;
+            b.set_itt(t.itt);
+            b.set_u32_at(36, datasn); // ExpDataSN
+            b.set_residual_count(residual);
+            self.fill_sn(&mut b, true);
+            if sense.is_empty() {
+                self.push(&b, &[]);
+            } else {
+                let mut seg = Vec::with_capacity(2 + sense.len());
+                seg.extend_from_slice(&(sense.len() as u16).to_be_bytes());
+                seg.extend_from_slice(sense);
+                self.push(&b, &seg);
+            }
+        }
+    }
+
+    /// A SCSI Response with status and optional sense, no data.
+    fn respond_status_only(&mut self, itt: u32, status: u8, sense: &[u8]) {
+        let mut b = Bhs::new(opcode::SCSI_RESP);
+        b.set_flags(flags::FINAL);
+        b.0[3] = status;
+        b.set_itt(itt);
+        self.fill_sn(&mut b, true);
+        let mut seg = Vec::new();
+        if !sense.is_empty() {
+            seg.extend_from_slice(&(sense.len() as u16).to_be_bytes());
+            seg.extend_from_slice(sense);
+        }
+        self.push(&b, &seg);
+    }
+
+    // ---------------------------------------------------------------
+    // Task management (RFC 7143 11.5)
+
+    fn handle_tmf(&mut self, pdu: Pdu) {
+        let b = pdu.bhs;
+        let itt = b.itt();
+        let lun = b.lun();
+        let response = match b.tmf_function() {
+            tmf::ABORT_TASK => self.tmf_abort_task(&b),
+            tmf::ABORT_TASK_SET | tmf::CLEAR_TASK_SET => {
+                self.abort_all(Some(lun));
+                tmf::RESP_COMPLETE
+            }
+            tmf::LOGICAL_UNIT_RESET => {
+                self.abort_all(Some(lun));
+                self.events.push_back(Event::LunReset { itt, lun });
+                return;
+            }
+            tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
+                self.abort_all(None);
+                self.events.push_back(Event::TargetReset {
+                    itt,
+                    cold: b.tmf_function() == tmf::TARGET_COLD_RESET,
+                });
+                return;
+            }
+            tmf::QUERY_TASK => {
+                let rtt = b.referenced_task_tag();
+                let found = self.by_itt.get(&rtt).is_some_and(|&id| {
+                    self.task_ref(id)
+                        .is_some_and(|t| t.lun == lun && !matches!(t.state, TaskState::Aborted))
+                });
+                if found {
+                    // FUNCTION SUCCEEDED: the task is in the task set.
+                    9
+                } else {
+                    tmf::RESP_COMPLETE
+                }
+            }
+            tmf::QUERY_TASK_SET => {
+                let any = self
+                    .slots
+                    .iter()
+                    .flatten()
+                    .any(|t| t.lun == lun && !matches!(t.state, TaskState::Aborted));
+                if any {
+                    9
+                } else {
+                    tmf::RESP_COMPLETE
+                }
+            }
+            tmf::TASK_REASSIGN => tmf::RESP_REASSIGN_UNSUPPORTED,
+            tmf::CLEAR_ACA | tmf::QUERY_ASYNC_EVENT => tmf::RESP_NOT_SUPPORTED,
+            _ => tmf::RESP_REJECTED,
+        };
+        self.tmf_done(itt, response);
+    }
+
+    fn tmf_abort_task(&mut self, b: &Bhs) -> u8 {
+        let rtt = b.referenced_task_tag();
+        if let Some(&id) = self.by_itt.get(&rtt) {
+            if self.task_ref(id).is_some_and(|t| t.lun == b.lun()) {
+                self.abort_one(id);
+                return tmf::RESP_COMPLETE;
+            }
+        }
+        // Never received but within the window and older than this TMF:
+        // consider it received and aborted (RFC 7143 11.5.1).
+        let ref_sn = b.ref_cmdsn();
+        if sn_le(self.exp_cmdsn, ref_sn) && sn_lt(ref_sn, b.cmdsn()) {
+            tmf::RESP_COMPLETE
+        } else {
+            tmf::RESP_NO_TASK
+        }
+    }
+
+    /// Answer a task management request, after the engine's part is done
+    /// for LUN and target resets.
+    pub fn tmf_done(&mut self, itt: u32, response: u8) {
+        if self.phase != Phase::FullFeature {
+            return;
+        }
+        let mut b = Bhs::new(opcode::TASK_MGMT_RESP);
+        b.set_flags(flags::FINAL);
+        b.0[2] = response;
+        b.set_itt(itt);
+        self.fill_sn(&mut b, true);
+        self.push(&b, &[]);
+    }
+
+    /// After a TARGET COLD RESET response: end the connection.
+    pub fn close_after_cold_reset(&mut self) {
+        self.close(CloseReason::TargetColdReset);
+    }
+
+    fn abort_one(&mut self, id: TaskId) {
+        let Some(t) = self.task_mut(id) else { return };
+        match t.state {
+            TaskState::DataOut => {
+                self.take_task(id);
+            }
+            TaskState::Submitted => {
+                t.state = TaskState::Aborted;
+                let lun = t.lun;
+                self.events.push_back(Event::Abort { task: id, lun });
+            }
+            TaskState::Aborted => {}
+        }
+    }
+
+    /// Abort every task, or every task on `lun`.
+    fn abort_all(&mut self, lun: Option<u64>) {
+        let ids: Vec<TaskId> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| {
+                let t = t.as_ref()?;
+                (lun.is_none() || lun == Some(t.lun)).then(|| self.task_id(i as u32))
+            })
+            .collect();
+        for id in ids {
+            self.abort_one(id);
+        }
+    }
+
+    // ---------------------------------------------------------------
+    // Helpers
+
+    fn task_id(&self, slot: u32) -> TaskId {
+        (self.generations[slot as usize] as u32) << 16 | slot
+    }
+
+    fn slot_of(&self, id: TaskId) -> Option<usize> {
+        let slot = (id & 0xffff) as usize;
+        (slot < self.slots.len() && self.generations[slot] as u32 == id >> 16).then_some(slot)
+    }
+
+    fn task_ref(&self, id: TaskId) -> Option<&Task> {
+        self.slots[self.slot_of(id)?].as_ref()
+    }
+
+    fn task_mut(&mut self, id: TaskId) -> Option<&mut Task> {
+        let s = self.slot_of(id)?;
+        self.slots[s].as_mut()
+    }
+
+    fn take_task(&mut self, id: TaskId) -> Option<Task> {
+        let s = self.slot_of(id)?;
+        let t = self.slots[s].take()?;
+        self.generations[s] = self.generations[s].wrapping_add(1);
+        self.free.push(s as u32);
+        self.by_itt.remove(&t.itt);
+        if !t.immediate {
+            self.window_used = self.window_used.saturating_sub(1);
+        }
+        Some(t)
+    }
+
+    fn alloc_ttt(&mut self) -> u32 {
+        let t = self.next_ttt;
+        self.next_ttt = self.next_ttt.wrapping_add(1);
+        if self.next_ttt == RESERVED_TAG {
+            self.next_ttt = 1;
+        }
+        t
+    }
+
+    /// Fill StatSN, ExpCmdSN and MaxCmdSN; `advance` consumes a StatSN.
+    fn fill_sn(&mut self, b: &mut Bhs, advance: bool) {
+        b.set_statsn(self.statsn);
+        if advance {
+            self.statsn = self.statsn.wrapping_add(1);
+        }
+        // Open the window as far as free task slots allow, never closing
+        // it below what was already promised (initiators ignore a smaller
+        // MaxCmdSN).
+        let depth = self.cfg.limits.queue_depth.max(1);
+        let free = depth.saturating_sub(self.window_used);
+        let candidate = self.exp_cmdsn.wrapping_add(free).wrapping_sub(1);
+        if sn_lt(self.max_cmdsn, candidate) {
+            self.max_cmdsn = candidate;
+        }
+        b.set_expcmdsn(self.exp_cmdsn);
+        b.set_maxcmdsn(self.max_cmdsn);
+    }
+
+    fn push(&mut self, b: &Bhs, data: &[u8]) {
+        self.encoder.encode_parts(b, &[], data, &mut self.tx);
+    }
+
+    fn send_reject(&mut self, reason: u8, rejected: &Bhs) {
+        if self.phase != Phase::FullFeature {
+            return;
+        }
+        let mut b = Bhs::new(opcode::REJECT);
+        b.set_flags(flags::FINAL);
+        b.0[2] = reason;
+        b.set_itt(RESERVED_TAG);
+        self.fill_sn(&mut b, true);
+        let header: [u8; BHS_LEN] = rejected.0;
+        self.push(&b, &header);
+    }
+
+    fn fatal(&mut self, why: String) {
+        tracing::warn!("closing connection: {why}");
+        self.close(CloseReason::ProtocolError(why));
+    }
+
+    fn close(&mut self, reason: CloseReason) {
+        if self.phase == Phase::Closing {
+            return;
+        }
+        self.phase = Phase::Closing;
+        self.abort_all(None);
+        self.events.push_back(Event::Close(reason));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::login::{ChapConfig, LoginStatus, SessionRequest};
+    use crate::textreq::TargetRecord;
+
+    struct Ctx;
+    impl LoginContext for Ctx {
+        fn portal_group_tag(&self) -> u16 {
+            1
+        }
+        fn target_exists(&self, _: &str) -> bool {
+            true
+        }
+        fn initiator_allowed(&self, _: &str, _: &str) -> bool {
+            true
+        }
+        fn chap(&self, _: Option<&str>) -> ChapConfig {
+            ChapConfig::default()
+        }
+        fn fill_random(&mut self, buf: &mut [u8]) {
+            buf.fill(7);
+        }
+        fn instate_session(&mut self, _: &SessionRequest) -> Result<u16, LoginStatus> {
+            Ok(1)
+        }
+    }
+    impl TextContext for Ctx {
+        fn send_targets(&self, _: &str, _: Option<&str>, _: &str) -> Vec<TargetRecord> {
+            Vec::new()
+        }
+    }
+
+    fn session() -> SessionParams {
+        SessionParams {
+            initiator_name: "iqn.2026-01.test:i".into(),
+            target_name: "iqn.2026-01.test:t".into(),
+            ..SessionParams::default()
+        }
+    }
+
+    fn ffp(s: SessionParams, xmit: u32) -> Connection {
+        let mut c = Connection::new(ConnConfig::default(), 0);
+        c.enter_ffp(&LoginOutcome {
+            session: s,
+            conn: ConnParams {
+                max_xmit_data_segment_length: xmit,
+                max_recv_data_segment_length: 65536,
+                ..ConnParams::default()
+            },
+            isid: 1,
+            tsih: 1,
+            cid: 0,
+            exp_cmdsn: 1,
+            next_statsn: 100,
+        });
+        c
+    }
+
+    fn drain(c: &mut Connection) -> Vec<Pdu> {
+        let mut wire = Vec::new();
+        c.take_tx(&mut wire);
+        let d = Decoder::new(1 << 24);
+        let mut out = Vec::new();
+        let mut pos = 0;
+        while let Some((p, n)) = d.decode(&wire[pos..]).unwrap() {
+            out.push(p);
+            pos += n;
+        }
+        assert_eq!(pos, wire.len(), "trailing bytes in output");
+        out
+    }
+
+    fn cmd(cmdsn: u32, itt: u32, fl: u8, edtl: u32, data: &[u8]) -> Pdu {
+        let mut p = Pdu::new(opcode::SCSI_CMD);
+        p.bhs.set_flags(fl);
+        p.bhs.set_itt(itt);
+        p.bhs.set_u32_at(20, edtl);
+        p.bhs.set_u32_at(24, cmdsn);
+        p.bhs.0[32] = 0x28;
+        p.data = data.to_vec();
+        p
+    }
+
+    fn scsi_event(c: &mut Connection) -> ScsiRequest {
+        loop {
+            match c.poll_event() {
+                Some(Event::Scsi(r)) => return r,
+                Some(_) => continue,
+                None => panic!("no SCSI request"),
+            }
+        }
+    }
+
+    #[test]
+    fn read_is_split_by_segment_length_with_status_in_last_data_in() {
+        let mut c = ffp(session(), 8192);
+        c.handle_pdu(
+            &mut Ctx,
+            cmd(1, 5, flags::FINAL | flags::READ, 20000, &[]),
+            0,
+        );
+        let r = scsi_event(&mut c);
+        assert_eq!(r.edtl, 20000);
+        let data: Vec<u8> = (0..20000u32).map(|i| i as u8).collect();
+        c.scsi_complete(r.task, 0, &[], &data, 0);
+        let out = drain(&mut c);
+        assert_eq!(out.len(), 3);
+        let mut off = 0;
+        for (i, p) in out.iter().enumerate() {
+            assert_eq!(p.bhs.opcode(), opcode::DATA_IN);
+            assert_eq!(p.bhs.datasn(), i as u32);
+            assert_eq!(p.bhs.buffer_offset(), off);
+            assert_eq!(p.data, data[off as usize..off as usize + p.data.len()]);
+            off += p.data.len() as u32;
+        }
+        let last = &out[2].bhs;
+        assert_eq!(last.flags() & (flags::FINAL | flags::STATUS), 0x81);
+        assert_eq!(last.statsn(), 100);
+        assert_eq!(last.expcmdsn(), 2);
+        assert_eq!(off, 20000);
+    }
+
+    #[test]
+    fn residual_overflow_and_underflow() {
+        let mut c = ffp(session(), 8192);
+        // EDTL 0 but the command produced a block: nothing sent, overflow.
+        c.handle_pdu(&mut Ctx, cmd(1, 1, flags::FINAL | flags::READ, 0, &[]), 0);
+        let r = scsi_event(&mut c);
+        c.scsi_complete(r.task, 0, &[], &[0u8; 512], 0);
+        let out = drain(&mut c);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].bhs.opcode(), opcode::SCSI_RESP);
+        assert_ne!(out[0].bhs.flags() & flags::OVERFLOW, 0);
+        assert_eq!(out[0].bhs.residual_count(), 512);
+        // EDTL 10000, 512 produced: underflow 9488 in the collapsed status.
+        c.handle_pdu(
+            &mut Ctx,
+            cmd(2, 2, flags::FINAL | flags::READ, 10000, &[]),
+            0,
+        );
+        let r = scsi_event(&mut c);
+        c.scsi_complete(r.task, 0, &[], &[1u8; 512], 0);
+        let out = drain(&mut c);
+        assert_eq!(out.len(), 1);
+        assert_ne!(out[0].bhs.flags() & flags::UNDERFLOW, 0);
+        assert_eq!(out[0].bhs.residual_count(), 9488);
+        assert_eq!(out[0].data.len(), 512);
+    }
+
+    #[test]
+    fn check_condition_carries_sense_in_response() {
+        let mut c = ffp(session(), 8192);
+        c.handle_pdu(&mut Ctx, cmd(1, 1, flags::FINAL | flags::READ, 512, &[]), 0);
+        let r = scsi_event(&mut c);
+        let sense = [
+            0x70u8, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x21, 0, 0, 0, 0, 0,
+        ];
+        c.scsi_complete(r.task, 2, &sense, &[], 0);
+        let out = drain(&mut c);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].bhs.0[3], 2);
+        assert_eq!(&out[0].data[..2], &[0, 18]);
+        assert_eq!(&out[0].data[2..], &sense);
+    }
+
+    #[test]
+    fn write_with_immediate_data_then_r2ts() {
+        let mut s = session();
+        s.initial_r2t = true;
+        s.immediate_data = true;
+        s.first_burst_length = 65536;
+        s.max_burst_length = 16384;
+        s.max_outstanding_r2t = 2;
+        let mut c = ffp(s, 8192);
+        let data: Vec<u8> = (0..50000u32).map(|i| (i * 7) as u8).collect();
+        c.handle_pdu(
+            &mut Ctx,
+            cmd(1, 9, flags::FINAL | flags::WRITE, 50000, &data[..8192]),
+            0,
+        );
+        let r2ts = drain(&mut c);
+        assert_eq!(r2ts.len(), 2);
+        assert!(c.poll_event().is_none());
+        let expect = [(8192u32, 16384u32), (24576, 16384)];
+        for (p, (off, len)) in r2ts.iter().zip(expect) {
+            assert_eq!(p.bhs.opcode(), opcode::R2T);
+            assert_eq!(p.bhs.buffer_offset(), off);
+            assert_eq!(p.bhs.u32_at(44), len);
+        }
+        let send = |c: &mut Connection, r2t: &Pdu, from: u32, len: u32| {
+            let mut sn = 0;
+            let mut off = from;
+            while off < from + len {
+                let n = (from + len - off).min(8192);
+                let mut d = Pdu::new(opcode::DATA_OUT);
+                d.bhs.set_itt(9);
+                d.bhs.set_ttt(r2t.bhs.ttt());
+                d.bhs.set_datasn(sn);
+                d.bhs.set_buffer_offset(off);
+                if off + n == from + len {
+                    d.bhs.set_flags(flags::FINAL);
+                }
+                d.data = data[off as usize..(off + n) as usize].to_vec();
+                c.handle_pdu(&mut Ctx, d, 0);
+                sn += 1;
+                off += n;
+            }
+        };
+        send(&mut c, &r2ts[0], 8192, 16384);
+        let third = drain(&mut c);
+        assert_eq!(third.len(), 1);
+        assert_eq!(third[0].bhs.buffer_offset(), 40960);
+        assert_eq!(third[0].bhs.u32_at(44), 9040);
+        assert_eq!(third[0].bhs.datasn(), 2, "R2TSN counts per task");
+        send(&mut c, &r2ts[1], 24576, 16384);
+        assert!(c.poll_event().is_none());
+        send(&mut c, &third[0], 40960, 9040);
+        let r = scsi_event(&mut c);
+        assert_eq!(r.data_out, data);
+        c.scsi_complete(r.task, 0, &[], &[], 50000);
+        let out = drain(&mut c);
+        assert_eq!(out[0].bhs.opcode(), opcode::SCSI_RESP);
+        assert_eq!(out[0].bhs.flags() & (flags::OVERFLOW | flags::UNDERFLOW), 0);
+        assert_eq!(out[0].bhs.u32_at(36), 3, "ExpDataSN counts R2Ts");
+    }
+
+    #[test]
+    fn unsolicited_data_out_then_r2t_for_the_rest() {
+        let mut s = session();
+        s.initial_r2t = false;
+        s.immediate_data = false;
+        s.first_burst_length = 8192;
+        let mut c = ffp(s, 8192);
+        c.handle_pdu(&mut Ctx, cmd(1, 3, flags::WRITE, 12288, &[]), 0);
+        assert!(
+            drain(&mut c).is_empty(),
+            "no R2T before the unsolicited burst"
+        );
+        let mut d = Pdu::new(opcode::DATA_OUT);
+        d.bhs.set_itt(3);
+        d.bhs.set_ttt(RESERVED_TAG);
+        d.bhs.set_flags(flags::FINAL);
+        d.data = vec![1; 8192];
+        c.handle_pdu(&mut Ctx, d, 0);
+        let r2t = drain(&mut c);
+        assert_eq!(r2t.len(), 1);
+        assert_eq!(r2t[0].bhs.buffer_offset(), 8192);
+        assert_eq!(r2t[0].bhs.u32_at(44), 4096);
+    }
+
+    #[test]
+    fn bad_datasn_fails_the_command_not_the_connection() {
+        let mut s = session();
+        s.immediate_data = false;
+        let mut c = ffp(s, 512);
+        c.handle_pdu(
+            &mut Ctx,
+            cmd(1, 4, flags::FINAL | flags::WRITE, 1024, &[]),
+            0,
+        );
+        let r2t = drain(&mut c);
+        let mut d = Pdu::new(opcode::DATA_OUT);
+        d.bhs.set_itt(4);
+        d.bhs.set_ttt(r2t[0].bhs.ttt());
+        d.bhs.set_datasn(27);
+        d.data = vec![0; 512];
+        c.handle_pdu(&mut Ctx, d.clone(), 0);
+        assert!(!c.is_closing());
+        let out = drain(&mut c);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].bhs.opcode(), opcode::SCSI_RESP);
+        assert_eq!(out[0].bhs.0[3], 0x02, "CHECK CONDITION");
+        assert_eq!(out[0].data[2 + 2], 0x0b, "ABORTED COMMAND");
+        assert_eq!(out[0].data[2 + 12], 0x4b);
+        assert_eq!(c.tasks_in_flight(), 0);
+        // Later Data-Out for the ended task is dropped without a word.
+        d.bhs.set_datasn(1);
+        c.handle_pdu(&mut Ctx, d, 0);
+        assert!(drain(&mut c).is_empty());
+        assert!(c.poll_event().is_none());
+    }
+
+    #[test]
+    fn cmdsn_outside_window_is_ignored_and_gaps_are_reordered() {
+        let mut c = ffp(session(), 8192);
+        // Too low and too high: silently ignored.
+        c.handle_pdu(&mut Ctx, cmd(0, 1, flags::FINAL, 0, &[]), 0);
+        c.handle_pdu(&mut Ctx, cmd(1 + 128, 2, flags::FINAL, 0, &[]), 0);
+        assert!(c.poll_event().is_none());
+        assert!(drain(&mut c).is_empty());
+        // CmdSN 2 before 1: held until 1 arrives, then both run in order.
+        c.handle_pdu(&mut Ctx, cmd(2, 3, flags::FINAL, 0, &[]), 0);
+        assert!(c.poll_event().is_none());
+        c.handle_pdu(&mut Ctx, cmd(1, 4, flags::FINAL, 0, &[]), 0);
+        let a = scsi_event(&mut c);
+        let b = scsi_event(&mut c);
+        assert_ne!(a.task, b.task);
+        c.scsi_complete(a.task, 0, &[], &[], 0);
+        let out = drain(&mut c);
+        assert_eq!(out[0].bhs.itt(), 4);
+        assert_eq!(out[0].bhs.expcmdsn(), 3);
+    }
+
+    #[test]
+    fn nop_out_is_echoed_and_idle_initiator_is_pinged() {
+        let mut c = ffp(session(), 8192);
+        let mut p = Pdu::new(opcode::NOP_OUT);
+        p.bhs.set_itt(77);
+        p.bhs.set_immediate(true);
+        p.bhs.set_u32_at(24, 1);
+        p.data = b"ping".to_vec();
+        c.handle_pdu(&mut Ctx, p, 0);
+        let out = drain(&mut c);
+        assert_eq!(out[0].bhs.opcode(), opcode::NOP_IN);
+        assert_eq!(out[0].bhs.itt(), 77);
+        assert_eq!(out[0].data, b"ping");
+        // Idle past the interval: a ping with a TTT; unanswered: close.
+        c.tick(31_000);
+        let ping = drain(&mut c);
+        assert_eq!(ping[0].bhs.itt(), RESERVED_TAG);
+        assert_ne!(ping[0].bhs.ttt(), RESERVED_TAG);
+        c.tick(62_000);
+        assert!(c.is_closing());
+    }
+
+    #[test]
+    fn abort_task_waiting_for_data_and_query_task() {
+        let mut s = session();
+        s.immediate_data = false;
+        let mut c = ffp(s, 8192);
+        c.handle_pdu(
+            &mut Ctx,
+            cmd(1, 10, flags::FINAL | flags::WRITE, 4096, &[]),
+            0,
+        );
+        drain(&mut c);
+        let tmf_pdu = |f: u8, rtt: u32, sn: u32| {
+            let mut p = Pdu::new(opcode::TASK_MGMT_REQ);
+            p.bhs.set_immediate(true);
+            p.bhs.set_flags(0x80 | f);
+            p.bhs.set_itt(500 + sn);
+            p.bhs.set_u32_at(20, rtt);
+            p.bhs.set_u32_at(24, sn);
+            p.bhs.set_u32_at(32, 1);
+            p
+        };
+        c.handle_pdu(&mut Ctx, tmf_pdu(tmf::QUERY_TASK, 10, 2), 0);
+        assert_eq!(
+            drain(&mut c)[0].bhs.0[2],
+            9,
+            "task exists: FUNCTION SUCCEEDED"
+        );
+        c.handle_pdu(&mut Ctx, tmf_pdu(tmf::ABORT_TASK, 10, 2), 0);
+        let out = drain(&mut c);
+        assert_eq!(out[0].bhs.opcode(), opcode::TASK_MGMT_RESP);
+        assert_eq!(out[0].bhs.0[2], tmf::RESP_COMPLETE);
+        assert_eq!(c.tasks_in_flight(), 0);
+        c.handle_pdu(&mut Ctx, tmf_pdu(tmf::ABORT_TASK, 10, 2), 0);
+        assert_eq!(drain(&mut c)[0].bhs.0[2], tmf::RESP_NO_TASK);
+    }
+
+    #[test]
+    fn logout_answers_and_closes() {
+        let mut c = ffp(session(), 8192);
+        let mut p = Pdu::new(opcode::LOGOUT_REQ);
+        p.bhs.set_immediate(true);
+        p.bhs.set_flags(0x80);
+        p.bhs.set_itt(1);
+        p.bhs.set_u32_at(24, 1);
+        c.handle_pdu(&mut Ctx, p, 0);
+        let out = drain(&mut c);
+        assert_eq!(out[0].bhs.opcode(), opcode::LOGOUT_RESP);
+        assert_eq!(out[0].bhs.0[2], 0);
+        assert!(c.is_closing());
+    }
+
+    #[test]
+    fn snack_is_rejected() {
+        let mut c = ffp(session(), 8192);
+        let mut p = Pdu::new(opcode::SNACK_REQ);
+        p.bhs.set_itt(3);
+        c.handle_pdu(&mut Ctx, p, 0);
+        let out = drain(&mut c);
+        assert_eq!(out[0].bhs.opcode(), opcode::REJECT);
+        assert_eq!(out[0].bhs.0[2], reject::PROTOCOL_ERROR);
+        assert_eq!(out[0].data.len(), BHS_LEN);
+    }
+}

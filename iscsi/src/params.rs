@@ -36,6 +36,8 @@ pub struct TargetLimits {
     pub default_time2retain: u16,
     /// Commands the target queues per session: MaxCmdSN - ExpCmdSN + 1.
     pub queue_depth: u32,
+    /// Largest EDTL accepted for a write (the buffer is sized from it).
+    pub max_cmd_data_len: u32,
 }
 
 impl Default for TargetLimits {
@@ -52,6 +54,7 @@ impl Default for TargetLimits {
             default_time2wait: 2,
             default_time2retain: 20,
             queue_depth: 128,
+            max_cmd_data_len: 64 * 1024 * 1024,
         }
     }
 }

@@ -73,7 +73,11 @@ pub enum PduError {
     HeaderDigest { expected: u32, got: u32 },
     /// The data digest did not match. The header was good, so the PDU can
     /// be identified and rejected (RFC 7143 7.8).
-    DataDigest { bhs: Box<Bhs>, expected: u32, got: u32 },
+    DataDigest {
+        bhs: Box<Bhs>,
+        expected: u32,
+        got: u32,
+    },
     /// An opcode no initiator may send.
     BadOpcode(u8),
     /// AHS words that do not parse.
@@ -84,13 +88,22 @@ impl std::fmt::Display for PduError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PduError::DataSegmentTooLong { len, max } => {
-                write!(f, "DataSegmentLength {len} exceeds MaxRecvDataSegmentLength {max}")
+                write!(
+                    f,
+                    "DataSegmentLength {len} exceeds MaxRecvDataSegmentLength {max}"
+                )
             }
             PduError::HeaderDigest { expected, got } => {
-                write!(f, "header digest mismatch: expected {expected:#010x}, got {got:#010x}")
+                write!(
+                    f,
+                    "header digest mismatch: expected {expected:#010x}, got {got:#010x}"
+                )
             }
             PduError::DataDigest { expected, got, .. } => {
-                write!(f, "data digest mismatch: expected {expected:#010x}, got {got:#010x}")
+                write!(
+                    f,
+                    "data digest mismatch: expected {expected:#010x}, got {got:#010x}"
+                )
             }
             PduError::BadOpcode(op) => write!(f, "opcode {op:#04x} is not an initiator opcode"),
             PduError::BadAhs => write!(f, "malformed AHS"),
@@ -190,7 +203,7 @@ impl Bhs {
         self.0[4] as usize * 4
     }
     pub fn set_total_ahs_len(&mut self, bytes: usize) {
-        debug_assert!(bytes % 4 == 0 && bytes <= AHS_LEN_MAX);
+        debug_assert!(bytes.is_multiple_of(4) && bytes <= AHS_LEN_MAX);
         self.0[4] = (bytes / 4) as u8;
     }
     #[inline]
@@ -542,7 +555,7 @@ impl Encoder {
     /// As `encode`, with the data segment given separately so a Data-In can
     /// point into a larger task buffer without copying it into a `Pdu` first.
     pub fn encode_parts(&self, bhs: &Bhs, ahs: &[u8], data: &[u8], out: &mut Vec<u8>) {
-        debug_assert!(ahs.len() % 4 == 0);
+        debug_assert!(ahs.len().is_multiple_of(4));
         let mut bhs = *bhs;
         bhs.set_total_ahs_len(ahs.len());
         bhs.set_data_segment_len(data.len() as u32);
@@ -595,10 +608,7 @@ mod tests {
             if hd {
                 let mut bad = wire.clone();
                 bad[17] ^= 1;
-                assert!(matches!(
-                    d.decode(&bad),
-                    Err(PduError::HeaderDigest { .. })
-                ));
+                assert!(matches!(d.decode(&bad), Err(PduError::HeaderDigest { .. })));
             }
             if dd {
                 let mut bad = wire.clone();

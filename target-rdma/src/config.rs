@@ -1128,7 +1128,7 @@ fn check_block_size(text: &str) -> Result<u32, String> {
 }
 
 fn check_multiple(size: u64, block: u32) -> Result<(), String> {
-    if size % u64::from(block) != 0 {
+    if !size.is_multiple_of(u64::from(block)) {
         Err(format!(
             "{size} bytes is not a multiple of the block size {block}"
         ))

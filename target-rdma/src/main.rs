@@ -1,1 +1,190 @@
-fn main() {}
+//! target-rdma: a user-space iSCSI (and, next, iSER) block storage target.
+//!
+//! This binary reads the command line and config file (`config`), builds
+//! the SCSI targets and their backstores, and runs the engine (`engine`):
+//! transport -> iSCSI session -> SCSI LUN -> backstore -> completion -> back
+//! out on the same reactor.
+
+mod config;
+mod engine;
+
+use std::process::ExitCode;
+
+use config::{BackstoreSpec, Config};
+use engine::{EngineConfig, ExportedTarget, Portal};
+use iscsi::login::ChapConfig;
+use iscsi::params::TargetLimits;
+use scsi::backstore::{Backstore, FileBackstore, MemBackstore, NullBackstore};
+use scsi::{Lun, LunInfo};
+
+fn main() -> ExitCode {
+    let cfg = match config::load(std::env::args_os()) {
+        Ok(c) => c,
+        // Prints help, version and the example config to stdout with
+        // status 0, and errors to stderr with status 2.
+        Err(e) => e.exit(),
+    };
+    init_logging(&cfg.log_level);
+    match run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("target-rdma: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn run(cfg: Config) -> Result<(), String> {
+    let mut targets = Vec::new();
+    for (ti, t) in cfg.targets.iter().enumerate() {
+        let mut device = scsi::Target::new();
+        for l in &t.luns {
+            let where_ = format!("target {} LUN {}", t.name, l.lun);
+            let backstore: Box<dyn Backstore> = match &l.backstore {
+                BackstoreSpec::Mem { size } => Box::new(MemBackstore::new(*size)),
+                BackstoreSpec::Null { size } => Box::new(NullBackstore::new(*size)),
+                BackstoreSpec::File { path, size } => Box::new(
+                    FileBackstore::open(path, *size)
+                        .map_err(|e| format!("{where_}: {}: {e}", path.display()))?,
+                ),
+            };
+            let size = backstore.size_bytes();
+            let serial = l
+                .serial
+                .clone()
+                .unwrap_or_else(|| format!("trdma{ti:02x}{:04x}", l.lun));
+            let info = LunInfo {
+                lun: l.lun,
+                block_size: l.block_size,
+                num_blocks: size / l.block_size as u64,
+                vendor: "TRDMA".into(),
+                product: format!("{} LUN", backstore.kind()),
+                revision: "0001".into(),
+                naa: naa_for(&t.name, l.lun),
+                serial,
+                thin_provisioned: backstore.caps().discard,
+                read_only: l.read_only,
+                pr_file: Some(
+                    cfg.pr_dir
+                        .join(format!("{}-lun{}.pr", sanitize(&t.name), l.lun)),
+                ),
+                max_transfer_blocks: (16 * 1024 * 1024 / l.block_size).max(1),
+                max_unmap_blocks: u32::MAX,
+                max_unmap_descriptors: 256,
+                max_write_same_blocks: (64 * 1024 * 1024 / l.block_size as u64).max(1),
+            };
+            let lun = Lun::new(info, backstore).map_err(|e| format!("{where_}: {e}"))?;
+            device.add_lun(lun);
+        }
+        targets.push(ExportedTarget {
+            name: t.name.clone(),
+            allow: t.allow.clone(),
+            chap: ChapConfig {
+                initiator: t.chap.as_ref().map(|c| (c.user.clone(), c.secret.clone())),
+                target: t
+                    .mutual_chap
+                    .as_ref()
+                    .map(|c| (c.user.clone(), c.secret.clone())),
+            },
+            device,
+        });
+    }
+    let portals: Vec<Portal> = cfg
+        .portals
+        .iter()
+        .filter(|p| {
+            if p.transport == config::Transport::Iser {
+                tracing::warn!(addr = %p.addr, "iSER portals are not available yet; skipping");
+                false
+            } else {
+                true
+            }
+        })
+        .map(|p| Portal {
+            addr: p.addr,
+            tpgt: p.tpgt,
+        })
+        .collect();
+    if portals.is_empty() {
+        return Err("no TCP portal to listen on".into());
+    }
+    let limits = TargetLimits {
+        queue_depth: cfg.queue_depth,
+        ..TargetLimits::default()
+    };
+    let ecfg = EngineConfig {
+        limits,
+        nop_interval_ms: cfg.nop_interval_s as u64 * 1000,
+        nop_timeout_ms: cfg.nop_timeout_s as u64 * 1000,
+        max_sessions: cfg.max_sessions as usize,
+        max_login_connections: 1024,
+        discovery_chap: ChapConfig {
+            initiator: cfg
+                .discovery_chap
+                .as_ref()
+                .map(|c| (c.user.clone(), c.secret.clone())),
+            target: None,
+        },
+    };
+    let mut engine = engine::Engine::new(ecfg, targets, portals).map_err(|e| e.to_string())?;
+    for addr in engine.local_addrs() {
+        for t in &cfg.targets {
+            for l in &t.luns {
+                tracing::info!("serving iscsi://{addr}/{}/{}", t.name, l.lun);
+            }
+        }
+    }
+    if let (Some(addr), Some(t)) = (engine.local_addrs().first(), cfg.targets.first()) {
+        println!("target-rdma: listening on {addr}");
+        println!("  libiscsi:   iscsi-inq iscsi://{addr}/{}/0", t.name);
+        println!(
+            "  open-iscsi: iscsiadm -m discovery -t st -p {addr} && iscsiadm -m node -T {} -p {addr} --login",
+            t.name
+        );
+    }
+    engine.run().map_err(|e| e.to_string())
+}
+
+/// A stable NAA type 6 (IEEE Registered Extended) identifier derived from
+/// the target name and LUN, so a LUN keeps its identity across restarts.
+fn naa_for(target: &str, lun: u64) -> [u8; 16] {
+    // FNV-1a over the name and LUN: stable, no dependency, and only needs
+    // to be unique among this host's LUNs.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in target.bytes().chain(lun.to_be_bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut naa = [0u8; 16];
+    // NAA 6, then a 24-bit company ID from the locally administered range
+    // (0x0 with the private-use marker), then vendor-specific bits.
+    naa[0] = 0x60;
+    naa[1] = 0x01;
+    naa[2] = 0x40;
+    naa[3] = 0x50;
+    naa[4..12].copy_from_slice(&h.to_be_bytes());
+    naa[12..16].copy_from_slice(&(lun as u32).to_be_bytes());
+    naa
+}
+
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
