@@ -72,7 +72,15 @@ fn spc_data_out_len(cdb: &[u8], sent: usize) -> u32 {
 }
 
 impl Lun {
-    pub fn new(info: LunInfo, backstore: Box<dyn Backstore>) -> Result<Lun, String> {
+    pub fn new(mut info: LunInfo, backstore: Box<dyn Backstore>) -> Result<Lun, String> {
+        // MAXIMUM WRITE SAME LENGTH is kept within MAXIMUM TRANSFER LENGTH:
+        // initiators (libiscsi's conformance tests among them) expect to be
+        // able to write and read back any range one WRITE SAME may cover,
+        // and it bounds the work of one command. The SPC side reports the
+        // clamped value because it gets this same `info`.
+        info.max_write_same_blocks = info
+            .max_write_same_blocks
+            .min(info.max_transfer_blocks as u64);
         let caps = backstore.caps();
         if info.block_size == 0 {
             return Err("block size must not be zero".into());

@@ -193,6 +193,7 @@ pub(crate) fn decode(
                 if op != 0x0a && b(cdb, 1) >> 5 != 0 {
                     return Err((invalid(1, Some(7)), dol));
                 }
+                check_range(info, lba, nlb).map_err(|e| (e, dol))?;
                 if op == 0x9c {
                     if be(cdb, 10, 2) != 0 {
                         return Err((invalid(10, None), dol));
@@ -201,7 +202,6 @@ pub(crate) fn decode(
                         return Err((invalid(12, None), dol));
                     }
                 }
-                check_range(info, lba, nlb).map_err(|e| (e, dol))?;
                 if nlb > info.max_transfer_blocks as u64 {
                     return Err((invalid(len_byte(op), None), dol));
                 }
@@ -411,14 +411,15 @@ pub(crate) fn decode(
                     return Err((invalid(13, None), dol));
                 }
                 check_range(info, lba, nlb).map_err(|e| (e, dol))?;
-                if nlb == 0 {
-                    return Ok(Decoded::Done(Ok(crate::status::GOOD), dol));
-                }
                 // Half a verify buffer cannot be compared and half a write
                 // buffer cannot be written atomically: the data-out must be
-                // exactly what the CDB describes.
+                // exactly what the CDB describes. That also catches 256
+                // blocks wrapped to 0 in the one-byte field.
                 if data_out.len() as u64 != 2 * nlb * bsz {
                     return Err((invalid(13, None), dol));
+                }
+                if nlb == 0 {
+                    return Ok(Decoded::Done(Ok(crate::status::GOOD), dol));
                 }
                 let fua = b1 & 0x08 != 0;
                 Ok(medium(

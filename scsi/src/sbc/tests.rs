@@ -23,7 +23,7 @@ fn info(blocks: u64, thin: bool, ro: bool) -> LunInfo {
         thin_provisioned: thin,
         read_only: ro,
         pr_file: None,
-        max_transfer_blocks: 1024,
+        max_transfer_blocks: 4096,
         max_unmap_blocks: 4096,
         max_unmap_descriptors: 8,
         max_write_same_blocks: 65535,
@@ -238,8 +238,8 @@ fn range_and_length_errors() {
     ok(&run(&mut lun, &cdb10(0x2a, 0, 100, 0), Vec::new()));
 
     // Beyond MAXIMUM TRANSFER LENGTH.
-    let mut lun = mem_lun(4096);
-    let c = run(&mut lun, &cdb10(0x28, 0, 0, 1025), Vec::new());
+    let mut lun = mem_lun(8192);
+    let c = run(&mut lun, &cdb10(0x28, 0, 0, 4097), Vec::new());
     assert_eq!(sense(&c), (5, 0x24, 0));
     // RDPROTECT/WRPROTECT without protection information.
     let c = run(&mut lun, &cdb10(0x28, 0x20, 0, 1), Vec::new());
@@ -250,8 +250,11 @@ fn range_and_length_errors() {
     ok(&run(&mut lun, &cdb10(0x28, 0x1a, 0, 1), Vec::new()));
     // SYNCHRONIZE CACHE and PRE-FETCH.
     ok(&run(&mut lun, &cdb10(0x35, 0, 0, 0), Vec::new()));
-    ok(&run(&mut lun, &cdb16(0x91, 0, 4000, 96), Vec::new()));
-    ok(&run(&mut lun, &cdb10(0x34, 0, 4095, 1), Vec::new()));
+    ok(&run(&mut lun, &cdb16(0x91, 0, 8000, 192), Vec::new()));
+    ok(&run(&mut lun, &cdb10(0x34, 0, 8191, 1), Vec::new()));
+    // WRITE SAME is limited to what one transfer could move.
+    let c = run(&mut lun, &cdb16(0x93, 0, 0, 4097), vec![1; BS as usize]);
+    assert_eq!(sense(&c), (5, 0x24, 0));
 }
 
 #[test]
@@ -368,6 +371,12 @@ fn compare_and_write() {
     // Wrong data-out size, too many blocks, beyond the end.
     let c = run(&mut lun, &cdb, vec![b'B'; 3 * BS as usize]);
     assert_eq!(sense(&c), (5, 0x24, 0));
+    // 256 blocks wrapped to 0 in the CDB, with their data-out.
+    let mut zero = cdb;
+    zero[13] = 0;
+    let c = run(&mut lun, &zero, vec![0; 512 * BS as usize]);
+    assert_eq!(sense(&c), (5, 0x24, 0));
+    ok(&run(&mut lun, &zero, Vec::new()));
     let mut big = cdb;
     big[13] = 255;
     let c = run(&mut lun, &big, Vec::new());
@@ -550,6 +559,12 @@ fn start_stop_and_orwrite() {
     if supported(&mut lun, 0x9c) {
         ok(&run(&mut lun, &wa, vec![8; 2 * BS as usize]));
         assert!(read10(&mut lun, 3, 2).iter().all(|&x| x == 8));
+        // Past the end is reported as such even beyond the atomic limit.
+        let mut eol = cdb16(0x9c, 0, 15, 0);
+        eol[12] = 1;
+        eol[13] = 2;
+        let c = run(&mut lun, &eol, vec![8; 258 * BS as usize]);
+        assert_eq!(sense(&c), (5, 0x21, 0));
         wa[11] = 1;
         assert_eq!(
             sense(&run(&mut lun, &wa, vec![8; 2 * BS as usize])),
