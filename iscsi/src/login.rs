@@ -17,23 +17,74 @@ pub struct LoginStatus {
 }
 
 impl LoginStatus {
-    pub const SUCCESS: LoginStatus = LoginStatus { class: 0, detail: 0 };
-    pub const TARGET_MOVED_TEMP: LoginStatus = LoginStatus { class: 1, detail: 1 };
-    pub const INITIATOR_ERROR: LoginStatus = LoginStatus { class: 2, detail: 0 };
-    pub const AUTH_FAILURE: LoginStatus = LoginStatus { class: 2, detail: 1 };
-    pub const AUTHORIZATION_FAILURE: LoginStatus = LoginStatus { class: 2, detail: 2 };
-    pub const NOT_FOUND: LoginStatus = LoginStatus { class: 2, detail: 3 };
-    pub const TARGET_REMOVED: LoginStatus = LoginStatus { class: 2, detail: 4 };
-    pub const UNSUPPORTED_VERSION: LoginStatus = LoginStatus { class: 2, detail: 5 };
-    pub const TOO_MANY_CONNECTIONS: LoginStatus = LoginStatus { class: 2, detail: 6 };
-    pub const MISSING_PARAMETER: LoginStatus = LoginStatus { class: 2, detail: 7 };
-    pub const CANT_INCLUDE_IN_SESSION: LoginStatus = LoginStatus { class: 2, detail: 8 };
-    pub const SESSION_TYPE_NOT_SUPPORTED: LoginStatus = LoginStatus { class: 2, detail: 9 };
-    pub const SESSION_DOES_NOT_EXIST: LoginStatus = LoginStatus { class: 2, detail: 0x0a };
-    pub const INVALID_DURING_LOGIN: LoginStatus = LoginStatus { class: 2, detail: 0x0b };
-    pub const TARGET_ERROR: LoginStatus = LoginStatus { class: 3, detail: 0 };
-    pub const SERVICE_UNAVAILABLE: LoginStatus = LoginStatus { class: 3, detail: 1 };
-    pub const OUT_OF_RESOURCES: LoginStatus = LoginStatus { class: 3, detail: 2 };
+    pub const SUCCESS: LoginStatus = LoginStatus {
+        class: 0,
+        detail: 0,
+    };
+    pub const TARGET_MOVED_TEMP: LoginStatus = LoginStatus {
+        class: 1,
+        detail: 1,
+    };
+    pub const INITIATOR_ERROR: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 0,
+    };
+    pub const AUTH_FAILURE: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 1,
+    };
+    pub const AUTHORIZATION_FAILURE: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 2,
+    };
+    pub const NOT_FOUND: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 3,
+    };
+    pub const TARGET_REMOVED: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 4,
+    };
+    pub const UNSUPPORTED_VERSION: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 5,
+    };
+    pub const TOO_MANY_CONNECTIONS: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 6,
+    };
+    pub const MISSING_PARAMETER: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 7,
+    };
+    pub const CANT_INCLUDE_IN_SESSION: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 8,
+    };
+    pub const SESSION_TYPE_NOT_SUPPORTED: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 9,
+    };
+    pub const SESSION_DOES_NOT_EXIST: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 0x0a,
+    };
+    pub const INVALID_DURING_LOGIN: LoginStatus = LoginStatus {
+        class: 2,
+        detail: 0x0b,
+    };
+    pub const TARGET_ERROR: LoginStatus = LoginStatus {
+        class: 3,
+        detail: 0,
+    };
+    pub const SERVICE_UNAVAILABLE: LoginStatus = LoginStatus {
+        class: 3,
+        detail: 1,
+    };
+    pub const OUT_OF_RESOURCES: LoginStatus = LoginStatus {
+        class: 3,
+        detail: 2,
+    };
 }
 
 /// CHAP credentials the target requires for one target (or for discovery).
