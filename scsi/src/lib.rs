@@ -15,6 +15,7 @@ mod sbc;
 pub mod sense;
 mod spc;
 pub mod target;
+mod xcopy;
 
 pub use backstore::{Backstore, BackstoreCaps, Io, IoDone, IoOp};
 pub use common::{CmdError, LunInfo, Nexus, NexusId, ScsiCompletion, ScsiTask, TaskAttr};

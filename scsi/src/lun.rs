@@ -51,6 +51,9 @@ pub struct Lun {
     recheck: bool,
     done: VecDeque<ScsiCompletion>,
     io_done: Vec<IoDone>,
+    /// EXTENDED COPY / RECEIVE COPY RESULTS that passed this LUN's checks,
+    /// for the target's copy manager (`take_copy_commands`).
+    copy_cmds: Vec<ScsiTask>,
 }
 
 fn ranges_conflict(a: (u64, u64, bool), b: (u64, u64, bool)) -> bool {
@@ -108,6 +111,7 @@ impl Lun {
             recheck: false,
             done: VecDeque::new(),
             io_done: Vec::new(),
+            copy_cmds: Vec::new(),
         })
     }
 
@@ -125,7 +129,7 @@ impl Lun {
         self.spc.nexus_removed(id)
     }
 
-    fn finish(
+    pub(crate) fn finish(
         &mut self,
         tag: u64,
         nexus: NexusId,
@@ -162,7 +166,7 @@ impl Lun {
     }
 
     fn tasks_held(&self) -> usize {
-        self.slots.len() - self.free.len() + self.done.len()
+        self.slots.len() - self.free.len() + self.done.len() + self.copy_cmds.len()
     }
 
     /// Start a command. Never blocks; the answer comes from `poll`.
@@ -216,6 +220,19 @@ impl Lun {
             };
             return self.finish(tag, nexus, Err(s.into()), data_in, data_out, sent as u32);
         }
+        // EXTENDED COPY and RECEIVE COPY RESULTS span LUNs: the target's
+        // copy manager (`xcopy`) takes them from here.
+        if crate::xcopy::is_copy_opcode(cdb[0]) {
+            let t = ScsiTask {
+                tag,
+                nexus,
+                cdb,
+                data_out,
+                data_in,
+                ..Default::default()
+            };
+            return self.copy_cmds.push(t);
+        }
         if self.spc.write_protected() && sbc::is_write_opcode(cdb[0]) {
             let e = CmdError::Check(Sense::write_protected());
             return self.finish(tag, nexus, Err(e), data_in, data_out, sent as u32);
@@ -237,6 +254,93 @@ impl Lun {
                 return self.finish(tag, nexus, r, data_in, data_out, dol);
             }
             Some(Decoded::Medium(cmd)) => cmd,
+        };
+        self.generation = self.generation.wrapping_add(1);
+        let t = Task {
+            tag,
+            nexus,
+            generation: self.generation,
+            cmd,
+            data_out,
+            data_in,
+            held: None,
+            aborted: false,
+        };
+        let slot = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(t);
+                i
+            }
+            None => {
+                self.slots.push(Some(t));
+                self.slots.len() - 1
+            }
+        };
+        self.waiting.push_back(slot);
+        self.recheck = true;
+        self.start_waiters();
+    }
+
+    /// EXTENDED COPY and RECEIVE COPY RESULTS commands that `submit` set
+    /// aside for the target's copy manager.
+    pub(crate) fn take_copy_commands(&mut self) -> Vec<ScsiTask> {
+        std::mem::take(&mut self.copy_cmds)
+    }
+
+    /// A READ(16) (`write` false) or WRITE(16) that the target's copy
+    /// manager makes for an EXTENDED COPY sent by `on_behalf`. It takes
+    /// the path of any other read or write (range lock, backstore, write
+    /// protection) and the reservation checks of `on_behalf`'s I_T nexus,
+    /// but reports and clears no unit attention. It completes through
+    /// `poll` with `tag` and nexus `xcopy::COPY_NEXUS`; a write takes its
+    /// data from `buf`, a read fills `buf` and returns it as data-in.
+    pub(crate) fn submit_copy_io(
+        &mut self,
+        tag: u64,
+        on_behalf: NexusId,
+        write: bool,
+        lba: u64,
+        nlb: u32,
+        buf: Vec<u8>,
+    ) {
+        let nexus = crate::xcopy::COPY_NEXUS;
+        let mut cdb = [0u8; 16];
+        cdb[0] = if write { 0x8a } else { 0x88 };
+        cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+        cdb[10..14].copy_from_slice(&nlb.to_be_bytes());
+        let (data_out, mut data_in) = if write {
+            (buf, Vec::new())
+        } else {
+            (Vec::new(), buf)
+        };
+        data_in.clear();
+        if self.tasks_held() >= MAX_TASKS {
+            return self.finish(tag, nexus, Err(CmdError::TaskSetFull), data_in, data_out, 0);
+        }
+        if let Some(e) = self.spc.access_check(on_behalf, &cdb) {
+            return self.finish(tag, nexus, Err(e), data_in, data_out, 0);
+        }
+        if write && self.spc.write_protected() {
+            let e = CmdError::Check(Sense::write_protected());
+            return self.finish(tag, nexus, Err(e), data_in, data_out, 0);
+        }
+        let decoded = sbc::decode(
+            &cdb,
+            &self.info,
+            self.caps,
+            self.backstore.as_mut(),
+            &data_out,
+            &mut data_in,
+        );
+        let cmd = match decoded {
+            Some(Decoded::Medium(cmd)) => cmd,
+            Some(Decoded::Done(r, dol)) => {
+                return self.finish(tag, nexus, r, data_in, data_out, dol);
+            }
+            None => {
+                let e = CmdError::Check(Sense::invalid_opcode());
+                return self.finish(tag, nexus, Err(e), data_in, data_out, 0);
+            }
         };
         self.generation = self.generation.wrapping_add(1);
         let t = Task {

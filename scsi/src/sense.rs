@@ -13,6 +13,7 @@ pub enum SenseKey {
     UnitAttention = 0x6,
     DataProtect = 0x7,
     BlankCheck = 0x8,
+    CopyAborted = 0xa,
     AbortedCommand = 0xb,
     Miscompare = 0xe,
 }

@@ -231,6 +231,14 @@ impl SpcState {
         self.pr.check_access(me, cdb).err()
     }
 
+    /// The reservation check alone, without unit attentions: for the reads
+    /// and writes a copy manager makes on behalf of `nexus`.
+    pub(crate) fn access_check(&mut self, nexus: NexusId, cdb: &[u8]) -> Option<CmdError> {
+        self.slot(nexus);
+        let me = &self.nexuses[&nexus].nexus;
+        self.pr.check_access(me, cdb).err()
+    }
+
     /// Run `cdb` if it is an SPC command this module answers. `data_in` is
     /// filled at its natural length truncated to the allocation length
     /// (the caller truncates to EDTL).

@@ -5,6 +5,7 @@ use crate::common::{Nexus, NexusId, ScsiCompletion, ScsiTask};
 use crate::lun::Lun;
 use crate::sense::Sense;
 use crate::status;
+use crate::xcopy::CopyManager;
 use std::collections::VecDeque;
 
 /// Largest LUN the flat space addressing method can express.
@@ -41,6 +42,8 @@ pub struct Target {
     luns: Vec<Lun>,
     /// Answers made by the target itself (REPORT LUNS, absent LUNs).
     pending: VecDeque<ScsiCompletion>,
+    /// EXTENDED COPY between this target's LUNs.
+    xcopy: CopyManager,
 }
 
 impl Target {
@@ -85,6 +88,7 @@ impl Target {
 
     pub fn nexus_removed(&mut self, id: NexusId) {
         self.pending.retain(|c| c.nexus != id);
+        self.xcopy.nexus_removed(id);
         for l in &mut self.luns {
             l.nexus_removed(id);
         }
@@ -97,7 +101,15 @@ impl Target {
             return self.report_luns(task);
         }
         match self.find(raw_lun) {
-            Some(l) => l.submit(task),
+            Some(l) => {
+                l.submit(task);
+                // EXTENDED COPY and RECEIVE COPY RESULTS that passed the
+                // LUN's checks go to the copy manager, which spans LUNs.
+                let id = l.info().lun;
+                for t in l.take_copy_commands() {
+                    self.xcopy.submit(id, t, &mut self.luns);
+                }
+            }
             None => self.absent_lun(task),
         }
     }
@@ -191,15 +203,28 @@ impl Target {
     pub fn poll(&mut self, out: &mut Vec<ScsiCompletion>) -> usize {
         let mut n = self.pending.len();
         out.extend(self.pending.drain(..));
-        for l in &mut self.luns {
-            n += l.poll(out);
+        // The copy manager's reads and writes come back among the LUNs'
+        // completions; each one it takes may start the next or finish an
+        // EXTENDED COPY, so poll again until it takes none.
+        loop {
+            let start = out.len();
+            for l in &mut self.luns {
+                l.poll(out);
+            }
+            let internal = self.xcopy.divert(out, start, &mut self.luns);
+            n += out.len() - start;
+            if internal == 0 {
+                break;
+            }
         }
         n
     }
 
     /// Commands submitted and not yet returned by `poll`.
     pub fn in_flight(&self) -> usize {
-        self.pending.len() + self.luns.iter().map(|l| l.in_flight()).sum::<usize>()
+        self.pending.len()
+            + self.luns.iter().map(|l| l.in_flight()).sum::<usize>()
+            + self.xcopy.in_flight()
     }
 
     /// ABORT TASK: true if the task was found; it will not complete.
@@ -207,6 +232,15 @@ impl Target {
         let before = self.pending.len();
         self.pending.retain(|c| !(c.nexus == nexus && c.tag == tag));
         if self.pending.len() != before {
+            return true;
+        }
+        let Some(id) = decode_lun(raw_lun) else {
+            return false;
+        };
+        let copies = self
+            .xcopy
+            .abort_where(|l, n, t| l == id && n == nexus && t == tag);
+        if copies > 0 {
             return true;
         }
         self.find(raw_lun).is_some_and(|l| l.abort(nexus, tag))
@@ -221,6 +255,9 @@ impl Target {
         {
             return true;
         }
+        if decode_lun(raw_lun).is_some_and(|id| self.xcopy.has_task(id, nexus, tag)) {
+            return true;
+        }
         self.find(raw_lun).is_some_and(|l| l.has_task(nexus, tag))
     }
 
@@ -229,6 +266,8 @@ impl Target {
         match self.find(raw_lun) {
             Some(l) => {
                 l.abort_nexus(nexus);
+                let id = l.info().lun;
+                self.xcopy.abort_where(|l, n, _| l == id && n == nexus);
                 true
             }
             None => false,
@@ -240,6 +279,8 @@ impl Target {
         match self.find(raw_lun) {
             Some(l) => {
                 l.reset(by);
+                let id = l.info().lun;
+                self.xcopy.lun_reset(id, &mut self.luns);
                 true
             }
             None => false,
@@ -252,5 +293,6 @@ impl Target {
         for l in &mut self.luns {
             l.reset(by);
         }
+        self.xcopy.target_reset();
     }
 }

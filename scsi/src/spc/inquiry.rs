@@ -10,15 +10,17 @@ const VPD_SUPPORTED: u8 = 0x00;
 const VPD_UNIT_SERIAL: u8 = 0x80;
 const VPD_DEVICE_ID: u8 = 0x83;
 const VPD_EXTENDED_INQUIRY: u8 = 0x86;
+const VPD_THIRD_PARTY_COPY: u8 = 0x8f;
 const VPD_BLOCK_LIMITS: u8 = 0xb0;
 const VPD_BLOCK_CHARACTERISTICS: u8 = 0xb1;
 const VPD_LOGICAL_BLOCK_PROVISIONING: u8 = 0xb2;
 
-const SUPPORTED_VPD: [u8; 7] = [
+const SUPPORTED_VPD: [u8; 8] = [
     VPD_SUPPORTED,
     VPD_UNIT_SERIAL,
     VPD_DEVICE_ID,
     VPD_EXTENDED_INQUIRY,
+    VPD_THIRD_PARTY_COPY,
     VPD_BLOCK_LIMITS,
     VPD_BLOCK_CHARACTERISTICS,
     VPD_LOGICAL_BLOCK_PROVISIONING,
@@ -81,6 +83,7 @@ impl SpcState {
                 VPD_UNIT_SERIAL => data_in.extend_from_slice(self.serial().as_bytes()),
                 VPD_DEVICE_ID => self.device_identification(nexus, data_in),
                 VPD_EXTENDED_INQUIRY => self.extended_inquiry(data_in),
+                VPD_THIRD_PARTY_COPY => crate::xcopy::third_party_copy_vpd(data_in),
                 VPD_BLOCK_LIMITS => self.block_limits(data_in),
                 VPD_BLOCK_CHARACTERISTICS => {
                     // MEDIUM ROTATION RATE 1: non-rotating medium.
@@ -111,8 +114,8 @@ impl SpcState {
     fn standard_inquiry(&self, out: &mut Vec<u8>) {
         // Direct access block device; SPC-4; HiSup, response data format 2;
         // TPGS 01b (implicit ALUA: REPORT TARGET PORT GROUPS, no SET);
-        // CmdQue.
-        out.extend_from_slice(&[0x00, 0x00, 0x06, 0x12, 0, 0x10, 0x00, 0x02]);
+        // 3PC (EXTENDED COPY, see `xcopy`); CmdQue.
+        out.extend_from_slice(&[0x00, 0x00, 0x06, 0x12, 0, 0x18, 0x00, 0x02]);
         put_ascii(out, &self.info.vendor, 8);
         put_ascii(out, &self.info.product, 16);
         put_ascii(out, &self.info.revision, 4);

@@ -100,6 +100,10 @@ static OPS: &[Op] = &[
     sa_op(&[0x5f, 0x05, F, 0, 0, F, F, F, F, 0]),     // PROUT PREEMPT AND ABORT
     sa_op(&[0x5f, 0x06, F, 0, 0, F, F, F, F, 0]),     // PROUT REGISTER AND IGNORE
     sa_op(&[0x5f, 0x07, F, 0, 0, F, F, F, F, 0]),     // PROUT REGISTER AND MOVE
+    sa_op(&[0x83, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, F, F, F, F, 0, 0]), // EXTENDED COPY (LID1)
+    sa_op(&[0x84, 0x00, F, 0, 0, 0, 0, 0, 0, 0, F, F, F, F, 0, 0]), // RCR COPY STATUS
+    sa_op(&[0x84, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, F, F, F, F, 0, 0]), // RCR OPERATING PARAMETERS
+    sa_op(&[0x84, 0x04, F, 0, 0, 0, 0, 0, 0, 0, F, F, F, F, 0, 0]), // RCR FAILED SEGMENT DETAILS
     op(&[0x88, 0x18, F, F, F, F, F, F, F, F, F, F, F, F, 0x1f, 0]), // READ(16)
     op(&[0x89, 0x18, F, F, F, F, F, F, F, F, 0, 0, 0, F, 0x1f, 0]), // COMPARE AND WRITE
     op(&[0x8a, 0x18, F, F, F, F, F, F, F, F, F, F, F, F, 0x1f, 0]), // WRITE(16)

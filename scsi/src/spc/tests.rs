@@ -223,7 +223,7 @@ fn inquiry_field_errors() {
 fn every_supported_vpd_page_reads_back() {
     let mut s = lun();
     let d = run(&mut s, 1, &inquiry(true, 0, 255), &[]).unwrap();
-    assert_eq!(&d[..4], &[0, 0, 0, 7]);
+    assert_eq!(&d[..4], &[0, 0, 0, 8]);
     for &page in &d[4..] {
         let v = run(&mut s, 1, &inquiry(true, page, 1024), &[]).unwrap();
         assert_eq!(v[1], page);
