@@ -14,10 +14,11 @@ use crate::sense::{Sense, SenseKey};
 /// the page and the behavior agree.
 #[allow(dead_code)] // read by the SPC half for VPD page 0xB0
 pub(crate) mod limits {
-    /// WSNZ: a WRITE SAME with NUMBER OF LOGICAL BLOCKS zero is refused.
-    /// "Zero means to the end of the medium" would let one command rewrite
-    /// a whole LUN, far beyond MAXIMUM WRITE SAME LENGTH on any real size.
-    pub const WSNZ: bool = true;
+    /// WSNZ: a WRITE SAME with NUMBER OF LOGICAL BLOCKS zero means "to
+    /// the end of the medium" (SBC-3 5.42). That range is held to MAXIMUM
+    /// WRITE SAME LENGTH like any other, so one command never rewrites
+    /// more than that; nearer the start it fails with INVALID FIELD IN CDB.
+    pub const WSNZ: bool = false;
     /// MAXIMUM COMPARE AND WRITE LENGTH in blocks. The CDB field is one
     /// byte; 255 lets initiators use all of it.
     pub const MAX_COMPARE_AND_WRITE: u8 = 255;

@@ -826,3 +826,20 @@ fn file_lun_end_to_end() {
     assert_eq!(read10(&mut lun, 7, 1), vec![3; 512]);
     assert_eq!(lun.shutdown(), Ok(()));
 }
+
+#[test]
+fn write_same_zero_blocks_runs_to_the_end() {
+    // WSNZ 0: NUMBER OF LOGICAL BLOCKS 0 covers LBA..end, within MAXIMUM
+    // WRITE SAME LENGTH (4096 here: MAXIMUM TRANSFER LENGTH).
+    let mut lun = mem_lun(8192);
+    let blk = vec![0x5a; BS as usize];
+    ok(&run(&mut lun, &cdb10(0x41, 0, 8192 - 4096, 0), blk.clone()));
+    assert_eq!(read10(&mut lun, 8191, 1), blk);
+    assert_eq!(read10(&mut lun, 4096, 1), blk);
+    assert!(read10(&mut lun, 4095, 1).iter().all(|&x| x == 0));
+    let c = run(&mut lun, &cdb16(0x93, 0, 8192 - 4097, 0), blk.clone());
+    assert_eq!(sense(&c), (5, 0x24, 0));
+    // With UNMAP it deallocates to the end.
+    ok(&run(&mut lun, &cdb16(0x93, 0x08, 8000, 0), blk));
+    assert!(read10(&mut lun, 8000, 192).iter().all(|&x| x == 0));
+}

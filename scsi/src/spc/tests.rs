@@ -262,7 +262,7 @@ fn block_limits_and_provisioning() {
     let v = run(&mut s, 1, &inquiry(true, 0xb0, 64), &[]).unwrap();
     assert_eq!(v.len(), 64);
     assert_eq!(v[3], 0x3c);
-    assert_eq!(v[4] & 1, 1, "WSNZ");
+    assert_eq!(v[4] & 1, 0, "WSNZ: zero blocks means to the end");
     assert_eq!(v[5], 255);
     assert_eq!(be32(&v, 8), 2048);
     assert_eq!(be32(&v, 20), 4096);
