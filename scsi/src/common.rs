@@ -135,6 +135,9 @@ pub struct LunInfo {
     /// STATUS are offered and the LUN reports LBPME.
     pub thin_provisioned: bool,
     pub read_only: bool,
+    /// The medium can be removed: RMB is set in INQUIRY, PREVENT ALLOW
+    /// MEDIUM REMOVAL and START STOP UNIT with LOEJ eject and load it.
+    pub removable: bool,
     /// Where persistent reservations with APTPL are kept across restarts.
     pub pr_file: Option<PathBuf>,
     /// Largest transfer per command in blocks (VPD 0xB0).

@@ -11,6 +11,7 @@ pub mod backstore;
 pub mod common;
 pub mod lun;
 mod pr;
+mod sanitize;
 mod sbc;
 pub mod sense;
 mod spc;

@@ -10,6 +10,7 @@
 
 use crate::backstore::{Backstore, BackstoreCaps, Io, IoDone};
 use crate::common::{CmdError, LunInfo, Nexus, NexusId, ScsiCompletion, ScsiTask};
+use crate::sanitize::{self, Job, Request, Waiter};
 use crate::sbc::{self, Decoded, MediumCmd, Next};
 use crate::sense::Sense;
 use crate::spc::SpcState;
@@ -51,6 +52,13 @@ pub struct Lun {
     recheck: bool,
     done: VecDeque<ScsiCompletion>,
     io_done: Vec<IoDone>,
+    /// The SANITIZE operation under way (see `sanitize`).
+    sanitize: Option<Job>,
+    /// Sanitize failure mode after a failed operation: whether that
+    /// operation allowed EXIT FAILURE MODE (AUSE).
+    sanitize_failed: Option<bool>,
+    /// OVERWRITE pace in bytes a second (0: none).
+    sanitize_rate: u64,
     /// EXTENDED COPY / RECEIVE COPY RESULTS that passed this LUN's checks,
     /// for the target's copy manager (`take_copy_commands`).
     copy_cmds: Vec<ScsiTask>,
@@ -111,6 +119,9 @@ impl Lun {
             recheck: false,
             done: VecDeque::new(),
             io_done: Vec::new(),
+            sanitize: None,
+            sanitize_failed: None,
+            sanitize_rate: sanitize::DEFAULT_RATE,
             copy_cmds: Vec::new(),
         })
     }
@@ -192,6 +203,12 @@ impl Lun {
             let dol = spc_data_out_len(&cdb, sent);
             return self.finish(tag, nexus, Err(e), data_in, data_out, dol);
         }
+        // A sanitize operation leaves the medium to itself (SBC-4 4.11).
+        if self.sanitize.is_some() && !matches!(cdb[0], 0x12 | 0x03 | 0xa0) {
+            let e = CmdError::Check(self.sanitize_sense());
+            let dol = spc_data_out_len(&cdb, sent);
+            return self.finish(tag, nexus, Err(e), data_in, data_out, dol);
+        }
         if let Some(r) = self.spc.execute(nexus, &cdb, &data_out, &mut data_in) {
             let dol = spc_data_out_len(&cdb, sent);
             let r = r.map(|()| status::GOOD);
@@ -201,6 +218,18 @@ impl Lun {
                 self.abort_where(|n, _| n == gone);
             }
             return self.finish(tag, nexus, r, data_in, data_out, dol);
+        }
+        // Everything from here on needs the medium.
+        if !self.spc.medium_present() {
+            let e = CmdError::Check(Sense::new(crate::sense::SenseKey::NotReady, 0x3a, 0));
+            return self.finish(tag, nexus, Err(e), data_in, data_out, sent as u32);
+        }
+        if cdb[0] == 0x48 {
+            return self.sanitize_command(tag, nexus, &cdb, data_in, data_out);
+        }
+        if self.sanitize_failed.is_some() {
+            let e = CmdError::Check(sanitize::failed());
+            return self.finish(tag, nexus, Err(e), data_in, data_out, sent as u32);
         }
         // REPORT SUPPORTED OPERATION CODES and the commands that work must
         // agree, so the SPC side's table decides which SBC commands exist.
@@ -446,10 +475,18 @@ impl Lun {
     /// Move finished commands into `out`; returns how many.
     pub fn poll(&mut self, out: &mut Vec<ScsiCompletion>) -> usize {
         let mut io_done = std::mem::take(&mut self.io_done);
+        self.sanitize_pump();
         // Backstores that complete inline finish a step's successor in the
         // same call, so keep going until the backstore has nothing more.
         while self.backstore.poll(&mut io_done) > 0 {
             for d in io_done.drain(..) {
+                if d.tag == sanitize::SANITIZE_TAG {
+                    if let Some(job) = self.sanitize.as_mut() {
+                        job.complete(d.result, d.buf);
+                    }
+                    self.sanitize_pump();
+                    continue;
+                }
                 let slot = (d.tag >> 32) as usize;
                 let generation = d.tag as u32;
                 let ours =
@@ -469,7 +506,10 @@ impl Lun {
     /// Commands submitted and not yet returned by `poll` (aborted ones
     /// excluded: they are never returned).
     pub fn in_flight(&self) -> usize {
-        self.slots.iter().flatten().filter(|t| !t.aborted).count() + self.done.len()
+        let waiter = self.sanitize.as_ref().is_some_and(|j| j.waiter.is_some());
+        self.slots.iter().flatten().filter(|t| !t.aborted).count()
+            + self.done.len()
+            + waiter as usize
     }
 
     /// Abort the tasks `pred(nexus, tag)` selects; returns how many were
@@ -477,6 +517,13 @@ impl Lun {
     /// when their backstore operation returns, without a completion.
     fn abort_where(&mut self, pred: impl Fn(NexusId, u64) -> bool) -> usize {
         let mut found = 0;
+        // A SANITIZE waiting for its operation goes; the operation stays.
+        if let Some(job) = self.sanitize.as_mut() {
+            if job.waiter.as_ref().is_some_and(|w| pred(w.nexus, w.tag)) {
+                job.waiter = None;
+                found += 1;
+            }
+        }
         let before = self.done.len();
         self.done.retain(|c| !pred(c.nexus, c.tag));
         found += before - self.done.len();
@@ -521,6 +568,106 @@ impl Lun {
             .flatten()
             .any(|t| !t.aborted && t.nexus == nexus && t.tag == tag)
             || self.done.iter().any(|c| c.nexus == nexus && c.tag == tag)
+            || self.sanitize.as_ref().is_some_and(|j| {
+                j.waiter
+                    .as_ref()
+                    .is_some_and(|w| w.nexus == nexus && w.tag == tag)
+            })
+    }
+
+    /// Pace SANITIZE OVERWRITE at `bytes_per_sec` (0: as fast as the
+    /// backstore goes).
+    pub fn set_sanitize_rate(&mut self, bytes_per_sec: u64) {
+        self.sanitize_rate = bytes_per_sec;
+    }
+
+    /// What commands get while a sanitize operation runs.
+    fn sanitize_sense(&self) -> Sense {
+        self.sanitize
+            .as_ref()
+            .map_or(Sense::not_ready(), Job::progress)
+    }
+
+    /// SANITIZE: checks, then start the operation (or leave failure mode).
+    fn sanitize_command(
+        &mut self,
+        tag: u64,
+        nexus: NexusId,
+        cdb: &[u8],
+        data_in: Vec<u8>,
+        data_out: Vec<u8>,
+    ) {
+        let dol = sanitize::data_out_len(cdb);
+        let req = sanitize::decode(
+            cdb,
+            &data_out,
+            &self.info,
+            self.spc.can_unmap(),
+            self.spc.write_protected(),
+        );
+        match req {
+            Err(e) => self.finish(tag, nexus, Err(e), data_in, data_out, dol),
+            Ok(Request::ExitFailureMode) => {
+                // Only an operation that allowed it (AUSE) may be left
+                // this way; otherwise a new sanitize has to succeed.
+                let r = match self.sanitize_failed {
+                    Some(false) => Err(CmdError::Check(Sense::invalid_field_in_cdb(1, Some(4)))),
+                    _ => {
+                        self.sanitize_failed = None;
+                        Ok(status::GOOD)
+                    }
+                };
+                self.finish(tag, nexus, r, data_in, data_out, dol)
+            }
+            Ok(Request::Start { mut job, immed }) => {
+                self.sanitize_failed = None;
+                if immed {
+                    self.finish(tag, nexus, Ok(status::GOOD), data_in, data_out, dol);
+                } else {
+                    job.waiter = Some(Waiter {
+                        tag,
+                        nexus,
+                        data_in,
+                        data_out,
+                        data_out_len: dol,
+                    });
+                }
+                self.spc.not_ready = Some(job.progress());
+                self.sanitize = Some(job);
+                self.sanitize_pump();
+            }
+        }
+    }
+
+    /// Move the sanitize operation along: its next backstore operation
+    /// once the commands that were running have drained, and its end.
+    fn sanitize_pump(&mut self) {
+        let Some(job) = self.sanitize.as_mut() else {
+            return;
+        };
+        if !job.finished() {
+            if self.slots.iter().any(Option::is_some) {
+                return;
+            }
+            if let Some(io) = job.next_io(self.caps, self.sanitize_rate) {
+                self.spc.not_ready = Some(job.progress());
+                self.backstore.submit(io);
+            }
+            return;
+        }
+        let Some(job) = self.sanitize.take() else {
+            return;
+        };
+        self.spc.not_ready = None;
+        let r = if job.failed() {
+            self.sanitize_failed = Some(job.ause());
+            Err(CmdError::Check(sanitize::failed()))
+        } else {
+            Ok(status::GOOD)
+        };
+        if let Some(w) = job.waiter {
+            self.finish(w.tag, w.nexus, r, w.data_in, w.data_out, w.data_out_len);
+        }
     }
 
     /// LOGICAL UNIT RESET requested by `by`: every task is aborted.

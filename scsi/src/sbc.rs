@@ -508,14 +508,6 @@ pub(crate) fn decode(
                 data_in.extend_from_slice(&d);
                 Ok(Decoded::Done(Ok(crate::status::GOOD), 0))
             }
-            // START STOP UNIT: the medium cannot be removed or spun down;
-            // LOEJ asks for exactly that.
-            0x1b => {
-                if b(cdb, 4) & 0x02 != 0 {
-                    return Err((invalid(4, Some(1)), 0));
-                }
-                Ok(Decoded::Done(Ok(crate::status::GOOD), 0))
-            }
             _ => Err((CmdError::Check(Sense::invalid_opcode()), u32::MAX)),
         }
     })();

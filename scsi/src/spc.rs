@@ -24,6 +24,7 @@
 //!   `LunInfo`; thin provisioning features from `can_unmap()`.
 
 mod inquiry;
+mod medium;
 mod mode;
 mod opcodes;
 
@@ -83,6 +84,8 @@ const UA_QUEUE_MAX: usize = 16;
 const TEST_UNIT_READY: u8 = 0x00;
 const REQUEST_SENSE: u8 = 0x03;
 const INQUIRY: u8 = 0x12;
+const START_STOP_UNIT: u8 = 0x1b;
+const PREVENT_ALLOW: u8 = 0x1e;
 const MODE_SELECT_6: u8 = 0x15;
 const RESERVE_6: u8 = 0x16;
 const RELEASE_6: u8 = 0x17;
@@ -124,6 +127,11 @@ pub(crate) struct SpcState {
     mode: ModeParams,
     pr: PrState,
     aborted: Vec<NexusId>,
+    medium: medium::Medium,
+    /// While the logical unit is not ready for a reason of its own (a
+    /// sanitize in progress), what REQUEST SENSE reports when no unit
+    /// attention is pending. Set by `lun.rs`.
+    pub(crate) not_ready: Option<Sense>,
 }
 
 /// Length of the CDB for `op` by its group code (SPC-4 4.2.5.1).
@@ -154,6 +162,8 @@ impl SpcState {
             mode: Self::default_mode(caps),
             pr,
             aborted: Vec::new(),
+            medium: medium::Medium::default(),
+            not_ready: None,
         })
     }
 
@@ -182,6 +192,7 @@ impl SpcState {
     pub(crate) fn nexus_removed(&mut self, id: NexusId) {
         self.nexuses.remove(&id);
         self.pr.nexus_lost(id);
+        self.medium.nexus_lost(id);
     }
 
     /// The slot of `id`; an I_T nexus we were never told about gets a
@@ -266,6 +277,8 @@ impl SpcState {
                 | PERSISTENT_RESERVE_IN
                 | PERSISTENT_RESERVE_OUT
                 | MAINTENANCE_IN
+                | START_STOP_UNIT
+                | PREVENT_ALLOW
         );
         if !ours {
             return None;
@@ -275,7 +288,10 @@ impl SpcState {
         }
         self.slot(nexus);
         Some(match op {
+            TEST_UNIT_READY if !self.medium_present() => Err(medium::medium_not_present().into()),
             TEST_UNIT_READY => Ok(()),
+            START_STOP_UNIT => self.start_stop_unit(cdb),
+            PREVENT_ALLOW => self.prevent_allow(nexus, cdb),
             REQUEST_SENSE => self.request_sense(nexus, cdb, data_in),
             INQUIRY => self.inquiry(nexus, cdb, data_in),
             MODE_SENSE_6 | MODE_SENSE_10 => self.mode_sense(cdb, data_in),
@@ -329,9 +345,10 @@ impl SpcState {
     /// LOGICAL UNIT RESET by `by`: SPC-2 reservations are released, mode
     /// parameters return to their defaults (we save none) and every nexus,
     /// `by` included (SAM-5 6.3.3), gets a unit attention. Persistent
-    /// reservations survive.
+    /// reservations survive; medium removal is allowed again.
     pub(crate) fn lun_reset(&mut self, _by: NexusId) {
         self.pr.reset();
+        self.medium.reset();
         self.mode = Self::default_mode(self.caps);
         self.establish_ua(UnitAttention::LunReset, None);
     }
@@ -350,7 +367,9 @@ impl SpcState {
             .slot(nexus)
             .ua
             .pop_front()
-            .map_or(Sense::no_sense(), UnitAttention::sense);
+            .map(UnitAttention::sense)
+            .or(self.not_ready)
+            .unwrap_or(Sense::no_sense());
         data_in.clear();
         sense.encode(desc, data_in);
         data_in.truncate(alloc);

@@ -149,6 +149,8 @@ pub struct LunConfig {
     /// 512 or 4096.
     pub block_size: u32,
     pub read_only: bool,
+    /// Removable medium: PREVENT ALLOW MEDIUM REMOVAL, eject and load.
+    pub removable: bool,
     /// Unit serial number (VPD 0x80); `None`: the engine makes one.
     pub serial: Option<String>,
 }
@@ -265,9 +267,9 @@ impl std::error::Error for ConfigError {
 
 const AFTER_HELP: &str = "\
 LUN specs (--lun, repeatable; LUNs are numbered 0, 1, 2... in the order given):
-  mem:SIZE[,block=512|4096][,ro][,serial=TEXT]    RAM disk, lost at exit
-  null:SIZE[,block=512|4096][,ro][,serial=TEXT]   reads zeros, discards writes
-  file:PATH[,size=SIZE][,block=512|4096][,ro][,serial=TEXT]
+  mem:SIZE[,block=512|4096][,ro][,removable][,serial=TEXT]    RAM disk, lost at exit
+  null:SIZE[,block=512|4096][,ro][,removable][,serial=TEXT]   reads zeros, discards writes
+  file:PATH[,size=SIZE][,block=512|4096][,ro][,removable][,serial=TEXT]
                                                   file or block device; without
                                                   size=, the file's own size
   Sizes are binary multiples: 4096, 4k, 4KiB, 64M, 64MiB, 1G, 1GiB, 1T, 1TiB.
@@ -460,6 +462,7 @@ struct FileLun {
     path: Option<PathBuf>,
     block_size: Option<i64>,
     read_only: Option<bool>,
+    removable: Option<bool>,
     serial: Option<String>,
 }
 
@@ -532,6 +535,7 @@ block_size = 4096       # 512 (default) or 4096
 backstore = "null"
 size = "1TiB"
 read_only = false       # default false
+removable = false       # default false; true: the initiator may eject and load the medium
 serial = "NULL0001"     # unit serial number (VPD 0x80); made up when left out
 
 [[targets]]
@@ -859,6 +863,7 @@ fn default_lun() -> LunConfig {
         backstore: BackstoreSpec::Mem { size: 1 << 30 },
         block_size: DEFAULT_BLOCK_SIZE,
         read_only: false,
+        removable: false,
         serial: None,
     }
 }
@@ -1066,6 +1071,7 @@ fn lun_from_file(
         backstore,
         block_size,
         read_only: fl.read_only.unwrap_or(false),
+        removable: fl.removable.unwrap_or(false),
         serial,
     })
 }
@@ -1498,7 +1504,7 @@ fn unknown_backstore(kind: &str) -> String {
 }
 
 /// `mem:SIZE`, `null:SIZE`, `file:PATH`, each with options `,size=SIZE`
-/// (file only), `,block=512|4096`, `,ro`, `,serial=TEXT`. The LUN number is
+/// (file only), `,block=512|4096`, `,ro`, `,removable`, `,serial=TEXT`. The LUN number is
 /// left 0 for the caller to set.
 fn parse_lun_spec(spec: &str) -> Result<LunConfig, String> {
     const EXAMPLES: &str = "mem:1GiB, null:1GiB or file:/path/disk.img";
@@ -1533,6 +1539,7 @@ fn parse_lun_spec(spec: &str) -> Result<LunConfig, String> {
     }
     let mut block: Option<u32> = None;
     let mut read_only = false;
+    let mut removable = false;
     let mut serial: Option<String> = None;
     let mut seen: HashSet<&str> = HashSet::new();
     for opt in parts {
@@ -1552,15 +1559,17 @@ fn parse_lun_spec(spec: &str) -> Result<LunConfig, String> {
             }
             ("block", Some(v)) => block = Some(check_block_size(v)?),
             ("ro", None) => read_only = true,
+            ("removable", None) => removable = true,
             ("serial", Some(v)) => {
                 check_serial(v)?;
                 serial = Some(v.to_string());
             }
             _ => {
+                let file = if kind == "file" { "size=SIZE, " } else { "" };
                 return Err(format!(
-                    "unknown option {opt:?} (expected {}block=512|4096, ro, serial=TEXT)",
-                    if kind == "file" { "size=SIZE, " } else { "" }
-                ))
+                    "unknown option {opt:?} (expected {file}block=512|4096, ro, removable, \
+                     serial=TEXT)"
+                ));
             }
         }
     }
@@ -1579,6 +1588,7 @@ fn parse_lun_spec(spec: &str) -> Result<LunConfig, String> {
         backstore,
         block_size,
         read_only,
+        removable,
         serial,
     })
 }
@@ -1700,6 +1710,7 @@ mod tests {
                 backstore: BackstoreSpec::Mem { size: GIB },
                 block_size: 512,
                 read_only: false,
+                removable: false,
                 serial: None,
             }]
         );
@@ -1885,7 +1896,11 @@ mod tests {
         );
         let l = one_lun("null:1G,ro");
         assert_eq!(l.backstore, BackstoreSpec::Null { size: GIB });
-        assert!(l.read_only);
+        assert!(l.read_only && !l.removable);
+        let l = one_lun("mem:1G,removable");
+        assert!(l.removable && !l.read_only);
+        let l = one_lun("file:/x.img,removable,ro");
+        assert!(l.removable && l.read_only);
         let l = one_lun("file:relative/disk.img");
         assert_eq!(
             l.backstore,
@@ -2217,6 +2232,7 @@ mod tests {
                     backstore: BackstoreSpec::Mem { size: 4 * GIB },
                     block_size: 4096,
                     read_only: false,
+                    removable: false,
                     serial: None
                 },
                 LunConfig {
@@ -2224,6 +2240,7 @@ mod tests {
                     backstore: BackstoreSpec::Null { size: 1 << 40 },
                     block_size: 512,
                     read_only: false,
+                    removable: false,
                     serial: Some("NULL0001".into())
                 },
             ]
@@ -2414,6 +2431,7 @@ block_size = 4096
 backstore = "null"
 size = 4096
 read_only = true
+removable = true
 "#;
         let c = run_file(&[], text).unwrap();
         assert_eq!(c.cores, Some(vec![3, 1]));
@@ -2434,7 +2452,8 @@ read_only = true
                 size: Some(4096)
             }
         );
-        assert!(luns[2].read_only);
+        assert!(luns[2].read_only && luns[2].removable);
+        assert!(!luns[1].removable);
         // An empty file is fine: everything defaults.
         assert_eq!(run_file(&[], "").unwrap(), run(&[]).unwrap());
     }

@@ -74,6 +74,7 @@ fn run(cfg: Config) -> Result<(), String> {
                 serial,
                 thin_provisioned: backstore.caps().discard,
                 read_only: l.read_only,
+                removable: l.removable,
                 pr_file: Some(
                     cfg.pr_dir
                         .join(format!("{}-lun{}.pr", sanitize(&t.name), l.lun)),

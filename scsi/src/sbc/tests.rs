@@ -22,6 +22,7 @@ fn info(blocks: u64, thin: bool, ro: bool) -> LunInfo {
         naa: [0; 16],
         thin_provisioned: thin,
         read_only: ro,
+        removable: false,
         pr_file: None,
         max_transfer_blocks: 4096,
         max_unmap_blocks: 4096,
@@ -842,4 +843,227 @@ fn write_same_zero_blocks_runs_to_the_end() {
     // With UNMAP it deallocates to the end.
     ok(&run(&mut lun, &cdb16(0x93, 0x08, 8000, 0), blk));
     assert!(read10(&mut lun, 8000, 192).iter().all(|&x| x == 0));
+}
+
+fn removable_lun(blocks: u64) -> Lun {
+    let mut i = info(blocks, true, false);
+    i.removable = true;
+    Lun::new(i, Box::new(MemBackstore::new(blocks * BS as u64))).unwrap()
+}
+
+fn ssu(immed: bool, pc: u8, loej: bool, start: bool) -> [u8; 6] {
+    [
+        0x1b,
+        immed as u8,
+        0,
+        0,
+        (pc << 4) | (loej as u8) << 1 | start as u8,
+        0,
+    ]
+}
+
+#[test]
+fn removable_medium_eject_load_and_prevent() {
+    let mut lun = removable_lun(64);
+    let c = run(&mut lun, &[0x12, 0, 0, 0, 96, 0], Vec::new());
+    assert_eq!(c.data_in[1], 0x80, "RMB");
+    assert!(supported(&mut lun, 0x1e));
+    // Eject: medium access fails with MEDIUM NOT PRESENT, SPC does not.
+    ok(&run(&mut lun, &ssu(true, 0, true, false), Vec::new()));
+    for cdb in [
+        vec![0u8; 6],
+        cdb10(0x28, 0, 0, 1).to_vec(),
+        vec![0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        cdb16(0x9e, 0x12, 0, 24).to_vec(),
+        cdb10(0x35, 0, 0, 1).to_vec(),
+    ] {
+        assert_eq!(
+            sense(&run(&mut lun, &cdb, Vec::new())),
+            (2, 0x3a, 0),
+            "{cdb:02x?}"
+        );
+    }
+    let c = run(&mut lun, &cdb10(0x2a, 0, 0, 1), vec![0; BS as usize]);
+    assert_eq!(sense(&c), (2, 0x3a, 0));
+    ok(&run(&mut lun, &[0x12, 0, 0, 0, 96, 0], Vec::new()));
+    // Ejecting again is fine; loading brings the medium back.
+    ok(&run(&mut lun, &ssu(false, 0, true, false), Vec::new()));
+    ok(&run(&mut lun, &ssu(false, 0, true, true), Vec::new()));
+    ok(&run(&mut lun, &[0u8; 6], Vec::new()));
+    // A power condition, or no LOEJ, leaves the medium alone.
+    for pc in 1..16 {
+        ok(&run(&mut lun, &ssu(true, pc, true, false), Vec::new()));
+    }
+    ok(&run(&mut lun, &ssu(false, 0, false, false), Vec::new()));
+    ok(&run(&mut lun, &[0u8; 6], Vec::new()));
+    // PREVENT: no eject from this or another I_T nexus until allowed.
+    ok(&run(&mut lun, &[0x1e, 0, 0, 0, 1, 0], Vec::new()));
+    assert_eq!(
+        sense(&run(&mut lun, &ssu(false, 0, true, false), Vec::new())),
+        (5, 0x53, 2)
+    );
+    let mut t = task(7, &ssu(false, 0, true, false), Vec::new());
+    t.nexus = 2;
+    lun.submit(t);
+    let mut out = Vec::new();
+    lun.poll(&mut out);
+    assert_eq!(sense(&out[0]), (5, 0x53, 2));
+    ok(&run(&mut lun, &[0u8; 6], Vec::new()));
+    // Loading is refused too while prevented.
+    assert_eq!(
+        sense(&run(&mut lun, &ssu(false, 0, true, true), Vec::new())),
+        (5, 0x53, 2)
+    );
+    let c = run(&mut lun, &[0x1e, 0, 0, 0, 2, 0], Vec::new());
+    assert_eq!(sense(&c), (5, 0x24, 0));
+    ok(&run(&mut lun, &[0x1e, 0, 0, 0, 0, 0], Vec::new()));
+    ok(&run(&mut lun, &ssu(false, 0, true, false), Vec::new()));
+    ok(&run(&mut lun, &ssu(false, 0, true, true), Vec::new()));
+}
+
+#[test]
+fn prevention_ends_with_the_nexus_and_on_reset() {
+    use crate::common::Nexus;
+    let mut lun = removable_lun(64);
+    let n = |id| Nexus {
+        id,
+        initiator_name: format!("i{id}"),
+        isid: id,
+        target_name: "t".into(),
+        tpgt: 1,
+    };
+    lun.nexus_added(&n(1));
+    lun.nexus_added(&n(3));
+    ok(&run(&mut lun, &[0x12, 0, 0, 0, 96, 0], Vec::new()));
+    let _ = run(&mut lun, &[0u8; 6], Vec::new()); // POWER ON unit attention
+    let prevent = |lun: &mut Lun, id| {
+        let mut t = task(5, &[0x1e, 0, 0, 0, 1, 0], Vec::new());
+        t.nexus = id;
+        lun.submit(t);
+        let mut out = Vec::new();
+        lun.poll(&mut out);
+        out.pop().unwrap()
+    };
+    // Nexus 3 still has its unit attention; the next command gets it.
+    assert_eq!(sense(&prevent(&mut lun, 3)), (6, 0x29, 0));
+    ok(&prevent(&mut lun, 3));
+    assert_eq!(
+        sense(&run(&mut lun, &ssu(false, 0, true, false), Vec::new())),
+        (5, 0x53, 2)
+    );
+    lun.nexus_removed(3);
+    ok(&run(&mut lun, &ssu(false, 0, true, false), Vec::new()));
+    ok(&run(&mut lun, &ssu(false, 0, true, true), Vec::new()));
+    ok(&prevent(&mut lun, 1));
+    lun.reset(1);
+    assert_eq!(sense(&run(&mut lun, &[0u8; 6], Vec::new())), (6, 0x29, 3));
+    ok(&run(&mut lun, &ssu(false, 0, true, false), Vec::new()));
+    // The medium stays out across a reset.
+    lun.reset(1);
+    let _ = run(&mut lun, &[0u8; 6], Vec::new());
+    assert_eq!(sense(&run(&mut lun, &[0u8; 6], Vec::new())), (2, 0x3a, 0));
+}
+
+#[test]
+fn non_removable_lun_has_no_medium_to_eject() {
+    let mut lun = mem_lun(16);
+    assert!(!supported(&mut lun, 0x1e));
+    let c = run(&mut lun, &[0x1e, 0, 0, 0, 1, 0], Vec::new());
+    assert_eq!(sense(&c), (5, 0x20, 0));
+    let c = run(&mut lun, &ssu(true, 0, true, false), Vec::new());
+    assert_eq!(sense(&c), (5, 0x24, 0));
+    let c = run(&mut lun, &[0x12, 0, 0, 0, 96, 0], Vec::new());
+    assert_eq!(c.data_in[1], 0);
+}
+
+fn sanitize_cdb(b1: u8, plen: u16) -> [u8; 10] {
+    let mut c = [0u8; 10];
+    c[0] = 0x48;
+    c[1] = b1;
+    c[7..9].copy_from_slice(&plen.to_be_bytes());
+    c
+}
+
+#[test]
+fn sanitize_overwrite_and_block_erase() {
+    let mut lun = mem_lun(4096);
+    lun.set_sanitize_rate(0);
+    write10(&mut lun, 0, vec![0x61; 8 * BS as usize]);
+    // OVERWRITE with a 4-byte pattern, IMMED 0: completes when done.
+    let param = vec![1, 0, 0, 4, 1, 2, 3, 4];
+    ok(&run(&mut lun, &sanitize_cdb(0x01, 8), param));
+    let b = read10(&mut lun, 4095, 1);
+    assert_eq!(&b[..8], &[1, 2, 3, 4, 1, 2, 3, 4]);
+    assert_eq!(read10(&mut lun, 0, 1), b);
+    // BLOCK ERASE deallocates everything.
+    ok(&run(&mut lun, &sanitize_cdb(0x02, 0), Vec::new()));
+    assert!(read10(&mut lun, 0, 8).iter().all(|&x| x == 0));
+    let c = run(&mut lun, &cdb16(0x9e, 0x12, 0, 24), Vec::new());
+    ok(&c);
+    assert_eq!(
+        &c.data_in[8..21],
+        &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 1]
+    );
+    // CRYPTOGRAPHIC ERASE is not offered; EXIT FAILURE MODE is harmless.
+    let c = run(&mut lun, &sanitize_cdb(0x03, 0), Vec::new());
+    assert_eq!(sense(&c), (5, 0x24, 0));
+    ok(&run(&mut lun, &sanitize_cdb(0x1f, 0), Vec::new()));
+    // Write protection and reservations apply.
+    let mut ro = Lun::new(
+        info(64, true, true),
+        Box::new(MemBackstore::new(64 * BS as u64)),
+    )
+    .unwrap();
+    let c = run(&mut ro, &sanitize_cdb(0x02, 0), Vec::new());
+    assert_eq!(sense(&c), (7, 0x27, 0));
+}
+
+#[test]
+fn sanitize_in_progress_survives_aborts_and_resets() {
+    let mut lun = mem_lun(8192); // 4 MiB: four chunks
+    lun.set_sanitize_rate(1); // first chunk now, the rest much later
+    lun.submit(task(40, &sanitize_cdb(0x01, 5), vec![1, 0, 0, 1, 0xee]));
+    let mut out = Vec::new();
+    assert_eq!(lun.poll(&mut out), 0);
+    assert!(lun.has_task(1, 40));
+    // The SANITIZE itself is in flight: commands complete beside it.
+    let run = |lun: &mut Lun, cdb: &[u8], d: Vec<u8>| {
+        lun.submit(task(41, cdb, d));
+        let mut out = Vec::new();
+        assert_eq!(lun.poll(&mut out), 1);
+        out.pop().unwrap()
+    };
+    // Everything but INQUIRY and REQUEST SENSE: SANITIZE IN PROGRESS.
+    for cdb in [
+        vec![0u8; 6],
+        cdb10(0x28, 0, 0, 1).to_vec(),
+        ssu(true, 0, false, true).to_vec(),
+    ] {
+        assert_eq!(sense(&run(&mut lun, &cdb, Vec::new())), (2, 0x04, 0x1b));
+    }
+    ok(&run(&mut lun, &[0x12, 0, 0, 0, 96, 0], Vec::new()));
+    let c = run(&mut lun, &[0x03, 0, 0, 0, 18, 0], Vec::new());
+    ok(&c);
+    assert_eq!(
+        (c.data_in[2], c.data_in[12], c.data_in[13]),
+        (2, 0x04, 0x1b)
+    );
+    assert_eq!(c.data_in[15], 0x80, "progress indication");
+    // The command goes with ABORT TASK; the operation stays.
+    assert!(lun.abort(1, 40));
+    assert!(!lun.has_task(1, 40));
+    lun.reset(1);
+    lun.nexus_removed(1);
+    assert_eq!(lun.in_flight(), 0);
+    let _ = run(&mut lun, &[0u8; 6], Vec::new());
+    assert_eq!(
+        sense(&run(&mut lun, &[0u8; 6], Vec::new())),
+        (2, 0x04, 0x1b)
+    );
+    // Unpaced, it finishes at the next poll, and nothing completes for
+    // the aborted command.
+    lun.set_sanitize_rate(0);
+    assert_eq!(lun.poll(&mut out), 0);
+    ok(&run(&mut lun, &[0u8; 6], Vec::new()));
+    assert_eq!(read10(&mut lun, 8191, 1), vec![0xee; BS as usize]);
 }

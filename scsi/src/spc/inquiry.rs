@@ -89,6 +89,13 @@ impl SpcState {
                     // MEDIUM ROTATION RATE 1: non-rotating medium.
                     let mut p = [0u8; 0x3c];
                     p[1] = 0x01;
+                    // WABEREQ 01b: SANITIZE BLOCK ERASE (offered where
+                    // blocks can be deallocated) leaves blocks that read
+                    // back fine (as zeros). WACEREQ 00b: no CRYPTOGRAPHIC
+                    // ERASE.
+                    if self.can_unmap() {
+                        p[3] = 0x40;
+                    }
                     data_in.extend_from_slice(&p);
                 }
                 VPD_LOGICAL_BLOCK_PROVISIONING => self.logical_block_provisioning(data_in),
@@ -116,6 +123,9 @@ impl SpcState {
         // TPGS 01b (implicit ALUA: REPORT TARGET PORT GROUPS, no SET);
         // 3PC (EXTENDED COPY, see `xcopy`); CmdQue.
         out.extend_from_slice(&[0x00, 0x00, 0x06, 0x12, 0, 0x18, 0x00, 0x02]);
+        if self.info.removable {
+            out[1] |= 0x80; // RMB
+        }
         put_ascii(out, &self.info.vendor, 8);
         put_ascii(out, &self.info.product, 16);
         put_ascii(out, &self.info.revision, 4);

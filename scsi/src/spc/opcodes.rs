@@ -19,6 +19,8 @@ enum When {
     /// GET LBA STATUS: any thin LUN (without an extent map everything
     /// reads as mapped, which is then true).
     LbaStatus,
+    /// PREVENT ALLOW MEDIUM REMOVAL: removable LUNs only.
+    Removable,
 }
 
 struct Op {
@@ -54,6 +56,10 @@ const fn no_unmap(mut o: Op) -> Op {
     o.when = When::NoUnmap;
     o
 }
+const fn removable(mut o: Op) -> Op {
+    o.when = When::Removable;
+    o
+}
 const fn lba_status(mut o: Op) -> Op {
     o.when = When::LbaStatus;
     o
@@ -73,6 +79,7 @@ static OPS: &[Op] = &[
     op(&[0x17, 0, 0, 0, 0, 0]),                          // RELEASE(6)
     op(&[0x1a, 0x08, F, F, F, 0]),                       // MODE SENSE(6)
     op(&[0x1b, 0x01, 0, 0x0f, 0xf7, 0]),                 // START STOP UNIT
+    removable(op(&[0x1e, 0, 0, 0, 0x03, 0])),            // PREVENT ALLOW MEDIUM REMOVAL
     op(&[0x25, 0, F, F, F, F, 0, 0, 0x01, 0]),           // READ CAPACITY(10)
     op(&[0x28, 0x18, F, F, F, F, 0x1f, F, F, 0]),        // READ(10)
     op(&[0x2a, 0x18, F, F, F, F, 0x1f, F, F, 0]),        // WRITE(10)
@@ -84,6 +91,9 @@ static OPS: &[Op] = &[
     unmap(op(&[0x41, 0x08, F, F, F, F, 0x1f, F, F, 0])), // WRITE SAME(10)
     no_unmap(op(&[0x41, 0x00, F, F, F, F, 0x1f, F, F, 0])),
     unmap(op(&[0x42, 0, 0, 0, 0, 0, 0x1f, F, F, 0])), // UNMAP
+    sa_op(&[0x48, 0xa1, 0, 0, 0, 0, 0, F, F, 0]),     // SANITIZE OVERWRITE
+    unmap(sa_op(&[0x48, 0xa2, 0, 0, 0, 0, 0, F, F, 0])), // SANITIZE BLOCK ERASE
+    sa_op(&[0x48, 0xbf, 0, 0, 0, 0, 0, F, F, 0]),     // SANITIZE EXIT FAILURE MODE
     op(&[0x55, 0x11, 0, 0, 0, 0, 0, F, F, 0]),        // MODE SELECT(10)
     op(&[0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0]),           // RESERVE(10)
     op(&[0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0]),           // RELEASE(10)
@@ -158,11 +168,13 @@ impl SpcState {
     fn ops(&self) -> impl Iterator<Item = &'static Op> + '_ {
         let unmap = self.can_unmap();
         let lba_status = self.info.thin_provisioned;
+        let removable = self.info.removable;
         OPS.iter().filter(move |o| match o.when {
             When::Always => true,
             When::Unmap => unmap,
             When::NoUnmap => !unmap,
             When::LbaStatus => lba_status,
+            When::Removable => removable,
         })
     }
 

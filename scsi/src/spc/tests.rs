@@ -17,6 +17,7 @@ fn info() -> LunInfo {
         naa: [0x60, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
         thin_provisioned: true,
         read_only: false,
+        removable: false,
         pr_file: None,
         max_transfer_blocks: 2048,
         max_unmap_blocks: 4096,
@@ -272,6 +273,7 @@ fn block_limits_and_provisioning() {
     assert_eq!(&lbp[4..8], &[0, 0xe4, 0x02, 0]);
     let bdc = run(&mut s, 1, &inquiry(true, 0xb1, 64), &[]).unwrap();
     assert_eq!(be16(&bdc, 4), 1);
+    assert_eq!(bdc[7] >> 4, 0x04, "WABEREQ 01b (BLOCK ERASE), WACEREQ 00b");
 
     let mut thick = info();
     thick.thin_provisioned = false;
@@ -280,6 +282,8 @@ fn block_limits_and_provisioning() {
     assert_eq!((be32(&v, 20), be32(&v, 24)), (0, 0));
     let lbp = run(&mut s, 1, &inquiry(true, 0xb2, 64), &[]).unwrap();
     assert_eq!(&lbp[4..8], &[0, 0, 0, 0]);
+    let bdc = run(&mut s, 1, &inquiry(true, 0xb1, 64), &[]).unwrap();
+    assert_eq!(bdc[7], 0, "no BLOCK ERASE without deallocation");
 }
 
 // ---- MODE SENSE / MODE SELECT -----------------------------------------
