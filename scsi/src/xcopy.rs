@@ -997,6 +997,7 @@ mod tests {
             naa: naa(lun),
             thin_provisioned: true,
             read_only: ro,
+            removable: false,
             pr_file: None,
             max_transfer_blocks: 4096,
             max_unmap_blocks: 4096,
