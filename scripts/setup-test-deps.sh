@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Install the Debian packages the test harness (scripts/test.sh) and the build need.
+# Idempotent and quiet: does nothing when everything is already installed.
+#
+#   scripts/setup-test-deps.sh            # test + build deps
+#   TARGET_UNDER_TEST=tgt scripts/...     # also installs tgt (validation peer)
+#   SETUP_SKIP_BUILD_DEPS=1               # only the test clients
+#
+# Needs root (or sudo) only when something is missing.
+set -euo pipefail
+
+# Clients used by scripts/test.sh: iscsi-test-cu/iscsi-inq (libiscsi-bin),
+# qemu-img/qemu-io (qemu-utils) with the iSCSI block driver (qemu-block-extra),
+# python3 for the parser and the malformed-PDU script, iproute2 for ss.
+TEST_PKGS=(libiscsi-bin qemu-utils qemu-block-extra python3 iproute2 procps)
+
+# Build dependencies of the workspace (see shared notes dependencies.md):
+# bindgen needs libclang-dev; the RDMA and Gluster -sys crates need the dev
+# headers found through pkg-config. A failure to install these only warns:
+# cargo will say clearly what is missing.
+BUILD_PKGS=(build-essential pkg-config libclang-dev libibverbs-dev librdmacm-dev libglusterfs-dev)
+
+if [ "${TARGET_UNDER_TEST:-target-rdma}" = "tgt" ]; then
+    TEST_PKGS+=(tgt)
+fi
+
+missing() {
+    local p out=()
+    for p in "$@"; do
+        if [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)" != "install ok installed" ]; then
+            out+=("$p")
+        fi
+    done
+    echo "${out[@]:-}"
+}
+
+SUDO=()
+if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then SUDO=(sudo -n); fi
+fi
+
+APT_UPDATED=0
+APT_LOG=$(mktemp /tmp/setup-test-deps.XXXXXX.log)
+trap 'rm -f "$APT_LOG"' EXIT
+apt_install() {
+    # $@: packages. Output goes to a log that is shown only on failure.
+    export DEBIAN_FRONTEND=noninteractive
+    if [ "$APT_UPDATED" = 0 ]; then
+        if ! timeout 600 "${SUDO[@]}" apt-get update -qq >"$APT_LOG" 2>&1; then
+            cat "$APT_LOG" >&2
+            return 1
+        fi
+        APT_UPDATED=1
+    fi
+    if ! timeout 1200 "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "$@" >"$APT_LOG" 2>&1 </dev/null; then
+        cat "$APT_LOG" >&2
+        return 1
+    fi
+}
+
+if ! command -v dpkg-query >/dev/null 2>&1; then
+    echo "setup-test-deps: not a Debian system (no dpkg-query); install by hand: ${TEST_PKGS[*]}" >&2
+    exit 1
+fi
+
+read -r -a need_test <<<"$(missing "${TEST_PKGS[@]}")"
+if [ "${#need_test[@]}" -gt 0 ]; then
+    echo "setup-test-deps: installing ${need_test[*]}"
+    apt_install "${need_test[@]}"
+fi
+
+if [ "${SETUP_SKIP_BUILD_DEPS:-0}" != 1 ]; then
+    read -r -a need_build <<<"$(missing "${BUILD_PKGS[@]}")"
+    if [ "${#need_build[@]}" -gt 0 ]; then
+        echo "setup-test-deps: installing build deps ${need_build[*]}"
+        apt_install "${need_build[@]}" || echo "setup-test-deps: warning: could not install ${need_build[*]}" >&2
+    fi
+fi
+
+# verify the tools are really there
+for tool in iscsi-test-cu iscsi-inq qemu-img qemu-io python3; do
+    command -v "$tool" >/dev/null 2>&1 || { echo "setup-test-deps: $tool still missing" >&2; exit 1; }
+done
+# qemu's iSCSI driver lives in qemu-block-extra; check it is usable
+if ! compgen -G "/usr/lib/*/qemu/block-iscsi.so" >/dev/null; then
+    echo "setup-test-deps: qemu-img has no iscsi block driver (qemu-block-extra missing?)" >&2
+    exit 1
+fi

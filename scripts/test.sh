@@ -1,0 +1,649 @@
+#!/usr/bin/env bash
+# The project's test command (CI runs it through .ci/run).
+#
+#   scripts/test.sh                 # everything: deps, fmt, clippy, unit tests,
+#                                   # release build, fuzz smoke, end-to-end
+#   scripts/test.sh --e2e-only      # only the end-to-end part (binary already built)
+#   scripts/test.sh --no-e2e        # only the cargo part
+#
+# Environment:
+#   TARGET_UNDER_TEST=target-rdma   (default) the release binary of this workspace
+#   TARGET_UNDER_TEST=tgt           Debian's tgtd instead, to validate the harness
+#                                   itself (its 9 known conformance failures are
+#                                   tolerated, see tests/conformance/known-failures-tgt.txt)
+#   TARGET_RDMA_BIN=PATH            binary to test (default $CARGO_TARGET_DIR/release/target-rdma)
+#   CONFORMANCE_VARIANTS="mem file digest chap mutual-chap"   subset to run
+#   TEST_LOG_DIR=DIR                where logs go (default $CARGO_TARGET_DIR/test-logs/<time>)
+#   TARGET_LOG_LEVEL=info           --log-level passed to target-rdma
+#   KEEP_TMP=1                      keep the temporary images
+#   ISCSI_TEST_CU_ARGS=...          extra iscsi-test-cu options (e.g. --allow-sanitize)
+#   E2E_BUDGET=1500                 seconds after which no further conformance variant starts
+#
+# Exit status is non-zero if any step failed. Summary lines have the form
+# `name: N passed, N failed[, N skipped]`; the last line sums up the steps.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+exec </dev/null
+
+RUN_CARGO=1
+RUN_E2E=1
+for arg in "$@"; do
+    case "$arg" in
+        --e2e-only) RUN_CARGO=0 ;;
+        --no-e2e) RUN_E2E=0 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
+        *) echo "test.sh: unknown argument $arg" >&2; exit 2 ;;
+    esac
+done
+
+TARGET_UNDER_TEST=${TARGET_UNDER_TEST:-target-rdma}
+CARGO_TARGET_DIR_EFFECTIVE=${CARGO_TARGET_DIR:-$ROOT/target}
+TARGET_RDMA_BIN=${TARGET_RDMA_BIN:-$CARGO_TARGET_DIR_EFFECTIVE/release/target-rdma}
+CONFORMANCE_VARIANTS=${CONFORMANCE_VARIANTS:-mem file digest chap mutual-chap}
+TEST_LOG_DIR=${TEST_LOG_DIR:-$CARGO_TARGET_DIR_EFFECTIVE/test-logs/$(date +%Y%m%d-%H%M%S)-$$}
+mkdir -p "$TEST_LOG_DIR"
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/target-rdma-test.XXXXXX")
+
+CONF_DIR=$ROOT/tests/conformance
+SKIPS_MD=$ROOT/tests/skips.md
+
+# ------------------------------------------------------------------ bookkeeping
+PASSED_STEPS=()
+FAILED_STEPS=()
+SKIPPED_STEPS=()
+PIDS=()          # background processes we started (targets)
+TGT_SOCKETS=()   # tgtd control sockets to remove
+
+log() { printf '=== %s\n' "$*"; }
+pass() { PASSED_STEPS+=("$1"); printf 'PASS  %s\n' "$1"; }
+fail() { FAILED_STEPS+=("$1"); printf 'FAIL  %s%s\n' "$1" "${2:+: $2}"; }
+skip() { SKIPPED_STEPS+=("$1"); printf 'SKIP  %s%s\n' "$1" "${2:+: $2}"; }
+
+# step NAME CMD...: run, record pass/fail, never abort the script
+step() {
+    local name=$1; shift
+    log "$name"
+    local rc=0
+    "$@" || rc=$?
+    if [ "$rc" = 0 ]; then pass "$name"; else fail "$name" "exit $rc"; fi
+    return 0
+}
+
+stop_pid() {
+    local pid=$1
+    kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 30); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$?
+    set +e
+    local pid
+    for pid in "${PIDS[@]:-}"; do
+        [ -n "$pid" ] && stop_pid "$pid"
+    done
+    local s
+    for s in "${TGT_SOCKETS[@]:-}"; do
+        [ -n "$s" ] && rm -f "$s" "$s.lock"
+    done
+    if [ "${KEEP_TMP:-0}" = 1 ]; then
+        echo "temporary files kept in $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'echo "test.sh: interrupted" >&2; exit 130' INT TERM HUP
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+port_open() {
+    timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
+}
+
+# --------------------------------------------------------- the target under test
+# start_target NAME PORT IQN [target-rdma CLI args: --lun SPEC, --chap U:S, --mutual-chap U:S, --allow IQN]
+# Sets TARGET_PID_<NAME>. For tgt the same arguments are translated into tgtadm calls.
+# LUN numbers: lun_no N gives the number the initiator must use for the N-th --lun
+# (tgt reserves LUN 0 for its controller, so there the data LUNs start at 1).
+lun_no() {
+    if [ "$TARGET_UNDER_TEST" = tgt ]; then echo $(( $1 + 1 )); else echo "$1"; fi
+}
+
+size_bytes() {
+    # 256MiB / 1GiB / 4096 -> bytes
+    python3 - "$1" <<'EOF'
+import re, sys
+m = re.fullmatch(r"(\d+)\s*([KMGT]i?B?|[kmgt])?", sys.argv[1].strip())
+if not m:
+    sys.exit("bad size %r" % sys.argv[1])
+mult = {None: 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+unit = m.group(2)
+key = unit[0].lower() if unit else None
+print(int(m.group(1)) * mult[key])
+EOF
+}
+
+wait_for_port() {
+    # wait_for_port PORT PID LOG
+    local port=$1 pid=$2 logf=$3
+    for _ in $(seq 1 150); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "target exited during startup; last lines of $logf:" >&2
+            tail -n 30 "$logf" >&2 || true
+            return 1
+        fi
+        if port_open "$port"; then return 0; fi
+        sleep 0.2
+    done
+    echo "target did not accept connections on port $port within 30 s; log: $logf" >&2
+    tail -n 30 "$logf" >&2 || true
+    return 1
+}
+
+start_target() {
+    local name=$1 port=$2 iqn=$3; shift 3
+    local logf=$TEST_LOG_DIR/target-$name.log
+    local pid
+    if [ "$TARGET_UNDER_TEST" = tgt ]; then
+        start_tgt "$name" "$port" "$iqn" "$logf" "$@" || return 1
+        pid=$TGT_PID
+    else
+        if [ ! -x "$TARGET_RDMA_BIN" ]; then
+            echo "no target binary at $TARGET_RDMA_BIN" >&2
+            return 1
+        fi
+        "$TARGET_RDMA_BIN" --portal "127.0.0.1:$port" --target "$iqn" \
+            --log-level "${TARGET_LOG_LEVEL:-info}" "$@" >"$logf" 2>&1 &
+        pid=$!
+        PIDS+=("$pid")
+        wait_for_port "$port" "$pid" "$logf" || return 1
+    fi
+    printf -v "TARGET_PID_$name" '%s' "$pid"
+    echo "started $TARGET_UNDER_TEST '$name' on 127.0.0.1:$port (pid $pid, log $logf)"
+}
+
+start_tgt() {
+    local name=$1 port=$2 iqn=$3 logf=$4; shift 4
+    command -v tgtd >/dev/null || { echo "tgtd not installed (apt-get install tgt)" >&2; return 1; }
+    # control "port": unix socket /var/run/tgtd/socket.N, N must stay below 32768
+    local ctl=$((1000 + port % 30000))
+    TGT_SOCKETS+=("/var/run/tgtd/socket.$ctl")
+    tgtd -f -C "$ctl" --iscsi "portal=127.0.0.1:$port" >"$logf" 2>&1 &
+    TGT_PID=$!
+    PIDS+=("$TGT_PID")
+    local adm=(timeout 20 tgtadm -C "$ctl" --lld iscsi)
+    local ok=0
+    for _ in $(seq 1 50); do
+        if "${adm[@]}" --mode target --op show >/dev/null 2>&1; then ok=1; break; fi
+        kill -0 "$TGT_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    [ "$ok" = 1 ] || { echo "tgtd did not come up; log:" >&2; cat "$logf" >&2; return 1; }
+    "${adm[@]}" --mode target --op new --tid 1 --targetname "$iqn" || return 1
+    local lun=1 allowed=0 spec path size user secret
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --lun)
+                spec=$2; shift 2
+                case "$spec" in
+                    mem:*)
+                        size=$(size_bytes "${spec#mem:}")
+                        path=$TMP/tgt-$name-mem$lun.img
+                        truncate -s "$size" "$path"
+                        "${adm[@]}" --mode logicalunit --op new --tid 1 --lun "$lun" \
+                            --backing-store "$path" --bstype rdwr || return 1 ;;
+                    file:*)
+                        path=${spec#file:}; path=${path%%,*}
+                        if [[ "$spec" =~ ,size=([^,]+) ]]; then
+                            size=$(size_bytes "${BASH_REMATCH[1]}")
+                            [ -e "$path" ] || truncate -s "$size" "$path"
+                        fi
+                        "${adm[@]}" --mode logicalunit --op new --tid 1 --lun "$lun" \
+                            --backing-store "$path" --bstype rdwr || return 1 ;;
+                    *) echo "start_tgt: unsupported --lun $spec" >&2; return 1 ;;
+                esac
+                lun=$((lun + 1)) ;;
+            --chap)
+                user=${2%%:*}; secret=${2#*:}; shift 2
+                "${adm[@]}" --mode account --op new --user "$user" --password "$secret" || return 1
+                "${adm[@]}" --mode account --op bind --tid 1 --user "$user" || return 1 ;;
+            --mutual-chap)
+                user=${2%%:*}; secret=${2#*:}; shift 2
+                "${adm[@]}" --mode account --op new --user "$user" --password "$secret" || return 1
+                "${adm[@]}" --mode account --op bind --tid 1 --user "$user" --outgoing || return 1 ;;
+            --allow)
+                "${adm[@]}" --mode target --op bind --tid 1 --initiator-name "$2" || return 1
+                allowed=1; shift 2 ;;
+            *) echo "start_tgt: unsupported argument $1" >&2; return 1 ;;
+        esac
+    done
+    # tgt offers HeaderDigest=None only unless told; let it accept CRC32C (with
+    # that tgt then prefers CRC32C for every session, not only the digest variant)
+    "${adm[@]}" --mode target --op update --tid 1 --name HeaderDigest --value None,CRC32C || return 1
+    if [ "$allowed" = 0 ]; then
+        "${adm[@]}" --mode target --op bind --tid 1 --initiator-address ALL || return 1
+    fi
+    wait_for_port "$port" "$TGT_PID" "$logf"
+}
+
+target_alive() {
+    # target_alive NAME
+    local v="TARGET_PID_$1"
+    kill -0 "${!v}" 2>/dev/null
+}
+
+# ------------------------------------------------------------------ cargo part
+run_cargo_steps() {
+    log "rust toolchain: $(rustc --version 2>&1)"
+    step "cargo fmt" cargo fmt --all --check
+    step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
+    if cargo nextest --version >/dev/null 2>&1; then
+        step "cargo nextest" cargo nextest run --workspace --no-fail-fast
+    else
+        echo "cargo-nextest not installed: falling back to cargo test"
+        step "cargo test" cargo test --workspace --no-fail-fast
+    fi
+    step "cargo build --release" cargo build --release -p target-rdma
+    if [ -x scripts/fuzz-smoke.sh ]; then
+        step "fuzz smoke" timeout -k 10 600 scripts/fuzz-smoke.sh
+    else
+        skip "fuzz smoke" "scripts/fuzz-smoke.sh not present"
+    fi
+}
+
+# ------------------------------------------------------------ end-to-end part
+IQN_PREFIX=iqn.2024-01.org.target-rdma
+INQ_IQN=$IQN_PREFIX:harness-inq
+CU_IQN1=iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test     # iscsi-test-cu defaults
+CU_IQN2=iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test-2
+CHAP_USER=harness
+CHAP_SECRET=harnesssecret0123
+TCHAP_USER=targetname
+TCHAP_SECRET=targetsecret4567
+# expected libiscsi message for an initiator that is not in --allow
+# (login status 0x0202; tgt hides the target instead: 0x0203 "Target not found")
+AUTHZ_EXPECT='Status: Authorization failure\(514\)'
+if [ "$TARGET_UNDER_TEST" = tgt ]; then
+    AUTHZ_EXPECT='Status: (Authorization failure\(514\)|Target not found\(515\))'
+fi
+
+conformance() {
+    # conformance VARIANT URL [env VAR=VALUE...]: extra args prefix the client
+    local variant=$1 url=$2; shift 2
+    local prefix=("$@")
+    local logf=$TEST_LOG_DIR/conformance-$variant.log
+    local known=()
+    if [ "$TARGET_UNDER_TEST" = tgt ]; then
+        known=(--known-failures "$CONF_DIR/known-failures-$TARGET_UNDER_TEST.txt")
+    fi
+    log "conformance($variant): iscsi-test-cu --test=ALL --dataloss -V $url (log $logf)"
+    if [ $((SECONDS - E2E_START)) -gt "$E2E_BUDGET" ]; then
+        fail "conformance($variant)" "not run: end-to-end time budget of $E2E_BUDGET s used up"
+        return 0
+    fi
+    # a quick probe first, so a target that cannot log in costs seconds, not the suite timeout
+    local probe prc=0
+    probe=$("${prefix[@]}" timeout 30 iscsi-inq -i "$INQ_IQN" "$url" 2>&1) || prc=$?
+    if [ "$prc" != 0 ]; then
+        fail "conformance($variant)" "not run: iscsi-inq probe failed (exit $prc): $(tail -n 2 <<<"$probe" | tr '\n' ' ')"
+        return 0
+    fi
+    local rc=0 t0=$SECONDS
+    # The whole suite (230 tests) for every variant: ~25 s against tgt here;
+    # 300 s is the hang guard.
+    # shellcheck disable=SC2086  # ISCSI_TEST_CU_ARGS: e.g. "--allow-sanitize"
+    "${prefix[@]}" timeout -k 10 300 iscsi-test-cu --test=ALL --dataloss ${ISCSI_TEST_CU_ARGS:-} -V "$url" "$url" >"$logf" 2>&1 || rc=$?
+    echo "iscsi-test-cu exited $rc after $((SECONDS - t0)) s; CUnit summary:"
+    grep -A4 '^Run Summary' "$logf" || echo "(no CUnit run summary: the run did not finish)"
+    if [ "$rc" = 124 ]; then echo "iscsi-test-cu timed out"; fi
+    if python3 "$CONF_DIR/parse.py" "$logf" --variant "$variant" --skips "$SKIPS_MD" \
+            --expect-total 230 --quiet --json "$TEST_LOG_DIR/conformance-$variant.json" "${known[@]}" \
+            | tee "$TEST_LOG_DIR/conformance-$variant.summary"; then
+        pass "conformance($variant)"
+    else
+        fail "conformance($variant)" "see $logf"
+    fi
+}
+
+# expect_login_failure NAME REGEX CMD...: the command must fail and print REGEX
+expect_login_failure() {
+    local name=$1 re=$2; shift 2
+    local out rc=0
+    out=$("$@" 2>&1) || rc=$?
+    if [ "$rc" != 0 ] && grep -Eq "$re" <<<"$out"; then
+        pass "$name"
+        echo "      -> exit $rc: $(grep -E "$re" <<<"$out" | head -n1)"
+    else
+        fail "$name" "expected failure matching /$re/, got exit $rc: $(tail -n 2 <<<"$out" | tr '\n' ' ')"
+    fi
+}
+
+LAST_RC=0
+expect_success() {
+    local name=$1; shift
+    local out rc=0
+    out=$("$@" 2>&1) || rc=$?
+    LAST_RC=$rc
+    if [ "$rc" = 0 ]; then pass "$name"; return 0; fi
+    fail "$name" "exit $rc: $(tail -n 3 <<<"$out" | tr '\n' ' ')"
+    return 1
+}
+
+# qemu_io_check NAME URL qemu-io-commands...: runs qemu-io, fails on a non-zero
+# exit, on "Pattern verification failed" or on any error line
+qemu_io_check() {
+    local name=$1 url=$2; shift 2
+    local args=() c
+    for c in "$@"; do args+=(-c "$c"); done
+    local out rc=0
+    local fmt=(-f raw)
+    case "$url" in json:*) fmt=() ;; esac
+    out=$(timeout -k 5 120 qemu-io "${fmt[@]}" "${args[@]}" "$url" 2>&1) || rc=$?
+    echo "$out" >>"$TEST_LOG_DIR/qemu-io.log"
+    local nops want=0
+    for c in "$@"; do
+        if [[ "$c" =~ ^(aio_)?(read|write)\  ]]; then want=$((want + 1)); fi
+    done
+    nops=$(grep -Ec '^(wrote|read) [0-9]+/[0-9]+ bytes' <<<"$out" || true)
+    if [ "$rc" = 0 ] && ! grep -q 'Pattern verification failed' <<<"$out" && [ "$nops" = "$want" ]; then
+        pass "$name"
+    else
+        fail "$name" "exit $rc, $nops of $want ops done: $(grep -E 'failed|error|Error' <<<"$out" | head -n 3 | tr '\n' ' ')"
+    fi
+}
+
+DIGEST_ENV=()
+digest_shim() {
+    # build tests/conformance/force_digest.c once; sets DIGEST_ENV
+    [ "${#DIGEST_ENV[@]}" -gt 0 ] && return 0
+    local so=$TMP/force_digest.so
+    if ! ${CC:-cc} -shared -fPIC -O2 -o "$so" "$CONF_DIR/force_digest.c" -ldl; then
+        echo "cannot build the header-digest shim (no C compiler?)" >&2
+        return 1
+    fi
+    DIGEST_ENV=(env FORCE_HEADER_DIGEST=crc32c "LD_PRELOAD=$so")
+}
+
+check_digest_negotiated() {
+    local url=$1 out rc=0
+    out=$("${DIGEST_ENV[@]}" LIBISCSI_DEBUG=6 timeout 30 iscsi-inq -i "$INQ_IQN" "$url" 2>&1) || rc=$?
+    if [ "$rc" = 0 ] && grep -q 'TargetLoginReply: HeaderDigest=CRC32C' <<<"$out"; then
+        pass "header digest CRC32C negotiated"
+        return 0
+    fi
+    fail "header digest CRC32C negotiated" "exit $rc; $(grep -E 'HeaderDigest|Login Failed' <<<"$out" | head -n 2 | tr '\n' ' ')"
+    return 1
+}
+
+qemu_tests() {
+    local url=$1 size=$2
+    local img=$TMP/random.img back=$TMP/back.img
+    log "qemu: convert a random $size-byte image onto $url and back"
+    head -c "$size" /dev/urandom >"$img"
+    local rc=0
+    timeout -k 5 300 qemu-img convert -n -f raw -O raw "$img" "$url" || rc=$?
+    if [ "$rc" = 0 ]; then
+        rc=0
+        timeout -k 5 300 qemu-img convert -f raw -O raw "$url" "$back" || rc=$?
+        if [ "$rc" = 0 ] && cmp "$img" "$back"; then
+            pass "qemu-img convert round trip"
+        else
+            fail "qemu-img convert round trip" "read back exit $rc or data differs"
+        fi
+    else
+        fail "qemu-img convert round trip" "write exit $rc"
+    fi
+    rm -f "$img" "$back"
+    local info
+    info=$(timeout 60 qemu-img info -f raw "$url" 2>&1 || true)
+    if grep -q "virtual size: .*($size bytes)" <<<"$info"; then
+        pass "qemu-img info size"
+    else
+        fail "qemu-img info size" "$(grep 'virtual size' <<<"$info" || echo "$info" | tail -n1)"
+    fi
+
+    log "qemu-io: 512-aligned, not 4k-aligned writes, some spanning 4k boundaries"
+    : >"$TEST_LOG_DIR/qemu-io.log"
+    # background 0x11 over the first 64 KiB and around 3 MiB, then unaligned writes
+    qemu_io_check "qemu-io unaligned writes" "$url" \
+        'write -P 0x11 0 64k' \
+        'write -P 0x11 3m 2m' \
+        'write -P 0xab 512 3584' \
+        'write -P 0xcd 7680 1024' \
+        'write -P 0xef 12800 9216' \
+        'write -P 0x5a 3146240 1049600' \
+        'read -P 0xab 512 3584' \
+        'read -P 0xcd 7680 1024'
+    # a new session: the data must be on the LUN, neighbours untouched
+    qemu_io_check "qemu-io unaligned read-back" "$url" \
+        'read -P 0x11 0 512' \
+        'read -P 0xab 512 3584' \
+        'read -P 0x11 4096 3584' \
+        'read -P 0xcd 7680 1024' \
+        'read -P 0x11 8704 4096' \
+        'read -P 0xef 12800 9216' \
+        'read -P 0x11 22016 43520' \
+        'read -P 0x11 3m 512' \
+        'read -P 0x5a 3146240 1049600' \
+        'read -P 0x11 4195840 1047040'
+    # qemu's own iSCSI driver with a CRC32C header digest (offers CRC32C only)
+    local port=${url#iscsi://127.0.0.1:}; port=${port%%/*}
+    local rest=${url#iscsi://127.0.0.1:$port/} json
+    json=$(printf 'json:{"driver":"raw","file":{"driver":"iscsi","transport":"tcp","portal":"127.0.0.1:%s","target":"%s","lun":%s,"header-digest":"crc32c"}}' \
+        "$port" "${rest%/*}" "${rest##*/}")
+    qemu_io_check "qemu-io with CRC32C header digest" "$json" \
+        'write -P 0x4e 2560 5120' \
+        'read -P 0x4e 2560 5120'
+    qemu_io_check "qemu-io aio unaligned" "$url" \
+        'aio_write -P 0x3c 1536 4608' \
+        'aio_write -P 0x3d 9728 512' \
+        'aio_flush' \
+        'read -P 0x3c 1536 4608' \
+        'read -P 0x3d 9728 512'
+}
+
+robustness() {
+    # robustness NAME PORT IQN URL
+    local name=$1 port=$2 iqn=$3 url=$4
+    local marker_off=$((100 * 1024 * 1024 + 512))
+    log "robustness: known pattern, malformed-PDU barrage, then check the target"
+    qemu_io_check "robustness: write marker" "$url" "write -P 0x77 $marker_off 8192"
+    local strict=(--strict)
+    [ "$TARGET_UNDER_TEST" = tgt ] && strict=()   # tgt waits silently on an oversized DSL
+    if timeout -k 5 120 python3 "$CONF_DIR/malformed.py" --port "$port" --target "$iqn" \
+            --idle 300 --time-limit 60 "${strict[@]}" 2>&1 | tee "$TEST_LOG_DIR/malformed.log"; then
+        pass "malformed PDUs"
+    else
+        fail "malformed PDUs" "see $TEST_LOG_DIR/malformed.log"
+    fi
+    if target_alive "$name"; then pass "robustness: target process alive"; else fail "robustness: target process alive"; fi
+    expect_success "robustness: iscsi-inq after barrage" timeout 30 iscsi-inq -i "$INQ_IQN" "$url" || true
+    qemu_io_check "robustness: marker intact" "$url" "read -P 0x77 $marker_off 8192"
+}
+
+E2E_START=$SECONDS
+E2E_BUDGET=${E2E_BUDGET:-1500}   # seconds; conformance variants are not started after this
+run_e2e() {
+    E2E_START=$SECONDS
+    log "end-to-end against $TARGET_UNDER_TEST (logs in $TEST_LOG_DIR)"
+    local iqn_a=$IQN_PREFIX:harness-a port_a
+    port_a=$(free_port)
+
+    # --- target A: no authentication, LUN 0 in memory, LUN 1 a file
+    local lun_file=$TMP/lun1.img
+    truncate -s 256M "$lun_file"
+    if ! start_target A "$port_a" "$iqn_a" --lun mem:256MiB --lun "file:$lun_file,size=256MiB"; then
+        fail "start target A"
+        e2e_target_b
+        return 0
+    fi
+    pass "start target A"
+    local base_a=iscsi://127.0.0.1:$port_a/$iqn_a
+    local url_mem=$base_a/$(lun_no 0) url_file=$base_a/$(lun_no 1)
+
+    if ! expect_success "iscsi-inq (no auth)" timeout 30 iscsi-inq -i "$INQ_IQN" "$url_mem"; then
+        fail "target A" "no login possible: its conformance, qemu and robustness steps were not run"
+    else
+        e2e_target_a "$port_a" "$iqn_a" "$url_mem" "$url_file"
+    fi
+    if target_alive A; then pass "target A alive at end"; else fail "target A alive at end"; fi
+    stop_pid "$TARGET_PID_A"
+    e2e_target_b
+}
+
+e2e_target_a() {
+    local port_a=$1 iqn_a=$2 url_mem=$3 url_file=$4
+    expect_success "iscsi-readcapacity16 (file LUN)" timeout 30 iscsi-readcapacity16 -i "$INQ_IQN" "$url_file" || true
+
+    local v
+    for v in $CONFORMANCE_VARIANTS; do
+        case "$v" in
+            mem) conformance mem "$url_mem" ;;
+            file) conformance file "$url_file" ;;
+            digest)
+                # ?header_digest=crc32c alone is not enough: the libiscsi tools
+                # reset it to "None,CRC32C" and the target may pick None; the
+                # LD_PRELOAD shim makes them offer CRC32C only (force_digest.c)
+                if digest_shim && check_digest_negotiated "$url_mem"; then
+                    conformance digest "$url_mem?header_digest=crc32c" "${DIGEST_ENV[@]}"
+                else
+                    fail "conformance(digest)" "CRC32C header digest not available"
+                fi ;;
+        esac
+    done
+
+    qemu_tests "$url_mem" $((256 * 1024 * 1024))
+    robustness A "$port_a" "$iqn_a" "$url_mem"
+    sessions_tests "$port_a" "$iqn_a"
+}
+
+sessions_tests() {
+    # tests/conformance/sessions.py (session/connection reinstatement, MaxConnections,
+    # unknown TSIH; with --nop the NOP-In pings). Its expectations are target-rdma's.
+    local port=$1 iqn=$2
+    [ -f "$CONF_DIR/sessions.py" ] || return 0
+    if [ "$TARGET_UNDER_TEST" != target-rdma ]; then
+        skip "sessions" "sessions.py checks target-rdma's own limits"
+        return 0
+    fi
+    log "sessions: reinstatement, MaxConnections, unknown TSIH"
+    if timeout -k 5 120 python3 "$CONF_DIR/sessions.py" --port "$port" --target "$iqn" \
+            2>&1 | tee "$TEST_LOG_DIR/sessions.log"; then
+        pass "sessions"
+    else
+        fail "sessions" "see $TEST_LOG_DIR/sessions.log"
+    fi
+    if ! "$TARGET_RDMA_BIN" --help 2>/dev/null | grep -q -- '--nop-interval-s'; then
+        skip "sessions --nop" "binary has no --nop-interval-s"
+        return 0
+    fi
+    local port_c iqn_c=$IQN_PREFIX:harness-c
+    port_c=$(free_port)
+    if ! start_target C "$port_c" "$iqn_c" --lun mem:16MiB --nop-interval-s 1 --nop-timeout-s 1; then
+        fail "sessions --nop" "target C did not start"
+        return 0
+    fi
+    if timeout -k 5 120 python3 "$CONF_DIR/sessions.py" --port "$port_c" --target "$iqn_c" --nop \
+            2>&1 | tee "$TEST_LOG_DIR/sessions-nop.log"; then
+        pass "sessions --nop"
+    else
+        fail "sessions --nop" "see $TEST_LOG_DIR/sessions-nop.log"
+    fi
+    stop_pid "$TARGET_PID_C"
+}
+
+e2e_target_b() {
+    # --- target B: one-way + mutual CHAP and an initiator allow list
+    local iqn_b=$IQN_PREFIX:harness-b port_b v
+    port_b=$(free_port)
+    if ! start_target B "$port_b" "$iqn_b" --lun mem:64MiB \
+            --chap "$CHAP_USER:$CHAP_SECRET" --mutual-chap "$TCHAP_USER:$TCHAP_SECRET" \
+            --allow "$CU_IQN1" --allow "$CU_IQN2" --allow "$INQ_IQN"; then
+        fail "start target B"
+        return 0
+    fi
+    pass "start target B"
+    local lun_b
+    lun_b=$(lun_no 0)
+    local url_chap=iscsi://$CHAP_USER%$CHAP_SECRET@127.0.0.1:$port_b/$iqn_b/$lun_b
+    local url_mutual="$url_chap?target_user=$TCHAP_USER&target_password=$TCHAP_SECRET"
+    local url_wrong=iscsi://$CHAP_USER%wrongsecret0000@127.0.0.1:$port_b/$iqn_b/$lun_b
+    local url_none=iscsi://127.0.0.1:$port_b/$iqn_b/$lun_b
+    local url_badtarget="$url_chap?target_user=$TCHAP_USER&target_password=notthesecret0000"
+
+    log "authentication and authorization"
+    if ! expect_success "CHAP login" timeout 30 iscsi-inq -i "$INQ_IQN" "$url_chap"; then
+        if [ "$LAST_RC" = 124 ] || ! port_open "$port_b"; then
+            fail "target B" "login hangs or target gone: remaining checks not run"
+            return 0
+        fi
+    fi
+    expect_success "mutual CHAP login" timeout 30 iscsi-inq -i "$INQ_IQN" "$url_mutual" || true
+    expect_login_failure "wrong CHAP secret refused" 'Authentication failure\(513\)' \
+        timeout 30 iscsi-inq -i "$INQ_IQN" "$url_wrong"
+    expect_login_failure "missing CHAP credentials refused" 'Authentication failure\(513\)' \
+        timeout 30 iscsi-inq -i "$INQ_IQN" "$url_none"
+    expect_login_failure "wrong target secret detected (mutual CHAP)" 'Invalid CHAP_R response' \
+        timeout 30 iscsi-inq -i "$INQ_IQN" "$url_badtarget"
+    expect_login_failure "initiator not in --allow refused" "$AUTHZ_EXPECT" \
+        timeout 30 iscsi-inq -i "$IQN_PREFIX:not-allowed" "$url_chap"
+
+    for v in $CONFORMANCE_VARIANTS; do
+        case "$v" in
+            chap) conformance chap "$url_chap" ;;
+            mutual-chap) conformance mutual-chap "$url_mutual" ;;
+        esac
+    done
+    if target_alive B; then pass "target B alive at end"; else fail "target B alive at end"; fi
+}
+
+# ------------------------------------------------------------------ main
+# (a function, so that bash has read the whole file before running anything
+# long: editing this script during a run cannot derail the run)
+main() {
+T_START=$SECONDS
+log "target-rdma test run: TARGET_UNDER_TEST=$TARGET_UNDER_TEST, logs in $TEST_LOG_DIR"
+if [ -x scripts/setup-test-deps.sh ] || [ -f scripts/setup-test-deps.sh ]; then
+    step "setup test deps" bash scripts/setup-test-deps.sh
+fi
+
+if [ "$RUN_CARGO" = 1 ]; then
+    run_cargo_steps
+fi
+
+if [ "$RUN_E2E" = 1 ]; then
+    if [ "$TARGET_UNDER_TEST" = target-rdma ] && [ ! -x "$TARGET_RDMA_BIN" ]; then
+        fail "end-to-end" "no binary at $TARGET_RDMA_BIN (build failed?)"
+    else
+        run_e2e
+    fi
+fi
+
+echo
+log "summary ($((SECONDS - T_START)) s, logs in $TEST_LOG_DIR)"
+grep -h -E '^(conformance\(.*\)|malformed|sessions): [0-9]+ passed' "$TEST_LOG_DIR"/*.summary \
+    "$TEST_LOG_DIR"/malformed.log "$TEST_LOG_DIR"/sessions*.log 2>/dev/null || true
+local s n_pass n_fail n_skip
+for s in "${FAILED_STEPS[@]:-}"; do if [ -n "$s" ]; then echo "failed: $s"; fi; done
+for s in "${SKIPPED_STEPS[@]:-}"; do if [ -n "$s" ]; then echo "skipped: $s"; fi; done
+n_pass=${#PASSED_STEPS[@]}
+n_fail=${#FAILED_STEPS[@]}
+n_skip=${#SKIPPED_STEPS[@]}
+echo "steps: $n_pass passed, $n_fail failed, $n_skip skipped"
+[ "$n_fail" = 0 ]
+}
+
+main
+exit $?
