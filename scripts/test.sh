@@ -12,7 +12,8 @@
 #                                   itself (its 9 known conformance failures are
 #                                   tolerated, see tests/conformance/known-failures-tgt.txt)
 #   TARGET_RDMA_BIN=PATH            binary to test (default $CARGO_TARGET_DIR/release/target-rdma)
-#   CONFORMANCE_VARIANTS="mem file digest chap mutual-chap"   subset to run
+#   CONFORMANCE_VARIANTS="mem file digest chap mutual-chap mem4k removable sanitize readonly"
+#                                   subset to run (the last four need target-rdma's LUN options)
 #   TEST_LOG_DIR=DIR                where logs go (default $CARGO_TARGET_DIR/test-logs/<time>)
 #   TARGET_LOG_LEVEL=info           --log-level passed to target-rdma
 #   KEEP_TMP=1                      keep the temporary images
@@ -41,7 +42,7 @@ done
 TARGET_UNDER_TEST=${TARGET_UNDER_TEST:-target-rdma}
 CARGO_TARGET_DIR_EFFECTIVE=${CARGO_TARGET_DIR:-$ROOT/target}
 TARGET_RDMA_BIN=${TARGET_RDMA_BIN:-$CARGO_TARGET_DIR_EFFECTIVE/release/target-rdma}
-CONFORMANCE_VARIANTS=${CONFORMANCE_VARIANTS:-mem file digest chap mutual-chap}
+CONFORMANCE_VARIANTS=${CONFORMANCE_VARIANTS:-mem file digest chap mutual-chap mem4k removable sanitize readonly}
 TEST_LOG_DIR=${TEST_LOG_DIR:-$CARGO_TARGET_DIR_EFFECTIVE/test-logs/$(date +%Y%m%d-%H%M%S)-$$}
 mkdir -p "$TEST_LOG_DIR"
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/target-rdma-test.XXXXXX")
@@ -280,15 +281,21 @@ if [ "$TARGET_UNDER_TEST" = tgt ]; then
 fi
 
 conformance() {
-    # conformance VARIANT URL [env VAR=VALUE...]: extra args prefix the client
+    # conformance VARIANT URL [env VAR=VALUE...]: extra args prefix the client.
+    # Set for one call: CU_TESTS (default ALL), CU_TOTAL (tests expected,
+    # default 230), CU_SINGLE=1 (one URL, no MultipathIO), CU_EXTRA (more
+    # iscsi-test-cu flags, e.g. --allow-sanitize).
     local variant=$1 url=$2; shift 2
+    local cu_tests=${CU_TESTS:-ALL} cu_total=${CU_TOTAL:-230}
+    local cu_urls=("$url" "$url")
+    [ "${CU_SINGLE:-0}" = 1 ] && cu_urls=("$url")
     local prefix=("$@")
     local logf=$TEST_LOG_DIR/conformance-$variant.log
     local known=()
     if [ "$TARGET_UNDER_TEST" = tgt ]; then
         known=(--known-failures "$CONF_DIR/known-failures-$TARGET_UNDER_TEST.txt")
     fi
-    log "conformance($variant): iscsi-test-cu --test=ALL --dataloss -V $url (log $logf)"
+    log "conformance($variant): iscsi-test-cu --test=$cu_tests --dataloss ${CU_EXTRA:-} -V ${cu_urls[*]} (log $logf)"
     if [ $((SECONDS - E2E_START)) -gt "$E2E_BUDGET" ]; then
         fail "conformance($variant)" "not run: end-to-end time budget of $E2E_BUDGET s used up"
         return 0
@@ -304,12 +311,12 @@ conformance() {
     # The whole suite (230 tests) for every variant: ~25 s against tgt here;
     # 300 s is the hang guard.
     # shellcheck disable=SC2086  # ISCSI_TEST_CU_ARGS: e.g. "--allow-sanitize"
-    "${prefix[@]}" timeout -k 10 300 iscsi-test-cu --test=ALL --dataloss ${ISCSI_TEST_CU_ARGS:-} -V "$url" "$url" >"$logf" 2>&1 || rc=$?
+    "${prefix[@]}" timeout -k 10 300 iscsi-test-cu --test="$cu_tests" --dataloss ${CU_EXTRA:-} ${ISCSI_TEST_CU_ARGS:-} -V "${cu_urls[@]}" >"$logf" 2>&1 || rc=$?
     echo "iscsi-test-cu exited $rc after $((SECONDS - t0)) s; CUnit summary:"
     grep -A4 '^Run Summary' "$logf" || echo "(no CUnit run summary: the run did not finish)"
     if [ "$rc" = 124 ]; then echo "iscsi-test-cu timed out"; fi
     if python3 "$CONF_DIR/parse.py" "$logf" --variant "$variant" --skips "$SKIPS_MD" \
-            --expect-total 230 --quiet --json "$TEST_LOG_DIR/conformance-$variant.json" "${known[@]}" \
+            --expect-total "$cu_total" --quiet --json "$TEST_LOG_DIR/conformance-$variant.json" "${known[@]}" \
             | tee "$TEST_LOG_DIR/conformance-$variant.summary"; then
         pass "conformance($variant)"
     else
@@ -501,6 +508,41 @@ run_e2e() {
     if target_alive A; then pass "target A alive at end"; else fail "target A alive at end"; fi
     stop_pid "$TARGET_PID_A"
     e2e_target_b
+    e2e_target_d
+}
+
+e2e_target_d() {
+    # --- target D (target-rdma only): LUN options tgt does not have, each
+    # turning skips of the plain run into real tests: 4096-byte blocks,
+    # removable medium (PREVENT ALLOW, START STOP UNIT, no medium),
+    # SANITIZE (its own LUN, one URL: Sanitize.Reservations leaves a
+    # RESERVE(6) held by the second session), and a read-only LUN.
+    [ "$TARGET_UNDER_TEST" = target-rdma ] || return 0
+    local want=0 v
+    for v in $CONFORMANCE_VARIANTS; do
+        case "$v" in mem4k|removable|sanitize|readonly) want=1 ;; esac
+    done
+    [ "$want" = 1 ] || return 0
+    local iqn_d=$IQN_PREFIX:harness-d port_d
+    port_d=$(free_port)
+    if ! start_target D "$port_d" "$iqn_d" --lun mem:256MiB,block=4096 \
+            --lun mem:256MiB,removable --lun mem:256MiB --lun mem:64MiB,ro; then
+        fail "start target D"
+        return 0
+    fi
+    pass "start target D"
+    local base_d=iscsi://127.0.0.1:$port_d/$iqn_d
+    for v in $CONFORMANCE_VARIANTS; do
+        case "$v" in
+            mem4k) conformance mem4k "$base_d/0" ;;
+            removable) conformance removable "$base_d/1" ;;
+            sanitize) CU_TESTS=ALL.Sanitize CU_TOTAL=11 CU_SINGLE=1 CU_EXTRA=--allow-sanitize \
+                conformance sanitize "$base_d/2" ;;
+            readonly) CU_TESTS=ALL.ReadOnly CU_TOTAL=1 conformance readonly "$base_d/3" ;;
+        esac
+    done
+    if target_alive D; then pass "target D alive at end"; else fail "target D alive at end"; fi
+    stop_pid "$TARGET_PID_D"
 }
 
 e2e_target_a() {

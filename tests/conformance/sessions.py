@@ -191,8 +191,8 @@ def main():
         quiet.close()
         chatty.close()
     failed = results.count(False)
-    print(f"sessions: {len(results) - failed} passed, {failed} failed "
-          f"({time.time() - t0:.1f} s)")
+    print(f"took {time.time() - t0:.1f} s")
+    print(f"sessions: {len(results) - failed} passed, {failed} failed")
     return 1 if failed else 0
 
 
