@@ -284,30 +284,7 @@ impl Lun {
             }
             Some(Decoded::Medium(cmd)) => cmd,
         };
-        self.generation = self.generation.wrapping_add(1);
-        let t = Task {
-            tag,
-            nexus,
-            generation: self.generation,
-            cmd,
-            data_out,
-            data_in,
-            held: None,
-            aborted: false,
-        };
-        let slot = match self.free.pop() {
-            Some(i) => {
-                self.slots[i] = Some(t);
-                i
-            }
-            None => {
-                self.slots.push(Some(t));
-                self.slots.len() - 1
-            }
-        };
-        self.waiting.push_back(slot);
-        self.recheck = true;
-        self.start_waiters();
+        self.enqueue(tag, nexus, cmd, data_out, data_in);
     }
 
     /// EXTENDED COPY and RECEIVE COPY RESULTS commands that `submit` set
@@ -371,6 +348,19 @@ impl Lun {
                 return self.finish(tag, nexus, Err(e), data_in, data_out, 0);
             }
         };
+        self.enqueue(tag, nexus, cmd, data_out, data_in);
+    }
+
+    /// Put a decoded medium command in the slab and queue it for its range
+    /// lock; it starts as soon as no conflicting command holds the range.
+    fn enqueue(
+        &mut self,
+        tag: u64,
+        nexus: NexusId,
+        cmd: MediumCmd,
+        data_out: Vec<u8>,
+        data_in: Vec<u8>,
+    ) {
         self.generation = self.generation.wrapping_add(1);
         let t = Task {
             tag,
