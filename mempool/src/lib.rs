@@ -1,75 +1,65 @@
-//! Buffer pools for the data path. Every payload buffer a transport
-//! receives into, the device server fills and a backstore reads or writes
-//! comes from here and goes back here, so the I/O path recycles memory
-//! instead of allocating it. This first version recycles heap vectors per
-//! reactor; hugepage arenas with one RDMA registration each are the next
-//! step (see the README's roadmap).
+//! Buffer pools for the data path. Every payload byte the target moves
+//! lives in a pool buffer: the transport receives into it (a socket read
+//! for TCP, an RDMA Read or a Send for iSER), the backstore writes it out
+//! or reads into it, and the same buffer goes back out to the initiator
+//! (a socket write, or an RDMA Write) before it returns here. Nothing is
+//! copied between those steps and nothing is allocated: all memory is
+//! mapped at start-up as arenas on 2 MiB huge pages (hugetlbfs when pages
+//! are reserved, transparent huge pages otherwise), cut into fixed buffer
+//! classes sized from the negotiated burst lengths, registered once per
+//! arena with each RDMA device, and handed out through per-core caches.
+//!
+//! The pieces:
+//! - [`Pool`]: the shared, control-plane handle. Maps arenas, registers
+//!   them through a [`Registrar`], hands out one [`CoreCache`] per core
+//!   and reports [`ClassStats`].
+//! - [`CoreCache`]: owned by one reactor; allocation and free touch only
+//!   its own free lists (no locks, no atomic read-modify-writes). Buffers
+//!   move between cores through a lock-free queue per class, in batches.
+//! - [`Buf`]: an owned handle to one buffer (capacity plus a length);
+//!   [`SgList`]: up to [`MAX_SEGMENTS`] buffers holding one command's
+//!   bytes, with copy helpers for TCP and (addr, len, key) segments for
+//!   RDMA and iovec system calls.
+//! - Exhaustion never fails a command and never allocates:
+//!   [`CoreCache::alloc_or_wait`] queues the caller's token and
+//!   [`CoreCache::next_grant`] hands the buffers over once they are free.
+//!
+//! [`BufPool`] is the legacy heap pool the single-reactor engine uses today.
 
-/// A per-reactor free list of byte vectors. Not shared between threads:
-/// each reactor owns one, so taking and returning a buffer takes no lock.
-pub struct BufPool {
-    free: Vec<Vec<u8>>,
-    /// Buffers kept at most; more are dropped when returned.
-    cap: usize,
-    /// Capacity given to buffers created when the free list is empty.
-    buf_size: usize,
-    pub stats: PoolStats,
-}
+mod arena;
+mod buf;
+mod config;
+mod legacy;
+mod pool;
 
-#[derive(Debug, Default, Clone, Copy)]
-pub struct PoolStats {
-    pub taken: u64,
-    pub created: u64,
-    pub in_use: u64,
-    pub in_use_high_water: u64,
-}
+pub use buf::leaked_buffers;
+pub use buf::{Buf, OutOfRange, RdmaSegment, Segment, SgList};
+pub use config::{Backing, ClassConfig, PoolConfig};
+pub use legacy::{BufPool, PoolStats};
+pub use pool::{
+    Alloc, AllocError, AllocPlan, ArenaId, ArenaInfo, ClassId, ClassStats, CoreCache, KeyTable,
+    Pool, PoolError, RegisterError, Registrar, RegistrarId, RegistrationKey,
+};
 
-impl BufPool {
-    pub fn new(buf_size: usize, cap: usize) -> BufPool {
-        BufPool {
-            free: Vec::with_capacity(cap),
-            cap,
-            buf_size,
-            stats: PoolStats::default(),
-        }
-    }
-
-    /// An empty buffer with at least the pool's buffer size of capacity.
-    pub fn take(&mut self) -> Vec<u8> {
-        self.stats.taken += 1;
-        self.stats.in_use += 1;
-        self.stats.in_use_high_water = self.stats.in_use_high_water.max(self.stats.in_use);
-        match self.free.pop() {
-            Some(b) => b,
-            None => {
-                self.stats.created += 1;
-                Vec::with_capacity(self.buf_size)
-            }
-        }
-    }
-
-    /// Return a buffer; its contents are discarded.
-    pub fn give(&mut self, mut b: Vec<u8>) {
-        self.stats.in_use = self.stats.in_use.saturating_sub(1);
-        if self.free.len() < self.cap && b.capacity() > 0 {
-            b.clear();
-            self.free.push(b);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn recycles() {
-        let mut p = super::BufPool::new(4096, 4);
-        let mut b = p.take();
-        b.extend_from_slice(&[1, 2, 3]);
-        let ptr = b.as_ptr();
-        p.give(b);
-        let c = p.take();
-        assert!(c.is_empty());
-        assert_eq!(c.as_ptr(), ptr);
-        assert_eq!(p.stats.created, 1);
-    }
-}
+/// Size of one huge page; arenas are multiples of it.
+pub const HUGE_PAGE_BYTES: usize = 2 << 20;
+/// Smallest buffer class (one base page, the alignment O_DIRECT needs).
+pub const MIN_BUF_BYTES: usize = 4 << 10;
+/// Largest buffer class.
+pub const MAX_BUF_BYTES: usize = 16 << 20;
+/// Buffer classes per pool at most.
+pub const MAX_CLASSES: usize = 8;
+/// Cores (per-core caches) per pool at most: one bit each in a `u64`.
+pub const MAX_CORES: usize = 64;
+/// Arenas per pool at most, including arenas added after start-up.
+pub const MAX_ARENAS: usize = 256;
+/// Registrars (RDMA devices / protection domains) per pool at most.
+pub const MAX_REGISTRARS: usize = 4;
+/// Buffers per scatter-gather list at most.
+pub const MAX_SEGMENTS: usize = 64;
+/// Mapped bytes per pool at most (arena_limit_bytes).
+pub const MAX_POOL_BYTES: usize = 1 << 40;
+/// Queued waiters per class per core at most.
+pub const MAX_WAITERS: usize = 1 << 16;
+/// Cached free buffers per class per core at most.
+pub const MAX_CORE_CACHE_BUFS: usize = 4096;
