@@ -102,6 +102,32 @@ pub struct Config {
     pub nop_timeout_s: u32,
     /// CHAP credentials initiators must present for discovery sessions.
     pub discovery_chap: Option<ChapPair>,
+    /// How reactors wait for work.
+    pub poll: PollMode,
+}
+
+/// How a reactor waits for work (`--poll`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollMode {
+    /// Never sleep: lowest latency, one core fully busy per reactor.
+    Busy,
+    /// Spin while work keeps arriving, sleep in the kernel after an idle
+    /// budget, so a reactor sharing its core with other work does not
+    /// starve it.
+    Adaptive,
+    /// Always sleep until a socket or timer wakes the reactor.
+    Interrupt,
+}
+
+impl PollMode {
+    fn parse(s: &str) -> Option<PollMode> {
+        match s {
+            "busy" => Some(PollMode::Busy),
+            "adaptive" => Some(PollMode::Adaptive),
+            "interrupt" => Some(PollMode::Interrupt),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -379,6 +405,11 @@ struct Cli {
     /// seconds [default: 30]
     #[arg(long, value_name = "SECONDS")]
     nop_timeout_s: Option<u32>,
+
+    /// How reactors wait for work: busy (always spin), adaptive (spin while
+    /// work arrives, then sleep), interrupt (always sleep) [default: adaptive]
+    #[arg(long, value_name = "MODE", value_parser = ["busy", "adaptive", "interrupt"])]
+    poll: Option<String>,
 }
 
 impl Cli {
@@ -425,6 +456,7 @@ struct FileConfig {
     pr_dir: Option<PathBuf>,
     nop_interval_s: Option<i64>,
     nop_timeout_s: Option<i64>,
+    poll: Option<String>,
     discovery_chap: Option<FileChap>,
     #[serde(default)]
     portals: Vec<FilePortal>,
@@ -498,6 +530,8 @@ pr_dir = "/var/lib/target-rdma"
 # drop the connection if the answer takes longer than nop_timeout_s.
 nop_interval_s = 30
 nop_timeout_s = 30
+# How reactors wait for work: "busy", "adaptive" (default) or "interrupt".
+poll = "adaptive"
 
 # CHAP for discovery (SendTargets) sessions. Secrets are 12..=255 bytes.
 [discovery_chap]
@@ -682,6 +716,21 @@ fn build(cli: &Cli, file: Option<(&Path, &FileConfig)>) -> Result<Config, Config
         MAX_NOP_S,
         DEFAULT_NOP_TIMEOUT_S,
     )?;
+    let poll = match (&cli.poll, &fc.poll) {
+        (Some(p), _) => PollMode::parse(p).ok_or_else(|| {
+            ConfigError::invalid(
+                flag_at("--poll", p),
+                "expected busy, adaptive or interrupt".to_string(),
+            )
+        })?,
+        (None, Some(p)) => PollMode::parse(p).ok_or_else(|| {
+            ConfigError::invalid(
+                fat("poll"),
+                format!("{p:?} is not a poll mode (expected busy, adaptive or interrupt)"),
+            )
+        })?,
+        (None, None) => PollMode::Adaptive,
+    };
     let pr_dir = match (&cli.pr_dir, &fc.pr_dir) {
         (Some(d), _) => {
             check_dir(d).map_err(|r| {
@@ -854,6 +903,7 @@ fn build(cli: &Cli, file: Option<(&Path, &FileConfig)>) -> Result<Config, Config
         nop_interval_s,
         nop_timeout_s,
         discovery_chap,
+        poll,
     })
 }
 
@@ -1695,6 +1745,19 @@ mod tests {
     }
 
     const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn poll_mode_from_flag_file_and_default() {
+        assert_eq!(run(&[]).unwrap().poll, PollMode::Adaptive);
+        assert_eq!(run(&["--poll", "busy"]).unwrap().poll, PollMode::Busy);
+        let c = run_file(&[], "poll = \"interrupt\"\n").unwrap();
+        assert_eq!(c.poll, PollMode::Interrupt);
+        let c = run_file(&["--poll", "busy"], "poll = \"interrupt\"\n").unwrap();
+        assert_eq!(c.poll, PollMode::Busy, "the flag overrides the file");
+        let e = err(run_file(&[], "poll = \"spin\"\n"));
+        assert!(e.contains("poll") && e.contains("\"spin\""), "{e}");
+        assert!(run(&["--poll", "spin"]).is_err());
+    }
 
     #[test]
     fn defaults() {

@@ -12,6 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::config::PollMode;
 use iscsi::conn::{CloseReason, ConnConfig, Connection, Event};
 use iscsi::login::{ChapConfig, LoginContext, LoginStatus, SessionRequest};
 use iscsi::params::{SessionType, TargetLimits};
@@ -48,12 +49,17 @@ pub struct EngineConfig {
     /// Connections accepted but not yet logged in, at most.
     pub max_login_connections: usize,
     pub discovery_chap: ChapConfig,
+    pub poll: PollMode,
 }
 
 const SIGNAL_TOKEN: Token = Token(usize::MAX - 1);
 /// Listener tokens are 0..portals; connection tokens start here.
 const CONN_TOKEN_BASE: usize = 1 << 20;
 const TICK: Duration = Duration::from_millis(500);
+/// Adaptive polling keeps spinning this long after the last work it saw:
+/// long enough to catch the next command of a queue-depth-1 initiator
+/// without a sleep and wake-up, short enough that an idle target sleeps.
+const POLL_IDLE_BUDGET: Duration = Duration::from_micros(50);
 
 struct Session {
     tsih: u16,
@@ -154,11 +160,25 @@ impl Engine {
             .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
         let mut events = Events::with_capacity(1024);
         let mut last_tick = Instant::now();
+        let mut last_work = Instant::now();
         loop {
-            match self.poll.poll(&mut events, Some(TICK)) {
+            let timeout = match self.cfg.poll {
+                PollMode::Busy => Duration::ZERO,
+                PollMode::Interrupt => TICK,
+                PollMode::Adaptive if last_work.elapsed() < POLL_IDLE_BUDGET => Duration::ZERO,
+                PollMode::Adaptive => TICK,
+            };
+            match self.poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
+            }
+            if !events.is_empty() {
+                last_work = Instant::now();
+            } else if timeout.is_zero() && self.cfg.poll == PollMode::Adaptive {
+                // Spinning with nothing to do: let an initiator sharing
+                // this core run instead of burning its time slice.
+                std::thread::yield_now();
             }
             for ev in events.iter() {
                 match ev.token() {

@@ -129,6 +129,7 @@ fn run(cfg: Config) -> Result<(), String> {
         nop_timeout_ms: cfg.nop_timeout_s as u64 * 1000,
         max_sessions: cfg.max_sessions as usize,
         max_login_connections: 1024,
+        poll: cfg.poll,
         discovery_chap: ChapConfig {
             initiator: cfg
                 .discovery_chap
@@ -137,6 +138,7 @@ fn run(cfg: Config) -> Result<(), String> {
             target: None,
         },
     };
+    pin_reactor(cfg.cores.as_deref());
     let mut engine = engine::Engine::new(ecfg, targets, portals).map_err(|e| e.to_string())?;
     for addr in engine.local_addrs() {
         for t in &cfg.targets {
@@ -154,6 +156,22 @@ fn run(cfg: Config) -> Result<(), String> {
         );
     }
     engine.run().map_err(|e| e.to_string())
+}
+
+/// Pin the reactor thread to the first core of `--cores`. This version
+/// runs one reactor; the other cores of the list are not used yet.
+fn pin_reactor(cores: Option<&[usize]>) {
+    let Some(&first) = cores.and_then(|c| c.first()) else {
+        return;
+    };
+    if core_affinity::set_for_current(core_affinity::CoreId { id: first }) {
+        tracing::info!(core = first, "reactor pinned");
+    } else {
+        tracing::warn!(core = first, "could not pin the reactor to this core");
+    }
+    if cores.is_some_and(|c| c.len() > 1) {
+        tracing::warn!("one reactor runs today; cores after the first are not used yet");
+    }
 }
 
 /// A stable NAA type 6 (IEEE Registered Extended) identifier derived from
