@@ -250,7 +250,8 @@ pub struct AllocPlan {
 /// Counters of one class. From [`Pool::stats`]: the whole pool, as last
 /// published by each core ([`CoreCache::maintain`]); `in_use_high_water`
 /// is each core's peak between publications added to what the other
-/// cores had published (exact with one core, close with several). From
+/// cores had published (exact with one core; with several an estimate,
+/// as the others' counts may be stale, capped at `total_bufs`). From
 /// [`CoreCache::stats`]: that core alone, exact; `in_use` is what this
 /// core allocated minus what it freed (0 when it freed more).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -1192,7 +1193,8 @@ impl CoreCache {
                         - sh.stat(core, c, S_FREES).load(Ordering::Relaxed) as i64
                 })
                 .sum();
-            let peak = (others + lc.stats.net_peak.max(lc.stats.net())).max(0) as u64;
+            let total = sh.classes[c].total_bufs.load(Ordering::Relaxed);
+            let peak = ((others + lc.stats.net_peak.max(lc.stats.net())).max(0) as u64).min(total);
             sh.classes[c].high_water.fetch_max(peak, Ordering::Relaxed);
             lc.stats.net_peak = lc.stats.net();
             let put = |f, v| sh.stat(self.core, c, f).store(v, Ordering::Relaxed);
