@@ -81,6 +81,8 @@ struct ConnEntry {
     tsih: Option<u16>,
     /// Stopped reading because too much output is queued.
     read_paused: bool,
+    /// Empty buffer (with capacity) passed between connection and socket.
+    spare_tx: Vec<u8>,
     closing: bool,
 }
 
@@ -292,6 +294,7 @@ impl Engine {
                             portal,
                             tsih: None,
                             read_paused: false,
+                            spare_tx: Vec::new(),
                             closing: false,
                         },
                     );
@@ -494,9 +497,11 @@ impl Engine {
             return;
         };
         if c.proto.has_tx() {
-            let mut out = Vec::new();
-            c.proto.take_tx(&mut out);
-            c.tcp.queue(&mut out);
+            // Three buffers cycle between the connection, this spare and the
+            // socket, each keeping its capacity, so a large response does
+            // not allocate (and map) a fresh buffer every time.
+            c.proto.take_tx(&mut c.spare_tx);
+            c.tcp.queue(&mut c.spare_tx);
         }
         if c.tcp.flush().is_err() {
             self.mark_closed(id, "write failed");

@@ -8,7 +8,8 @@
 //! Data flow: socket -> `TcpConn::fill` -> `next_pdu` -> iscsi connection;
 //! iscsi connection -> `queue`/`flush` -> socket.
 
-use std::io::{self, Read, Write};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
 
 use iscsi::pdu::{Decoder, Pdu, PduError, BHS_LEN};
 use mio::net::TcpStream;
@@ -36,10 +37,23 @@ pub struct TcpConn {
     /// Undecoded bytes are `rx[rx_pos..rx_end]`.
     rx_pos: usize,
     rx_end: usize,
-    tx: Vec<u8>,
-    /// Bytes of `tx` already written.
+    /// Whole buffers waiting to be written, oldest first; `tx_pos` bytes of
+    /// the front one are already out. Queuing a buffer moves it here rather
+    /// than appending it to one growing buffer, so a burst of large
+    /// responses costs no copy and no reallocation.
+    txq: VecDeque<Vec<u8>>,
     tx_pos: usize,
+    tx_pending: usize,
+    /// Written-out buffers kept for reuse (their capacity is the point).
+    tx_free: Vec<Vec<u8>>,
 }
+
+/// Buffers written by one `writev`.
+const WRITEV_BUFS_MAX: usize = 64;
+/// Empty buffers kept for reuse per connection.
+const TX_FREE_MAX: usize = 8;
+/// A recycled buffer larger than this is dropped instead of kept.
+const TX_KEEP_CAPACITY_MAX: usize = 4 * 1024 * 1024;
 
 impl TcpConn {
     pub fn new(stream: TcpStream) -> TcpConn {
@@ -51,8 +65,10 @@ impl TcpConn {
             rx: Vec::new(),
             rx_pos: 0,
             rx_end: 0,
-            tx: Vec::with_capacity(RX_INITIAL_BYTES),
+            txq: VecDeque::with_capacity(WRITEV_BUFS_MAX),
             tx_pos: 0,
+            tx_pending: 0,
+            tx_free: Vec::with_capacity(TX_FREE_MAX),
         }
     }
 
@@ -76,6 +92,7 @@ impl TcpConn {
             if self.rx_end == self.rx.len() || total >= READ_BUDGET_BYTES {
                 return Ok(Fill::Read(total));
             }
+            let space = self.rx.len() - self.rx_end;
             match self.stream.read(&mut self.rx[self.rx_end..]) {
                 Ok(0) => {
                     return if total == 0 {
@@ -87,6 +104,12 @@ impl TcpConn {
                 Ok(n) => {
                     self.rx_end += n;
                     total += n;
+                    // A short read from a stream socket means its receive
+                    // queue is empty (epoll(7)); asking again would only
+                    // return EAGAIN. New data raises a new edge.
+                    if n < space {
+                        return Ok(Fill::Read(total));
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Fill::Read(total)),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -129,39 +152,118 @@ impl TcpConn {
         }
     }
 
-    /// Queue wire bytes (taking `bytes`' contents).
+    /// Queue wire bytes, taking `bytes`' buffer and leaving a recycled
+    /// empty one in its place.
     pub fn queue(&mut self, bytes: &mut Vec<u8>) {
-        if self.tx_pos == self.tx.len() {
-            self.tx.clear();
-            self.tx_pos = 0;
-            std::mem::swap(&mut self.tx, bytes);
-        } else {
-            self.tx.extend_from_slice(bytes);
-            bytes.clear();
+        if bytes.is_empty() {
+            return;
         }
+        self.tx_pending += bytes.len();
+        let spare = self.tx_free.pop().unwrap_or_default();
+        self.txq.push_back(std::mem::replace(bytes, spare));
     }
 
     pub fn tx_pending(&self) -> usize {
-        self.tx.len() - self.tx_pos
+        self.tx_pending
     }
 
-    /// Write queued bytes until done or the socket is full.
+    /// Write queued bytes until done or the socket is full, many buffers per
+    /// system call.
     pub fn flush(&mut self) -> io::Result<()> {
-        while self.tx_pos < self.tx.len() {
-            match self.stream.write(&self.tx[self.tx_pos..]) {
+        while !self.txq.is_empty() {
+            let mut iov = [IoSlice::new(&[]); WRITEV_BUFS_MAX];
+            let mut n_iov = 0;
+            for (i, b) in self.txq.iter().take(WRITEV_BUFS_MAX).enumerate() {
+                iov[i] = IoSlice::new(if i == 0 { &b[self.tx_pos..] } else { b });
+                n_iov += 1;
+            }
+            let want: usize = iov[..n_iov].iter().map(|s| s.len()).sum();
+            match self.stream.write_vectored(&iov[..n_iov]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.tx_pos += n,
+                Ok(n) => {
+                    self.advance(n);
+                    if n < want {
+                        // Short write: the send buffer is full; the
+                        // writable edge tells us when to go on.
+                        return Ok(());
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        self.tx.clear();
-        self.tx_pos = 0;
-        // Don't keep a huge buffer around after a large read.
-        if self.tx.capacity() > 4 * RX_INITIAL_BYTES * 16 {
-            self.tx.shrink_to(RX_INITIAL_BYTES);
-        }
         Ok(())
+    }
+
+    /// Account for `n` written bytes, recycling buffers written out.
+    fn advance(&mut self, mut n: usize) {
+        self.tx_pending -= n;
+        while n > 0 {
+            let front_left = self.txq[0].len() - self.tx_pos;
+            if n < front_left {
+                self.tx_pos += n;
+                return;
+            }
+            n -= front_left;
+            self.tx_pos = 0;
+            let mut b = self
+                .txq
+                .pop_front()
+                .expect("bytes written come from queued buffers");
+            if self.tx_free.len() < TX_FREE_MAX && b.capacity() <= TX_KEEP_CAPACITY_MAX {
+                b.clear();
+                self.tx_free.push(b);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read as _;
+
+    #[test]
+    fn queued_buffers_arrive_in_order_and_are_recycled() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let mut conn = TcpConn::new(TcpStream::from_std(server));
+        let mut expect = Vec::new();
+        let mut buf = Vec::new();
+        // More data than a socket buffer holds, in buffers of odd sizes.
+        for i in 0..200u32 {
+            let len = 1 + (i as usize * 7919) % 70_000;
+            buf.extend((0..len).map(|j| (i as usize + j) as u8));
+            expect.extend_from_slice(&buf);
+            conn.queue(&mut buf);
+            assert!(buf.is_empty());
+        }
+        assert_eq!(conn.tx_pending(), expect.len());
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut c = client;
+            c.read_to_end(&mut got).unwrap();
+            got
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while conn.tx_pending() > 0 {
+            conn.flush().unwrap();
+            assert!(
+                std::time::Instant::now() < deadline,
+                "flush made no progress"
+            );
+            std::thread::yield_now();
+        }
+        assert!(
+            !conn.tx_free.is_empty(),
+            "written buffers are kept for reuse"
+        );
+        assert!(conn.tx_free.len() <= TX_FREE_MAX);
+        drop(conn);
+        assert_eq!(reader.join().unwrap(), expect);
     }
 }
