@@ -222,7 +222,6 @@ impl TcpConn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read as _;
 
     #[test]
     fn queued_buffers_arrive_in_order_and_are_recycled() {
