@@ -25,6 +25,41 @@
 //!   [`CoreCache::next_grant`] hands the buffers over once they are free.
 //!
 //! [`BufPool`] is the legacy heap pool the single-reactor engine uses today.
+//!
+//! A reactor's side of the contract, in short:
+//!
+//! ```
+//! use mempool::{Alloc, Backing, Pool, PoolConfig, SgList};
+//!
+//! let pool = Pool::new(PoolConfig {
+//!     arena_bytes: 8 << 20,
+//!     arena_limit_bytes: 8 << 20,
+//!     cores: 1,
+//!     backing: Backing::Heap, // Auto in production
+//!     ..PoolConfig::default()
+//! })?;
+//! // At start-up, per RDMA device: pool.add_registrar(Box::new(my_pd))?
+//! let mut cache = pool.core_cache(0)?; // moved into core 0's reactor
+//!
+//! // A WRITE of 300 KiB arrives: get buffers, or wait without failing.
+//! let mut sg = SgList::new();
+//! match cache.alloc_or_wait(300 << 10, 42, &mut sg)? {
+//!     Alloc::Ready => { /* start the transfer into `sg` now */ }
+//!     Alloc::Queued => { /* park command 42; next_grant() returns it */ }
+//! }
+//! sg.copy_from_slice_at(0, &[7; 1000])?; // TCP: Data-Out payload
+//! cache.free_sg(&mut sg); // command done: same core or any other
+//!
+//! // Every loop iteration:
+//! while let Some((token, sg)) = cache.next_grant() {
+//!     # let mut sg = sg;
+//!     // resume command `token` with its buffers
+//!     # assert_eq!(token, 42); cache.free_sg(&mut sg);
+//! }
+//! cache.maintain();
+//! // Before blocking in epoll/io_uring wait: cache.flush();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod arena;
 mod buf;

@@ -249,9 +249,10 @@ pub struct AllocPlan {
 
 /// Counters of one class. From [`Pool::stats`]: the whole pool, as last
 /// published by each core ([`CoreCache::maintain`]); `in_use_high_water`
-/// is each core's peak between publications added to what the other
-/// cores had published (exact with one core; with several an estimate,
-/// as the others' counts may be stale, capped at `total_bufs`). From
+/// is total minus free buffers, sampled by each core whenever it touches
+/// the shared queue or publishes and tracked exactly through its own
+/// allocations in between: exact with one core; with several, off by at
+/// most what the other cores did since that core's last sample. From
 /// [`CoreCache::stats`]: that core alone, exact; `in_use` is what this
 /// core allocated minus what it freed (0 when it freed more).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -510,7 +511,6 @@ impl Pool {
                     waits: stat(S_WAITS),
                     granted: stat(S_GRANTED),
                     high_water: stat(S_HIGH),
-                    net_peak: 0,
                 };
                 LocalClass {
                     free: Vec::with_capacity(cache_bufs + MAX_SEGMENTS + 1),
@@ -520,6 +520,9 @@ impl Pool {
                     waiters: VecDeque::with_capacity(sh.cfg.waiters_per_class),
                     hungry: false,
                     stats,
+                    base_in_use: 0,
+                    min_free: 0,
+                    peak_in_use: 0,
                 }
             })
             .collect();
@@ -780,8 +783,6 @@ struct LocalStats {
     waits: u64,
     granted: u64,
     high_water: u64,
-    /// Largest `allocs - frees` since the last publication.
-    net_peak: i64,
 }
 
 impl LocalStats {
@@ -789,13 +790,8 @@ impl LocalStats {
         self.allocs.saturating_sub(self.frees)
     }
 
-    fn net(&self) -> i64 {
-        self.allocs as i64 - self.frees as i64
-    }
-
     fn note_alloc(&mut self) {
         self.high_water = self.high_water.max(self.in_use());
-        self.net_peak = self.net_peak.max(self.net());
     }
 }
 
@@ -819,6 +815,15 @@ struct LocalClass {
     /// Whether this core's bit is set in the class's hungry mask.
     hungry: bool,
     stats: LocalStats,
+    /// Pool-wide in-use plus this core's free buffers, at the last sample
+    /// (total minus the shared queue minus the other cores' published
+    /// free counts): pool-wide in-use is `base_in_use - free.len()` as
+    /// far as this core's own activity goes.
+    base_in_use: u64,
+    /// Smallest `free.len()` since the last sample.
+    min_free: usize,
+    /// Largest pool-wide in-use seen, for the next publication.
+    peak_in_use: u64,
 }
 
 /// One core's view of the pool: owned by that core's reactor, not shared
@@ -901,6 +906,7 @@ impl CoreCache {
         }
         let lc = &mut self.classes[c];
         let raw = lc.free.pop().expect("ensured");
+        lc.min_free = lc.min_free.min(lc.free.len());
         lc.stats.allocs += 1;
         lc.stats.note_alloc();
         // SAFETY: `raw` just left this core's free list, and a buffer is
@@ -1127,7 +1133,29 @@ impl CoreCache {
             assert!(lc.free.len() < lc.free.capacity());
             lc.free.push(raw);
         }
-        lc.free.len() >= n
+        let ok = lc.free.len() >= n;
+        self.sample(c);
+        ok
+    }
+
+    /// Folds the in-use peak since the last sample into `peak_in_use` and
+    /// takes a new sample. Slow path only (refill, spill, publication).
+    fn sample(&mut self, c: usize) {
+        let sh = &*self.shared;
+        let cs = &sh.classes[c];
+        let lc = &mut self.classes[c];
+        lc.peak_in_use = lc
+            .peak_in_use
+            .max(lc.base_in_use.saturating_sub(lc.min_free as u64));
+        let others_free: u64 = (0..sh.cfg.cores)
+            .filter(|&core| core != self.core)
+            .map(|core| sh.stat(core, c, S_LOCAL_FREE).load(Ordering::Relaxed))
+            .sum();
+        lc.base_in_use = lc
+            .total_bufs
+            .max(cs.total_bufs.load(Ordering::Relaxed))
+            .saturating_sub(cs.free.len() as u64 + others_free);
+        lc.min_free = lc.free.len();
     }
 
     /// Moves local free buffers of class `c` to the shared queue until
@@ -1135,12 +1163,16 @@ impl CoreCache {
     fn spill(&mut self, c: usize, keep: usize) {
         let cs = &self.shared.classes[c];
         let lc = &mut self.classes[c];
+        if lc.free.len() <= keep {
+            return;
+        }
         while lc.free.len() > keep {
             let raw = lc.free.pop().expect("len > keep");
             cs.free
                 .push(raw)
                 .expect("shared queue holds every buffer of the class");
         }
+        self.sample(c);
     }
 
     /// Takes `plan.segments` local buffers (ensured) into `sg`.
@@ -1162,6 +1194,7 @@ impl CoreCache {
             }
         }
         assert_eq!(left, 0, "plan does not cover its bytes");
+        lc.min_free = lc.min_free.min(lc.free.len());
         lc.stats.allocs += plan.segments as u64;
         lc.stats.note_alloc();
     }
@@ -1182,21 +1215,15 @@ impl CoreCache {
 
     fn publish(&mut self) {
         self.dirty = false;
-        let sh = &*self.shared;
-        for (c, lc) in self.classes.iter_mut().enumerate() {
-            // The pool-wide peak: this core's peak since it last published
-            // on top of what the others published (exact with one core).
-            let others: i64 = (0..sh.cfg.cores)
-                .filter(|&core| core != self.core)
-                .map(|core| {
-                    sh.stat(core, c, S_ALLOCS).load(Ordering::Relaxed) as i64
-                        - sh.stat(core, c, S_FREES).load(Ordering::Relaxed) as i64
-                })
-                .sum();
+        for c in 0..self.classes.len() {
+            self.sample(c);
+            let sh = &*self.shared;
+            let lc = &mut self.classes[c];
             let total = sh.classes[c].total_bufs.load(Ordering::Relaxed);
-            let peak = ((others + lc.stats.net_peak.max(lc.stats.net())).max(0) as u64).min(total);
-            sh.classes[c].high_water.fetch_max(peak, Ordering::Relaxed);
-            lc.stats.net_peak = lc.stats.net();
+            sh.classes[c]
+                .high_water
+                .fetch_max(lc.peak_in_use.min(total), Ordering::Relaxed);
+            lc.peak_in_use = 0;
             let put = |f, v| sh.stat(self.core, c, f).store(v, Ordering::Relaxed);
             put(S_ALLOCS, lc.stats.allocs);
             put(S_FREES, lc.stats.frees);
