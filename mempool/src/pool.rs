@@ -12,7 +12,11 @@
 //! token (FIFO per class) and sets its bit in the class's `hungry` mask;
 //! other cores see the mask in [`CoreCache::maintain`] and spill their
 //! idle buffers of that class to the shared queue, from where the waiting
-//! core's [`CoreCache::next_grant`] picks them up.
+//! core's [`CoreCache::next_grant`] picks them up. Requests take all
+//! their buffers at once or none, and among cores that wait the lowest
+//! numbered one gets priority (the others give back what they hold and
+//! keep no partial refills), so waiting cores cannot deadlock each other:
+//! every request is granted once enough granted requests complete.
 
 use std::collections::VecDeque;
 use std::error::Error;
@@ -1036,12 +1040,16 @@ impl CoreCache {
         let sh = &*self.shared;
         let ok = c < self.classes.len()
             && sh.classes[c].shift == raw.shift
-            && sh.arenas[raw.arena as usize].get().is_some_and(|s| {
-                s.class == raw.class
-                    && s.arena.contains(raw.ptr.as_ptr(), 1 << raw.shift)
-                    && (raw.ptr.as_ptr() as usize - s.arena.base.as_ptr() as usize)
-                        .is_multiple_of(1 << raw.shift)
-            });
+            && sh
+                .arenas
+                .get(raw.arena as usize)
+                .and_then(OnceLock::get)
+                .is_some_and(|s| {
+                    s.class == raw.class
+                        && s.arena.contains(raw.ptr.as_ptr(), 1 << raw.shift)
+                        && (raw.ptr.as_ptr() as usize - s.arena.base.as_ptr() as usize)
+                            .is_multiple_of(1 << raw.shift)
+                });
         assert!(ok, "freeing a buffer that is not from this pool: {raw:?}");
         self.dirty = true;
         let lc = &mut self.classes[c];
@@ -1075,8 +1083,20 @@ impl CoreCache {
             let cs = &self.shared.classes[c];
             let lc = &mut self.classes[c];
             lc.total_bufs = cs.total_bufs.load(Ordering::Acquire);
-            let others = cs.hungry.load(Ordering::Relaxed) & !self.bit;
-            if others != 0 && lc.waiters.is_empty() && !lc.free.is_empty() {
+            let hungry = cs.hungry.load(Ordering::Relaxed);
+            if hungry & !self.bit == 0 || lc.free.is_empty() {
+                continue;
+            }
+            // Give idle buffers to waiting cores. A core that waits too
+            // gives up what it holds to a lower-numbered waiting core
+            // unless it can serve its own first waiter: among waiting
+            // cores the lowest accumulates, so two cores each holding part
+            // of what the other needs cannot wait on each other forever.
+            let yields = match lc.waiters.front() {
+                None => true,
+                Some(w) => lc.free.len() < w.segments && hungry & (self.bit - 1) != 0,
+            };
+            if yields {
                 self.spill(c, 0);
                 self.dirty = true;
             }
@@ -1128,12 +1148,23 @@ impl CoreCache {
         } else {
             n.max(lc.batch_bufs)
         };
+        let had = lc.free.len();
         while lc.free.len() < target {
             let Some(raw) = cs.free.pop() else { break };
             assert!(lc.free.len() < lc.free.capacity());
             lc.free.push(raw);
         }
         let ok = lc.free.len() >= n;
+        if !ok && cs.hungry.load(Ordering::Relaxed) & (self.bit - 1) != 0 {
+            // Not enough, and a lower-numbered core waits: leave what was
+            // there for it (see `maintain`).
+            while lc.free.len() > had {
+                let raw = lc.free.pop().expect("len > had");
+                cs.free
+                    .push(raw)
+                    .expect("shared queue holds every buffer of the class");
+            }
+        }
         self.sample(c);
         ok
     }

@@ -397,3 +397,37 @@ fn single_core_high_water_is_exact() {
     cc.maintain();
     assert_eq!(pool.stats()[0].in_use_high_water, peak as u64);
 }
+
+#[test]
+fn two_waiting_cores_holding_halves_do_not_deadlock() {
+    let pool = Pool::new(small(2)).unwrap();
+    let mut a = pool.core_cache(0).unwrap();
+    let mut b = pool.core_cache(1).unwrap();
+    let mut held: Vec<Buf> = (0..32).map(|_| a.try_alloc(C64K).unwrap()).collect();
+    // Each core waits for 20 of the 32 buffers and gets 16 of them back
+    // into its own cache: neither can be served from what it holds.
+    let mut sg = SgList::new();
+    assert_eq!(a.alloc_or_wait(20 << 16, 1, &mut sg), Ok(Alloc::Queued));
+    assert_eq!(b.alloc_or_wait(20 << 16, 2, &mut sg), Ok(Alloc::Queued));
+    for x in held.drain(..16) {
+        a.free(x);
+    }
+    for x in held.drain(..) {
+        b.free(x);
+    }
+    let mut granted = Vec::new();
+    for _ in 0..8 {
+        for cc in [&mut a, &mut b] {
+            if let Some((t, mut g)) = cc.next_grant() {
+                assert_eq!(g.segment_count(), 20);
+                granted.push(t);
+                cc.free_sg(&mut g);
+            }
+            cc.maintain();
+        }
+    }
+    assert_eq!(granted, [1, 2], "lower core first, then the other");
+    a.maintain();
+    b.maintain();
+    assert_eq!(pool.stats()[1].in_use, 0);
+}
