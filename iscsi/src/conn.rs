@@ -53,10 +53,10 @@ pub mod tmf {
     pub const RESP_NO_LUN: u8 = 2;
     pub const RESP_REASSIGN_UNSUPPORTED: u8 = 4;
     pub const RESP_NOT_SUPPORTED: u8 = 5;
-    /// SAM-5 FUNCTION SUCCEEDED (QUERY TASK found the task); RFC 7143
-    /// carries it with the same code as "Function complete" is not enough,
-    /// so 0 means "not found/complete" and this value means "succeeded".
-    pub const RESP_SUCCEEDED: u8 = 0;
+    /// FUNCTION SUCCEEDED (RFC 7144 4.4, IANA "iSCSI Task Management
+    /// Function Response" registry value 7): QUERY TASK found the task.
+    /// "Function complete" (0) then means it is not in the task set.
+    pub const RESP_FUNCTION_SUCCEEDED: u8 = 7;
     pub const RESP_REJECTED: u8 = 255;
 }
 
@@ -981,8 +981,7 @@ impl Connection {
                         .is_some_and(|t| t.lun == lun && !matches!(t.state, TaskState::Aborted))
                 });
                 if found {
-                    // FUNCTION SUCCEEDED: the task is in the task set.
-                    9
+                    tmf::RESP_FUNCTION_SUCCEEDED
                 } else {
                     tmf::RESP_COMPLETE
                 }
@@ -994,7 +993,7 @@ impl Connection {
                     .flatten()
                     .any(|t| t.lun == lun && !matches!(t.state, TaskState::Aborted));
                 if any {
-                    9
+                    tmf::RESP_FUNCTION_SUCCEEDED
                 } else {
                     tmf::RESP_COMPLETE
                 }
@@ -1517,8 +1516,8 @@ mod tests {
         c.handle_pdu(&mut Ctx, tmf_pdu(tmf::QUERY_TASK, 10, 2), 0);
         assert_eq!(
             drain(&mut c)[0].bhs.0[2],
-            9,
-            "task exists: FUNCTION SUCCEEDED"
+            7,
+            "task exists: FUNCTION SUCCEEDED (RFC 7144)"
         );
         c.handle_pdu(&mut Ctx, tmf_pdu(tmf::ABORT_TASK, 10, 2), 0);
         let out = drain(&mut c);
