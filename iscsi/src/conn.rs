@@ -188,12 +188,22 @@ struct Task {
     r2tsn: u32,
 }
 
-/// Fixed-format sense: ILLEGAL REQUEST, INVALID FIELD IN CDB, pointing at
-/// the transfer length. Built here because the iSCSI layer refuses such a
-/// command before the device server sees it.
-const SENSE_TRANSFER_TOO_LONG: [u8; 18] = [
-    0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0x00, 0, 0xc0, 0, 7,
-];
+/// Fixed-format sense data (SPC-4 4.5.3) for the few commands the iSCSI
+/// layer ends itself, before or without the device server: `sks` is the
+/// sense-key specific field (bytes 15-17).
+const fn fixed_sense(key: u8, asc: u8, ascq: u8, sks: [u8; 3]) -> [u8; 18] {
+    [
+        0x70, 0, key, 0, 0, 0, 0, 10, 0, 0, 0, 0, asc, ascq, 0, sks[0], sks[1], sks[2],
+    ]
+}
+
+/// ILLEGAL REQUEST, INVALID FIELD IN CDB, pointing at the transfer length:
+/// the iSCSI layer refuses an oversized write before sizing its buffer.
+const SENSE_TRANSFER_TOO_LONG: [u8; 18] = fixed_sense(0x05, 0x24, 0x00, [0xc0, 0, 7]);
+
+/// Largest sense data carried in a SCSI Response (SenseLength is 16 bits,
+/// but SPC-4 sense data is at most 252 bytes).
+const SENSE_LEN_MAX: usize = 252;
 
 /// Limits on what one connection holds (TIGER_STYLE: a bound on
 /// everything).
@@ -834,9 +844,7 @@ impl Connection {
             tracing::info!(itt = bhs.itt(), "write data sequence error: {why}");
             let itt = bhs.itt();
             self.take_task(id);
-            let sense = [
-                0x70, 0, 0x0b, 0, 0, 0, 0, 10, 0, 0, 0, 0, asc, ascq, 0, 0, 0, 0,
-            ];
+            let sense = fixed_sense(0x0b, asc, ascq, [0; 3]);
             return self.respond_status_only(itt, 0x02, &sense);
         }
         self.advance_task(id);
@@ -914,38 +922,40 @@ impl Connection {
             }
         }
         if !collapse {
-            let mut b = Bhs::new(opcode::SCSI_RESP);
-            b.set_flags(flags::FINAL | res_flag);
-            b.0[2] = 0; // Command Completed at Target
-            b.0[3] = status;
-            b.set_itt(t.itt);
-            b.set_u32_at(36, datasn); // ExpDataSN
-            b.set_residual_count(residual);
-            self.fill_sn(&mut b, true);
-            if sense.is_empty() {
-                self.push(&b, &[]);
-            } else {
-                let mut seg = Vec::with_capacity(2 + sense.len());
-                seg.extend_from_slice(&(sense.len() as u16).to_be_bytes());
-                seg.extend_from_slice(sense);
-                self.push(&b, &seg);
-            }
+            self.push_scsi_response(t.itt, status, sense, res_flag, datasn, residual);
         }
     }
 
     /// A SCSI Response with status and optional sense, no data.
     fn respond_status_only(&mut self, itt: u32, status: u8, sense: &[u8]) {
+        self.push_scsi_response(itt, status, sense, 0, 0, 0);
+    }
+
+    /// Queue a SCSI Response (RFC 7143 11.4): "Command Completed at Target",
+    /// `status`, residual flag and count, ExpDataSN, and the sense data
+    /// behind its 2-byte SenseLength.
+    fn push_scsi_response(
+        &mut self,
+        itt: u32,
+        status: u8,
+        sense: &[u8],
+        res_flag: u8,
+        exp_datasn: u32,
+        residual: u32,
+    ) {
         let mut b = Bhs::new(opcode::SCSI_RESP);
-        b.set_flags(flags::FINAL);
+        b.set_flags(flags::FINAL | res_flag);
         b.0[3] = status;
         b.set_itt(itt);
+        b.set_u32_at(36, exp_datasn);
+        b.set_residual_count(residual);
         self.fill_sn(&mut b, true);
-        let mut seg = Vec::new();
-        if !sense.is_empty() {
-            seg.extend_from_slice(&(sense.len() as u16).to_be_bytes());
-            seg.extend_from_slice(sense);
-        }
-        self.push(&b, &seg);
+        let n = sense.len().min(SENSE_LEN_MAX);
+        let mut seg = [0u8; 2 + SENSE_LEN_MAX];
+        seg[..2].copy_from_slice(&(n as u16).to_be_bytes());
+        seg[2..2 + n].copy_from_slice(&sense[..n]);
+        let seg_len = if n == 0 { 0 } else { 2 + n };
+        self.push(&b, &seg[..seg_len]);
     }
 
     // ---------------------------------------------------------------
