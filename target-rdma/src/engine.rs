@@ -99,6 +99,10 @@ pub struct Engine {
     next_nexus: u64,
     pool: BufPool,
     completions: Vec<ScsiCompletion>,
+    /// Connections that got completions in one round (reused buffer).
+    touched: Vec<u64>,
+    /// Some connection is closing: `reap` has work.
+    reap_needed: bool,
     started: Instant,
     /// Connections to close, found while handling another connection.
     doomed: Vec<u64>,
@@ -133,6 +137,8 @@ impl Engine {
             next_nexus: 1,
             pool: BufPool::new(256 * 1024, 1024),
             completions: Vec::with_capacity(1024),
+            touched: Vec::with_capacity(1024),
+            reap_needed: false,
             started: Instant::now(),
             doomed: Vec::new(),
         })
@@ -231,7 +237,7 @@ impl Engine {
                 break;
             }
             let mut done = std::mem::take(&mut self.completions);
-            let mut touched = Vec::new();
+            let mut touched = std::mem::take(&mut self.touched);
             for c in done.drain(..) {
                 let id = c.tag >> 32;
                 let task = c.tag as u32;
@@ -244,11 +250,16 @@ impl Engine {
                 self.pool.give(c.data_out);
             }
             self.completions = done;
+            // Completions of several connections interleave: each
+            // connection is flushed once per round, with one writev.
+            touched.sort_unstable();
             touched.dedup();
-            for id in touched {
+            for &id in &touched {
                 self.process_events(id);
                 self.flush_conn(id);
             }
+            touched.clear();
+            self.touched = touched;
         }
         self.reap();
     }
@@ -339,8 +350,8 @@ impl Engine {
 
     /// Handle every whole PDU in the receive buffer.
     fn handle_buffered(&mut self, id: u64) {
+        let now = self.now_ms();
         loop {
-            let now = self.now_ms();
             let Some(c) = self.conns.get_mut(&id) else {
                 return;
             };
@@ -478,6 +489,7 @@ impl Engine {
                         r => tracing::info!(id, "closing: {r:?}"),
                     }
                     c.closing = true;
+                    self.reap_needed = true;
                 }
             }
         }
@@ -521,13 +533,17 @@ impl Engine {
                 tracing::debug!(id, "{why}");
             }
             c.closing = true;
+            self.reap_needed = true;
         }
     }
 
     /// Remove connections that are closing and have sent what they could.
     fn reap(&mut self) {
+        if !self.reap_needed && self.doomed.is_empty() {
+            return;
+        }
         for id in std::mem::take(&mut self.doomed) {
-            self.mark_closed(id, "session ended by target reset");
+            self.mark_closed(id, "session reinstated or ended by a target reset");
         }
         let done: Vec<u64> = self
             .conns
@@ -549,6 +565,9 @@ impl Engine {
                 }
             }
         }
+        // Closing connections still flushing their last bytes stay for
+        // the next pass.
+        self.reap_needed = self.conns.values().any(|c| c.closing);
     }
 
     fn end_session(&mut self, tsih: u16) {
@@ -563,12 +582,7 @@ impl Engine {
     fn shutdown(&mut self) -> io::Result<()> {
         // Commands already given to the device server finish first.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while self
-            .targets
-            .iter()
-            .any(|t| t.device.luns().iter().any(|l| l.in_flight() > 0))
-            && Instant::now() < deadline
-        {
+        while self.targets.iter().any(|t| t.device.in_flight() > 0) && Instant::now() < deadline {
             self.run_until_idle();
             std::thread::sleep(Duration::from_millis(1));
         }
