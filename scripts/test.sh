@@ -45,6 +45,8 @@ TARGET_RDMA_BIN=${TARGET_RDMA_BIN:-$CARGO_TARGET_DIR_EFFECTIVE/release/target-rd
 CONFORMANCE_VARIANTS=${CONFORMANCE_VARIANTS:-mem file digest chap mutual-chap mem4k removable sanitize readonly}
 TEST_LOG_DIR=${TEST_LOG_DIR:-$CARGO_TARGET_DIR_EFFECTIVE/test-logs/$(date +%Y%m%d-%H%M%S)-$$}
 mkdir -p "$TEST_LOG_DIR"
+# A reused log directory must not lend old results to this run's summary.
+rm -f "$TEST_LOG_DIR"/*.summary
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/target-rdma-test.XXXXXX")
 
 CONF_DIR=$ROOT/tests/conformance

@@ -89,7 +89,8 @@ pub struct Config {
     pub portals: Vec<PortalConfig>,
     /// One of [`LOG_LEVELS`].
     pub log_level: String,
-    /// Cores to pin worker threads to, in the order given; `None`: no pinning.
+    /// CPUs to run one pinned reactor each on, in the order given; `None`:
+    /// every CPU in the process's affinity mask.
     pub cores: Option<Vec<usize>>,
     /// Per-session command window (MaxCmdSN - ExpCmdSN + 1).
     pub queue_depth: u32,
@@ -379,7 +380,7 @@ struct Cli {
     #[arg(long, value_name = "LEVEL", value_parser = LOG_LEVELS)]
     log_level: Option<String>,
 
-    /// Pin worker threads to these cores, e.g. 0-7 or 0,2,4-7 [default: no pinning]
+    /// One pinned reactor per CPU listed, e.g. 0-7 or 0,2,4-7 [default: every CPU the process may use]
     #[arg(long, value_name = "LIST")]
     cores: Option<String>,
 
@@ -516,8 +517,8 @@ const EXAMPLE_TOML: &str = r#"# target-rdma example configuration (TOML).
 
 # error, warn, info, debug or trace.
 log_level = "info"
-# Pin worker threads to these cores: "0-7", "0,2,4-7" or [0, 1, 2, 3].
-# Leave out for no pinning.
+# One pinned reactor per CPU listed: "0-7", "0,2,4-7" or [0, 1, 2, 3].
+# Leave out for one reactor on every CPU the process may use.
 cores = "0-1"
 # Commands each session may have outstanding (1..=4096).
 queue_depth = 128

@@ -1,27 +1,51 @@
-//! The reactor: one thread that owns its sockets, its iSCSI connections and
-//! the SCSI targets, and moves work between them without locks.
+//! The engine: one reactor thread per core, each owning its sockets, its
+//! iSCSI connections and the SCSI targets whose home it is, and moving work
+//! between them without locks on the I/O path.
 //!
-//! Loop: wait for socket readiness (mio) -> read bytes -> decode PDUs ->
-//! `iscsi::conn::Connection` -> SCSI tasks to `scsi::Target` -> completions
-//! -> back into the connection -> wire bytes -> socket. This version runs a
-//! single reactor; sharding connections across per-core reactors is the
-//! next step and will keep this shape, each reactor owning what it serves.
+//! A reactor's loop: drain its inbox (messages from other cores) -> wait
+//! for socket readiness (mio) -> read bytes -> decode PDUs ->
+//! `iscsi::conn::Connection` -> SCSI tasks -> `scsi::Target` -> completions
+//! -> back into the connection -> wire bytes -> socket.
+//!
+//! Placement. Core 0 holds the listeners and runs every login (rare and
+//! cheap). When a normal session reaches full feature phase its connection
+//! is handed, socket and protocol state together, to the least-loaded core
+//! (ties go to the home core of the session's target) and stays there.
+//!
+//! Shared state. Each SCSI target (its LUNs: reservations, unit
+//! attentions, COMPARE AND WRITE range locks, EXTENDED COPY between its
+//! LUNs) lives on one home core, assigned round-robin. A connection on the
+//! home core submits directly; one elsewhere sends the task through the
+//! home core's inbox (buffers move, nothing is copied) and gets the
+//! completion back the same way. Every piece of SCSI state therefore has
+//! one owner and needs no lock. The session table (TSIH allocation,
+//! reinstatement, the session limit) is touched only at login and logout
+//! and sits behind a mutex that no I/O takes.
+//!
+//! Inboxes are bounded lock-free queues (`ArrayQueue`); a full inbox makes
+//! the sender keep the message in a local overflow queue and retry, never
+//! drop it. A reactor about to sleep announces it (`parked`) and senders
+//! wake it through its `mio::Waker` only then, so cores that are spinning
+//! are not sent system calls.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::config::PollMode;
+use crossbeam_queue::ArrayQueue;
 use iscsi::conn::{CloseReason, ConnConfig, Connection, Event};
 use iscsi::login::{ChapConfig, LoginContext, LoginStatus, SessionRequest};
 use iscsi::params::{SessionType, TargetLimits};
 use iscsi::textreq::{TargetRecord, TextContext};
 use mempool::BufPool;
 use mio::net::TcpListener;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Token, Waker};
 use rand::RngCore;
-use scsi::{Nexus, ScsiCompletion, ScsiTask, TaskAttr};
+use scsi::{Nexus, NexusId, ScsiCompletion, ScsiTask, TaskAttr};
 use transport_tcp::{Fill, TcpConn, TX_BACKLOG_MAX_BYTES};
 
 /// One exported iSCSI target: its name, access rules and SCSI device.
@@ -50,9 +74,13 @@ pub struct EngineConfig {
     pub max_login_connections: usize,
     pub discovery_chap: ChapConfig,
     pub poll: PollMode,
+    /// One reactor per entry, pinned to that CPU when `pin` is set.
+    pub cores: Vec<usize>,
+    pub pin: bool,
 }
 
 const SIGNAL_TOKEN: Token = Token(usize::MAX - 1);
+const WAKER_TOKEN: Token = Token(usize::MAX - 2);
 /// Listener tokens are 0..portals; connection tokens start here.
 const CONN_TOKEN_BASE: usize = 1 << 20;
 const TICK: Duration = Duration::from_millis(500);
@@ -60,6 +88,102 @@ const TICK: Duration = Duration::from_millis(500);
 /// long enough to catch the next command of a queue-depth-1 initiator
 /// without a sleep and wake-up, short enough that an idle target sleeps.
 const POLL_IDLE_BUDGET: Duration = Duration::from_micros(50);
+/// Messages one inbox holds. Bounds the memory of a core's inbox; more
+/// than this in flight towards one core waits in the sender's overflow.
+const INBOX_CAPACITY: usize = 16 * 1024;
+/// Messages handled per loop iteration, so a flood from other cores does
+/// not starve this core's own sockets.
+const INBOX_BATCH_MAX: usize = 1024;
+/// Reactors at most (the tag keeps the core in 8 bits).
+pub const CORES_MAX: usize = 256;
+/// Connection ids are 24 bits in a task tag.
+const LOCAL_ID_MASK: u32 = (1 << 24) - 1;
+/// How long shutdown waits for commands already in the device servers.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// A task's tag names the core and connection that wait for its
+/// completion, and the task within the connection.
+fn task_tag(core: usize, local: u32, task: u32) -> u64 {
+    debug_assert!(core < CORES_MAX && local <= LOCAL_ID_MASK);
+    (core as u64) << 56 | (local as u64) << 32 | task as u64
+}
+
+fn tag_core(tag: u64) -> usize {
+    (tag >> 56) as usize
+}
+
+fn tag_local(tag: u64) -> u32 {
+    (tag >> 32) as u32 & LOCAL_ID_MASK
+}
+
+/// What crosses between reactors.
+enum Msg {
+    /// A connection placed on this core: register its socket and serve it.
+    Adopt(Box<ConnEntry>),
+    /// Execute a task on a target whose home is this core.
+    Submit {
+        target: usize,
+        lun: u64,
+        task: ScsiTask,
+    },
+    /// A task's completion, back to the core of its connection.
+    Complete(ScsiCompletion),
+    Abort {
+        target: usize,
+        lun: u64,
+        nexus: NexusId,
+        tag: u64,
+    },
+    /// LOGICAL UNIT RESET; answered with `TmfDone` to `reply` (a tag).
+    LunReset {
+        target: usize,
+        lun: u64,
+        nexus: NexusId,
+        reply: u64,
+    },
+    TargetReset {
+        target: usize,
+        nexus: NexusId,
+        cold: bool,
+        reply: u64,
+    },
+    TmfDone {
+        reply: u64,
+        response: u8,
+        cold: bool,
+    },
+    NexusAdded {
+        target: usize,
+        nexus: Nexus,
+    },
+    NexusRemoved {
+        target: usize,
+        nexus: NexusId,
+    },
+    /// Close the connection with this global id, wherever it lives
+    /// (session reinstatement, cold reset).
+    Kill(u64),
+    Shutdown,
+}
+
+/// A reactor's mailbox, as other reactors see it.
+struct CoreLink {
+    inbox: ArrayQueue<Msg>,
+    waker: Waker,
+    /// Set while the reactor waits in `epoll_wait`: only then do senders
+    /// pay for a wake-up.
+    parked: AtomicBool,
+    /// Full-feature connections placed on this core.
+    load: AtomicUsize,
+}
+
+struct TargetMeta {
+    name: String,
+    allow: Vec<String>,
+    chap: ChapConfig,
+    /// The reactor that owns this target's device server.
+    home: usize,
+}
 
 struct Session {
     tsih: u16,
@@ -67,45 +191,80 @@ struct Session {
     isid: u64,
     target: usize,
     session_type: SessionType,
-    /// The connection currently carrying the session.
+    /// Global id of the connection currently carrying the session.
     conn: u64,
     cid: u16,
-    nexus: Option<scsi::NexusId>,
+    nexus: Option<NexusId>,
+}
+
+struct SessionTable {
+    map: HashMap<u16, Session>,
+    next_tsih: u16,
+    next_nexus: u64,
+}
+
+impl SessionTable {
+    fn alloc_tsih(&mut self) -> Option<u16> {
+        for _ in 0..=u16::MAX {
+            let t = self.next_tsih;
+            self.next_tsih = self.next_tsih.wrapping_add(1).max(1);
+            if !self.map.contains_key(&t) {
+                return Some(t);
+            }
+        }
+        None
+    }
+}
+
+/// What every reactor reads; only `sessions` changes, and only at login
+/// and logout.
+struct Shared {
+    cfg: EngineConfig,
+    targets: Vec<TargetMeta>,
+    portals: Vec<Portal>,
+    /// The addresses actually bound (port 0 resolved), for SendTargets.
+    portal_addrs: Vec<SocketAddr>,
+    sessions: Mutex<SessionTable>,
+    cores: Vec<CoreLink>,
+    next_conn: AtomicU64,
+    /// Reactors that have stopped reading sockets at shutdown.
+    stopping: AtomicUsize,
+}
+
+impl Shared {
+    fn sessions(&self) -> MutexGuard<'_, SessionTable> {
+        // A panic while holding the table leaves it consistent (each
+        // change is one insert or remove), so poisoning is ignored.
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 struct ConnEntry {
     tcp: TcpConn,
     proto: Connection,
     portal: usize,
+    /// Unique for the process lifetime; names the connection in the
+    /// session table and in `Msg::Kill`.
+    global: u64,
     /// Session this connection belongs to, once login instated it.
     tsih: Option<u16>,
+    /// The session's target and I_T nexus, cached at full feature phase
+    /// so the I/O path never looks at the session table.
+    session: Option<(usize, NexusId)>,
     /// Stopped reading because too much output is queued.
     read_paused: bool,
     /// Empty buffer (with capacity) passed between connection and socket.
     spare_tx: Vec<u8>,
     closing: bool,
+    /// Counted in its core's `load`.
+    placed: bool,
 }
 
+/// The whole target: built on the main thread, then `run` starts one
+/// reactor per configured core.
 pub struct Engine {
-    cfg: EngineConfig,
-    targets: Vec<ExportedTarget>,
-    portals: Vec<Portal>,
-    listeners: Vec<TcpListener>,
-    poll: Poll,
-    conns: HashMap<u64, ConnEntry>,
-    next_conn: u64,
-    sessions: HashMap<u16, Session>,
-    next_tsih: u16,
-    next_nexus: u64,
-    pool: BufPool,
-    completions: Vec<ScsiCompletion>,
-    /// Connections that got completions in one round (reused buffer).
-    touched: Vec<u64>,
-    /// Some connection is closing: `reap` has work.
-    reap_needed: bool,
-    started: Instant,
-    /// Connections to close, found while handling another connection.
-    doomed: Vec<u64>,
+    sh: Arc<Shared>,
+    reactors: Vec<Reactor>,
 }
 
 impl Engine {
@@ -114,76 +273,258 @@ impl Engine {
         targets: Vec<ExportedTarget>,
         portals: Vec<Portal>,
     ) -> io::Result<Engine> {
-        let poll = Poll::new()?;
+        let n = cfg.cores.len().max(1);
+        if n > CORES_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("at most {CORES_MAX} reactor cores"),
+            ));
+        }
+        let mut polls = Vec::with_capacity(n);
+        let mut links = Vec::with_capacity(n);
+        for _ in 0..n {
+            let poll = Poll::new()?;
+            let waker = Waker::new(poll.registry(), WAKER_TOKEN)?;
+            links.push(CoreLink {
+                inbox: ArrayQueue::new(INBOX_CAPACITY),
+                waker,
+                parked: AtomicBool::new(false),
+                load: AtomicUsize::new(0),
+            });
+            polls.push(poll);
+        }
         let mut listeners = Vec::new();
+        let mut portal_addrs = Vec::new();
         for (i, p) in portals.iter().enumerate() {
             let mut l = TcpListener::bind(p.addr).map_err(|e| {
                 io::Error::new(e.kind(), format!("portal {}: cannot listen: {e}", p.addr))
             })?;
-            poll.registry()
+            polls[0]
+                .registry()
                 .register(&mut l, Token(i), Interest::READABLE)?;
+            portal_addrs.push(l.local_addr().unwrap_or(p.addr));
             listeners.push(l);
         }
-        Ok(Engine {
+        let mut metas = Vec::with_capacity(targets.len());
+        let mut devices: Vec<Vec<Option<scsi::Target>>> = (0..n).map(|_| Vec::new()).collect();
+        for d in devices.iter_mut() {
+            d.resize_with(targets.len(), || None);
+        }
+        for (i, t) in targets.into_iter().enumerate() {
+            let home = i % n;
+            metas.push(TargetMeta {
+                name: t.name,
+                allow: t.allow,
+                chap: t.chap,
+                home,
+            });
+            devices[home][i] = Some(t.device);
+        }
+        let sh = Arc::new(Shared {
             cfg,
-            targets,
+            targets: metas,
             portals,
-            listeners,
-            poll,
-            conns: HashMap::new(),
-            next_conn: 0,
-            sessions: HashMap::new(),
-            next_tsih: 1,
-            next_nexus: 1,
-            pool: BufPool::new(256 * 1024, 1024),
-            completions: Vec::with_capacity(1024),
-            touched: Vec::with_capacity(1024),
-            reap_needed: false,
-            started: Instant::now(),
-            doomed: Vec::new(),
-        })
+            portal_addrs,
+            sessions: Mutex::new(SessionTable {
+                map: HashMap::new(),
+                next_tsih: 1,
+                next_nexus: 1,
+            }),
+            cores: links,
+            next_conn: AtomicU64::new(1),
+            stopping: AtomicUsize::new(0),
+        });
+        let started = Instant::now();
+        let mut reactors = Vec::with_capacity(n);
+        for (me, (poll, devices)) in polls.into_iter().zip(devices).enumerate() {
+            reactors.push(Reactor {
+                me,
+                sh: sh.clone(),
+                poll,
+                listeners: if me == 0 {
+                    std::mem::take(&mut listeners)
+                } else {
+                    Vec::new()
+                },
+                conns: HashMap::new(),
+                next_local: 0,
+                devices,
+                pool: BufPool::new(256 * 1024, 1024),
+                completions: Vec::with_capacity(1024),
+                touched: Vec::with_capacity(1024),
+                reap_needed: false,
+                kills: Vec::new(),
+                ended: Vec::new(),
+                outbox: (0..n).map(|_| VecDeque::new()).collect(),
+                wake: vec![false; n],
+                started,
+                scratch: Vec::new(),
+                stopping: false,
+            });
+        }
+        Ok(Engine { sh, reactors })
     }
 
     /// The addresses actually bound (port 0 resolved).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect()
+        self.sh.portal_addrs.clone()
+    }
+
+    /// Serve until SIGINT or SIGTERM, then finish in-flight commands, flush
+    /// the backstores and return. Reactor 0 runs on the calling thread.
+    pub fn run(self) -> io::Result<()> {
+        let mut reactors = self.reactors.into_iter();
+        let mut first = reactors.next().expect("at least one reactor");
+        let mut handles = Vec::new();
+        for r in reactors {
+            let name = format!("reactor-{}", r.me);
+            handles.push(
+                std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || r.run_pinned())?,
+            );
+        }
+        let signals = signal_hook_mio::v1_0::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+        ])?;
+        let mut result = first.run_with_signals(signals);
+        for h in handles {
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    result = result.and(Err(e));
+                }
+                Err(_) => {
+                    result = result.and(Err(io::Error::other("a reactor thread panicked")));
+                }
+            }
+        }
+        tracing::info!("stopped");
+        result
+    }
+}
+
+struct Reactor {
+    me: usize,
+    sh: Arc<Shared>,
+    poll: Poll,
+    /// Only reactor 0 listens.
+    listeners: Vec<TcpListener>,
+    conns: HashMap<u32, ConnEntry>,
+    next_local: u32,
+    /// Indexed by target; `Some` for targets whose home is this core.
+    devices: Vec<Option<scsi::Target>>,
+    pool: BufPool,
+    completions: Vec<ScsiCompletion>,
+    /// Connections that got completions in one round (reused buffer).
+    touched: Vec<u32>,
+    /// Some connection is closing: `reap` has work.
+    reap_needed: bool,
+    /// Global ids of connections to close, found during a login.
+    kills: Vec<u64>,
+    /// Nexuses of sessions ended during a login (reinstatement).
+    ended: Vec<(usize, NexusId)>,
+    /// Messages a full inbox refused, per destination core, oldest first.
+    outbox: Vec<VecDeque<Msg>>,
+    /// Destinations sent something since the last wake-up pass.
+    wake: Vec<bool>,
+    started: Instant,
+    /// Reused list of connection ids for the periodic tick.
+    scratch: Vec<u32>,
+    stopping: bool,
+}
+
+impl Reactor {
+    fn link(&self) -> &CoreLink {
+        &self.sh.cores[self.me]
     }
 
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Serve until SIGINT or SIGTERM, then finish in-flight commands, flush
-    /// the backstores and return.
-    pub fn run(&mut self) -> io::Result<()> {
-        let mut signals = signal_hook_mio::v1_0::Signals::new([
-            signal_hook::consts::SIGINT,
-            signal_hook::consts::SIGTERM,
-        ])?;
+    fn pin(&self) {
+        if !self.sh.cfg.pin {
+            return;
+        }
+        let Some(&cpu) = self.sh.cfg.cores.get(self.me) else {
+            return;
+        };
+        if core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+            tracing::info!(reactor = self.me, cpu, "reactor pinned");
+        } else {
+            tracing::warn!(
+                reactor = self.me,
+                cpu,
+                "could not pin the reactor to this CPU"
+            );
+        }
+    }
+
+    fn run_pinned(mut self) -> io::Result<()> {
+        self.pin();
+        self.run(None)
+    }
+
+    fn run_with_signals(&mut self, mut signals: signal_hook_mio::v1_0::Signals) -> io::Result<()> {
+        self.pin();
         self.poll
             .registry()
             .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
+        self.run(Some(signals))
+    }
+
+    fn run(&mut self, mut signals: Option<signal_hook_mio::v1_0::Signals>) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         let mut last_tick = Instant::now();
         let mut last_work = Instant::now();
+        let mut stop_deadline: Option<Instant> = None;
         loop {
-            let timeout = match self.cfg.poll {
+            let got = self.drain_inbox();
+            if got > 0 {
+                last_work = Instant::now();
+            }
+            if self.stopping {
+                let deadline = *stop_deadline.get_or_insert_with(|| {
+                    self.sh.stopping.fetch_add(1, Ordering::SeqCst);
+                    Instant::now() + SHUTDOWN_GRACE
+                });
+                if self.stop_complete() || Instant::now() >= deadline {
+                    return self.shutdown();
+                }
+            }
+            let mut timeout = match self.sh.cfg.poll {
+                _ if got > 0 || self.stopping => Duration::ZERO,
                 PollMode::Busy => Duration::ZERO,
                 PollMode::Interrupt => TICK,
                 PollMode::Adaptive if last_work.elapsed() < POLL_IDLE_BUDGET => Duration::ZERO,
                 PollMode::Adaptive => TICK,
             };
-            match self.poll.poll(&mut events, Some(timeout)) {
+            if self.stopping {
+                // Keep the loop turning for the in-flight work, but do not
+                // burn the CPU while waiting for it.
+                timeout = Duration::from_millis(1);
+            } else if !timeout.is_zero() {
+                self.link().parked.store(true, Ordering::SeqCst);
+                // Pairs with the sender's fence between its push and its
+                // look at `parked`: either it sees us parked and wakes us,
+                // or we see its message here.
+                fence(Ordering::SeqCst);
+                if !self.link().inbox.is_empty() {
+                    timeout = Duration::ZERO;
+                }
+            }
+            let r = self.poll.poll(&mut events, Some(timeout));
+            self.link().parked.store(false, Ordering::Relaxed);
+            match r {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
             if !events.is_empty() {
                 last_work = Instant::now();
-            } else if timeout.is_zero() && self.cfg.poll == PollMode::Adaptive {
+            } else if timeout.is_zero() && self.sh.cfg.poll == PollMode::Adaptive {
                 // Spinning with nothing to do: let an initiator sharing
                 // this core run instead of burning its time slice.
                 std::thread::yield_now();
@@ -191,15 +532,30 @@ impl Engine {
             for ev in events.iter() {
                 match ev.token() {
                     SIGNAL_TOKEN => {
-                        if signals.pending().next().is_some() {
+                        let stop = signals
+                            .as_mut()
+                            .is_some_and(|s| s.pending().next().is_some());
+                        if stop && !self.stopping {
                             tracing::info!("signal received: stopping");
-                            return self.shutdown();
+                            for core in 0..self.sh.cores.len() {
+                                if core != self.me {
+                                    self.send(core, Msg::Shutdown);
+                                }
+                            }
+                            self.stopping = true;
                         }
                     }
-                    Token(i) if i < self.listeners.len() => self.accept(i),
+                    WAKER_TOKEN => {}
+                    Token(i) if i < self.listeners.len() => {
+                        if !self.stopping {
+                            self.accept(i);
+                        }
+                    }
                     Token(t) => {
-                        let id = (t - CONN_TOKEN_BASE) as u64;
-                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                        let id = (t - CONN_TOKEN_BASE) as u32;
+                        if (ev.is_readable() || ev.is_read_closed() || ev.is_error())
+                            && !self.stopping
+                        {
                             self.service_read(id);
                         }
                         if ev.is_writable() {
@@ -211,18 +567,211 @@ impl Engine {
             self.run_until_idle();
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
-                let now = self.now_ms();
-                let ids: Vec<u64> = self.conns.keys().copied().collect();
-                for id in ids {
-                    if let Some(c) = self.conns.get_mut(&id) {
-                        c.proto.tick(now);
-                    }
-                    self.process_events(id);
-                    self.flush_conn(id);
+                self.tick();
+            }
+            self.flush_outbox();
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = self.now_ms();
+        let mut ids = std::mem::take(&mut self.scratch);
+        ids.clear();
+        ids.extend(self.conns.keys().copied());
+        for &id in &ids {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.proto.tick(now);
+            }
+            self.process_events(id);
+            self.flush_conn(id);
+        }
+        self.scratch = ids;
+        self.reap();
+    }
+
+    /// Queue a message for another core; a full inbox keeps it here until
+    /// `flush_outbox` can deliver it. Order per destination is kept.
+    fn send(&mut self, core: usize, msg: Msg) {
+        debug_assert_ne!(core, self.me, "a reactor handles its own work directly");
+        if self.outbox[core].is_empty() {
+            if let Err(m) = self.sh.cores[core].inbox.push(msg) {
+                self.outbox[core].push_back(m);
+            }
+        } else {
+            self.outbox[core].push_back(msg);
+        }
+        self.wake[core] = true;
+    }
+
+    /// Retry refused messages, then wake each destination that is asleep.
+    /// Once per loop iteration, so a burst of messages costs one wake-up.
+    fn flush_outbox(&mut self) {
+        for core in 0..self.outbox.len() {
+            let link = &self.sh.cores[core];
+            while let Some(m) = self.outbox[core].pop_front() {
+                if let Err(m) = link.inbox.push(m) {
+                    self.outbox[core].push_front(m);
+                    break;
                 }
-                self.reap();
+            }
+            if self.wake[core] {
+                self.wake[core] = false;
+                fence(Ordering::SeqCst);
+                if link.parked.load(Ordering::SeqCst) {
+                    let _ = link.waker.wake();
+                }
             }
         }
+    }
+
+    /// Handle up to a batch of messages from other cores.
+    fn drain_inbox(&mut self) -> usize {
+        let mut n = 0;
+        while n < INBOX_BATCH_MAX {
+            let Some(msg) = self.link().inbox.pop() else {
+                break;
+            };
+            n += 1;
+            self.handle_msg(msg);
+        }
+        if n > 0 {
+            self.finish_touched();
+        }
+        n
+    }
+
+    fn handle_msg(&mut self, msg: Msg) {
+        match msg {
+            Msg::Adopt(entry) => self.adopt(*entry),
+            Msg::Submit { target, lun, task } => match self.devices[target].as_mut() {
+                Some(d) => d.submit(lun, task),
+                None => debug_assert!(false, "task sent to a core that is not its home"),
+            },
+            Msg::Complete(c) => self.deliver(c),
+            Msg::Abort {
+                target,
+                lun,
+                nexus,
+                tag,
+            } => {
+                if let Some(d) = self.devices[target].as_mut() {
+                    d.abort(lun, nexus, tag);
+                }
+            }
+            Msg::LunReset {
+                target,
+                lun,
+                nexus,
+                reply,
+            } => {
+                let response = self.lun_reset(target, lun, nexus);
+                self.reply_tmf(reply, response, false);
+            }
+            Msg::TargetReset {
+                target,
+                nexus,
+                cold,
+                reply,
+            } => {
+                if let Some(d) = self.devices[target].as_mut() {
+                    d.target_reset(nexus);
+                }
+                self.reply_tmf(reply, iscsi::conn::tmf::RESP_COMPLETE, cold);
+            }
+            Msg::TmfDone {
+                reply,
+                response,
+                cold,
+            } => self.tmf_done(reply, response, cold),
+            Msg::NexusAdded { target, nexus } => {
+                if let Some(d) = self.devices[target].as_mut() {
+                    d.nexus_added(&nexus);
+                }
+            }
+            Msg::NexusRemoved { target, nexus } => {
+                if let Some(d) = self.devices[target].as_mut() {
+                    d.nexus_removed(nexus);
+                }
+            }
+            Msg::Kill(global) => self.kill_local(global),
+            Msg::Shutdown => self.stopping = true,
+        }
+    }
+
+    fn lun_reset(&mut self, target: usize, lun: u64, nexus: NexusId) -> u8 {
+        match self.devices[target]
+            .as_mut()
+            .map(|d| d.lun_reset(lun, nexus))
+        {
+            Some(true) => iscsi::conn::tmf::RESP_COMPLETE,
+            Some(false) => iscsi::conn::tmf::RESP_NO_LUN,
+            None => iscsi::conn::tmf::RESP_REJECTED,
+        }
+    }
+
+    fn reply_tmf(&mut self, reply: u64, response: u8, cold: bool) {
+        let core = tag_core(reply);
+        if core == self.me {
+            self.tmf_done(reply, response, cold);
+        } else {
+            self.send(
+                core,
+                Msg::TmfDone {
+                    reply,
+                    response,
+                    cold,
+                },
+            );
+        }
+    }
+
+    fn tmf_done(&mut self, reply: u64, response: u8, cold: bool) {
+        let id = tag_local(reply);
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.proto.tmf_done(reply as u32, response);
+            if cold {
+                c.proto.close_after_cold_reset();
+            }
+            self.touched.push(id);
+        }
+    }
+
+    /// Give a completion to its connection, here or on its core.
+    fn route(&mut self, c: ScsiCompletion) {
+        let core = tag_core(c.tag);
+        if core == self.me {
+            self.deliver(c);
+        } else {
+            self.send(core, Msg::Complete(c));
+        }
+    }
+
+    fn deliver(&mut self, c: ScsiCompletion) {
+        let id = tag_local(c.tag);
+        if let Some(conn) = self.conns.get_mut(&id) {
+            conn.proto
+                .scsi_complete(c.tag as u32, c.status, &c.sense, &c.data_in, c.data_out_len);
+            self.touched.push(id);
+        }
+        self.pool.give(c.data_in);
+        self.pool.give(c.data_out);
+    }
+
+    /// Flush each connection that got completions, once, with one writev.
+    fn finish_touched(&mut self) {
+        if self.touched.is_empty() {
+            return;
+        }
+        let mut touched = std::mem::take(&mut self.touched);
+        // Completions of several connections interleave.
+        touched.sort_unstable();
+        touched.dedup();
+        for &id in &touched {
+            self.process_events(id);
+            self.flush_conn(id);
+        }
+        touched.clear();
+        self.touched = touched;
     }
 
     /// Drain backstore completions and whatever they unblock.
@@ -230,85 +779,82 @@ impl Engine {
         loop {
             let mut n = 0;
             self.completions.clear();
-            for t in &mut self.targets {
-                n += t.device.poll(&mut self.completions);
+            for d in self.devices.iter_mut().flatten() {
+                n += d.poll(&mut self.completions);
             }
             if n == 0 {
                 break;
             }
             let mut done = std::mem::take(&mut self.completions);
-            let mut touched = std::mem::take(&mut self.touched);
             for c in done.drain(..) {
-                let id = c.tag >> 32;
-                let task = c.tag as u32;
-                if let Some(conn) = self.conns.get_mut(&id) {
-                    conn.proto
-                        .scsi_complete(task, c.status, &c.sense, &c.data_in, c.data_out_len);
-                    touched.push(id);
-                }
-                self.pool.give(c.data_in);
-                self.pool.give(c.data_out);
+                self.route(c);
             }
             self.completions = done;
-            // Completions of several connections interleave: each
-            // connection is flushed once per round, with one writev.
-            touched.sort_unstable();
-            touched.dedup();
-            for &id in &touched {
-                self.process_events(id);
-                self.flush_conn(id);
-            }
-            touched.clear();
-            self.touched = touched;
+            self.finish_touched();
         }
         self.reap();
+    }
+
+    fn alloc_local(&mut self) -> u32 {
+        loop {
+            let id = self.next_local;
+            self.next_local = (self.next_local + 1) & LOCAL_ID_MASK;
+            if !self.conns.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn register(&mut self, id: u32, c: &mut ConnEntry) -> io::Result<()> {
+        self.poll.registry().register(
+            &mut c.tcp.stream,
+            Token(CONN_TOKEN_BASE + id as usize),
+            Interest::READABLE | Interest::WRITABLE,
+        )
     }
 
     fn accept(&mut self, portal: usize) {
         loop {
             match self.listeners[portal].accept() {
-                Ok((mut stream, peer)) => {
+                Ok((stream, peer)) => {
                     let logging_in = self
                         .conns
                         .values()
                         .filter(|c| !c.proto.is_full_feature())
                         .count();
-                    if logging_in >= self.cfg.max_login_connections {
+                    if logging_in >= self.sh.cfg.max_login_connections
+                        || self.conns.len() > LOCAL_ID_MASK as usize / 2
+                    {
                         tracing::warn!(%peer, "too many connections in login; refusing");
                         drop(stream);
                         continue;
                     }
-                    let id = self.next_conn;
-                    self.next_conn += 1;
-                    let token = Token(CONN_TOKEN_BASE + id as usize);
-                    if let Err(e) = self.poll.registry().register(
-                        &mut stream,
-                        token,
-                        Interest::READABLE | Interest::WRITABLE,
-                    ) {
+                    let cc = ConnConfig {
+                        limits: self.sh.cfg.limits.clone(),
+                        transport: iscsi::params::Transport::Tcp,
+                        nop_interval_ms: self.sh.cfg.nop_interval_ms,
+                        nop_timeout_ms: self.sh.cfg.nop_timeout_ms,
+                        login_timeout_ms: 30_000,
+                    };
+                    let mut entry = ConnEntry {
+                        tcp: TcpConn::new(stream),
+                        proto: Connection::new(cc, self.now_ms()),
+                        portal,
+                        global: self.sh.next_conn.fetch_add(1, Ordering::Relaxed),
+                        tsih: None,
+                        session: None,
+                        read_paused: false,
+                        spare_tx: Vec::new(),
+                        closing: false,
+                        placed: false,
+                    };
+                    let id = self.alloc_local();
+                    if let Err(e) = self.register(id, &mut entry) {
                         tracing::warn!(%peer, "register failed: {e}");
                         continue;
                     }
-                    tracing::debug!(%peer, id, "connection accepted");
-                    let cc = ConnConfig {
-                        limits: self.cfg.limits.clone(),
-                        transport: iscsi::params::Transport::Tcp,
-                        nop_interval_ms: self.cfg.nop_interval_ms,
-                        nop_timeout_ms: self.cfg.nop_timeout_ms,
-                        login_timeout_ms: 30_000,
-                    };
-                    self.conns.insert(
-                        id,
-                        ConnEntry {
-                            tcp: TcpConn::new(stream),
-                            proto: Connection::new(cc, self.now_ms()),
-                            portal,
-                            tsih: None,
-                            read_paused: false,
-                            spare_tx: Vec::new(),
-                            closing: false,
-                        },
-                    );
+                    tracing::debug!(%peer, id, global = entry.global, "connection accepted");
+                    self.conns.insert(id, entry);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -319,8 +865,41 @@ impl Engine {
         }
     }
 
+    /// Take over a connection placed on this core by the login core.
+    fn adopt(&mut self, mut entry: ConnEntry) {
+        let id = self.alloc_local();
+        if let Err(e) = self.register(id, &mut entry) {
+            tracing::warn!(global = entry.global, "register failed: {e}");
+            entry.closing = true;
+        }
+        // The session may have been reinstated by another login while the
+        // connection was on its way here; its `Kill` then found nothing.
+        let current = entry.tsih.is_some_and(|t| {
+            self.sh
+                .sessions()
+                .map
+                .get(&t)
+                .is_some_and(|s| s.conn == entry.global)
+        });
+        if !current {
+            entry.closing = true;
+        }
+        tracing::debug!(global = entry.global, core = self.me, "connection placed");
+        let closing = entry.closing;
+        self.conns.insert(id, entry);
+        if closing {
+            self.reap_needed = true;
+            return;
+        }
+        // Whatever the connection still has to say or has received (the
+        // final login response, PDUs sent right behind it) is handled here.
+        self.process_events(id);
+        self.handle_buffered(id);
+        self.service_read(id);
+    }
+
     /// Read and handle everything a connection has sent.
-    fn service_read(&mut self, id: u64) {
+    fn service_read(&mut self, id: u32) {
         loop {
             let Some(c) = self.conns.get_mut(&id) else {
                 return;
@@ -349,7 +928,7 @@ impl Engine {
     }
 
     /// Handle every whole PDU in the receive buffer.
-    fn handle_buffered(&mut self, id: u64) {
+    fn handle_buffered(&mut self, id: u32) {
         let now = self.now_ms();
         loop {
             let Some(c) = self.conns.get_mut(&id) else {
@@ -368,30 +947,81 @@ impl Engine {
                     continue;
                 }
             };
-            let portal = c.portal;
-            // Split borrows: the connection lives in `conns`, the context
-            // borrows the rest of the engine.
-            let mut entry = self.conns.remove(&id).expect("present above");
-            {
-                let mut ctx = Ctx {
-                    engine: self,
-                    conn_id: id,
-                    portal,
-                    instated: None,
-                };
-                entry.proto.handle_pdu(&mut ctx, pdu, now);
-                if let Some(tsih) = ctx.instated {
-                    entry.tsih = Some(tsih);
-                }
+            let mut ctx = Ctx {
+                sh: &self.sh,
+                conn_global: c.global,
+                portal: c.portal,
+                instated: None,
+                kills: &mut self.kills,
+                ended: &mut self.ended,
+            };
+            c.proto.handle_pdu(&mut ctx, pdu, now);
+            if let Some(tsih) = ctx.instated {
+                c.tsih = Some(tsih);
             }
-            self.conns.insert(id, entry);
+            if !self.kills.is_empty() || !self.ended.is_empty() {
+                self.login_side_effects();
+            }
             self.process_events(id);
         }
         self.flush_conn(id);
     }
 
+    /// Carry out what a login decided about other sessions: close the
+    /// connections of reinstated sessions and tell their devices.
+    fn login_side_effects(&mut self) {
+        for (target, nexus) in std::mem::take(&mut self.ended) {
+            self.nexus_removed(target, nexus);
+        }
+        for global in std::mem::take(&mut self.kills) {
+            self.kill_everywhere(global);
+        }
+    }
+
+    fn kill_everywhere(&mut self, global: u64) {
+        for core in 0..self.sh.cores.len() {
+            if core != self.me {
+                self.send(core, Msg::Kill(global));
+            }
+        }
+        self.kill_local(global);
+    }
+
+    fn kill_local(&mut self, global: u64) {
+        let found = self
+            .conns
+            .iter()
+            .find(|(_, c)| c.global == global)
+            .map(|(&id, _)| id);
+        if let Some(id) = found {
+            self.mark_closed(id, "session reinstated or ended by a target reset");
+        }
+    }
+
+    fn nexus_added(&mut self, target: usize, nexus: Nexus) {
+        let home = self.sh.targets[target].home;
+        if home == self.me {
+            if let Some(d) = self.devices[target].as_mut() {
+                d.nexus_added(&nexus);
+            }
+        } else {
+            self.send(home, Msg::NexusAdded { target, nexus });
+        }
+    }
+
+    fn nexus_removed(&mut self, target: usize, nexus: NexusId) {
+        let home = self.sh.targets[target].home;
+        if home == self.me {
+            if let Some(d) = self.devices[target].as_mut() {
+                d.nexus_removed(nexus);
+            }
+        } else {
+            self.send(home, Msg::NexusRemoved { target, nexus });
+        }
+    }
+
     /// Carry out what the connection asked for.
-    fn process_events(&mut self, id: u64) {
+    fn process_events(&mut self, id: u32) {
         loop {
             let Some(c) = self.conns.get_mut(&id) else {
                 return;
@@ -399,37 +1029,24 @@ impl Engine {
             let Some(ev) = c.proto.poll_event() else {
                 break;
             };
+            let (session, global) = (c.session, c.global);
             match ev {
                 Event::LoggedIn(o) => {
-                    let tsih = o.tsih;
-                    if let Some(s) = self.sessions.get_mut(&tsih) {
-                        if s.session_type == SessionType::Normal && s.nexus.is_none() {
-                            let nexus = Nexus {
-                                id: self.next_nexus,
-                                initiator_name: s.initiator_name.clone(),
-                                isid: s.isid,
-                                target_name: self.targets[s.target].name.clone(),
-                                tpgt: self.portals[c.portal].tpgt,
-                            };
-                            self.next_nexus += 1;
-                            s.nexus = Some(nexus.id);
-                            self.targets[s.target].device.nexus_added(&nexus);
+                    if let Some(target) = self.logged_in(id, &o) {
+                        // The connection may move to another core: stop
+                        // here; its remaining events go with it.
+                        if self.place(id, target) {
+                            return;
                         }
-                        tracing::info!(
-                            initiator = %o.session.initiator_name,
-                            target = %o.session.target_name,
-                            tsih,
-                            "login complete"
-                        );
                     }
                 }
                 Event::Scsi(req) => {
-                    let Some((target, nexus)) = self.session_of(id) else {
+                    let Some((target, nexus)) = session else {
                         continue;
                     };
                     let data_in = self.pool.take();
                     let task = ScsiTask {
-                        tag: id << 32 | req.task as u64,
+                        tag: task_tag(self.me, id, req.task),
                         nexus,
                         cdb: req.cdb,
                         attr: TaskAttr::from_iscsi(req.attr),
@@ -437,49 +1054,102 @@ impl Engine {
                         data_out: req.data_out,
                         data_in,
                     };
-                    self.targets[target].device.submit(req.lun, task);
+                    let home = self.sh.targets[target].home;
+                    if home == self.me {
+                        if let Some(d) = self.devices[target].as_mut() {
+                            d.submit(req.lun, task);
+                        }
+                    } else {
+                        self.send(
+                            home,
+                            Msg::Submit {
+                                target,
+                                lun: req.lun,
+                                task,
+                            },
+                        );
+                    }
                 }
                 Event::Abort { task, lun } => {
-                    if let Some((target, nexus)) = self.session_of(id) {
-                        self.targets[target]
-                            .device
-                            .abort(lun, nexus, id << 32 | task as u64);
+                    let Some((target, nexus)) = session else {
+                        continue;
+                    };
+                    let tag = task_tag(self.me, id, task);
+                    let home = self.sh.targets[target].home;
+                    if home == self.me {
+                        if let Some(d) = self.devices[target].as_mut() {
+                            d.abort(lun, nexus, tag);
+                        }
+                    } else {
+                        self.send(
+                            home,
+                            Msg::Abort {
+                                target,
+                                lun,
+                                nexus,
+                                tag,
+                            },
+                        );
                     }
                 }
                 Event::LunReset { itt, lun } => {
-                    let resp = match self.session_of(id) {
-                        Some((target, nexus)) => {
-                            if self.targets[target].device.lun_reset(lun, nexus) {
-                                iscsi::conn::tmf::RESP_COMPLETE
-                            } else {
-                                iscsi::conn::tmf::RESP_NO_LUN
-                            }
-                        }
-                        None => iscsi::conn::tmf::RESP_REJECTED,
+                    let reply = task_tag(self.me, id, itt);
+                    let Some((target, nexus)) = session else {
+                        self.tmf_done(reply, iscsi::conn::tmf::RESP_REJECTED, false);
+                        continue;
                     };
-                    if let Some(c) = self.conns.get_mut(&id) {
-                        c.proto.tmf_done(itt, resp);
+                    let home = self.sh.targets[target].home;
+                    if home == self.me {
+                        let response = self.lun_reset(target, lun, nexus);
+                        self.tmf_done(reply, response, false);
+                    } else {
+                        self.send(
+                            home,
+                            Msg::LunReset {
+                                target,
+                                lun,
+                                nexus,
+                                reply,
+                            },
+                        );
                     }
                 }
                 Event::TargetReset { itt, cold } => {
-                    if let Some((target, nexus)) = self.session_of(id) {
-                        self.targets[target].device.target_reset(nexus);
-                        if cold {
-                            // A cold reset ends every session of the target.
-                            let others: Vec<u64> = self
-                                .sessions
-                                .values()
-                                .filter(|s| s.target == target && s.conn != id)
-                                .map(|s| s.conn)
-                                .collect();
-                            self.doomed.extend(others);
+                    let reply = task_tag(self.me, id, itt);
+                    let Some((target, nexus)) = session else {
+                        self.tmf_done(reply, iscsi::conn::tmf::RESP_COMPLETE, cold);
+                        continue;
+                    };
+                    if cold {
+                        // A cold reset ends every session of the target.
+                        let others: Vec<u64> = self
+                            .sh
+                            .sessions()
+                            .map
+                            .values()
+                            .filter(|s| s.target == target && s.conn != global)
+                            .map(|s| s.conn)
+                            .collect();
+                        for g in others {
+                            self.kill_everywhere(g);
                         }
                     }
-                    if let Some(c) = self.conns.get_mut(&id) {
-                        c.proto.tmf_done(itt, iscsi::conn::tmf::RESP_COMPLETE);
-                        if cold {
-                            c.proto.close_after_cold_reset();
+                    let home = self.sh.targets[target].home;
+                    if home == self.me {
+                        if let Some(d) = self.devices[target].as_mut() {
+                            d.target_reset(nexus);
                         }
+                        self.tmf_done(reply, iscsi::conn::tmf::RESP_COMPLETE, cold);
+                    } else {
+                        self.send(
+                            home,
+                            Msg::TargetReset {
+                                target,
+                                nexus,
+                                cold,
+                                reply,
+                            },
+                        );
                     }
                 }
                 Event::Close(reason) => {
@@ -488,23 +1158,107 @@ impl Engine {
                         CloseReason::LoginFailed => tracing::info!(id, "login refused"),
                         r => tracing::info!(id, "closing: {r:?}"),
                     }
-                    c.closing = true;
-                    self.reap_needed = true;
+                    self.mark_closed(id, "connection closing");
                 }
             }
         }
     }
 
-    fn session_of(&self, id: u64) -> Option<(usize, scsi::NexusId)> {
-        let c = self.conns.get(&id)?;
-        let s = self.sessions.get(&c.tsih?)?;
-        if s.conn != id {
-            return None;
+    /// Record the nexus of a session that reached full feature phase.
+    /// Returns the target when the connection is a normal session's, to
+    /// be placed on a core.
+    fn logged_in(&mut self, id: u32, o: &iscsi::login::LoginOutcome) -> Option<usize> {
+        let tsih = o.tsih;
+        let c = self.conns.get_mut(&id)?;
+        let tpgt = self.sh.portals[c.portal].tpgt;
+        let mut added = None;
+        let result = {
+            let mut table = self.sh.sessions();
+            let table = &mut *table;
+            let s = table.map.get_mut(&tsih)?;
+            tracing::info!(
+                initiator = %o.session.initiator_name,
+                target = %o.session.target_name,
+                tsih,
+                "login complete"
+            );
+            if s.session_type != SessionType::Normal {
+                return None;
+            }
+            let nexus = match s.nexus {
+                Some(n) => n,
+                None => {
+                    let nexus = Nexus {
+                        id: table.next_nexus,
+                        initiator_name: s.initiator_name.clone(),
+                        isid: s.isid,
+                        target_name: self.sh.targets[s.target].name.clone(),
+                        tpgt,
+                    };
+                    table.next_nexus += 1;
+                    s.nexus = Some(nexus.id);
+                    let id = nexus.id;
+                    added = Some(nexus);
+                    id
+                }
+            };
+            c.session = Some((s.target, nexus));
+            s.target
+        };
+        if let Some(n) = added {
+            // Sent before the connection moves, so the home core knows the
+            // nexus before any command of it arrives (one FIFO per pair of
+            // cores, and the connection's core starts sending only after
+            // it received the connection from here).
+            self.nexus_added(result, n);
         }
-        Some((s.target, s.nexus?))
+        Some(result)
     }
 
-    fn flush_conn(&mut self, id: u64) {
+    /// Put a full-feature connection on the least-loaded core, preferring
+    /// the home of its target. Returns whether it left this core.
+    fn place(&mut self, id: u32, target: usize) -> bool {
+        let home = self.sh.targets[target].home;
+        let n = self.sh.cores.len();
+        let best = (0..n)
+            .min_by_key(|&core| {
+                (
+                    self.sh.cores[core].load.load(Ordering::Relaxed),
+                    core != home,
+                    core,
+                )
+            })
+            .expect("at least one core");
+        self.sh.cores[best].load.fetch_add(1, Ordering::Relaxed);
+        if best == self.me {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.placed = true;
+            }
+            return false;
+        }
+        let Some(mut entry) = self.conns.remove(&id) else {
+            return true;
+        };
+        // Bytes already queued for the socket (the final login response)
+        // go out now, in order, before anything the new core writes.
+        if entry.proto.has_tx() {
+            entry.proto.take_tx(&mut entry.spare_tx);
+            entry.tcp.queue(&mut entry.spare_tx);
+        }
+        let _ = entry.tcp.flush();
+        let _ = self.poll.registry().deregister(&mut entry.tcp.stream);
+        entry.placed = true;
+        tracing::debug!(
+            global = entry.global,
+            from = self.me,
+            to = best,
+            "placing connection"
+        );
+        self.send(best, Msg::Adopt(Box::new(entry)));
+        true
+    }
+
+    fn flush_conn(&mut self, id: u32) {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
@@ -527,7 +1281,7 @@ impl Engine {
         }
     }
 
-    fn mark_closed(&mut self, id: u64, why: &str) {
+    fn mark_closed(&mut self, id: u32, why: &str) {
         if let Some(c) = self.conns.get_mut(&id) {
             if !c.closing {
                 tracing::debug!(id, "{why}");
@@ -539,99 +1293,104 @@ impl Engine {
 
     /// Remove connections that are closing and have sent what they could.
     fn reap(&mut self) {
-        if !self.reap_needed && self.doomed.is_empty() {
+        if !self.reap_needed {
             return;
         }
-        for id in std::mem::take(&mut self.doomed) {
-            self.mark_closed(id, "session reinstated or ended by a target reset");
-        }
-        let done: Vec<u64> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.closing && (c.tcp.tx_pending() == 0 || c.proto.is_closing()))
-            .map(|(&id, _)| id)
-            .collect();
-        for id in done {
+        let mut done = std::mem::take(&mut self.scratch);
+        done.clear();
+        done.extend(
+            self.conns
+                .iter()
+                .filter(|(_, c)| c.closing && (c.tcp.tx_pending() == 0 || c.proto.is_closing()))
+                .map(|(&id, _)| id),
+        );
+        for &id in &done {
             let Some(mut c) = self.conns.remove(&id) else {
                 continue;
             };
             let _ = c.tcp.flush();
             let _ = self.poll.registry().deregister(&mut c.tcp.stream);
             let _ = c.tcp.stream.shutdown(std::net::Shutdown::Both);
+            if c.placed {
+                self.link().load.fetch_sub(1, Ordering::Relaxed);
+            }
             if let Some(tsih) = c.tsih {
-                let ends = self.sessions.get(&tsih).is_some_and(|s| s.conn == id);
-                if ends {
-                    self.end_session(tsih);
-                }
+                self.end_session(tsih, c.global);
             }
         }
+        self.scratch = done;
         // Closing connections still flushing their last bytes stay for
         // the next pass.
         self.reap_needed = self.conns.values().any(|c| c.closing);
     }
 
-    fn end_session(&mut self, tsih: u16) {
-        if let Some(s) = self.sessions.remove(&tsih) {
+    /// End the session if this connection still carries it.
+    fn end_session(&mut self, tsih: u16, global: u64) {
+        let removed = {
+            let mut table = self.sh.sessions();
+            match table.map.get(&tsih) {
+                Some(s) if s.conn == global => table.map.remove(&tsih),
+                _ => None,
+            }
+        };
+        if let Some(s) = removed {
             if let Some(n) = s.nexus {
-                self.targets[s.target].device.nexus_removed(n);
+                self.nexus_removed(s.target, n);
             }
             tracing::debug!(tsih, "session ended");
         }
     }
 
+    /// Every reactor has stopped reading, and nothing this core owns or
+    /// forwards is still in flight.
+    fn stop_complete(&self) -> bool {
+        self.sh.stopping.load(Ordering::SeqCst) == self.sh.cores.len()
+            && self.devices.iter().flatten().all(|d| d.in_flight() == 0)
+            && self.link().inbox.is_empty()
+            && self.outbox.iter().all(|q| q.is_empty())
+    }
+
     fn shutdown(&mut self) -> io::Result<()> {
-        // Commands already given to the device server finish first.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.targets.iter().any(|t| t.device.in_flight() > 0) && Instant::now() < deadline {
-            self.run_until_idle();
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let ids: Vec<u64> = self.conns.keys().copied().collect();
-        for id in ids {
+        self.flush_outbox();
+        let mut ids = std::mem::take(&mut self.scratch);
+        ids.clear();
+        ids.extend(self.conns.keys().copied());
+        for &id in &ids {
             self.flush_conn(id);
         }
         let mut result = Ok(());
-        for t in &mut self.targets {
-            for l in t.device.luns_mut() {
+        for d in self.devices.iter_mut().flatten() {
+            for l in d.luns_mut() {
                 if let Err(errno) = l.shutdown() {
                     tracing::error!(lun = l.info().lun, errno, "flush at shutdown failed");
                     result = Err(io::Error::from_raw_os_error(errno));
                 }
             }
         }
-        tracing::info!("stopped");
+        tracing::debug!(reactor = self.me, "reactor stopped");
         result
-    }
-
-    fn alloc_tsih(&mut self) -> Option<u16> {
-        for _ in 0..=u16::MAX {
-            let t = self.next_tsih;
-            self.next_tsih = self.next_tsih.wrapping_add(1).max(1);
-            if !self.sessions.contains_key(&t) {
-                return Some(t);
-            }
-        }
-        None
     }
 }
 
 /// What login and text negotiation see of the engine.
 struct Ctx<'a> {
-    engine: &'a mut Engine,
-    conn_id: u64,
+    sh: &'a Shared,
+    conn_global: u64,
     portal: usize,
     instated: Option<u16>,
+    kills: &'a mut Vec<u64>,
+    ended: &'a mut Vec<(usize, NexusId)>,
 }
 
 impl Ctx<'_> {
     fn target(&self, name: &str) -> Option<usize> {
-        self.engine.targets.iter().position(|t| t.name == name)
+        self.sh.targets.iter().position(|t| t.name == name)
     }
 }
 
 impl LoginContext for Ctx<'_> {
     fn portal_group_tag(&self) -> u16 {
-        self.engine.portals[self.portal].tpgt
+        self.sh.portals[self.portal].tpgt
     }
 
     fn target_exists(&self, target_name: &str) -> bool {
@@ -640,15 +1399,15 @@ impl LoginContext for Ctx<'_> {
 
     fn initiator_allowed(&self, target_name: &str, initiator_name: &str) -> bool {
         self.target(target_name).is_some_and(|i| {
-            let allow = &self.engine.targets[i].allow;
+            let allow = &self.sh.targets[i].allow;
             allow.is_empty() || allow.iter().any(|a| a == initiator_name)
         })
     }
 
     fn chap(&self, target_name: Option<&str>) -> ChapConfig {
         match target_name.and_then(|n| self.target(n)) {
-            Some(i) => self.engine.targets[i].chap.clone(),
-            None => self.engine.cfg.discovery_chap.clone(),
+            Some(i) => self.sh.targets[i].chap.clone(),
+            None => self.sh.cfg.discovery_chap.clone(),
         }
     }
 
@@ -663,12 +1422,12 @@ impl LoginContext for Ctx<'_> {
                 .target(&req.target_name)
                 .ok_or(LoginStatus::NOT_FOUND)?,
         };
-        let e = &mut *self.engine;
+        let mut table = self.sh.sessions();
         if req.tsih != 0 {
             // Add or reinstate a connection: with one connection per
             // session only reinstatement (same CID) is possible.
-            let s = e
-                .sessions
+            let s = table
+                .map
                 .get_mut(&req.tsih)
                 .filter(|s| {
                     s.initiator_name == req.initiator_name
@@ -679,15 +1438,17 @@ impl LoginContext for Ctx<'_> {
             if s.cid != req.cid {
                 return Err(LoginStatus::TOO_MANY_CONNECTIONS);
             }
-            e.doomed.push(s.conn);
-            s.conn = self.conn_id;
+            self.kills.push(s.conn);
+            s.conn = self.conn_global;
             self.instated = Some(req.tsih);
             return Ok(req.tsih);
         }
         // A leading login with an ISID already in use by this initiator on
-        // this target reinstates that session: the old one ends.
-        let old: Vec<u16> = e
-            .sessions
+        // this target reinstates that session: the old one ends. Its
+        // connection's later close does not end the new session, because
+        // the table no longer names that connection.
+        let old: Vec<u16> = table
+            .map
             .values()
             .filter(|s| {
                 s.initiator_name == req.initiator_name && s.isid == req.isid && s.target == target
@@ -695,22 +1456,19 @@ impl LoginContext for Ctx<'_> {
             .map(|s| s.tsih)
             .collect();
         for tsih in old {
-            if let Some(s) = e.sessions.get(&tsih) {
-                e.doomed.push(s.conn);
-                // Detach so the old connection's close does not end the
-                // new session.
-                let conn = s.conn;
-                if let Some(c) = e.conns.get_mut(&conn) {
-                    c.tsih = None;
+            if let Some(s) = table.map.remove(&tsih) {
+                self.kills.push(s.conn);
+                if let Some(n) = s.nexus {
+                    self.ended.push((s.target, n));
                 }
+                tracing::debug!(tsih, "session reinstated");
             }
-            e.end_session(tsih);
         }
-        if e.sessions.len() >= e.cfg.max_sessions {
+        if table.map.len() >= self.sh.cfg.max_sessions {
             return Err(LoginStatus::OUT_OF_RESOURCES);
         }
-        let tsih = e.alloc_tsih().ok_or(LoginStatus::OUT_OF_RESOURCES)?;
-        e.sessions.insert(
+        let tsih = table.alloc_tsih().ok_or(LoginStatus::OUT_OF_RESOURCES)?;
+        table.map.insert(
             tsih,
             Session {
                 tsih,
@@ -718,7 +1476,7 @@ impl LoginContext for Ctx<'_> {
                 isid: req.isid,
                 target,
                 session_type: req.session_type,
-                conn: self.conn_id,
+                conn: self.conn_global,
                 cid: req.cid,
                 nexus: None,
             },
@@ -736,16 +1494,13 @@ impl TextContext for Ctx<'_> {
         query: &str,
     ) -> Vec<TargetRecord> {
         let addresses: Vec<String> = self
-            .engine
+            .sh
             .portals
             .iter()
-            .zip(self.engine.listeners.iter())
-            .map(|(p, l)| {
-                let a = l.local_addr().unwrap_or(p.addr);
-                format!("{a},{}", p.tpgt)
-            })
+            .zip(self.sh.portal_addrs.iter())
+            .map(|(p, a)| format!("{a},{}", p.tpgt))
             .collect();
-        self.engine
+        self.sh
             .targets
             .iter()
             .filter(|t| match query {
@@ -759,5 +1514,24 @@ impl TextContext for Ctx<'_> {
                 addresses: addresses.clone(),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_tag_round_trip() {
+        for &(core, local, task) in &[
+            (0usize, 0u32, 0u32),
+            (1, 5, 0xffff_ffff),
+            (255, LOCAL_ID_MASK, 0x1234_5678),
+        ] {
+            let t = task_tag(core, local, task);
+            assert_eq!(tag_core(t), core);
+            assert_eq!(tag_local(t), local);
+            assert_eq!(t as u32, task);
+        }
     }
 }

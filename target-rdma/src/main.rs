@@ -130,6 +130,8 @@ fn run(cfg: Config) -> Result<(), String> {
         max_sessions: cfg.max_sessions as usize,
         max_login_connections: 1024,
         poll: cfg.poll,
+        cores: reactor_cores(cfg.cores.as_deref()),
+        pin: true,
         discovery_chap: ChapConfig {
             initiator: cfg
                 .discovery_chap
@@ -138,8 +140,9 @@ fn run(cfg: Config) -> Result<(), String> {
             target: None,
         },
     };
-    pin_reactor(cfg.cores.as_deref());
-    let mut engine = engine::Engine::new(ecfg, targets, portals).map_err(|e| e.to_string())?;
+    let reactors = ecfg.cores.len();
+    let engine = engine::Engine::new(ecfg, targets, portals).map_err(|e| e.to_string())?;
+    tracing::info!(reactors, poll = ?cfg.poll, "engine ready");
     for addr in engine.local_addrs() {
         for t in &cfg.targets {
             for l in &t.luns {
@@ -158,20 +161,20 @@ fn run(cfg: Config) -> Result<(), String> {
     engine.run().map_err(|e| e.to_string())
 }
 
-/// Pin the reactor thread to the first core of `--cores`. This version
-/// runs one reactor; the other cores of the list are not used yet.
-fn pin_reactor(cores: Option<&[usize]>) {
-    let Some(&first) = cores.and_then(|c| c.first()) else {
-        return;
+/// One reactor per CPU of `--cores`; without it, one per CPU this process
+/// may run on (its affinity mask, as `taskset` or a cgroup set it).
+fn reactor_cores(cores: Option<&[usize]>) -> Vec<usize> {
+    let mut list = match cores {
+        Some(c) => c.to_vec(),
+        None => core_affinity::get_core_ids()
+            .map(|ids| ids.into_iter().map(|c| c.id).collect())
+            .unwrap_or_default(),
     };
-    if core_affinity::set_for_current(core_affinity::CoreId { id: first }) {
-        tracing::info!(core = first, "reactor pinned");
-    } else {
-        tracing::warn!(core = first, "could not pin the reactor to this core");
+    if list.is_empty() {
+        list.push(0);
     }
-    if cores.is_some_and(|c| c.len() > 1) {
-        tracing::warn!("one reactor runs today; cores after the first are not used yet");
-    }
+    list.truncate(engine::CORES_MAX);
+    list
 }
 
 /// A stable NAA type 6 (IEEE Registered Extended) identifier derived from

@@ -70,8 +70,10 @@ pub struct Extent {
 }
 
 /// A LUN's storage. Implementations never block the calling reactor in
-/// `submit`; results arrive through `poll` on the same thread.
-pub trait Backstore {
+/// `submit`; results arrive through `poll` on the same thread. `Send`
+/// because a LUN is built on the main thread and then moved to the reactor
+/// that owns it; it is never shared.
+pub trait Backstore: Send {
     /// Short kind name for logs ("mem", "null", "file").
     fn kind(&self) -> &'static str;
     /// Size in bytes.
