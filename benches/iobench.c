@@ -5,7 +5,7 @@
  * same client.  Build:  cc -O2 -o iobench benches/iobench.c -liscsi -lpthread
  *
  * usage: iobench [-m read|write|fill] [-p rand|seq] [-b BYTES] [-q QD]
- *                [-t SECONDS] [-s SESSIONS] [-n] URL
+ *                [-t SECONDS] [-s SESSIONS] [-n] URL [URL...]
  *
  *   -m  read, write, or fill (write the whole LUN once, sequentially, then stop)
  *   -p  rand (offsets uniformly random, aligned to the I/O size) or seq
@@ -13,7 +13,8 @@
  *   -q  commands in flight per session
  *   -t  seconds to run (read/write); no new I/O is issued after that, the
  *       in-flight ones are drained and counted
- *   -s  sessions, one thread and one iSCSI session (own initiator name) each
+ *   -s  sessions, one thread and one iSCSI session (own initiator name) each;
+ *       with several URLs, session i uses URL i mod (number of URLs)
  *   -n  do not verify read data
  *
  * Every write stamps the first 8 bytes of each logical block with that
@@ -52,7 +53,8 @@ static int g_qd = 1;
 static double g_seconds = 10;
 static int g_sessions = 1;
 static int g_verify = 1;
-static const char *g_url;
+static char **g_urls;
+static int g_nurls;
 
 struct session;
 
@@ -232,9 +234,10 @@ static void *run(void *arg)
 		s->errors++;
 		return NULL;
 	}
-	url = iscsi_parse_full_url(s->iscsi, g_url);
+	const char *url_text = g_urls[s->idx % g_nurls];
+	url = iscsi_parse_full_url(s->iscsi, url_text);
 	if (!url) {
-		fprintf(stderr, "iobench: bad URL %s: %s\n", g_url, iscsi_get_error(s->iscsi));
+		fprintf(stderr, "iobench: bad URL %s: %s\n", url_text, iscsi_get_error(s->iscsi));
 		s->errors++;
 		return NULL;
 	}
@@ -336,7 +339,7 @@ static void *run(void *arg)
 static void usage(void)
 {
 	fprintf(stderr, "usage: iobench [-m read|write|fill] [-p rand|seq] [-b BYTES] [-q QD] "
-			"[-t SECONDS] [-s SESSIONS] [-n] URL\n");
+			"[-t SECONDS] [-s SESSIONS] [-n] URL [URL...]\n");
 	exit(2);
 }
 
@@ -371,9 +374,10 @@ int main(int argc, char **argv)
 		default: usage();
 		}
 	}
-	if (optind != argc - 1 || g_bs == 0 || g_qd < 1 || g_sessions < 1 || g_seconds <= 0)
+	if (optind >= argc || g_bs == 0 || g_qd < 1 || g_sessions < 1 || g_seconds <= 0)
 		usage();
-	g_url = argv[optind];
+	g_urls = &argv[optind];
+	g_nurls = argc - optind;
 
 	struct session *ss = calloc(g_sessions, sizeof *ss);
 	for (int i = 0; i < g_sessions; i++) {
