@@ -22,7 +22,9 @@
  * status other than GOOD, a short transfer, a stamp mismatch or a dropped
  * connection makes the exit status non-zero.
  *
- * Output: one line
+ * Output: with more than one session, first one line per session
+ *   SESSION idx=I url=URL ios=N errors=N
+ * then one line
  *   RESULT ios=N bytes=N seconds=S iops=X mbps=X lat_mean_us=X lat_p50_us=X
  *          lat_p99_us=X lat_max_us=X errors=N
  * (mbps is 10^6 bytes per second).
@@ -392,6 +394,9 @@ int main(int argc, char **argv)
 	for (int i = 0; i < g_sessions; i++) {
 		pthread_join(ss[i].th, NULL);
 		struct session *s = &ss[i];
+		if (g_sessions > 1)
+			printf("SESSION idx=%d url=%s ios=%" PRIu64 " errors=%" PRIu64 "\n", i,
+			       g_urls[i % g_nurls], s->ios, s->errors);
 		ios += s->ios;
 		bytes += s->bytes;
 		lat_sum += s->lat_sum_ns;

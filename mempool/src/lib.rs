@@ -64,12 +64,14 @@
 mod arena;
 mod buf;
 mod config;
+mod heap_count;
 mod legacy;
 mod pool;
 
 pub use buf::leaked_buffers;
 pub use buf::{Buf, OutOfRange, RdmaSegment, Segment, SgList};
 pub use config::{Backing, ClassConfig, PoolConfig};
+pub use heap_count::{thread_heap_allocs, HeapCount};
 pub use legacy::{BufPool, PoolStats};
 pub use pool::{
     Alloc, AllocError, AllocPlan, ArenaId, ArenaInfo, ClassId, ClassStats, CoreCache, KeyTable,

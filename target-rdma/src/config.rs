@@ -105,6 +105,8 @@ pub struct Config {
     pub discovery_chap: Option<ChapPair>,
     /// How reactors wait for work.
     pub poll: PollMode,
+    /// Where to write per-core and per-LUN counters (JSON, every second).
+    pub stats_file: Option<PathBuf>,
 }
 
 /// How a reactor waits for work (`--poll`).
@@ -411,6 +413,11 @@ struct Cli {
     /// work arrives, then sleep), interrupt (always sleep) [default: adaptive]
     #[arg(long, value_name = "MODE", value_parser = ["busy", "adaptive", "interrupt"])]
     poll: Option<String>,
+
+    /// Write per-core and per-LUN counters to this file as JSON, replaced
+    /// atomically every second [default: none]
+    #[arg(long, value_name = "FILE")]
+    stats_file: Option<PathBuf>,
 }
 
 impl Cli {
@@ -458,6 +465,7 @@ struct FileConfig {
     nop_interval_s: Option<i64>,
     nop_timeout_s: Option<i64>,
     poll: Option<String>,
+    stats_file: Option<PathBuf>,
     discovery_chap: Option<FileChap>,
     #[serde(default)]
     portals: Vec<FilePortal>,
@@ -533,6 +541,9 @@ nop_interval_s = 30
 nop_timeout_s = 30
 # How reactors wait for work: "busy", "adaptive" (default) or "interrupt".
 poll = "adaptive"
+# Per-core and per-LUN counters as JSON, rewritten every second (default:
+# none); relative paths are relative to this file's directory.
+stats_file = "/run/target-rdma/stats.json"
 
 # CHAP for discovery (SendTargets) sessions. Secrets are 12..=255 bytes.
 [discovery_chap]
@@ -745,6 +756,16 @@ fn build(cli: &Cli, file: Option<(&Path, &FileConfig)>) -> Result<Config, Config
         }
         (None, None) => default_pr_dir(),
     };
+    let stats_file = match (&cli.stats_file, &fc.stats_file) {
+        (Some(f), _) => Some(check_stats_file(f).map_err(|r| {
+            ConfigError::invalid(flag_at("--stats-file", &f.display().to_string()), r)
+        })?),
+        (None, Some(f)) => Some(
+            base_dir
+                .join(check_stats_file(f).map_err(|r| ConfigError::invalid(fat("stats_file"), r))?),
+        ),
+        (None, None) => None,
+    };
     let discovery_chap = match (&cli.discovery_chap, &fc.discovery_chap) {
         (Some(c), _) => Some(chap_from_flag("--discovery-chap", c)?),
         (None, Some(c)) => Some(chap_from_file(c, &fat("discovery_chap"))?),
@@ -905,7 +926,20 @@ fn build(cli: &Cli, file: Option<(&Path, &FileConfig)>) -> Result<Config, Config
         nop_timeout_s,
         discovery_chap,
         poll,
+        stats_file,
     })
+}
+
+/// A stats file path must name a file (it is replaced by renaming a
+/// sibling temporary file, so its directory must exist).
+fn check_stats_file(f: &Path) -> Result<PathBuf, String> {
+    if f.as_os_str().is_empty() {
+        return Err("is empty".into());
+    }
+    if f.file_name().is_none() || f.is_dir() {
+        return Err("is a directory, not a file".into());
+    }
+    Ok(f.to_path_buf())
 }
 
 fn default_lun() -> LunConfig {

@@ -77,6 +77,41 @@ pub struct EngineConfig {
     /// One reactor per entry, pinned to that CPU when `pin` is set.
     pub cores: Vec<usize>,
     pub pin: bool,
+    /// Where to write the counters as JSON every second.
+    pub stats_file: Option<std::path::PathBuf>,
+}
+
+/// One reactor's counters. Plain integers: only the reactor's own thread
+/// writes them; it copies them into `Shared::published` once per tick for
+/// the stats writer (and, later, the control plane) to read.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CoreStats {
+    pub reactor: usize,
+    /// The CPU the reactor is pinned to.
+    pub cpu: Option<usize>,
+    /// Connections served by this reactor now (logging in or placed).
+    pub connections: u64,
+    pub pdus_rx: u64,
+    /// SCSI commands from this reactor's connections.
+    pub commands: u64,
+    /// Of those, sent to another reactor that owns the target.
+    pub commands_forwarded: u64,
+    /// Commands executed here for connections on other reactors.
+    pub commands_served_remote: u64,
+    /// Completions given to this reactor's connections.
+    pub completions: u64,
+    pub data_in_bytes: u64,
+    pub data_out_bytes: u64,
+    /// Messages taken from this reactor's inbox.
+    pub messages_in: u64,
+    /// Wake-ups sent to parked reactors.
+    pub wakeups_sent: u64,
+    /// Loop iterations, and the time spent in those that found work.
+    pub loops: u64,
+    pub busy_ns: u64,
+    /// Heap allocations made by this reactor's thread since it started
+    /// (the I/O path's should stay flat under load).
+    pub heap_allocs: u64,
 }
 
 const SIGNAL_TOKEN: Token = Token(usize::MAX - 1);
@@ -229,13 +264,15 @@ struct Shared {
     next_conn: AtomicU64,
     /// Reactors that have stopped reading sockets at shutdown.
     stopping: AtomicUsize,
+    /// Each reactor's last published counters (written once per tick).
+    published: Vec<Mutex<CoreStats>>,
+    /// Set when every reactor has returned, to end the stats writer.
+    finished: AtomicBool,
 }
 
 impl Shared {
     fn sessions(&self) -> MutexGuard<'_, SessionTable> {
-        // A panic while holding the table leaves it consistent (each
-        // change is one insert or remove), so poisoning is ignored.
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.sessions)
     }
 }
 
@@ -333,6 +370,8 @@ impl Engine {
             cores: links,
             next_conn: AtomicU64::new(1),
             stopping: AtomicUsize::new(0),
+            published: (0..n).map(|_| Mutex::new(CoreStats::default())).collect(),
+            finished: AtomicBool::new(false),
         });
         let started = Instant::now();
         let mut reactors = Vec::with_capacity(n);
@@ -360,6 +399,11 @@ impl Engine {
                 started,
                 scratch: Vec::new(),
                 stopping: false,
+                stats: CoreStats {
+                    reactor: me,
+                    cpu: sh.cfg.pin.then(|| sh.cfg.cores.get(me).copied()).flatten(),
+                    ..CoreStats::default()
+                },
             });
         }
         Ok(Engine { sh, reactors })
@@ -388,6 +432,12 @@ impl Engine {
             signal_hook::consts::SIGINT,
             signal_hook::consts::SIGTERM,
         ])?;
+        let writer = self.sh.cfg.stats_file.clone().map(|path| {
+            let sh = self.sh.clone();
+            std::thread::Builder::new()
+                .name("stats".into())
+                .spawn(move || stats_writer(&sh, &path))
+        });
         let mut result = first.run_with_signals(signals);
         for h in handles {
             match h.join() {
@@ -400,9 +450,63 @@ impl Engine {
                 }
             }
         }
+        self.sh.finished.store(true, Ordering::SeqCst);
+        if let Some(Ok(w)) = writer {
+            let _ = w.join();
+        }
+        for p in &self.sh.published {
+            let s = lock(p).clone();
+            tracing::info!(
+                reactor = s.reactor,
+                commands = s.commands,
+                forwarded = s.commands_forwarded,
+                served_remote = s.commands_served_remote,
+                busy_ms = s.busy_ns / 1_000_000,
+                heap_allocs = s.heap_allocs,
+                "reactor counters"
+            );
+        }
         tracing::info!("stopped");
         result
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded values are plain counters or tables changed by single
+    // inserts and removes; a panic elsewhere leaves them usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The counters as one JSON document.
+fn stats_json(sh: &Shared) -> String {
+    let cores: Vec<CoreStats> = sh.published.iter().map(|p| lock(p).clone()).collect();
+    let doc = serde_json::json!({
+        "version": 1,
+        "reactors": cores,
+    });
+    doc.to_string()
+}
+
+/// Rewrite the stats file every second until the engine stops, and once
+/// more at the end. Runs on its own thread: file I/O stays off reactors.
+fn stats_writer(sh: &Shared, path: &std::path::Path) {
+    let tmp = path.with_extension("json.tmp");
+    let write = || {
+        let text = stats_json(sh);
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
+            tracing::warn!(path = %path.display(), "cannot write the stats file: {e}");
+        }
+    };
+    while !sh.finished.load(Ordering::SeqCst) {
+        write();
+        for _ in 0..10 {
+            if sh.finished.load(Ordering::SeqCst) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    write();
 }
 
 struct Reactor {
@@ -433,6 +537,7 @@ struct Reactor {
     /// Reused list of connection ids for the periodic tick.
     scratch: Vec<u32>,
     stopping: bool,
+    stats: CoreStats,
 }
 
 impl Reactor {
@@ -517,6 +622,8 @@ impl Reactor {
             }
             let r = self.poll.poll(&mut events, Some(timeout));
             self.link().parked.store(false, Ordering::Relaxed);
+            let woke = Instant::now();
+            self.stats.loops += 1;
             match r {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -564,16 +671,27 @@ impl Reactor {
                     }
                 }
             }
-            self.run_until_idle();
+            let completed = self.run_until_idle();
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
                 self.tick();
             }
             self.flush_outbox();
+            if got > 0 || completed > 0 || !events.is_empty() {
+                self.stats.busy_ns += woke.elapsed().as_nanos() as u64;
+            }
         }
     }
 
+    /// Copy this reactor's counters where the stats writer reads them.
+    fn publish(&mut self) {
+        self.stats.connections = self.conns.len() as u64;
+        self.stats.heap_allocs = mempool::thread_heap_allocs();
+        lock(&self.sh.published[self.me]).clone_from(&self.stats);
+    }
+
     fn tick(&mut self) {
+        self.publish();
         let now = self.now_ms();
         let mut ids = std::mem::take(&mut self.scratch);
         ids.clear();
@@ -619,6 +737,7 @@ impl Reactor {
                 fence(Ordering::SeqCst);
                 if link.parked.load(Ordering::SeqCst) {
                     let _ = link.waker.wake();
+                    self.stats.wakeups_sent += 1;
                 }
             }
         }
@@ -634,6 +753,7 @@ impl Reactor {
             n += 1;
             self.handle_msg(msg);
         }
+        self.stats.messages_in += n as u64;
         if n > 0 {
             self.finish_touched();
         }
@@ -644,7 +764,10 @@ impl Reactor {
         match msg {
             Msg::Adopt(entry) => self.adopt(*entry),
             Msg::Submit { target, lun, task } => match self.devices[target].as_mut() {
-                Some(d) => d.submit(lun, task),
+                Some(d) => {
+                    d.submit(lun, task);
+                    self.stats.commands_served_remote += 1;
+                }
                 None => debug_assert!(false, "task sent to a core that is not its home"),
             },
             Msg::Complete(c) => self.deliver(c),
@@ -752,6 +875,9 @@ impl Reactor {
             conn.proto
                 .scsi_complete(c.tag as u32, c.status, &c.sense, &c.data_in, c.data_out_len);
             self.touched.push(id);
+            self.stats.completions += 1;
+            self.stats.data_in_bytes += c.data_in.len() as u64;
+            self.stats.data_out_bytes += c.data_out_len as u64;
         }
         self.pool.give(c.data_in);
         self.pool.give(c.data_out);
@@ -774,8 +900,10 @@ impl Reactor {
         self.touched = touched;
     }
 
-    /// Drain backstore completions and whatever they unblock.
-    fn run_until_idle(&mut self) {
+    /// Drain backstore completions and whatever they unblock; returns how
+    /// many there were.
+    fn run_until_idle(&mut self) -> usize {
+        let mut total = 0;
         loop {
             let mut n = 0;
             self.completions.clear();
@@ -785,6 +913,7 @@ impl Reactor {
             if n == 0 {
                 break;
             }
+            total += n;
             let mut done = std::mem::take(&mut self.completions);
             for c in done.drain(..) {
                 self.route(c);
@@ -793,6 +922,7 @@ impl Reactor {
             self.finish_touched();
         }
         self.reap();
+        total
     }
 
     fn alloc_local(&mut self) -> u32 {
@@ -956,6 +1086,7 @@ impl Reactor {
                 ended: &mut self.ended,
             };
             c.proto.handle_pdu(&mut ctx, pdu, now);
+            self.stats.pdus_rx += 1;
             if let Some(tsih) = ctx.instated {
                 c.tsih = Some(tsih);
             }
@@ -1055,11 +1186,13 @@ impl Reactor {
                         data_in,
                     };
                     let home = self.sh.targets[target].home;
+                    self.stats.commands += 1;
                     if home == self.me {
                         if let Some(d) = self.devices[target].as_mut() {
                             d.submit(req.lun, task);
                         }
                     } else {
+                        self.stats.commands_forwarded += 1;
                         self.send(
                             home,
                             Msg::Submit {
@@ -1352,6 +1485,7 @@ impl Reactor {
 
     fn shutdown(&mut self) -> io::Result<()> {
         self.flush_outbox();
+        self.publish();
         let mut ids = std::mem::take(&mut self.scratch);
         ids.clear();
         ids.extend(self.conns.keys().copied());

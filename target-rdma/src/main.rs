@@ -8,6 +8,11 @@
 mod config;
 mod engine;
 
+/// Counts heap allocations per thread, so each reactor can report that
+/// its I/O path allocates nothing (see `engine::CoreStats`).
+#[global_allocator]
+static HEAP: mempool::HeapCount = mempool::HeapCount;
+
 use std::process::ExitCode;
 
 use config::{BackstoreSpec, Config};
@@ -132,6 +137,7 @@ fn run(cfg: Config) -> Result<(), String> {
         poll: cfg.poll,
         cores: reactor_cores(cfg.cores.as_deref()),
         pin: true,
+        stats_file: cfg.stats_file.clone(),
         discovery_chap: ChapConfig {
             initiator: cfg
                 .discovery_chap
