@@ -241,8 +241,14 @@ done
 
 # Scaling row: two sessions, 32 commands in flight each.  target-rdma is
 # restarted with --cores 0 and then --cores 0-1 (each time warmed up again:
-# its mem: LUN does not outlive the process).  Today the engine runs a single
-# reactor thread, so both settings are expected to give the same figures.
+# its mem: LUN does not outlive the process).  With --cores 0-1 the engine runs
+# two reactors and places the second session on reactor 1, but both sessions
+# go to the one target here, whose SCSI device lives on reactor 0: reactor 1
+# forwards its commands there.  The row shows what that costs or gains per
+# target CPU-second (whole process, default adaptive polling) against one
+# reactor and against tgt; benches/scaling.sh measures each reactor thread
+# separately, with one target and with two, and projects the IOPS at which the
+# busiest reactor saturates.
 echo "== scaling row: 4k random read, 2 sessions x QD32"
 SCALE_ARGS=(-m read -p rand -b 4096 -q 32 -s 2)
 run 4k-randread-qd32-2sess tgt "" "$TGT_PID" "$TGT_URL" "${SCALE_ARGS[@]}"

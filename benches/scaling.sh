@@ -252,8 +252,9 @@ measure() {
         paste -sd, -)
     [[ -n $sess ]] || die "no SESSION lines from iobench ($log)"
     local line
-    line=$(printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "$round" "$wl" "$cores" "$order" \
-        "$((t1 - t0))" "$((p1 - p0))" "$threads" "$sess" "${res#RESULT }")
+    line=$(printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "$round" "$wl" "$cores" "$order" \
+        "$((t1 - t0))" "$((p1 - p0))" "$threads" "$sess" "$(cut -d' ' -f1 /proc/loadavg)" \
+        "${res#RESULT }")
     echo "$line" >>"$RAW"
     timeout 30 python3 "$here/scaling_report.py" --tick "$TICK" --line "$line" ||
         die "scaling_report.py failed on: $line"

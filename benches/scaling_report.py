@@ -2,10 +2,11 @@
 """Figures of benches/scaling.sh: one line per run (--line) or the summary and CSV (--raw).
 
 A raw line is tab-separated:
-    round  workload  cores  order  wall-ns  process-ticks  threads  sessions  "ios=N ... errors=N"
+    round workload cores order wall-ns process-ticks threads sessions load1 "ios=N ... errors=N"
 where threads is "name/tid/ticks;name/tid/ticks..." for each reactor thread in reactor
 order, ticks are the growth of utime+stime over the run, in units of 1/--tick s, and
-sessions is "ios,ios" (the I/Os of each client session).
+sessions is "ios,ios" (the I/Os of each client session), load1 the 1-minute load average
+at the end of the run.
 
 projected = ios / (CPU seconds of the busiest reactor): the IOPS at which that reactor
 would be busy all the time.  With poll = "interrupt" a reactor's CPU time is the time it
@@ -21,9 +22,9 @@ import sys
 
 def parse(line, tick):
     f = line.rstrip("\n").split("\t")
-    if len(f) != 9:
-        raise ValueError(f"expected 9 tab-separated fields, got {len(f)}: {line!r}")
-    rnd, wl, cores, order, wall_ns, pticks, threads, sessions, res = f
+    if len(f) != 10:
+        raise ValueError(f"expected 10 tab-separated fields, got {len(f)}: {line!r}")
+    rnd, wl, cores, order, wall_ns, pticks, threads, sessions, load1, res = f
     kv = dict(p.split("=", 1) for p in res.split())
     wall = int(wall_ns) / 1e9
     reactors = []
@@ -37,7 +38,7 @@ def parse(line, tick):
     return {
         "round": int(rnd), "workload": wl, "cores": cores, "order": int(order),
         "reactors": reactors, "n_reactors": len(reactors), "wall_s": wall, "ios": ios,
-        "session_ios": [int(x) for x in sessions.split(",")],
+        "session_ios": [int(x) for x in sessions.split(",")], "load1": float(load1),
         "iops": float(kv["iops"]), "mbps": float(kv["mbps"]),
         "lat_mean_us": float(kv["lat_mean_us"]), "lat_p99_us": float(kv["lat_p99_us"]),
         "process_cpu_s": proc_cpu, "max_reactor_cpu_s": max_cpu,
@@ -60,7 +61,16 @@ def run_line(r):
 def session_split(r):
     """Each session's share of the I/Os in percent, e.g. "49/51%"."""
     tot = sum(r["session_ios"]) or 1
-    return "/".join(f"{100 * x / tot:.0f}" for x in r["session_ios"]) + "%"
+    text = "/".join(f"{100 * x / tot:.0f}" for x in r["session_ios"]) + "%"
+    return text + (" (uneven)" if uneven(r) else "")
+
+
+UNEVEN = 0.6   # a session with more than this share of the I/Os: the client was lopsided
+
+
+def uneven(r):
+    tot = sum(r["session_ios"])
+    return len(r["session_ios"]) > 1 and tot > 0 and max(r["session_ios"]) / tot > UNEVEN
 
 
 def spread(vals):
@@ -103,6 +113,13 @@ def summary(runs, goal, csv_path, stamp):
             print(f"| {wl} | {nr} ({rs[0]['cores']}) | {col('iops')} | {col('projected_iops')} | "
                   f"{busiest:.2f} | {per} | {col('ios_per_cpu_s')} | {col('lat_p99_us')} |")
     print()
+    lop = [r for r in runs if uneven(r)]
+    if lop:
+        print(f"NOTE: in {len(lop)} of {len(runs)} runs one client session did more than "
+              f"{UNEVEN:.0%} of the I/Os (the client threads did not get equal CPU, usually\n"
+              "      because other work was running); with two reactors that loads one reactor more\n"
+              "      than the other and lowers the projected figure for reasons outside the target.")
+        print()
     print(f"== scaling, 2 reactors / 1 reactor (goal: projected >= {goal}x)")
     verdicts = {}
     for wl in workloads:
@@ -127,7 +144,7 @@ def summary(runs, goal, csv_path, stamp):
     for i in range(max_r):
         fields += [f"reactor{i}_thread", f"reactor{i}_cpu_s", f"reactor{i}_busy"]
     fields += ["max_reactor_cpu_s", "projected_iops", "ios_per_process_cpu_s",
-               "round_scaling_projected", "round_scaling_raw_iops"]
+               "round_scaling_projected", "round_scaling_raw_iops", "loadavg_1m_after"]
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(fields)
@@ -145,7 +162,7 @@ def summary(runs, goal, csv_path, stamp):
             sc = ratio.get((r["round"], r["workload"]))
             row += [f"{r['max_reactor_cpu_s']:.2f}", f"{r['projected_iops']:.0f}",
                     f"{r['ios_per_cpu_s']:.0f}",
-                    f"{sc[0]:.3f}" if sc else "", f"{sc[1]:.3f}" if sc else ""]
+                    f"{sc[0]:.3f}" if sc else "", f"{sc[1]:.3f}" if sc else "", r["load1"]]
             w.writerow(row)
     print(f"CSV: {csv_path}")
     return verdicts
