@@ -173,6 +173,8 @@ impl LoginContext for FuzzCtx {
     }
 }
 
+impl iscsi::conn::BufferSource for FuzzCtx {}
+
 impl TextContext for FuzzCtx {
     fn send_targets(&self, i: &str, _session: Option<&str>, _q: &str) -> Vec<TargetRecord> {
         TARGETS
@@ -569,7 +571,7 @@ impl Driver {
                 Event::Scsi(r) => {
                     self.scsi_cmds += 1;
                     assert!(self.ffp, "SCSI command before login completed");
-                    assert!(r.cdb.len() >= 16);
+                    assert!(r.cdb_ext.len() <= 260 - 16);
                     assert!(r.data_out.len() <= r.edtl as usize);
                     if r.write && r.edtl > 0 {
                         assert_eq!(r.data_out.len(), r.edtl as usize);

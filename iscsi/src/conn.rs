@@ -117,13 +117,32 @@ pub enum CloseReason {
     TargetColdReset,
 }
 
+/// Where a connection gets buffers for write data, and where it returns
+/// the payload buffers of PDUs it is done with, so that the data path
+/// reuses memory instead of allocating. The defaults allocate and free,
+/// which suits tests and tools.
+pub trait BufferSource {
+    /// An empty buffer with room for at least `len` bytes.
+    fn data_buffer(&mut self, len: usize) -> Vec<u8> {
+        Vec::with_capacity(len)
+    }
+    /// A buffer the connection no longer needs.
+    fn recycle(&mut self, buf: Vec<u8>) {
+        drop(buf)
+    }
+}
+
 /// A SCSI command for the device server.
 #[derive(Debug)]
 pub struct ScsiRequest {
     pub task: TaskId,
     /// Raw 8-byte SAM LUN field.
     pub lun: u64,
-    pub cdb: Vec<u8>,
+    /// The BHS's 16 CDB bytes (a shorter CDB is zero-padded)...
+    pub cdb: [u8; 16],
+    /// ...and the rest of an extended CDB (the Extended CDB AHS), usually
+    /// empty, so a command carries no heap allocation.
+    pub cdb_ext: Vec<u8>,
     /// ATTR bits of the SCSI Command PDU.
     pub attr: u8,
     pub edtl: u32,
@@ -169,7 +188,8 @@ struct Task {
     immediate: bool,
     lun: u64,
     state: TaskState,
-    cdb: Vec<u8>,
+    cdb: [u8; 16],
+    cdb_ext: Vec<u8>,
     attr: u8,
     edtl: u32,
     read: bool,
@@ -356,7 +376,7 @@ impl Connection {
     }
 
     /// Feed one decoded PDU.
-    pub fn handle_pdu<C: LoginContext + TextContext>(
+    pub fn handle_pdu<C: LoginContext + TextContext + BufferSource>(
         &mut self,
         ctx: &mut C,
         pdu: Pdu,
@@ -463,10 +483,13 @@ impl Connection {
     // ---------------------------------------------------------------
     // Full feature phase
 
-    fn handle_ffp<C: LoginContext + TextContext>(&mut self, ctx: &mut C, pdu: Pdu) {
+    fn handle_ffp<C: LoginContext + TextContext + BufferSource>(&mut self, ctx: &mut C, pdu: Pdu) {
         let op = pdu.bhs.opcode();
         match op {
-            opcode::DATA_OUT => return self.handle_data_out(pdu),
+            opcode::DATA_OUT => {
+                self.handle_data_out(&pdu);
+                return ctx.recycle(pdu.data);
+            }
             opcode::SNACK_REQ => {
                 // SNACK needs ErrorRecoveryLevel > 0, which we never agree to.
                 return self.send_reject(reject::PROTOCOL_ERROR, &pdu.bhs);
@@ -511,7 +534,7 @@ impl Connection {
         // Outside the window: silently ignored (RFC 7143 4.2.2.1).
     }
 
-    fn drain_pending<C: LoginContext + TextContext>(&mut self, ctx: &mut C) {
+    fn drain_pending<C: LoginContext + TextContext + BufferSource>(&mut self, ctx: &mut C) {
         while let Some(i) = self
             .pending
             .iter()
@@ -523,13 +546,13 @@ impl Connection {
         }
     }
 
-    fn dispatch<C: LoginContext + TextContext>(&mut self, ctx: &mut C, pdu: Pdu) {
+    fn dispatch<C: LoginContext + TextContext + BufferSource>(&mut self, ctx: &mut C, pdu: Pdu) {
         if self.phase != Phase::FullFeature {
             return;
         }
         match pdu.bhs.opcode() {
             opcode::NOP_OUT => self.handle_nop_out(pdu),
-            opcode::SCSI_CMD => self.handle_scsi_cmd(pdu),
+            opcode::SCSI_CMD => self.handle_scsi_cmd(ctx, pdu),
             opcode::TASK_MGMT_REQ => self.handle_tmf(pdu),
             opcode::TEXT_REQ => self.handle_text(ctx, pdu),
             opcode::LOGOUT_REQ => self.handle_logout(pdu),
@@ -612,7 +635,7 @@ impl Connection {
     // ---------------------------------------------------------------
     // SCSI commands and write data
 
-    fn handle_scsi_cmd(&mut self, pdu: Pdu) {
+    fn handle_scsi_cmd<C: BufferSource>(&mut self, ctx: &mut C, pdu: Pdu) {
         let bhs = pdu.bhs;
         if self.session.session_type == SessionType::Discovery {
             return self.send_reject(reject::COMMAND_NOT_SUPPORTED, &bhs);
@@ -647,11 +670,8 @@ impl Connection {
             // TASK SET FULL rather than drop the command.
             return self.respond_status_only(itt, 0x28, &[]);
         };
-        let mut cdb = Vec::with_capacity(16);
-        cdb.extend_from_slice(bhs.cdb());
-        if let Some(ext) = pdu.extended_cdb() {
-            cdb.extend_from_slice(ext);
-        }
+        let cdb = *bhs.cdb();
+        let cdb_ext = pdu.extended_cdb().map(<[u8]>::to_vec).unwrap_or_default();
         let id = self.task_id(slot);
         let want_data = write && edtl > 0;
         let mut task = Task {
@@ -660,6 +680,7 @@ impl Connection {
             lun: bhs.lun(),
             state: TaskState::DataOut,
             cdb,
+            cdb_ext,
             attr: f & flags::ATTR_MASK,
             edtl,
             read,
@@ -673,8 +694,18 @@ impl Connection {
             r2tsn: 0,
         };
         if want_data {
-            task.data_out = vec![0; edtl as usize];
-            task.data_out[..pdu.data.len()].copy_from_slice(&pdu.data);
+            if imm_len == edtl {
+                // All the data came with the command: its buffer is the
+                // task's, no copy.
+                task.data_out = pdu.data;
+            } else {
+                let mut buf = ctx.data_buffer(edtl as usize);
+                buf.clear();
+                buf.resize(edtl as usize, 0);
+                buf[..pdu.data.len()].copy_from_slice(&pdu.data);
+                task.data_out = buf;
+                ctx.recycle(pdu.data);
+            }
             task.received = imm_len;
             // F clear on the command: unsolicited Data-Out follows, up to
             // FirstBurstLength (RFC 7143 11.3.1.1, 13.14).
@@ -700,7 +731,8 @@ impl Connection {
             let req = ScsiRequest {
                 task: id,
                 lun: t.lun,
-                cdb: std::mem::take(&mut t.cdb),
+                cdb: t.cdb,
+                cdb_ext: std::mem::take(&mut t.cdb_ext),
                 attr: t.attr,
                 edtl: t.edtl,
                 read: t.read,
@@ -750,7 +782,7 @@ impl Connection {
         }
     }
 
-    fn handle_data_out(&mut self, pdu: Pdu) {
+    fn handle_data_out(&mut self, pdu: &Pdu) {
         let bhs = pdu.bhs;
         let Some(&id) = self.by_itt.get(&bhs.itt()) else {
             // Data for a task we no longer hold: it was aborted or refused
@@ -1203,6 +1235,8 @@ mod tests {
             Ok(1)
         }
     }
+    impl BufferSource for Ctx {}
+
     impl TextContext for Ctx {
         fn send_targets(&self, _: &str, _: Option<&str>, _: &str) -> Vec<TargetRecord> {
             Vec::new()

@@ -494,6 +494,17 @@ impl Decoder {
     /// Decode one PDU from the front of `buf`. Returns `Ok(None)` when more
     /// bytes are needed, else the PDU and the number of bytes it used.
     pub fn decode(&self, buf: &[u8]) -> Result<Option<(Pdu, usize)>, PduError> {
+        self.decode_with(buf, &mut Vec::with_capacity)
+    }
+
+    /// `decode`, taking the data segment's buffer from `data_buf` (called
+    /// with the segment length, only when there is one) so a reactor can
+    /// hand out recycled buffers instead of allocating.
+    pub fn decode_with(
+        &self,
+        buf: &[u8],
+        data_buf: &mut dyn FnMut(usize) -> Vec<u8>,
+    ) -> Result<Option<(Pdu, usize)>, PduError> {
         if buf.len() < BHS_LEN {
             return Ok(None);
         }
@@ -532,6 +543,8 @@ impl Decoder {
                     });
                 }
             }
+            pdu.data = data_buf(fr.data_len);
+            pdu.data.clear();
             pdu.data.extend_from_slice(data);
         }
         Ok(Some((pdu, fr.wire_len)))

@@ -84,9 +84,9 @@ fn main() {
         },
     );
     time("maintain() with nothing to do", n, 1, || a.maintain());
-    let mut legacy = BufPool::new(256 << 10, 1024);
-    time("legacy BufPool take + give (256 KiB Vec)", n, 1, || {
-        let v = legacy.take();
+    let mut legacy = BufPool::new(1024, 1 << 30);
+    time("heap BufPool take + give (256 KiB Vec)", n, 1, || {
+        let v = legacy.take(256 << 10);
         legacy.give(black_box(v));
     });
     a.maintain();

@@ -1,49 +1,92 @@
-//! The legacy heap pool: a per-reactor free list of `Vec<u8>`.
+//! The heap pool the engine uses until its data path moves onto
+//! [`crate::Pool`]: per-reactor free lists of `Vec<u8>` in power-of-two
+//! size classes.
 //!
-//! This is what the single-reactor engine uses today. It allocates from
-//! the heap when its free list is empty, so it is not the data-path pool
-//! the per-core engine will use; that is [`crate::Pool`] with its
-//! [`crate::CoreCache`]s. It stays until the engine has moved over.
+//! Buffers are plain heap vectors because the device server and the
+//! backstores still take `Vec<u8>`; what this pool adds is that, once
+//! warm, the data path reuses them instead of allocating: a buffer is
+//! filed under the largest class its capacity covers and handed out for
+//! any length up to that class. The cache is bounded per class and in
+//! bytes, so a burst of large commands does not pin memory forever.
 
-/// A per-reactor free list of byte vectors. Not shared between threads:
-/// each reactor owns one, so taking and returning a buffer takes no lock.
+/// Smallest class: 4 KiB.
+const CLASS_MIN_SHIFT: u32 = 12;
+/// Largest class: 16 MiB; larger buffers are not kept.
+const CLASS_MAX_SHIFT: u32 = 24;
+const CLASSES: usize = (CLASS_MAX_SHIFT - CLASS_MIN_SHIFT + 1) as usize;
+
+/// A per-reactor set of free lists. Not shared between threads: each
+/// reactor owns one, so taking and returning a buffer takes no lock.
 pub struct BufPool {
-    free: Vec<Vec<u8>>,
-    /// Buffers kept at most; more are dropped when returned.
-    cap: usize,
-    /// Capacity given to buffers created when the free list is empty.
-    buf_size: usize,
+    free: [Vec<Vec<u8>>; CLASSES],
+    /// Buffers kept per class at most.
+    per_class_max: usize,
+    /// Bytes kept in all free lists at most.
+    cached_bytes_max: usize,
+    cached_bytes: usize,
     pub stats: PoolStats,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct PoolStats {
     pub taken: u64,
+    /// Buffers allocated because the class's free list was empty.
     pub created: u64,
     pub in_use: u64,
     pub in_use_high_water: u64,
+    /// Buffers freed on return because their class or the byte cap was full.
+    pub dropped: u64,
+}
+
+/// Class whose size is the smallest power of two >= `len`.
+fn class_for_len(len: usize) -> Option<usize> {
+    let shift = len
+        .max(1)
+        .next_power_of_two()
+        .trailing_zeros()
+        .max(CLASS_MIN_SHIFT);
+    (shift <= CLASS_MAX_SHIFT).then(|| (shift - CLASS_MIN_SHIFT) as usize)
+}
+
+/// Largest class a buffer of `cap` bytes can serve.
+fn class_for_cap(cap: usize) -> Option<usize> {
+    if cap < 1 << CLASS_MIN_SHIFT {
+        return None;
+    }
+    let shift = (usize::BITS - 1 - cap.leading_zeros()).min(CLASS_MAX_SHIFT);
+    Some((shift - CLASS_MIN_SHIFT) as usize)
 }
 
 impl BufPool {
-    pub fn new(buf_size: usize, cap: usize) -> BufPool {
+    /// `per_class_max` buffers per class and `cached_bytes_max` bytes in
+    /// all at most are kept for reuse.
+    pub fn new(per_class_max: usize, cached_bytes_max: usize) -> BufPool {
         BufPool {
-            free: Vec::with_capacity(cap),
-            cap,
-            buf_size,
+            free: std::array::from_fn(|_| Vec::with_capacity(per_class_max.min(4096))),
+            per_class_max,
+            cached_bytes_max,
+            cached_bytes: 0,
             stats: PoolStats::default(),
         }
     }
 
-    /// An empty buffer with at least the pool's buffer size of capacity.
-    pub fn take(&mut self) -> Vec<u8> {
+    /// An empty buffer with room for at least `len` bytes.
+    pub fn take(&mut self, len: usize) -> Vec<u8> {
         self.stats.taken += 1;
         self.stats.in_use += 1;
         self.stats.in_use_high_water = self.stats.in_use_high_water.max(self.stats.in_use);
-        match self.free.pop() {
-            Some(b) => b,
+        let Some(class) = class_for_len(len) else {
+            self.stats.created += 1;
+            return Vec::with_capacity(len);
+        };
+        match self.free[class].pop() {
+            Some(b) => {
+                self.cached_bytes -= b.capacity();
+                b
+            }
             None => {
                 self.stats.created += 1;
-                Vec::with_capacity(self.buf_size)
+                Vec::with_capacity(1 << (class as u32 + CLASS_MIN_SHIFT))
             }
         }
     }
@@ -51,25 +94,80 @@ impl BufPool {
     /// Return a buffer; its contents are discarded.
     pub fn give(&mut self, mut b: Vec<u8>) {
         self.stats.in_use = self.stats.in_use.saturating_sub(1);
-        if self.free.len() < self.cap && b.capacity() > 0 {
-            b.clear();
-            self.free.push(b);
+        let Some(class) = class_for_cap(b.capacity()) else {
+            return;
+        };
+        if self.free[class].len() >= self.per_class_max
+            || self.cached_bytes + b.capacity() > self.cached_bytes_max
+        {
+            self.stats.dropped += 1;
+            return;
         }
+        b.clear();
+        self.cached_bytes += b.capacity();
+        self.free[class].push(b);
+    }
+
+    /// Bytes held in the free lists.
+    pub fn cached_bytes(&self) -> usize {
+        self.cached_bytes
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
-    fn recycles() {
-        let mut p = super::BufPool::new(4096, 4);
-        let mut b = p.take();
+    fn recycles_within_a_class() {
+        let mut p = BufPool::new(4, 1 << 30);
+        let mut b = p.take(3000);
+        assert!(b.capacity() >= 4096);
         b.extend_from_slice(&[1, 2, 3]);
         let ptr = b.as_ptr();
         p.give(b);
-        let c = p.take();
+        let c = p.take(4096);
         assert!(c.is_empty());
         assert_eq!(c.as_ptr(), ptr);
         assert_eq!(p.stats.created, 1);
+    }
+
+    #[test]
+    fn a_buffer_serves_only_lengths_it_can_hold() {
+        let mut p = BufPool::new(4, 1 << 30);
+        let b = p.take(1 << 20);
+        assert!(b.capacity() >= 1 << 20);
+        p.give(b);
+        // A larger request must not get the 1 MiB buffer.
+        let big = p.take((1 << 20) + 1);
+        assert!(big.capacity() > 1 << 20);
+        // An odd capacity is filed under the class it covers.
+        p.give(Vec::with_capacity(6000));
+        let c = p.take(4096);
+        assert!(c.capacity() >= 4096);
+        assert_eq!(class_for_cap(6000), Some(0));
+        assert_eq!(class_for_len(6000), Some(1));
+        assert_eq!(class_for_len(0), Some(0));
+        assert_eq!(class_for_len(32 << 20), None);
+    }
+
+    #[test]
+    fn caches_are_bounded() {
+        let mut p = BufPool::new(2, 3 * 4096);
+        let bufs: Vec<_> = (0..4).map(|_| p.take(4096)).collect();
+        for b in bufs {
+            p.give(b);
+        }
+        assert_eq!(p.free[0].len(), 2, "per-class cap");
+        assert_eq!(p.stats.dropped, 2);
+        let mut p = BufPool::new(8, 2 * 4096);
+        let bufs: Vec<_> = (0..4).map(|_| p.take(4096)).collect();
+        for b in bufs {
+            p.give(b);
+        }
+        assert_eq!(p.cached_bytes(), 2 * 4096, "byte cap");
+        // Tiny buffers are not kept at all.
+        p.give(Vec::with_capacity(100));
+        assert_eq!(p.cached_bytes(), 2 * 4096);
     }
 }

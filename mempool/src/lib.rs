@@ -24,7 +24,8 @@
 //!   [`CoreCache::alloc_or_wait`] queues the caller's token and
 //!   [`CoreCache::next_grant`] hands the buffers over once they are free.
 //!
-//! [`BufPool`] is the legacy heap pool the single-reactor engine uses today.
+//! [`BufPool`] is the heap pool the engine uses today (size-classed free
+//! lists of `Vec<u8>`), until its data path moves onto [`Pool`].
 //!
 //! A reactor's side of the contract, in short:
 //!

@@ -58,6 +58,90 @@ impl TaskAttr {
 /// Largest CDB we accept: 16 bytes in the BHS plus an extended CDB AHS.
 pub const CDB_LEN_MAX: usize = 260;
 
+/// CDB bytes carried inline: every CDB but a variable-length one fits, so
+/// a command crosses the transport, the device server and other cores
+/// without a heap allocation.
+pub const CDB_INLINE_LEN: usize = 16;
+
+/// A command descriptor block: up to [`CDB_INLINE_LEN`] bytes inline, a
+/// longer (extended, up to [`CDB_LEN_MAX`]) one on the heap. Reads as a
+/// byte slice.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Cdb {
+    inline: [u8; CDB_INLINE_LEN],
+    inline_len: u8,
+    /// Non-empty only for CDBs longer than `CDB_INLINE_LEN`.
+    long: Vec<u8>,
+}
+
+impl Cdb {
+    /// The BHS's 16 CDB bytes followed by an extended-CDB AHS, if any.
+    pub fn from_parts(head: &[u8], ext: &[u8]) -> Cdb {
+        if ext.is_empty() {
+            return Cdb::from(head);
+        }
+        let mut long = Vec::with_capacity(head.len() + ext.len());
+        long.extend_from_slice(head);
+        long.extend_from_slice(ext);
+        Cdb::from(long)
+    }
+}
+
+impl From<&[u8]> for Cdb {
+    fn from(b: &[u8]) -> Cdb {
+        if b.len() <= CDB_INLINE_LEN {
+            let mut inline = [0; CDB_INLINE_LEN];
+            inline[..b.len()].copy_from_slice(b);
+            Cdb {
+                inline,
+                inline_len: b.len() as u8,
+                long: Vec::new(),
+            }
+        } else {
+            Cdb {
+                inline: [0; CDB_INLINE_LEN],
+                inline_len: 0,
+                long: b.to_vec(),
+            }
+        }
+    }
+}
+
+impl From<Vec<u8>> for Cdb {
+    fn from(b: Vec<u8>) -> Cdb {
+        if b.len() <= CDB_INLINE_LEN {
+            Cdb::from(&b[..])
+        } else {
+            Cdb {
+                inline: [0; CDB_INLINE_LEN],
+                inline_len: 0,
+                long: b,
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for Cdb {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        if self.long.is_empty() {
+            &self.inline[..self.inline_len as usize]
+        } else {
+            &self.long
+        }
+    }
+}
+
+impl std::fmt::Debug for Cdb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Cdb(")?;
+        for b in self.iter() {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, ")")
+    }
+}
+
 /// One SCSI command as the transport hands it over.
 #[derive(Debug, Default)]
 pub struct ScsiTask {
@@ -66,7 +150,7 @@ pub struct ScsiTask {
     pub tag: u64,
     pub nexus: NexusId,
     /// The whole CDB (6 to 260 bytes).
-    pub cdb: Vec<u8>,
+    pub cdb: Cdb,
     pub attr: TaskAttr,
     /// Expected Data Transfer Length from the initiator: for reads, how
     /// much it will accept; for writes, how much it sent.
@@ -147,4 +231,22 @@ pub struct LunInfo {
     pub max_unmap_descriptors: u32,
     /// Largest WRITE SAME in blocks (VPD 0xB0).
     pub max_write_same_blocks: u64,
+}
+
+#[cfg(test)]
+mod cdb_tests {
+    use super::*;
+
+    #[test]
+    fn short_and_long_cdbs_read_back() {
+        let short: Vec<u8> = (0..16).collect();
+        let c = Cdb::from(&short[..]);
+        assert_eq!(&*c, &short[..]);
+        assert_eq!(&*Cdb::from(&[0x28u8, 0, 1][..]), &[0x28, 0, 1]);
+        let long: Vec<u8> = (0..40).collect();
+        assert_eq!(&*Cdb::from(long.clone()), &long[..]);
+        assert_eq!(&*Cdb::from_parts(&long[..16], &long[16..]), &long[..]);
+        assert_eq!(&*Cdb::from_parts(&short, &[]), &short[..]);
+        assert!(Cdb::default().is_empty());
+    }
 }

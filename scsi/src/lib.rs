@@ -19,7 +19,7 @@ pub mod target;
 mod xcopy;
 
 pub use backstore::{Backstore, BackstoreCaps, Io, IoDone, IoOp};
-pub use common::{CmdError, LunInfo, Nexus, NexusId, ScsiCompletion, ScsiTask, TaskAttr};
+pub use common::{Cdb, CmdError, LunInfo, Nexus, NexusId, ScsiCompletion, ScsiTask, TaskAttr};
 pub use lun::Lun;
 pub use sense::{Sense, SenseKey};
 pub use target::Target;

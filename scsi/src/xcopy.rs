@@ -1088,7 +1088,7 @@ mod tests {
             ScsiTask {
                 tag: 42,
                 nexus,
-                cdb: cdb.to_vec(),
+                cdb: cdb.into(),
                 edtl: data_out.len() as u32,
                 data_out,
                 ..Default::default()
@@ -1402,7 +1402,7 @@ mod tests {
         let task = |tag| ScsiTask {
             tag,
             nexus: 1,
-            cdb: xcopy_cdb(p.len()),
+            cdb: xcopy_cdb(p.len()).into(),
             data_out: p.clone(),
             ..Default::default()
         };
@@ -1416,7 +1416,7 @@ mod tests {
             ScsiTask {
                 tag: 3,
                 nexus: 1,
-                cdb: rcr_cdb(COPY_STATUS, 5),
+                cdb: rcr_cdb(COPY_STATUS, 5).into(),
                 ..Default::default()
             },
         );
@@ -1463,7 +1463,7 @@ mod tests {
             ScsiTask {
                 tag: 1,
                 nexus: 1,
-                cdb: xcopy_cdb(p.len()),
+                cdb: xcopy_cdb(p.len()).into(),
                 data_out: p,
                 ..Default::default()
             },

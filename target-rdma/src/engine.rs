@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::PollMode;
 use crossbeam_queue::ArrayQueue;
-use iscsi::conn::{CloseReason, ConnConfig, Connection, Event};
+use iscsi::conn::{BufferSource, CloseReason, ConnConfig, Connection, Event};
 use iscsi::login::{ChapConfig, LoginContext, LoginStatus, SessionRequest};
 use iscsi::params::{SessionType, TargetLimits};
 use iscsi::textreq::{TargetRecord, TextContext};
@@ -133,6 +133,11 @@ const INBOX_BATCH_MAX: usize = 1024;
 pub const CORES_MAX: usize = 256;
 /// Connection ids are 24 bits in a task tag.
 const LOCAL_ID_MASK: u32 = (1 << 24) - 1;
+/// Each reactor's buffer cache: enough buffers per size class for every
+/// command of a few full-depth sessions, and a byte cap so that a burst of
+/// large commands does not keep its memory forever.
+const BUF_POOL_PER_CLASS_MAX: usize = 1024;
+const BUF_POOL_CACHED_BYTES_MAX: usize = 512 << 20;
 /// How long shutdown waits for commands already in the device servers.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -388,7 +393,7 @@ impl Engine {
                 conns: HashMap::new(),
                 next_local: 0,
                 devices,
-                pool: BufPool::new(256 * 1024, 1024),
+                pool: BufPool::new(BUF_POOL_PER_CLASS_MAX, BUF_POOL_CACHED_BYTES_MAX),
                 completions: Vec::with_capacity(1024),
                 touched: Vec::with_capacity(1024),
                 reap_needed: false,
@@ -1067,7 +1072,11 @@ impl Reactor {
             if c.closing || c.proto.is_closing() {
                 break;
             }
-            let pdu = match c.tcp.next_pdu(c.proto.decoder()) {
+            let pool = &mut self.pool;
+            let pdu = match c
+                .tcp
+                .next_pdu_with(c.proto.decoder(), &mut |n| pool.take(n))
+            {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
                 Err(e) => {
@@ -1084,6 +1093,7 @@ impl Reactor {
                 instated: None,
                 kills: &mut self.kills,
                 ended: &mut self.ended,
+                pool: &mut self.pool,
             };
             c.proto.handle_pdu(&mut ctx, pdu, now);
             self.stats.pdus_rx += 1;
@@ -1175,11 +1185,15 @@ impl Reactor {
                     let Some((target, nexus)) = session else {
                         continue;
                     };
-                    let data_in = self.pool.take();
+                    let data_in = if req.read {
+                        self.pool.take(req.edtl as usize)
+                    } else {
+                        Vec::new()
+                    };
                     let task = ScsiTask {
                         tag: task_tag(self.me, id, req.task),
                         nexus,
-                        cdb: req.cdb,
+                        cdb: scsi::Cdb::from_parts(&req.cdb, &req.cdb_ext),
                         attr: TaskAttr::from_iscsi(req.attr),
                         edtl: req.edtl,
                         data_out: req.data_out,
@@ -1514,6 +1528,17 @@ struct Ctx<'a> {
     instated: Option<u16>,
     kills: &'a mut Vec<u64>,
     ended: &'a mut Vec<(usize, NexusId)>,
+    pool: &'a mut BufPool,
+}
+
+impl BufferSource for Ctx<'_> {
+    fn data_buffer(&mut self, len: usize) -> Vec<u8> {
+        self.pool.take(len)
+    }
+
+    fn recycle(&mut self, buf: Vec<u8>) {
+        self.pool.give(buf)
+    }
 }
 
 impl Ctx<'_> {

@@ -125,8 +125,18 @@ impl TcpConn {
 
     /// Cut the next whole PDU out of the receive buffer.
     pub fn next_pdu(&mut self, decoder: &Decoder) -> Result<Option<Pdu>, PduError> {
+        self.next_pdu_with(decoder, &mut Vec::with_capacity)
+    }
+
+    /// `next_pdu`, with the data segment copied into a buffer from
+    /// `data_buf` (see `Decoder::decode_with`).
+    pub fn next_pdu_with(
+        &mut self,
+        decoder: &Decoder,
+        data_buf: &mut dyn FnMut(usize) -> Vec<u8>,
+    ) -> Result<Option<Pdu>, PduError> {
         let buf = &self.rx[self.rx_pos..self.rx_end];
-        match decoder.decode(buf) {
+        match decoder.decode_with(buf, data_buf) {
             Ok(Some((pdu, used))) => {
                 self.rx_pos += used;
                 if self.rx_pos == self.rx_end {

@@ -43,7 +43,7 @@ fn task(tag: u64, cdb: &[u8], data_out: Vec<u8>) -> ScsiTask {
     ScsiTask {
         tag,
         nexus: 1,
-        cdb: cdb.to_vec(),
+        cdb: cdb.into(),
         edtl: data_out.len() as u32,
         data_out,
         ..Default::default()
