@@ -116,9 +116,10 @@ def summary(runs, goal, csv_path, stamp):
     lop = [r for r in runs if uneven(r)]
     if lop:
         print(f"NOTE: in {len(lop)} of {len(runs)} runs one client session did more than "
-              f"{UNEVEN:.0%} of the I/Os (the client threads did not get equal CPU, usually\n"
-              "      because other work was running); with two reactors that loads one reactor more\n"
-              "      than the other and lowers the projected figure for reasons outside the target.")
+              f"{UNEVEN:.0%} of the I/Os: the client\n"
+              "      threads did not get equal CPU, usually because other work was running. With two\n"
+              "      reactors that loads one reactor more than the other and lowers the projected\n"
+              "      figure for reasons outside the target.")
         print()
     print(f"== scaling, 2 reactors / 1 reactor (goal: projected >= {goal}x)")
     verdicts = {}
