@@ -15,6 +15,7 @@ mod sanitize;
 mod sbc;
 pub mod sense;
 mod spc;
+pub mod stats;
 pub mod target;
 mod xcopy;
 
@@ -22,6 +23,7 @@ pub use backstore::{Backstore, BackstoreCaps, Io, IoDone, IoOp};
 pub use common::{CmdError, LunInfo, Nexus, NexusId, ScsiCompletion, ScsiTask, TaskAttr};
 pub use lun::Lun;
 pub use sense::{Sense, SenseKey};
+pub use stats::{IoCounters, IoKind, LatencyHistogram};
 pub use target::Target;
 
 /// SCSI status codes (SAM-5 5.3).
