@@ -5,7 +5,8 @@
 //! reservations, unit attentions) and turns SBC-3 commands into
 //! asynchronous `Backstore` operations. Completions come back through
 //! `poll`, on the same thread that submitted, carrying status, sense and
-//! data. Nothing here knows about iSCSI or sockets.
+//! data. Each LUN counts what it completes (`stats`). Nothing here knows
+//! about iSCSI or sockets.
 
 pub mod backstore;
 pub mod common;

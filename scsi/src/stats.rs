@@ -179,9 +179,11 @@ pub struct IoCounters {
     pub writes: u64,
     /// Completed commands that are neither reads nor writes.
     pub other: u64,
-    /// Data-in bytes of reads that succeeded.
+    /// Data-in bytes of reads that succeeded, as far as the initiator
+    /// takes them (at most its expected data transfer length).
     pub read_bytes: u64,
-    /// Data-out bytes of writes that succeeded.
+    /// Data-out bytes of writes that succeeded, as far as the initiator
+    /// sent them.
     pub write_bytes: u64,
     /// Completions with a status other than GOOD or CONDITION MET (CHECK
     /// CONDITION, RESERVATION CONFLICT, BUSY, TASK SET FULL), of any kind.
