@@ -5,7 +5,8 @@
 //! reservations, unit attentions) and turns SBC-3 commands into
 //! asynchronous `Backstore` operations. Completions come back through
 //! `poll`, on the same thread that submitted, carrying status, sense and
-//! data. Nothing here knows about iSCSI or sockets.
+//! data. Each LUN counts what it completes (`stats`). Nothing here knows
+//! about iSCSI or sockets.
 
 pub mod backstore;
 pub mod common;
@@ -15,6 +16,7 @@ mod sanitize;
 mod sbc;
 pub mod sense;
 mod spc;
+pub mod stats;
 pub mod target;
 mod xcopy;
 
@@ -22,6 +24,7 @@ pub use backstore::{Backstore, BackstoreCaps, Io, IoDone, IoOp};
 pub use common::{Cdb, CmdError, LunInfo, Nexus, NexusId, ScsiCompletion, ScsiTask, TaskAttr};
 pub use lun::Lun;
 pub use sense::{Sense, SenseKey};
+pub use stats::{IoCounters, IoKind, LatencyHistogram};
 pub use target::Target;
 
 /// SCSI status codes (SAM-5 5.3).

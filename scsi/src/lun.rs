@@ -7,6 +7,11 @@
 //! WRITE are atomic against every other command on the same blocks;
 //! commands whose range is busy wait in arrival order. Task attributes are
 //! not otherwise honored: every task is treated as SIMPLE.
+//!
+//! Each LUN counts its commands (`stats`) when `poll` hands their
+//! completions over, so a command finished and then aborted before that
+//! counts as aborted, not as I/O, and the latency is what the transport
+//! sees.
 
 use crate::backstore::{Backstore, BackstoreCaps, Io, IoDone};
 use crate::common::{CmdError, LunInfo, Nexus, NexusId, ScsiCompletion, ScsiTask};
@@ -14,16 +19,72 @@ use crate::sanitize::{self, Job, Request, Waiter};
 use crate::sbc::{self, Decoded, MediumCmd, Next};
 use crate::sense::Sense;
 use crate::spc::SpcState;
+use crate::stats::{IoCounters, IoKind};
 use crate::status;
 use std::collections::VecDeque;
+use std::time::Instant;
 
 /// Most commands one LUN holds at once (running, waiting for a range
 /// lock, or finished and not yet polled); beyond it, TASK SET FULL.
 pub const MAX_TASKS: usize = 1024;
 
+/// What the counters need to know of a command when it completes, taken
+/// when it is submitted.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stamp {
+    started: Instant,
+    kind: IoKind,
+    /// Most bytes the command can move: EDTL for a read (the transport
+    /// sends no more), the data received for a write.
+    limit_bytes: u32,
+}
+
+impl Stamp {
+    fn new(cdb: &[u8], edtl: u32, sent: usize) -> Stamp {
+        let kind = IoKind::from_opcode(cdb.first().copied().unwrap_or(0));
+        let limit_bytes = match kind {
+            IoKind::Write => sent.min(u32::MAX as usize) as u32,
+            _ => edtl,
+        };
+        Stamp {
+            started: Instant::now(),
+            kind,
+            limit_bytes,
+        }
+    }
+
+    fn count(self, c: &ScsiCompletion, now: Instant, stats: &mut IoCounters) {
+        let failed = !matches!(c.status, status::GOOD | status::CONDITION_MET);
+        let bytes = match self.kind {
+            _ if failed => 0,
+            IoKind::Read => c.data_in.len().min(self.limit_bytes as usize) as u64,
+            IoKind::Write => c.data_out_len.min(self.limit_bytes) as u64,
+            IoKind::Other => 0,
+        };
+        let ns = now.saturating_duration_since(self.started).as_nanos();
+        stats.record(
+            self.kind,
+            bytes,
+            failed,
+            u64::try_from(ns).unwrap_or(u64::MAX),
+        );
+    }
+}
+
+/// Whom a completion answers, and its stamp. The copy manager's own reads
+/// and writes have no stamp: they are not commands of an initiator, and
+/// the EXTENDED COPY that made them is counted instead.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Origin {
+    pub tag: u64,
+    pub nexus: NexusId,
+    pub stamp: Option<Stamp>,
+}
+
 struct Task {
     tag: u64,
     nexus: NexusId,
+    stamp: Option<Stamp>,
     /// Distinguishes this use of the slot from earlier ones, so a late
     /// backstore completion for an aborted task cannot reach a new one.
     generation: u32,
@@ -50,7 +111,7 @@ pub struct Lun {
     /// Set when a lock was released or a waiter left, so waiters are
     /// looked at again.
     recheck: bool,
-    done: VecDeque<ScsiCompletion>,
+    done: VecDeque<(ScsiCompletion, Option<Stamp>)>,
     io_done: Vec<IoDone>,
     /// The SANITIZE operation under way (see `sanitize`).
     sanitize: Option<Job>,
@@ -61,7 +122,8 @@ pub struct Lun {
     sanitize_rate: u64,
     /// EXTENDED COPY / RECEIVE COPY RESULTS that passed this LUN's checks,
     /// for the target's copy manager (`take_copy_commands`).
-    copy_cmds: Vec<ScsiTask>,
+    copy_cmds: Vec<(ScsiTask, Stamp)>,
+    stats: IoCounters,
 }
 
 fn ranges_conflict(a: (u64, u64, bool), b: (u64, u64, bool)) -> bool {
@@ -123,11 +185,24 @@ impl Lun {
             sanitize_failed: None,
             sanitize_rate: sanitize::DEFAULT_RATE,
             copy_cmds: Vec::new(),
+            stats: IoCounters::new(),
         })
     }
 
     pub fn info(&self) -> &LunInfo {
         &self.info
+    }
+
+    /// The commands this LUN has completed or seen aborted so far. Copy
+    /// it to take a snapshot.
+    pub fn stats(&self) -> &IoCounters {
+        &self.stats
+    }
+
+    /// An EXTENDED COPY this LUN received was aborted in the copy
+    /// manager, so it ends without a completion from here.
+    pub(crate) fn count_aborted_copy(&mut self) {
+        self.stats.aborted += 1;
     }
 
     pub fn nexus_added(&mut self, nexus: &Nexus) {
@@ -142,16 +217,15 @@ impl Lun {
 
     pub(crate) fn finish(
         &mut self,
-        tag: u64,
-        nexus: NexusId,
+        origin: Origin,
         result: Result<u8, CmdError>,
         data_in: Vec<u8>,
         data_out: Vec<u8>,
         data_out_len: u32,
     ) {
         let mut c = ScsiCompletion {
-            tag,
-            nexus,
+            tag: origin.tag,
+            nexus: origin.nexus,
             status: status::GOOD,
             sense: Vec::new(),
             data_in,
@@ -173,7 +247,7 @@ impl Lun {
                 };
             }
         }
-        self.done.push_back(c);
+        self.done.push_back((c, origin.stamp));
     }
 
     fn tasks_held(&self) -> usize {
@@ -186,28 +260,35 @@ impl Lun {
             tag,
             nexus,
             cdb,
+            edtl,
             data_out,
             mut data_in,
             ..
         } = task;
         data_in.clear();
         let sent = data_out.len();
+        let stamp = Stamp::new(&cdb, edtl, sent);
+        let origin = Origin {
+            tag,
+            nexus,
+            stamp: Some(stamp),
+        };
         if self.tasks_held() >= MAX_TASKS {
-            return self.finish(tag, nexus, Err(CmdError::TaskSetFull), data_in, data_out, 0);
+            return self.finish(origin, Err(CmdError::TaskSetFull), data_in, data_out, 0);
         }
         if cdb.is_empty() {
             let e = CmdError::Check(Sense::invalid_opcode());
-            return self.finish(tag, nexus, Err(e), data_in, data_out, 0);
+            return self.finish(origin, Err(e), data_in, data_out, 0);
         }
         if let Some(e) = self.spc.precheck(nexus, &cdb) {
             let dol = spc_data_out_len(&cdb, sent);
-            return self.finish(tag, nexus, Err(e), data_in, data_out, dol);
+            return self.finish(origin, Err(e), data_in, data_out, dol);
         }
         // A sanitize operation leaves the medium to itself (SBC-4 4.11).
         if self.sanitize.is_some() && !matches!(cdb[0], 0x12 | 0x03 | 0xa0) {
             let e = CmdError::Check(self.sanitize_sense());
             let dol = spc_data_out_len(&cdb, sent);
-            return self.finish(tag, nexus, Err(e), data_in, data_out, dol);
+            return self.finish(origin, Err(e), data_in, data_out, dol);
         }
         if let Some(r) = self.spc.execute(nexus, &cdb, &data_out, &mut data_in) {
             let dol = spc_data_out_len(&cdb, sent);
@@ -217,19 +298,19 @@ impl Lun {
             for gone in self.spc.take_aborted_nexuses() {
                 self.abort_where(|n, _| n == gone);
             }
-            return self.finish(tag, nexus, r, data_in, data_out, dol);
+            return self.finish(origin, r, data_in, data_out, dol);
         }
         // Everything from here on needs the medium.
         if !self.spc.medium_present() {
             let e = CmdError::Check(Sense::new(crate::sense::SenseKey::NotReady, 0x3a, 0));
-            return self.finish(tag, nexus, Err(e), data_in, data_out, sent as u32);
+            return self.finish(origin, Err(e), data_in, data_out, sent as u32);
         }
         if cdb[0] == 0x48 {
-            return self.sanitize_command(tag, nexus, &cdb, data_in, data_out);
+            return self.sanitize_command(origin, &cdb, data_in, data_out);
         }
         if self.sanitize_failed.is_some() {
             let e = CmdError::Check(sanitize::failed());
-            return self.finish(tag, nexus, Err(e), data_in, data_out, sent as u32);
+            return self.finish(origin, Err(e), data_in, data_out, sent as u32);
         }
         // REPORT SUPPORTED OPERATION CODES and the commands that work must
         // agree, so the SPC side's table decides which SBC commands exist.
@@ -247,7 +328,7 @@ impl Lun {
             } else {
                 Sense::invalid_opcode()
             };
-            return self.finish(tag, nexus, Err(s.into()), data_in, data_out, sent as u32);
+            return self.finish(origin, Err(s.into()), data_in, data_out, sent as u32);
         }
         // EXTENDED COPY and RECEIVE COPY RESULTS span LUNs: the target's
         // copy manager (`xcopy`) takes them from here.
@@ -260,11 +341,11 @@ impl Lun {
                 data_in,
                 ..Default::default()
             };
-            return self.copy_cmds.push(t);
+            return self.copy_cmds.push((t, stamp));
         }
         if self.spc.write_protected() && sbc::is_write_opcode(cdb[0]) {
             let e = CmdError::Check(Sense::write_protected());
-            return self.finish(tag, nexus, Err(e), data_in, data_out, sent as u32);
+            return self.finish(origin, Err(e), data_in, data_out, sent as u32);
         }
         let decoded = sbc::decode(
             &cdb,
@@ -277,19 +358,19 @@ impl Lun {
         let cmd = match decoded {
             None => {
                 let e = CmdError::Check(Sense::invalid_opcode());
-                return self.finish(tag, nexus, Err(e), data_in, data_out, sent as u32);
+                return self.finish(origin, Err(e), data_in, data_out, sent as u32);
             }
             Some(Decoded::Done(r, dol)) => {
-                return self.finish(tag, nexus, r, data_in, data_out, dol);
+                return self.finish(origin, r, data_in, data_out, dol);
             }
             Some(Decoded::Medium(cmd)) => cmd,
         };
-        self.enqueue(tag, nexus, cmd, data_out, data_in);
+        self.enqueue(origin, cmd, data_out, data_in);
     }
 
     /// EXTENDED COPY and RECEIVE COPY RESULTS commands that `submit` set
     /// aside for the target's copy manager.
-    pub(crate) fn take_copy_commands(&mut self) -> Vec<ScsiTask> {
+    pub(crate) fn take_copy_commands(&mut self) -> Vec<(ScsiTask, Stamp)> {
         std::mem::take(&mut self.copy_cmds)
     }
 
@@ -309,7 +390,11 @@ impl Lun {
         nlb: u32,
         buf: Vec<u8>,
     ) {
-        let nexus = crate::xcopy::COPY_NEXUS;
+        let origin = Origin {
+            tag,
+            nexus: crate::xcopy::COPY_NEXUS,
+            stamp: None,
+        };
         let mut cdb = [0u8; 16];
         cdb[0] = if write { 0x8a } else { 0x88 };
         cdb[2..10].copy_from_slice(&lba.to_be_bytes());
@@ -321,14 +406,14 @@ impl Lun {
         };
         data_in.clear();
         if self.tasks_held() >= MAX_TASKS {
-            return self.finish(tag, nexus, Err(CmdError::TaskSetFull), data_in, data_out, 0);
+            return self.finish(origin, Err(CmdError::TaskSetFull), data_in, data_out, 0);
         }
         if let Some(e) = self.spc.access_check(on_behalf, &cdb) {
-            return self.finish(tag, nexus, Err(e), data_in, data_out, 0);
+            return self.finish(origin, Err(e), data_in, data_out, 0);
         }
         if write && self.spc.write_protected() {
             let e = CmdError::Check(Sense::write_protected());
-            return self.finish(tag, nexus, Err(e), data_in, data_out, 0);
+            return self.finish(origin, Err(e), data_in, data_out, 0);
         }
         let decoded = sbc::decode(
             &cdb,
@@ -341,30 +426,24 @@ impl Lun {
         let cmd = match decoded {
             Some(Decoded::Medium(cmd)) => cmd,
             Some(Decoded::Done(r, dol)) => {
-                return self.finish(tag, nexus, r, data_in, data_out, dol);
+                return self.finish(origin, r, data_in, data_out, dol);
             }
             None => {
                 let e = CmdError::Check(Sense::invalid_opcode());
-                return self.finish(tag, nexus, Err(e), data_in, data_out, 0);
+                return self.finish(origin, Err(e), data_in, data_out, 0);
             }
         };
-        self.enqueue(tag, nexus, cmd, data_out, data_in);
+        self.enqueue(origin, cmd, data_out, data_in);
     }
 
     /// Put a decoded medium command in the slab and queue it for its range
     /// lock; it starts as soon as no conflicting command holds the range.
-    fn enqueue(
-        &mut self,
-        tag: u64,
-        nexus: NexusId,
-        cmd: MediumCmd,
-        data_out: Vec<u8>,
-        data_in: Vec<u8>,
-    ) {
+    fn enqueue(&mut self, origin: Origin, cmd: MediumCmd, data_out: Vec<u8>, data_in: Vec<u8>) {
         self.generation = self.generation.wrapping_add(1);
         let t = Task {
-            tag,
-            nexus,
+            tag: origin.tag,
+            nexus: origin.nexus,
+            stamp: origin.stamp,
             generation: self.generation,
             cmd,
             data_out,
@@ -456,7 +535,12 @@ impl Lun {
                 if !t.aborted {
                     let r = r.map(|()| status::GOOD);
                     let dol = t.cmd.data_out_len;
-                    self.finish(t.tag, t.nexus, r, t.data_in, t.data_out, dol);
+                    let origin = Origin {
+                        tag: t.tag,
+                        nexus: t.nexus,
+                        stamp: t.stamp,
+                    };
+                    self.finish(origin, r, t.data_in, t.data_out, dol);
                 }
             }
         }
@@ -489,7 +573,18 @@ impl Lun {
         }
         self.io_done = io_done;
         let n = self.done.len();
-        out.extend(self.done.drain(..));
+        if n > 0 {
+            // One clock read for the batch: the completions were all
+            // handed over now.
+            let now = Instant::now();
+            let stats = &mut self.stats;
+            out.extend(self.done.drain(..).map(|(c, stamp)| {
+                if let Some(s) = stamp {
+                    s.count(&c, now, stats);
+                }
+                c
+            }));
+        }
         n
     }
 
@@ -507,23 +602,33 @@ impl Lun {
     /// when their backstore operation returns, without a completion.
     fn abort_where(&mut self, pred: impl Fn(NexusId, u64) -> bool) -> usize {
         let mut found = 0;
+        // Of those, the initiators' commands (the copy manager's reads and
+        // writes are not counted).
+        let mut counted = 0;
         // A SANITIZE waiting for its operation goes; the operation stays.
         if let Some(job) = self.sanitize.as_mut() {
-            if job.waiter.as_ref().is_some_and(|w| pred(w.nexus, w.tag)) {
-                job.waiter = None;
+            if let Some(w) = job.waiter.take_if(|w| pred(w.nexus, w.tag)) {
                 found += 1;
+                counted += w.stamp.is_some() as u64;
             }
         }
-        let before = self.done.len();
-        self.done.retain(|c| !pred(c.nexus, c.tag));
-        found += before - self.done.len();
+        self.done.retain(|(c, stamp)| {
+            let hit = pred(c.nexus, c.tag);
+            if hit {
+                found += 1;
+                counted += stamp.is_some() as u64;
+            }
+            !hit
+        });
         let mut i = 0;
         while i < self.waiting.len() {
             let slot = self.waiting[i];
             let hit = matches!(self.slots.get(slot), Some(Some(t)) if pred(t.nexus, t.tag));
             if hit {
                 self.waiting.remove(i);
-                self.slots[slot] = None;
+                if let Some(t) = self.slots[slot].take() {
+                    counted += t.stamp.is_some() as u64;
+                }
                 self.free.push(slot);
                 self.recheck = true;
                 found += 1;
@@ -535,8 +640,10 @@ impl Lun {
             if !t.aborted && pred(t.nexus, t.tag) {
                 t.aborted = true;
                 found += 1;
+                counted += t.stamp.is_some() as u64;
             }
         }
+        self.stats.aborted += counted;
         self.start_waiters();
         found
     }
@@ -557,7 +664,10 @@ impl Lun {
             .iter()
             .flatten()
             .any(|t| !t.aborted && t.nexus == nexus && t.tag == tag)
-            || self.done.iter().any(|c| c.nexus == nexus && c.tag == tag)
+            || self
+                .done
+                .iter()
+                .any(|(c, _)| c.nexus == nexus && c.tag == tag)
             || self.sanitize.as_ref().is_some_and(|j| {
                 j.waiter
                     .as_ref()
@@ -581,8 +691,7 @@ impl Lun {
     /// SANITIZE: checks, then start the operation (or leave failure mode).
     fn sanitize_command(
         &mut self,
-        tag: u64,
-        nexus: NexusId,
+        origin: Origin,
         cdb: &[u8],
         data_in: Vec<u8>,
         data_out: Vec<u8>,
@@ -596,7 +705,7 @@ impl Lun {
             self.spc.write_protected(),
         );
         match req {
-            Err(e) => self.finish(tag, nexus, Err(e), data_in, data_out, dol),
+            Err(e) => self.finish(origin, Err(e), data_in, data_out, dol),
             Ok(Request::ExitFailureMode) => {
                 // Only an operation that allowed it (AUSE) may be left
                 // this way; otherwise a new sanitize has to succeed.
@@ -607,23 +716,24 @@ impl Lun {
                         Ok(status::GOOD)
                     }
                 };
-                self.finish(tag, nexus, r, data_in, data_out, dol)
+                self.finish(origin, r, data_in, data_out, dol)
             }
             Ok(Request::Start { mut job, immed }) => {
                 self.sanitize_failed = None;
                 if immed {
-                    self.finish(tag, nexus, Ok(status::GOOD), data_in, data_out, dol);
+                    self.finish(origin, Ok(status::GOOD), data_in, data_out, dol);
                 } else {
                     job.waiter = Some(Waiter {
-                        tag,
-                        nexus,
+                        tag: origin.tag,
+                        nexus: origin.nexus,
+                        stamp: origin.stamp,
                         data_in,
                         data_out,
                         data_out_len: dol,
                     });
                 }
                 self.spc.not_ready = Some(job.progress());
-                self.sanitize = Some(job);
+                self.sanitize = Some(*job);
                 self.sanitize_pump();
             }
         }
@@ -656,7 +766,12 @@ impl Lun {
             Ok(status::GOOD)
         };
         if let Some(w) = job.waiter {
-            self.finish(w.tag, w.nexus, r, w.data_in, w.data_out, w.data_out_len);
+            let origin = Origin {
+                tag: w.tag,
+                nexus: w.nexus,
+                stamp: w.stamp,
+            };
+            self.finish(origin, r, w.data_in, w.data_out, w.data_out_len);
         }
     }
 

@@ -73,6 +73,7 @@ pub(crate) const fn failed() -> Sense {
 pub(crate) struct Waiter {
     pub tag: u64,
     pub nexus: NexusId,
+    pub stamp: Option<crate::lun::Stamp>,
     pub data_in: Vec<u8>,
     pub data_out: Vec<u8>,
     pub data_out_len: u32,
@@ -107,10 +108,11 @@ pub(crate) struct Job {
     pub waiter: Option<Waiter>,
 }
 
-/// A SANITIZE command that passed its checks.
+/// A SANITIZE command that passed its checks. The job is boxed to keep
+/// the rare case from making every `Request` large.
 #[derive(Debug)]
 pub(crate) enum Request {
-    Start { job: Job, immed: bool },
+    Start { job: Box<Job>, immed: bool },
     ExitFailureMode,
 }
 
@@ -207,7 +209,7 @@ pub(crate) fn decode(
     };
     let total = info.num_blocks.saturating_mul(info.block_size as u64);
     Ok(Request::Start {
-        job: Job {
+        job: Box::new(Job {
             method,
             ause,
             pass: 0,
@@ -219,7 +221,7 @@ pub(crate) fn decode(
             started: Instant::now(),
             issued: 0,
             waiter: None,
-        },
+        }),
         immed,
     })
 }

@@ -4,6 +4,7 @@
 use crate::common::{Nexus, NexusId, ScsiCompletion, ScsiTask};
 use crate::lun::Lun;
 use crate::sense::Sense;
+use crate::stats::IoCounters;
 use crate::status;
 use crate::xcopy::CopyManager;
 use std::collections::VecDeque;
@@ -71,6 +72,13 @@ impl Target {
         &mut self.luns
     }
 
+    /// Each LUN's number and counters, in LUN order. Commands the target
+    /// answers itself (REPORT LUNS, LUNs that do not exist) belong to no
+    /// LUN and are not counted.
+    pub fn lun_stats(&self) -> impl Iterator<Item = (u64, &IoCounters)> + '_ {
+        self.luns.iter().map(|l| (l.info().lun, l.stats()))
+    }
+
     fn find(&mut self, raw_lun: u64) -> Option<&mut Lun> {
         let id = decode_lun(raw_lun)?;
         self.luns.iter_mut().find(|l| l.info().lun == id)
@@ -88,7 +96,7 @@ impl Target {
 
     pub fn nexus_removed(&mut self, id: NexusId) {
         self.pending.retain(|c| c.nexus != id);
-        self.xcopy.nexus_removed(id);
+        self.xcopy.nexus_removed(id, &mut self.luns);
         for l in &mut self.luns {
             l.nexus_removed(id);
         }
@@ -106,8 +114,8 @@ impl Target {
                 // EXTENDED COPY and RECEIVE COPY RESULTS that passed the
                 // LUN's checks go to the copy manager, which spans LUNs.
                 let id = l.info().lun;
-                for t in l.take_copy_commands() {
-                    self.xcopy.submit(id, t, &mut self.luns);
+                for (t, stamp) in l.take_copy_commands() {
+                    self.xcopy.submit(id, t, stamp, &mut self.luns);
                 }
             }
             None => self.absent_lun(task),
@@ -239,7 +247,7 @@ impl Target {
         };
         let copies = self
             .xcopy
-            .abort_where(|l, n, t| l == id && n == nexus && t == tag);
+            .abort_where(|l, n, t| l == id && n == nexus && t == tag, &mut self.luns);
         if copies > 0 {
             return true;
         }
@@ -267,7 +275,8 @@ impl Target {
             Some(l) => {
                 l.abort_nexus(nexus);
                 let id = l.info().lun;
-                self.xcopy.abort_where(|l, n, _| l == id && n == nexus);
+                self.xcopy
+                    .abort_where(|l, n, _| l == id && n == nexus, &mut self.luns);
                 true
             }
             None => false,
@@ -293,6 +302,6 @@ impl Target {
         for l in &mut self.luns {
             l.reset(by);
         }
-        self.xcopy.target_reset();
+        self.xcopy.target_reset(&mut self.luns);
     }
 }

@@ -25,7 +25,7 @@
 //! LID4 / ROD tokens.
 
 use crate::common::{CmdError, LunInfo, NexusId, ScsiCompletion, ScsiTask};
-use crate::lun::Lun;
+use crate::lun::{Lun, Origin, Stamp};
 use crate::sense::{FieldPointer, Sense, SenseKey};
 use crate::status;
 use std::collections::VecDeque;
@@ -403,6 +403,7 @@ struct Copy {
     lun: u64,
     tag: u64,
     nexus: NexusId,
+    stamp: Stamp,
     list_id: u8,
     usage: u8,
     data_out_len: u32,
@@ -547,15 +548,15 @@ impl CopyManager {
     /// Run EXTENDED COPY or RECEIVE COPY RESULTS received on LUN `lun`,
     /// which has already checked unit attentions and reservations. The
     /// answer comes through that LUN's `poll`.
-    pub(crate) fn submit(&mut self, lun: u64, task: ScsiTask, luns: &mut [Lun]) {
+    pub(crate) fn submit(&mut self, lun: u64, task: ScsiTask, stamp: Stamp, luns: &mut [Lun]) {
         if task.cdb.first() == Some(&EXTENDED_COPY) {
-            self.extended_copy(lun, task, luns)
+            self.extended_copy(lun, task, stamp, luns)
         } else {
-            self.receive_copy_results(lun, task, luns)
+            self.receive_copy_results(lun, task, stamp, luns)
         }
     }
 
-    fn extended_copy(&mut self, lun: u64, task: ScsiTask, luns: &mut [Lun]) {
+    fn extended_copy(&mut self, lun: u64, task: ScsiTask, stamp: Stamp, luns: &mut [Lun]) {
         let ScsiTask {
             tag,
             nexus,
@@ -565,13 +566,18 @@ impl CopyManager {
             ..
         } = task;
         data_in.clear();
+        let origin = Origin {
+            tag,
+            nexus,
+            stamp: Some(stamp),
+        };
         let dol = if cdb.len() >= 16 { be32(&cdb, 10) } else { 0 };
         let prepared = self.prepare(nexus, &cdb, &data_out, luns);
         let (list_id, usage, jobs) = match prepared {
             Ok(Some(p)) => p,
             Ok(None) => {
                 if let Some(l) = lun_mut(luns, lun) {
-                    l.finish(tag, nexus, Ok(status::GOOD), data_in, data_out, dol);
+                    l.finish(origin, Ok(status::GOOD), data_in, data_out, dol);
                 }
                 return;
             }
@@ -588,7 +594,7 @@ impl CopyManager {
                     });
                 }
                 if let Some(l) = lun_mut(luns, lun) {
-                    l.finish(tag, nexus, Err(e), data_in, data_out, dol);
+                    l.finish(origin, Err(e), data_in, data_out, dol);
                 }
                 return;
             }
@@ -599,6 +605,7 @@ impl CopyManager {
             lun,
             tag,
             nexus,
+            stamp,
             list_id,
             usage,
             data_out_len: dol,
@@ -709,7 +716,12 @@ impl CopyManager {
         }
         if let Some(l) = lun_mut(luns, c.lun) {
             let r = r.map(|()| status::GOOD);
-            l.finish(c.tag, c.nexus, r, c.data_in, c.data_out, c.data_out_len);
+            let origin = Origin {
+                tag: c.tag,
+                nexus: c.nexus,
+                stamp: Some(c.stamp),
+            };
+            l.finish(origin, r, c.data_in, c.data_out, c.data_out_len);
         }
     }
 
@@ -765,12 +777,19 @@ impl CopyManager {
 
     /// Abort the copies `pred(lun, nexus, tag)` selects; returns how many.
     /// A copy with an operation in flight goes when that returns.
-    pub(crate) fn abort_where(&mut self, pred: impl Fn(u64, NexusId, u64) -> bool) -> usize {
+    pub(crate) fn abort_where(
+        &mut self,
+        pred: impl Fn(u64, NexusId, u64) -> bool,
+        luns: &mut [Lun],
+    ) -> usize {
         let mut n = 0;
         for c in self.copies.iter_mut() {
             if !c.aborted && pred(c.lun, c.nexus, c.tag) {
                 c.aborted = true;
                 n += 1;
+                if let Some(l) = lun_mut(luns, c.lun) {
+                    l.count_aborted_copy();
+                }
             }
         }
         self.copies.retain(|c| !(c.aborted && c.io.is_none()));
@@ -785,8 +804,8 @@ impl CopyManager {
     }
 
     /// The I_T nexus is gone: its copies are aborted, its results dropped.
-    pub(crate) fn nexus_removed(&mut self, nexus: NexusId) {
-        self.abort_where(|_, n, _| n == nexus);
+    pub(crate) fn nexus_removed(&mut self, nexus: NexusId, luns: &mut [Lun]) {
+        self.abort_where(|_, n, _| n == nexus, luns);
         self.held.retain(|h| h.nexus != nexus);
     }
 
@@ -794,7 +813,7 @@ impl CopyManager {
     /// reads or writes the copy manager had on it are gone (the reset
     /// aborted them), so copies waiting for one end with COPY ABORTED.
     pub(crate) fn lun_reset(&mut self, lun: u64, luns: &mut [Lun]) {
-        self.abort_where(|l, _, _| l == lun);
+        self.abort_where(|l, _, _| l == lun, luns);
         let mut i = 0;
         while i < self.copies.len() {
             let c = &mut self.copies[i];
@@ -810,11 +829,12 @@ impl CopyManager {
     }
 
     /// Every LUN was reset: every copy and its operations are gone.
-    pub(crate) fn target_reset(&mut self) {
+    pub(crate) fn target_reset(&mut self, luns: &mut [Lun]) {
+        self.abort_where(|_, _, _| true, luns);
         self.copies.clear();
     }
 
-    fn receive_copy_results(&mut self, lun: u64, task: ScsiTask, luns: &mut [Lun]) {
+    fn receive_copy_results(&mut self, lun: u64, task: ScsiTask, stamp: Stamp, luns: &mut [Lun]) {
         let ScsiTask {
             tag,
             nexus,
@@ -827,7 +847,12 @@ impl CopyManager {
         let r = self.copy_results(nexus, &cdb, &mut data_in);
         if let Some(l) = lun_mut(luns, lun) {
             let r = r.map(|()| status::GOOD);
-            l.finish(tag, nexus, r, data_in, data_out, 0);
+            let origin = Origin {
+                tag,
+                nexus,
+                stamp: Some(stamp),
+            };
+            l.finish(origin, r, data_in, data_out, 0);
         }
     }
 
@@ -976,6 +1001,7 @@ pub(crate) fn third_party_copy_vpd(out: &mut Vec<u8>) {
 mod tests {
     use super::*;
     use crate::backstore::MemBackstore;
+    use crate::stats::IoCounters;
     use crate::target::{encode_lun, Target};
 
     fn naa(lun: u64) -> [u8; 16] {
@@ -1545,5 +1571,53 @@ mod tests {
                 status::GOOD | status::CHECK_CONDITION | status::RESERVATION_CONFLICT
             ));
         }
+    }
+
+    #[test]
+    fn counters_see_the_copy_not_its_reads_and_writes() {
+        let mut t = target(false);
+        write(&mut t, 0, 0, pattern(96 * 512, 1), 512);
+        let p = list(
+            0,
+            USAGE_NO_LIST_ID,
+            &[cscd(0, 512), cscd(1, 4096)],
+            &[seg(0, 1, 96, 0, 0, false)],
+        );
+        ok(&xcopy(&mut t, p.clone()));
+        let stats = |t: &Target| -> Vec<_> { t.lun_stats().map(|(_, s)| *s).collect() };
+        let s = stats(&t);
+        // LUN 0: the seeding write and the EXTENDED COPY; LUN 1 saw only
+        // the copy manager's writes.
+        assert_eq!((s[0].reads, s[0].writes, s[0].other), (0, 1, 1));
+        assert_eq!(s[0].latency.count(), 2);
+        assert_eq!(s[1], IoCounters::default());
+
+        // Copies that end without a completion count as aborted on the
+        // LUN that received them, once, however they go.
+        let task = |tag| ScsiTask {
+            tag,
+            nexus: 1,
+            cdb: xcopy_cdb(p.len()),
+            data_out: p.clone(),
+            ..Default::default()
+        };
+        t.submit(encode_lun(0), task(1));
+        assert!(t.abort(encode_lun(0), 1, 1));
+        t.submit(encode_lun(0), task(2));
+        assert!(t.abort_task_set(encode_lun(0), 1));
+        t.submit(encode_lun(0), task(3));
+        assert!(t.lun_reset(encode_lun(0), 9));
+        t.submit(encode_lun(0), task(4));
+        t.nexus_removed(1);
+        t.submit(encode_lun(0), task(5));
+        t.target_reset(9);
+        let mut out = Vec::new();
+        t.poll(&mut out);
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(t.in_flight(), 0);
+        let s = stats(&t);
+        assert_eq!(s[0].aborted, 5);
+        assert_eq!(s[0].completions(), 2);
+        assert_eq!(s[1], IoCounters::default());
     }
 }

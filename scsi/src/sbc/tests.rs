@@ -4,6 +4,7 @@
 use crate::backstore::{Backstore, MemBackstore};
 use crate::common::{LunInfo, ScsiCompletion, ScsiTask};
 use crate::lun::Lun;
+use crate::stats::{IoCounters, IoKind};
 use crate::status;
 use crate::target::{decode_lun, encode_lun, Target};
 use proptest::prelude::*;
@@ -771,6 +772,9 @@ proptest! {
         let mut t = Target::new();
         t.add_lun(mem_lun(256));
         let mut n = 0;
+        // What the LUN's counters should say; REPORT LUNS is the target's.
+        let mut kinds = [0u64; 3];
+        let mut report_luns = Vec::new();
         for (i, (mut cdb, data, small)) in cdbs.into_iter().enumerate() {
             // Bias towards our opcodes and small LBAs so decoding gets deep.
             if small && cdb.len() > 9 {
@@ -779,6 +783,10 @@ proptest! {
                 cdb[0] = OPS[cdb[0] as usize % OPS.len()];
                 cdb[2..9].fill(0);
             }
+            match cdb.first() {
+                Some(0xa0) => report_luns.push(i as u64),
+                op => kinds[IoKind::from_opcode(op.copied().unwrap_or(0)) as usize] += 1,
+            }
             t.submit(0, task(i as u64, &cdb, data));
             n += 1;
         }
@@ -786,6 +794,17 @@ proptest! {
         t.poll(&mut out);
         prop_assert_eq!(out.len(), n);
         prop_assert_eq!(t.in_flight(), 0);
+        // Every completion counted once, as what its opcode says.
+        let s = t.luns()[0].stats();
+        prop_assert_eq!([s.reads, s.writes, s.other], kinds);
+        prop_assert_eq!(s.latency.count(), (n - report_luns.len()) as u64);
+        let failed = out
+            .iter()
+            .filter(|c| !report_luns.contains(&c.tag))
+            .filter(|c| !matches!(c.status, status::GOOD | status::CONDITION_MET))
+            .count();
+        prop_assert_eq!(s.errors, failed as u64);
+        prop_assert_eq!(s.aborted, 0);
     }
 }
 
@@ -1055,6 +1074,7 @@ fn sanitize_in_progress_survives_aborts_and_resets() {
     lun.reset(1);
     lun.nexus_removed(1);
     assert_eq!(lun.in_flight(), 0);
+    assert_eq!(lun.stats().aborted, 1);
     let _ = run(&mut lun, &[0u8; 6], Vec::new());
     assert_eq!(
         sense(&run(&mut lun, &[0u8; 6], Vec::new())),
@@ -1066,4 +1086,127 @@ fn sanitize_in_progress_survives_aborts_and_resets() {
     assert_eq!(lun.poll(&mut out), 0);
     ok(&run(&mut lun, &[0u8; 6], Vec::new()));
     assert_eq!(read10(&mut lun, 8191, 1), vec![0xee; BS as usize]);
+}
+
+#[test]
+fn counters_by_kind_bytes_and_errors() {
+    let mut lun = mem_lun(1024);
+    let read = |lun: &mut Lun, lba: u32, n: u16, edtl: u32| {
+        let mut t = task(1, &cdb10(0x28, 0, lba, n), Vec::new());
+        t.edtl = edtl;
+        lun.submit(t);
+        let mut out = Vec::new();
+        assert_eq!(lun.poll(&mut out), 1);
+        out.pop().unwrap()
+    };
+    write10(&mut lun, 0, vec![1; 8 * BS as usize]);
+    ok(&read(&mut lun, 0, 4, 4 * BS));
+    // A read with a smaller EDTL moves only EDTL bytes.
+    let c = read(&mut lun, 0, 4, BS);
+    ok(&c);
+    assert_eq!(c.data_in.len(), 4 * BS as usize);
+    // A short write moves what was sent.
+    ok(&run(
+        &mut lun,
+        &cdb10(0x2a, 0, 8, 4),
+        vec![2; 2 * BS as usize],
+    ));
+    // Failures count, with no bytes: a read and a write past the end,
+    // an opcode we do not know.
+    assert_eq!(sense(&read(&mut lun, 1024, 1, BS)).0, 5);
+    let c = run(&mut lun, &cdb10(0x2a, 0, 1023, 2), vec![3; 2 * BS as usize]);
+    assert_eq!(sense(&c).0, 5);
+    assert_eq!(
+        sense(&run(&mut lun, &[0xff, 0, 0, 0, 0, 0], Vec::new())).0,
+        5
+    );
+    // TEST UNIT READY and WRITE SAME are neither reads nor writes.
+    ok(&run(&mut lun, &[0u8; 6], Vec::new()));
+    ok(&run(&mut lun, &cdb10(0x41, 0, 16, 8), vec![4; BS as usize]));
+
+    let s = *lun.stats();
+    assert_eq!((s.reads, s.writes, s.other), (3, 3, 3));
+    assert_eq!(s.read_bytes, 5 * BS as u64);
+    assert_eq!(s.write_bytes, 10 * BS as u64);
+    assert_eq!((s.errors, s.aborted), (3, 0));
+    assert_eq!(s.completions(), 9);
+    assert_eq!(s.latency.count(), 9);
+}
+
+#[test]
+fn aborted_commands_are_not_io() {
+    let mut lun = mem_lun(1024);
+    let mut out = Vec::new();
+    // A read at the backstore and a TEST UNIT READY already answered.
+    lun.submit(task(1, &cdb10(0x28, 0, 0, 1), Vec::new()));
+    lun.submit(task(2, &[0u8; 6], Vec::new()));
+    assert!(lun.abort(1, 1));
+    assert!(lun.abort(1, 2));
+    assert!(!lun.abort(1, 2));
+    // A write waiting for the range lock of another write.
+    lun.submit(task(3, &cdb10(0x2a, 0, 0, 1), vec![0; BS as usize]));
+    lun.submit(task(4, &cdb10(0x2a, 0, 0, 1), vec![0; BS as usize]));
+    assert!(lun.abort(1, 4));
+    assert_eq!(lun.poll(&mut out), 1);
+    // Lost with a reset, and with the I_T nexus.
+    lun.submit(task(5, &cdb10(0x2a, 0, 0, 1), vec![0; BS as usize]));
+    lun.reset(2);
+    lun.submit(task(6, &cdb10(0x28, 0, 0, 1), Vec::new()));
+    lun.nexus_removed(1);
+    assert_eq!(lun.poll(&mut out), 0);
+    assert_eq!(lun.in_flight(), 0);
+
+    let s = lun.stats();
+    assert_eq!(s.aborted, 5);
+    assert_eq!((s.reads, s.writes, s.other), (0, 1, 0));
+    assert_eq!(s.latency.count(), 1);
+}
+
+#[test]
+fn latency_runs_from_submit_to_poll() {
+    let mut lun = mem_lun(1024);
+    lun.submit(task(1, &cdb10(0x28, 0, 0, 1), Vec::new()));
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let mut out = Vec::new();
+    assert_eq!(lun.poll(&mut out), 1);
+    let h = &lun.stats().latency;
+    assert_eq!(h.count(), 1);
+    assert!(h.max_us() >= 5000, "{}", h.max_us());
+    assert!(h.percentile(50.0) >= 5000);
+    assert!(h.mean_us() >= 5000.0);
+}
+
+#[test]
+fn target_counters_per_lun() {
+    let mut t = Target::new();
+    let mut i3 = info(32, false, false);
+    i3.lun = 3;
+    t.add_lun(mem_lun(32));
+    t.add_lun(Lun::new(i3, Box::new(MemBackstore::new(32 * 512))).unwrap());
+    let mut read = task(1, &cdb10(0x28, 0, 0, 2), Vec::new());
+    read.edtl = 2 * BS;
+    t.submit(encode_lun(3), read);
+    // REPORT LUNS and commands to absent LUNs belong to no LUN.
+    t.submit(
+        encode_lun(3),
+        task(2, &[0xa0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], Vec::new()),
+    );
+    t.submit(encode_lun(5), task(3, &[0x12, 0, 0, 0, 36, 0], Vec::new()));
+    let mut out = Vec::new();
+    assert_eq!(t.poll(&mut out), 3);
+    let stats: Vec<(u64, IoCounters)> = t.lun_stats().map(|(l, s)| (l, *s)).collect();
+    assert_eq!(stats.len(), 2);
+    assert_eq!(stats[0], (0, IoCounters::default()));
+    assert_eq!(stats[1].0, 3);
+    assert_eq!(
+        (stats[1].1.reads, stats[1].1.read_bytes),
+        (1, 2 * BS as u64)
+    );
+    assert_eq!(stats[1].1.completions(), 1);
+    // The control plane adds up the snapshots of its cores.
+    let mut total = IoCounters::new();
+    for (_, s) in &stats {
+        total.merge(s);
+    }
+    assert_eq!(total, stats[1].1);
 }
