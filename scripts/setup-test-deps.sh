@@ -11,8 +11,9 @@ set -euo pipefail
 
 # Clients used by scripts/test.sh: iscsi-test-cu/iscsi-inq (libiscsi-bin),
 # qemu-img/qemu-io (qemu-utils) with the iSCSI block driver (qemu-block-extra),
-# python3 for the parser and the malformed-PDU script, iproute2 for ss.
-TEST_PKGS=(libiscsi-bin qemu-utils qemu-block-extra python3 iproute2 procps)
+# python3 for the parser and the malformed-PDU script, iproute2 for ss,
+# libiscsi-dev and gcc for benches/iobench.c (the no-allocation check).
+TEST_PKGS=(libiscsi-bin libiscsi-dev gcc qemu-utils qemu-block-extra python3 iproute2 procps)
 
 # Build dependencies of the workspace (see shared notes dependencies.md):
 # bindgen needs libclang-dev; the RDMA and Gluster -sys crates need the dev

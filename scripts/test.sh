@@ -511,6 +511,34 @@ run_e2e() {
     stop_pid "$TARGET_PID_A"
     e2e_target_b
     e2e_target_d
+    e2e_no_alloc
+}
+
+e2e_no_alloc() {
+    # The I/O path allocates nothing: heap allocations per reactor, counted
+    # by the binary's allocator and published in --stats-file, stay flat
+    # while libiscsi workloads (4k to 1 MiB, reads and writes, one and two
+    # reactors in play) run. tests/perf/no_alloc.sh prints PASS/FAIL lines.
+    [ "$TARGET_UNDER_TEST" = target-rdma ] || return 0
+    local iobench=$TMP/iobench
+    if ! timeout 120 cc -O2 -Wall -o "$iobench" "$ROOT/benches/iobench.c" -liscsi -lpthread \
+        >"$TEST_LOG_DIR/iobench-build.log" 2>&1; then
+        fail "no-alloc" "building benches/iobench.c failed (libiscsi-dev missing?)"
+        return 0
+    fi
+    local out rc=0
+    out=$(timeout -k 5 300 bash "$ROOT/tests/perf/no_alloc.sh" "$TARGET_RDMA_BIN" "$iobench" \
+        "$TEST_LOG_DIR") || rc=$?
+    echo "$out"
+    while read -r verdict rest; do
+        case "$verdict" in
+            PASS) PASSED_STEPS+=("${rest%%:*}") ;;
+            FAIL) FAILED_STEPS+=("${rest%%:*}") ;;
+        esac
+    done <<<"$out"
+    if [ "$rc" != 0 ] && ! grep -q '^FAIL' <<<"$out"; then
+        fail "no-alloc" "exit $rc"
+    fi
 }
 
 e2e_target_d() {

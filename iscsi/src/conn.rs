@@ -172,13 +172,54 @@ enum TaskState {
 }
 
 /// One outstanding R2T (RFC 7143 11.8).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct R2t {
     ttt: u32,
     offset: u32,
     len: u32,
     received: u32,
     next_datasn: u32,
+}
+
+/// Outstanding R2Ts of one task at most; more than MaxOutstandingR2T
+/// allows is never needed, and fewer is always allowed, so a negotiated
+/// value above this just means we solicit this many at a time.
+const R2T_SLOTS: usize = 16;
+
+/// A task's outstanding R2Ts, inline so that soliciting write data does
+/// not allocate.
+#[derive(Debug, Default)]
+struct R2tList {
+    items: [R2t; R2T_SLOTS],
+    len: usize,
+}
+
+impl R2tList {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push(&mut self, r: R2t) {
+        assert!(self.len < R2T_SLOTS, "more R2Ts than R2T_SLOTS");
+        self.items[self.len] = r;
+        self.len += 1;
+    }
+
+    fn find_mut(&mut self, ttt: u32) -> Option<&mut R2t> {
+        self.items[..self.len].iter_mut().find(|r| r.ttt == ttt)
+    }
+
+    /// Keep the R2Ts for which `keep` is true, in order.
+    fn retain(&mut self, keep: impl Fn(&R2t) -> bool) {
+        let mut n = 0;
+        for i in 0..self.len {
+            if keep(&self.items[i]) {
+                self.items[n] = self.items[i];
+                n += 1;
+            }
+        }
+        self.len = n;
+    }
 }
 
 #[derive(Debug)]
@@ -204,7 +245,7 @@ struct Task {
     unsolicited_datasn: u32,
     /// Offset from which no R2T has been sent yet.
     r2t_next_offset: u32,
-    r2ts: Vec<R2t>,
+    r2ts: R2tList,
     r2tsn: u32,
 }
 
@@ -340,6 +381,11 @@ impl Connection {
     /// Bytes queued for sending.
     pub fn has_tx(&self) -> bool {
         !self.tx.is_empty()
+    }
+
+    /// Wire bytes waiting for `take_tx`.
+    pub fn tx_len(&self) -> usize {
+        self.tx.len()
     }
 
     /// Move queued wire bytes into `out` (swapping buffers when `out` is
@@ -690,7 +736,7 @@ impl Connection {
             unsolicited_done: true,
             unsolicited_datasn: 0,
             r2t_next_offset: 0,
-            r2ts: Vec::new(),
+            r2ts: R2tList::default(),
             r2tsn: 0,
         };
         if want_data {
@@ -725,7 +771,7 @@ impl Connection {
     /// Send R2Ts or hand the task to the device server, as its data allows.
     fn advance_task(&mut self, id: TaskId) {
         let max_burst = self.session.max_burst_length.max(512);
-        let max_r2t = self.session.max_outstanding_r2t.max(1) as usize;
+        let max_r2t = (self.session.max_outstanding_r2t.max(1) as usize).min(R2T_SLOTS);
         let Some(t) = self.task_mut(id) else { return };
         if t.received >= t.edtl || !t.write {
             let req = ScsiRequest {
@@ -748,13 +794,15 @@ impl Connection {
         }
         // Solicit the rest, MaxBurstLength at a time, at most
         // MaxOutstandingR2T at once.
-        let mut new_r2ts = Vec::new();
-        while t.r2ts.len() + new_r2ts.len() < max_r2t && t.r2t_next_offset < t.edtl {
+        let mut new_r2ts = [(0u32, 0u32); R2T_SLOTS];
+        let mut n_new = 0;
+        while t.r2ts.len() + n_new < max_r2t && t.r2t_next_offset < t.edtl {
             let len = (t.edtl - t.r2t_next_offset).min(max_burst);
-            new_r2ts.push((t.r2t_next_offset, len));
+            new_r2ts[n_new] = (t.r2t_next_offset, len);
+            n_new += 1;
             t.r2t_next_offset += len;
         }
-        for (offset, len) in new_r2ts {
+        for &(offset, len) in &new_r2ts[..n_new] {
             let ttt = self.alloc_ttt();
             let (itt, lun, r2tsn) = {
                 let t = self.task_mut(id).expect("task checked above");
@@ -851,7 +899,7 @@ impl Connection {
                     }
                     None
                 }
-            } else if let Some(r) = t.r2ts.iter_mut().find(|r| r.ttt == ttt) {
+            } else if let Some(r) = t.r2ts.find_mut(ttt) {
                 if datasn != r.next_datasn {
                     Some((
                         0x4b,

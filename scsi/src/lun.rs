@@ -123,6 +123,9 @@ pub struct Lun {
     /// EXTENDED COPY / RECEIVE COPY RESULTS that passed this LUN's checks,
     /// for the target's copy manager (`take_copy_commands`).
     copy_cmds: Vec<(ScsiTask, Stamp)>,
+    /// Ranges of waiters found blocked in one pass of `start_waiters`
+    /// (kept between passes so the pass does not allocate).
+    blocked: Vec<(u64, u64, bool)>,
     stats: IoCounters,
 }
 
@@ -185,6 +188,7 @@ impl Lun {
             sanitize_failed: None,
             sanitize_rate: sanitize::DEFAULT_RATE,
             copy_cmds: Vec::new(),
+            blocked: Vec::new(),
             stats: IoCounters::new(),
         })
     }
@@ -476,7 +480,8 @@ impl Lun {
     /// lock nor with an older waiter (which keeps writers from starving).
     fn start_waiters(&mut self) {
         while std::mem::take(&mut self.recheck) {
-            let mut blocked: Vec<(u64, u64, bool)> = Vec::new();
+            let mut blocked = std::mem::take(&mut self.blocked);
+            blocked.clear();
             let mut i = 0;
             while i < self.waiting.len() {
                 let slot = self.waiting[i];
@@ -505,6 +510,7 @@ impl Lun {
                     i += 1;
                 }
             }
+            self.blocked = blocked;
         }
     }
 

@@ -1597,7 +1597,7 @@ mod tests {
         let task = |tag| ScsiTask {
             tag,
             nexus: 1,
-            cdb: xcopy_cdb(p.len()),
+            cdb: xcopy_cdb(p.len()).into(),
             data_out: p.clone(),
             ..Default::default()
         };

@@ -138,6 +138,10 @@ const LOCAL_ID_MASK: u32 = (1 << 24) - 1;
 /// large commands does not keep its memory forever.
 const BUF_POOL_PER_CLASS_MAX: usize = 1024;
 const BUF_POOL_CACHED_BYTES_MAX: usize = 512 << 20;
+/// A connection's pending output is handed to the socket layer in pieces
+/// of about this size (below transport_tcp's reuse cap of 4 MiB, with
+/// room for one more 1 MiB response).
+const TX_CHUNK_BYTES: usize = 2 << 20;
 /// How long shutdown waits for commands already in the device servers.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -879,6 +883,13 @@ impl Reactor {
         if let Some(conn) = self.conns.get_mut(&id) {
             conn.proto
                 .scsi_complete(c.tag as u32, c.status, &c.sense, &c.data_in, c.data_out_len);
+            if conn.proto.tx_len() >= TX_CHUNK_BYTES {
+                // Queue large output now rather than let one buffer grow
+                // past what the socket layer keeps for reuse; the flush
+                // still writes all queued buffers in one writev.
+                conn.proto.take_tx(&mut conn.spare_tx);
+                conn.tcp.queue(&mut conn.spare_tx);
+            }
             self.touched.push(id);
             self.stats.completions += 1;
             self.stats.data_in_bytes += c.data_in.len() as u64;

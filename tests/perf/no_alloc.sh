@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The I/O path allocates nothing: while a workload runs, each reactor's
+# count of heap allocations (the binary's global allocator counts them per
+# thread; --stats-file publishes them every second) must not move.
+#
+#   tests/perf/no_alloc.sh TARGET_BIN IOBENCH_BIN LOG_DIR
+#
+# For each workload: start the client for RUN_S seconds, take a snapshot
+# of the counters once the sessions are in full feature phase and warm
+# (after WARM_S), another before the end, and require that commands
+# completed in between while heap allocations did not. Logins and
+# logouts allocate (names, session state); they are outside the window.
+set -euo pipefail
+BIN=$1 IOBENCH=$2 LOGS=$3
+RUN_S=${NO_ALLOC_RUN_S:-9} WARM_S=${NO_ALLOC_WARM_S:-3} WINDOW_S=${NO_ALLOC_WINDOW_S:-4}
+mkdir -p "$LOGS"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+stats=$LOGS/no-alloc-stats.json
+iqn=iqn.2026-11.io.target-rdma:no-alloc
+timeout -k 5 600 "$BIN" --portal "127.0.0.1:$port" --target "$iqn" --lun mem:256MiB \
+    --cores 0-1 --stats-file "$stats" --log-level warn >"$LOGS/no-alloc-target.log" 2>&1 &
+wrap=$!
+trap 'kill -TERM $wrap 2>/dev/null; pkill -TERM -f "127.0.0.1:$port --target $iqn" 2>/dev/null || true; wait $wrap 2>/dev/null || true' EXIT
+for _ in $(seq 100); do
+    timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port" 2>/dev/null && break
+    sleep 0.1
+done
+url=iscsi://127.0.0.1:$port/$iqn/0
+timeout 120 "$IOBENCH" -m fill -b 1048576 -q 8 "$url" >"$LOGS/no-alloc-fill.log" 2>&1
+
+snapshot() { # prints "allocs commands" per reactor, one line each
+    python3 - "$stats" <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["reactors"]:
+    print(r["reactor"], r["heap_allocs"], r["commands"] + r["commands_served_remote"])
+PY
+}
+
+fail=0
+while read -r name args; do
+    read -ra a <<<"$args"
+    timeout $((RUN_S + 60)) "$IOBENCH" "${a[@]}" -t "$RUN_S" "$url" >"$LOGS/no-alloc-$name.log" 2>&1 &
+    client=$!
+    sleep "$WARM_S"
+    before=$(snapshot)
+    sleep "$WINDOW_S"
+    after=$(snapshot)
+    if ! wait "$client"; then
+        echo "FAIL  no-alloc $name: the client failed (see $LOGS/no-alloc-$name.log)"
+        fail=1
+        continue
+    fi
+    verdict=$(paste <(echo "$before") <(echo "$after") | awk -v n="$name" '
+        { allocs += $5 - $2; cmds += $6 - $3; detail = detail sprintf(" reactor %s: %d allocations, %d commands;", $1, $5 - $2, $6 - $3) }
+        END {
+            ok = (allocs == 0 && cmds > 0)
+            printf "%s  no-alloc %s:%s\n", (ok ? "PASS" : "FAIL"), n, detail
+        }')
+    echo "$verdict"
+    [[ $verdict == PASS* ]] || fail=1
+done <<'W'
+4k-randread-qd32-2sess -m read -p rand -b 4096 -q 32 -s 2
+4k-randwrite-qd32-2sess -m write -p rand -b 4096 -q 32 -s 2
+64k-randwrite-qd16 -m write -p rand -b 65536 -q 16
+1m-seqread-qd8 -m read -p seq -b 1048576 -q 8
+1m-seqwrite-qd8 -m write -p seq -b 1048576 -q 8
+W
+exit $fail
