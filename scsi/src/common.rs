@@ -179,6 +179,9 @@ pub struct ScsiCompletion {
     pub data_out_len: u32,
     /// The task's write buffer, returned for reuse.
     pub data_out: Vec<u8>,
+    /// Time from submission to the LUN until `poll` handed this over, in
+    /// nanoseconds (0 for completions no initiator command stands behind).
+    pub latency_ns: u64,
 }
 
 /// Why a command ends without GOOD status.

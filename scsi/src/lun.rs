@@ -53,7 +53,8 @@ impl Stamp {
         }
     }
 
-    fn count(self, c: &ScsiCompletion, now: Instant, stats: &mut IoCounters) {
+    /// Record the completion; returns its latency in nanoseconds.
+    fn count(self, c: &ScsiCompletion, now: Instant, stats: &mut IoCounters) -> u64 {
         let failed = !matches!(c.status, status::GOOD | status::CONDITION_MET);
         let bytes = match self.kind {
             _ if failed => 0,
@@ -62,12 +63,9 @@ impl Stamp {
             IoKind::Other => 0,
         };
         let ns = now.saturating_duration_since(self.started).as_nanos();
-        stats.record(
-            self.kind,
-            bytes,
-            failed,
-            u64::try_from(ns).unwrap_or(u64::MAX),
-        );
+        let ns = u64::try_from(ns).unwrap_or(u64::MAX);
+        stats.record(self.kind, bytes, failed, ns);
+        ns
     }
 }
 
@@ -235,6 +233,7 @@ impl Lun {
             data_in,
             data_out_len,
             data_out,
+            latency_ns: 0,
         };
         match result {
             Ok(s) => c.status = s,
@@ -584,9 +583,9 @@ impl Lun {
             // handed over now.
             let now = Instant::now();
             let stats = &mut self.stats;
-            out.extend(self.done.drain(..).map(|(c, stamp)| {
+            out.extend(self.done.drain(..).map(|(mut c, stamp)| {
                 if let Some(s) = stamp {
-                    s.count(&c, now, stats);
+                    c.latency_ns = s.count(&c, now, stats);
                 }
                 c
             }));

@@ -112,6 +112,18 @@ pub struct CoreStats {
     /// Heap allocations made by this reactor's thread since it started
     /// (the I/O path's should stay flat under load).
     pub heap_allocs: u64,
+    /// Completions of this reactor's connections by data direction, bytes
+    /// and latency (as the LUN measured it).
+    #[serde(skip)]
+    pub io: scsi::IoCounters,
+}
+
+/// One LUN's counters, published by its home reactor.
+#[derive(Debug, Clone)]
+struct LunStats {
+    target: usize,
+    lun: u64,
+    io: scsi::IoCounters,
 }
 
 const SIGNAL_TOKEN: Token = Token(usize::MAX - 1);
@@ -275,6 +287,9 @@ struct Shared {
     stopping: AtomicUsize,
     /// Each reactor's last published counters (written once per tick).
     published: Vec<Mutex<CoreStats>>,
+    /// Each reactor's LUNs' counters, one entry per LUN it owns, sized at
+    /// start-up so that publishing overwrites in place.
+    published_luns: Vec<Mutex<Vec<LunStats>>>,
     /// Set when every reactor has returned, to end the stats writer.
     finished: AtomicBool,
 }
@@ -366,7 +381,26 @@ impl Engine {
             });
             devices[home][i] = Some(t.device);
         }
+        let published_luns = devices
+            .iter()
+            .map(|ds| {
+                let mut v = Vec::new();
+                for (target, d) in ds.iter().enumerate() {
+                    if let Some(d) = d {
+                        for (lun, io) in d.lun_stats() {
+                            v.push(LunStats {
+                                target,
+                                lun,
+                                io: *io,
+                            });
+                        }
+                    }
+                }
+                Mutex::new(v)
+            })
+            .collect();
         let sh = Arc::new(Shared {
+            published_luns,
             cfg,
             targets: metas,
             portals,
@@ -486,12 +520,52 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The counters as one JSON document.
+fn io_json(io: &scsi::IoCounters) -> serde_json::Value {
+    let h = &io.latency;
+    serde_json::json!({
+        "reads": io.reads,
+        "writes": io.writes,
+        "other": io.other,
+        "read_bytes": io.read_bytes,
+        "write_bytes": io.write_bytes,
+        "errors": io.errors,
+        "aborted": io.aborted,
+        "latency_us_mean": h.mean_us(),
+        "latency_us_p50": h.percentile(50.0),
+        "latency_us_p99": h.percentile(99.0),
+        "latency_us_p999": h.percentile(99.9),
+        "latency_us_max": h.max_us(),
+        "latency_us_buckets": h.buckets().filter(|&(_, n)| n > 0).collect::<Vec<_>>(),
+    })
+}
+
+/// The counters as one JSON document: per reactor (with its connections'
+/// I/O) and per LUN (kept by the LUN's home reactor).
 fn stats_json(sh: &Shared) -> String {
-    let cores: Vec<CoreStats> = sh.published.iter().map(|p| lock(p).clone()).collect();
+    let cores: Vec<serde_json::Value> = sh
+        .published
+        .iter()
+        .map(|p| {
+            let c = lock(p).clone();
+            let mut v = serde_json::to_value(&c).unwrap_or_default();
+            v["io"] = io_json(&c.io);
+            v
+        })
+        .collect();
+    let mut luns = Vec::new();
+    for p in &sh.published_luns {
+        for l in lock(p).iter() {
+            luns.push(serde_json::json!({
+                "target": sh.targets[l.target].name,
+                "lun": l.lun,
+                "io": io_json(&l.io),
+            }));
+        }
+    }
     let doc = serde_json::json!({
         "version": 1,
         "reactors": cores,
+        "luns": luns,
     });
     doc.to_string()
 }
@@ -697,6 +771,15 @@ impl Reactor {
         self.stats.connections = self.conns.len() as u64;
         self.stats.heap_allocs = mempool::thread_heap_allocs();
         lock(&self.sh.published[self.me]).clone_from(&self.stats);
+        let mut luns = lock(&self.sh.published_luns[self.me]);
+        let mut slots = luns.iter_mut();
+        for d in self.devices.iter().flatten() {
+            for (_, io) in d.lun_stats() {
+                if let Some(slot) = slots.next() {
+                    slot.io = *io;
+                }
+            }
+        }
     }
 
     fn tick(&mut self) {
@@ -894,6 +977,16 @@ impl Reactor {
             self.stats.completions += 1;
             self.stats.data_in_bytes += c.data_in.len() as u64;
             self.stats.data_out_bytes += c.data_out_len as u64;
+            let kind = if !c.data_in.is_empty() {
+                scsi::IoKind::Read
+            } else if c.data_out_len > 0 {
+                scsi::IoKind::Write
+            } else {
+                scsi::IoKind::Other
+            };
+            let failed = c.status != scsi::status::GOOD;
+            let bytes = (c.data_in.len() as u64).max(c.data_out_len as u64);
+            self.stats.io.record(kind, bytes, failed, c.latency_ns);
         }
         self.pool.give(c.data_in);
         self.pool.give(c.data_out);
