@@ -9,7 +9,7 @@ mod null;
 
 use std::os::fd::BorrowedFd;
 
-pub use file::FileBackstore;
+pub use file::{FileBackstore, FileOptions};
 pub use mem::MemBackstore;
 pub use null::NullBackstore;
 
