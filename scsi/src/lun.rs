@@ -22,6 +22,7 @@ use crate::spc::SpcState;
 use crate::stats::{IoCounters, IoKind};
 use crate::status;
 use std::collections::VecDeque;
+use std::os::fd::BorrowedFd;
 use std::time::Instant;
 
 /// Most commands one LUN holds at once (running, waiting for a range
@@ -158,6 +159,15 @@ impl Lun {
         let caps = backstore.caps();
         if info.block_size == 0 {
             return Err("block size must not be zero".into());
+        }
+        let align = backstore.io_align();
+        if !info.block_size.is_multiple_of(align) {
+            return Err(format!(
+                "block size {} is not a multiple of the {} backstore's {align}-byte direct I/O \
+                 alignment",
+                info.block_size,
+                backstore.kind()
+            ));
         }
         let need = info.num_blocks.checked_mul(info.block_size as u64);
         if need.is_none_or(|n| n > backstore.size_bytes()) {
@@ -784,6 +794,12 @@ impl Lun {
     pub fn reset(&mut self, by: NexusId) {
         self.abort_where(|_, _| true);
         self.spc.lun_reset(by)
+    }
+
+    /// The backstore's `completion_fd`: readable when completions wait
+    /// for `poll`.
+    pub fn completion_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.backstore.completion_fd()
     }
 
     /// Flush and close the backstore (blocking; used at shutdown).

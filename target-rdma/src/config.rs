@@ -197,6 +197,8 @@ pub enum BackstoreSpec {
     File {
         path: PathBuf,
         size: Option<u64>,
+        /// O_DIRECT: bypass the page cache.
+        direct: bool,
     },
 }
 
@@ -298,9 +300,10 @@ const AFTER_HELP: &str = "\
 LUN specs (--lun, repeatable; LUNs are numbered 0, 1, 2... in the order given):
   mem:SIZE[,block=512|4096][,ro][,removable][,serial=TEXT]    RAM disk, lost at exit
   null:SIZE[,block=512|4096][,ro][,removable][,serial=TEXT]   reads zeros, discards writes
-  file:PATH[,size=SIZE][,block=512|4096][,ro][,removable][,serial=TEXT]
+  file:PATH[,size=SIZE][,block=512|4096][,ro][,removable][,serial=TEXT][,direct]
                                                   file or block device; without
-                                                  size=, the file's own size
+                                                  size=, the file's own size;
+                                                  direct: O_DIRECT, no page cache
   Sizes are binary multiples: 4096, 4k, 4KiB, 64M, 64MiB, 1G, 1GiB, 1T, 1TiB.
   Default block size 512. PATH cannot contain ',' (use --config for that).
 
@@ -505,6 +508,7 @@ struct FileLun {
     read_only: Option<bool>,
     removable: Option<bool>,
     serial: Option<String>,
+    direct: Option<bool>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -592,6 +596,9 @@ lun = 0
 backstore = "file"
 path = "/srv/target-rdma/disk0.img"   # required for file; a file or block device
 # size = "100GiB"   # leave out to use the file's own size
+direct = false      # file only; true: O_DIRECT, bypassing the page cache (the
+                    # filesystem must support it; block_size a multiple of its
+                    # direct I/O alignment)
 
 [[targets.luns]]
 lun = 5
@@ -1116,6 +1123,12 @@ fn lun_from_file(
                     format!("only file LUNs have a path, not {kind}"),
                 ));
             }
+            if fl.direct.is_some() {
+                return Err(ConfigError::invalid(
+                    lat("direct"),
+                    format!("only file LUNs do direct I/O, not {kind}"),
+                ));
+            }
             let size = size.ok_or_else(|| {
                 ConfigError::invalid(lat("size"), format!("missing: {kind} LUNs need a size"))
             })?;
@@ -1135,6 +1148,7 @@ fn lun_from_file(
             BackstoreSpec::File {
                 path: base_dir.join(path),
                 size,
+                direct: fl.direct.unwrap_or(false),
             }
         }
         other => {
@@ -1589,8 +1603,8 @@ fn unknown_backstore(kind: &str) -> String {
 }
 
 /// `mem:SIZE`, `null:SIZE`, `file:PATH`, each with options `,size=SIZE`
-/// (file only), `,block=512|4096`, `,ro`, `,removable`, `,serial=TEXT`. The LUN number is
-/// left 0 for the caller to set.
+/// (file only), `,block=512|4096`, `,ro`, `,removable`, `,serial=TEXT`,
+/// `,direct` (file only). The LUN number is left 0 for the caller to set.
 fn parse_lun_spec(spec: &str) -> Result<LunConfig, String> {
     const EXAMPLES: &str = "mem:1GiB, null:1GiB or file:/path/disk.img";
     if spec.starts_with("gluster:") {
@@ -1626,6 +1640,7 @@ fn parse_lun_spec(spec: &str) -> Result<LunConfig, String> {
     let mut read_only = false;
     let mut removable = false;
     let mut serial: Option<String> = None;
+    let mut direct = false;
     let mut seen: HashSet<&str> = HashSet::new();
     for opt in parts {
         let (key, value) = match opt.split_once('=') {
@@ -1645,15 +1660,21 @@ fn parse_lun_spec(spec: &str) -> Result<LunConfig, String> {
             ("block", Some(v)) => block = Some(check_block_size(v)?),
             ("ro", None) => read_only = true,
             ("removable", None) => removable = true,
+            ("direct", None) if kind == "file" => direct = true,
+            ("direct", None) => return Err(format!("only file LUNs do direct I/O, not {kind}")),
             ("serial", Some(v)) => {
                 check_serial(v)?;
                 serial = Some(v.to_string());
             }
             _ => {
-                let file = if kind == "file" { "size=SIZE, " } else { "" };
+                let (file, direct) = if kind == "file" {
+                    ("size=SIZE, ", ", direct")
+                } else {
+                    ("", "")
+                };
                 return Err(format!(
                     "unknown option {opt:?} (expected {file}block=512|4096, ro, removable, \
-                     serial=TEXT)"
+                     serial=TEXT{direct})"
                 ));
             }
         }
@@ -1663,7 +1684,7 @@ fn parse_lun_spec(spec: &str) -> Result<LunConfig, String> {
         check_multiple(s, block_size)?;
     }
     let backstore = match (kind, size, path) {
-        ("file", size, Some(path)) => BackstoreSpec::File { path, size },
+        ("file", size, Some(path)) => BackstoreSpec::File { path, size, direct },
         ("mem", Some(size), _) => BackstoreSpec::Mem { size },
         (_, Some(size), _) => BackstoreSpec::Null { size },
         _ => return Err(format!("expected BACKSTORE:ARGS such as {EXAMPLES}")),
@@ -1897,7 +1918,8 @@ mod tests {
             t.luns[2].backstore,
             BackstoreSpec::File {
                 path: "/srv/d.img".into(),
-                size: Some(GIB)
+                size: Some(GIB),
+                direct: false
             }
         );
         assert!(t.luns[2].read_only);
@@ -2004,16 +2026,27 @@ mod tests {
             l.backstore,
             BackstoreSpec::File {
                 path: "relative/disk.img".into(),
-                size: None
+                size: None,
+                direct: false
             }
         );
         assert_eq!(l.block_size, 512);
+        let l = one_lun("file:/d,direct,block=4096");
+        assert_eq!(
+            l.backstore,
+            BackstoreSpec::File {
+                path: "/d".into(),
+                size: None,
+                direct: true
+            }
+        );
         let l = one_lun("file:/d,block=4096,size=8k");
         assert_eq!(
             l.backstore,
             BackstoreSpec::File {
                 path: "/d".into(),
-                size: Some(8192)
+                size: Some(8192),
+                direct: false
             }
         );
 
@@ -2053,6 +2086,11 @@ mod tests {
                 "option \"block\" is given twice",
             ),
             ("mem:1G,ro=yes", "unknown option \"ro=yes\""),
+            ("mem:1G,direct", "only file LUNs do direct I/O, not mem"),
+            ("null:1G,direct", "only file LUNs do direct I/O, not null"),
+            ("file:/d,direct=yes", "unknown option \"direct=yes\""),
+            ("file:/d,direct,direct", "option \"direct\" is given twice"),
+            ("file:/d,x", "serial=TEXT, direct)"),
             ("mem:1G,serial=", "is not a serial number"),
             ("mem:1G,serial=a b", "is not a serial number"),
         ];
@@ -2352,7 +2390,8 @@ mod tests {
             t.luns[0].backstore,
             BackstoreSpec::File {
                 path: "/srv/target-rdma/disk0.img".into(),
-                size: None
+                size: None,
+                direct: false
             }
         );
         assert_eq!(t.luns[1].lun, 5);
@@ -2377,7 +2416,8 @@ mod tests {
             c.targets[0].luns[0].backstore,
             BackstoreSpec::File {
                 path: dir.join("disks/a.img"),
-                size: None
+                size: None,
+                direct: false
             }
         );
         // Relative paths from flags stay as given.
@@ -2422,6 +2462,9 @@ size = 1048576
                 "targets[0].luns[1].size: 6144 bytes is not a multiple of the block size 4096",
             ),
             (lun1("path = \"/x\"\n"), "targets[0].luns[1].path: only file LUNs have a path"),
+            (lun1("direct = true\n"), "targets[0].luns[1].direct: only file LUNs do direct I/O, not null"),
+            (lun1("direct = false\n"), "targets[0].luns[1].direct: only file LUNs do direct I/O, not null"),
+            (lun1("direct = 1\n"), "direct"),
             (lun1("serial = \"\"\n"), "targets[0].luns[1].serial: \"\" is not a serial number"),
             (lun1("lun = 0\n"), "targets[0].luns[1].lun: LUN 0 is already used by targets[0].luns[0]"),
             (lun1("lun = 16384\n"), "targets[0].luns[1].lun: 16384 is out of range (expected 0..=16383)"),
@@ -2525,6 +2568,7 @@ backstore = "file"
 path = "/dev/sdb"
 size = "4KiB"
 block_size = 4096
+direct = true
 [[targets.luns]]
 backstore = "null"
 size = 4096
@@ -2547,7 +2591,8 @@ removable = true
             luns[1].backstore,
             BackstoreSpec::File {
                 path: "/dev/sdb".into(),
-                size: Some(4096)
+                size: Some(4096),
+                direct: true
             }
         );
         assert!(luns[2].read_only && luns[2].removable);

@@ -19,7 +19,7 @@ use config::{BackstoreSpec, Config};
 use engine::{EngineConfig, ExportedTarget, Portal};
 use iscsi::login::ChapConfig;
 use iscsi::params::TargetLimits;
-use scsi::backstore::{Backstore, FileBackstore, MemBackstore, NullBackstore};
+use scsi::backstore::{Backstore, FileBackstore, FileOptions, MemBackstore, NullBackstore};
 use scsi::{Lun, LunInfo};
 
 fn main() -> ExitCode {
@@ -58,10 +58,16 @@ fn run(cfg: Config) -> Result<(), String> {
             let backstore: Box<dyn Backstore> = match &l.backstore {
                 BackstoreSpec::Mem { size } => Box::new(MemBackstore::new(*size)),
                 BackstoreSpec::Null { size } => Box::new(NullBackstore::new(*size)),
-                BackstoreSpec::File { path, size } => Box::new(
-                    FileBackstore::open(path, *size)
-                        .map_err(|e| format!("{where_}: {}: {e}", path.display()))?,
-                ),
+                BackstoreSpec::File { path, size, direct } => {
+                    let opts = FileOptions {
+                        direct: *direct,
+                        ..FileOptions::default()
+                    };
+                    Box::new(
+                        FileBackstore::open_opts(path, *size, opts)
+                            .map_err(|e| format!("{where_}: {}: {e}", path.display()))?,
+                    )
+                }
             };
             let size = backstore.size_bytes();
             let serial = l

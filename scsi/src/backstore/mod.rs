@@ -7,7 +7,9 @@ mod file;
 mod mem;
 mod null;
 
-pub use file::FileBackstore;
+use std::os::fd::BorrowedFd;
+
+pub use file::{FileBackstore, FileOptions};
 pub use mem::MemBackstore;
 pub use null::NullBackstore;
 
@@ -84,6 +86,18 @@ pub trait Backstore: Send {
     fn submit(&mut self, io: Io);
     /// Move finished operations into `out`; returns how many.
     fn poll(&mut self, out: &mut Vec<IoDone>) -> usize;
+    /// Offsets and lengths must be multiples of this (O_DIRECT files);
+    /// a LUN whose block size is not one is refused.
+    fn io_align(&self) -> u32 {
+        1
+    }
+    /// A descriptor that becomes readable when completions are waiting,
+    /// for backstores that complete in the background (io_uring). A
+    /// reactor that sleeps should wait on it too and then call `poll`;
+    /// `None`: completions only ever appear during `submit` or `poll`.
+    fn completion_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
     /// Mapping state at `offset` (only when `caps().extent_status`).
     fn extent_status(&mut self, offset: u64) -> Result<Extent, i32> {
         Ok(Extent {
