@@ -128,6 +128,10 @@ struct LunStats {
 
 const SIGNAL_TOKEN: Token = Token(usize::MAX - 1);
 const WAKER_TOKEN: Token = Token(usize::MAX - 2);
+/// Backstores with their own completion queue (io_uring) signal an
+/// eventfd; its readiness only wakes the reactor, which polls its devices
+/// on every loop iteration anyway.
+const COMPLETION_TOKEN: Token = Token(usize::MAX - 3);
 /// Listener tokens are 0..portals; connection tokens start here.
 const CONN_TOKEN_BASE: usize = 1 << 20;
 const TICK: Duration = Duration::from_millis(500);
@@ -416,6 +420,20 @@ impl Engine {
             published: (0..n).map(|_| Mutex::new(CoreStats::default())).collect(),
             finished: AtomicBool::new(false),
         });
+        for (poll, ds) in polls.iter().zip(&devices) {
+            for d in ds.iter().flatten() {
+                for l in d.luns() {
+                    if let Some(fd) = l.completion_fd() {
+                        use std::os::fd::AsRawFd;
+                        poll.registry().register(
+                            &mut mio::unix::SourceFd(&fd.as_raw_fd()),
+                            COMPLETION_TOKEN,
+                            Interest::READABLE,
+                        )?;
+                    }
+                }
+            }
+        }
         let started = Instant::now();
         let mut reactors = Vec::with_capacity(n);
         for (me, (poll, devices)) in polls.into_iter().zip(devices).enumerate() {
@@ -735,7 +753,7 @@ impl Reactor {
                             self.stopping = true;
                         }
                     }
-                    WAKER_TOKEN => {}
+                    WAKER_TOKEN | COMPLETION_TOKEN => {}
                     Token(i) if i < self.listeners.len() => {
                         if !self.stopping {
                             self.accept(i);
