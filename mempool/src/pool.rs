@@ -847,7 +847,8 @@ pub struct CoreCache {
     waiting: usize,
     /// Round-robin start for `next_grant`.
     next_class: usize,
-    /// Counters changed since the last publication.
+    /// Counters or the local free lists changed since the last
+    /// publication; `maintain` publishes only then.
     dirty: bool,
 }
 
@@ -1098,7 +1099,6 @@ impl CoreCache {
             };
             if yields {
                 self.spill(c, 0);
-                self.dirty = true;
             }
         }
         if self.dirty {
@@ -1165,6 +1165,13 @@ impl CoreCache {
                     .expect("shared queue holds every buffer of the class");
             }
         }
+        // A refill that still falls short (`next_grant`) changes no other
+        // counter, yet moves buffers out of the shared queue: unless it
+        // marks the cache dirty, `maintain` does not publish and the pool
+        // counts those buffers as neither free nor in use.
+        if self.classes[c].free.len() != had {
+            self.dirty = true;
+        }
         self.sample(c);
         ok
     }
@@ -1203,6 +1210,8 @@ impl CoreCache {
                 .push(raw)
                 .expect("shared queue holds every buffer of the class");
         }
+        // The published free count is stale now (see `ensure`).
+        self.dirty = true;
         self.sample(c);
     }
 

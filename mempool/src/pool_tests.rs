@@ -431,3 +431,43 @@ fn two_waiting_cores_holding_halves_do_not_deadlock() {
     b.maintain();
     assert_eq!(pool.stats()[1].in_use, 0);
 }
+
+#[test]
+fn short_refill_for_a_waiter_is_published() {
+    let pool = Pool::new(small(2)).unwrap();
+    let mut a = pool.core_cache(0).unwrap();
+    let mut b = pool.core_cache(1).unwrap();
+    let mut held: Vec<Buf> = (0..31).map(|_| a.try_alloc(C64K).unwrap()).collect();
+    a.flush();
+    assert_eq!(pool.shared.classes[1].free.len(), 1);
+    // Core 1 waits for two buffers while one is free, then flushes and
+    // publishes that it caches none.
+    let mut sg = SgList::new();
+    assert_eq!(b.alloc_or_wait(2 << 16, 7, &mut sg), Ok(Alloc::Queued));
+    b.flush();
+    // The grant falls short but, as no lower core waits, keeps the one
+    // buffer it took from the shared queue: the next `maintain` must
+    // publish it as core 1's, or the pool counts it nowhere.
+    assert!(b.next_grant().is_none());
+    assert_eq!(pool.shared.classes[1].free.len(), 0);
+    assert_eq!(b.stats(C64K).free_bufs, 1);
+    b.maintain();
+    let ps = pool.stats();
+    assert_eq!((ps[1].in_use, ps[1].free_bufs), (31, 1));
+    // Nothing is stranded: with the buffers back the waiter is served,
+    // and once it is done every buffer is free again.
+    for x in held.drain(..) {
+        a.free(x);
+    }
+    a.maintain();
+    let (t, mut g) = b.next_grant().unwrap();
+    assert_eq!((t, g.segment_count()), (7, 2));
+    b.free_sg(&mut g);
+    a.maintain();
+    b.maintain();
+    let ps = pool.stats();
+    assert_eq!((ps[1].in_use, ps[1].free_bufs, ps[1].waiting), (0, 32, 0));
+    a.flush();
+    b.flush();
+    assert_eq!(pool.shared.classes[1].free.len(), 32);
+}

@@ -224,15 +224,81 @@ fn run(ops: Vec<Op>) {
         0,
         "waiters starved"
     );
+    // Nothing stranded while the caches live: every buffer is counted
+    // free, and a flush puts all of them back in the shared queues.
+    for s in pool.stats() {
+        assert_eq!((s.in_use, s.free_bufs, s.waiting), (0, s.total_bufs, 0));
+    }
+    for c in caches.iter_mut() {
+        c.flush();
+    }
+    for (class, _) in pool.classes() {
+        for c in &caches {
+            assert_eq!(c.stats(class).free_bufs, 0);
+        }
+    }
+    for s in pool.stats() {
+        assert_eq!((s.in_use, s.free_bufs), (0, s.total_bufs));
+    }
     drop(caches);
     for s in pool.stats() {
         assert_eq!((s.in_use, s.free_bufs), (0, s.total_bufs));
     }
 }
 
+/// The saved proptest case that once failed, reduced: core 1's grant
+/// fell short yet took the last free 64 KiB buffer out of the shared
+/// queue, and as nothing else changed its `maintain` did not publish, so
+/// the pool counted that buffer neither free nor in use (31 of 32).
+#[test]
+fn short_grant_refill_is_counted_free() {
+    use Op::*;
+    run(vec![
+        Alloc {
+            core: 0,
+            bytes: 130531,
+        },
+        Alloc {
+            core: 0,
+            bytes: 434760,
+        },
+        Alloc {
+            core: 0,
+            bytes: 423374,
+        },
+        Alloc {
+            core: 1,
+            bytes: 590564,
+        },
+        Alloc {
+            core: 1,
+            bytes: 118944,
+        },
+        Alloc {
+            core: 0,
+            bytes: 183725,
+        },
+        Alloc {
+            core: 1,
+            bytes: 176137,
+        },
+        Flush { core: 1 },
+        Grant { core: 1 },
+    ]);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: if cfg!(miri) { 2 } else { 32 },
+        // An explicit count would shadow PROPTEST_CASES, which long soak
+        // runs set.
+        cases: if cfg!(miri) {
+            2
+        } else {
+            std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(32)
+        },
         ..ProptestConfig::default()
     })]
     #[test]
