@@ -725,6 +725,10 @@ impl Reactor {
             self.link().parked.store(false, Ordering::Relaxed);
             let woke = Instant::now();
             self.stats.loops += 1;
+            // Messages sent before the socket events we are about to handle
+            // were caused (a session ended before its Logout Response left)
+            // are handled first.
+            let got = got + self.drain_inbox();
             match r {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -1426,6 +1430,17 @@ impl Reactor {
                         CloseReason::Logout => tracing::info!(id, "logout"),
                         CloseReason::LoginFailed => tracing::info!(id, "login refused"),
                         r => tracing::info!(id, "closing: {r:?}"),
+                    }
+                    // The session ends now, before the Logout Response (or
+                    // whatever else is queued) goes out: once the initiator
+                    // has it, it may act on another connection, and the
+                    // I_T nexus (its SPC-2 reservation, say) must already
+                    // be gone on the target's home reactor. The message
+                    // is in that reactor's inbox before our bytes leave.
+                    if let Some(c) = self.conns.get_mut(&id) {
+                        if let Some(tsih) = c.tsih.take() {
+                            self.end_session(tsih, global);
+                        }
                     }
                     self.mark_closed(id, "connection closing");
                 }
