@@ -865,6 +865,9 @@ impl Reactor {
                 break;
             };
             n += 1;
+            if matches!(msg, Msg::Submit { .. }) {
+                self.stats.commands_served_remote += 1;
+            }
             self.handle_msg(msg);
         }
         self.stats.messages_in += n as u64;
@@ -878,10 +881,7 @@ impl Reactor {
         match msg {
             Msg::Adopt(entry) => self.adopt(*entry),
             Msg::Submit { target, lun, task } => match self.devices[target].as_mut() {
-                Some(d) => {
-                    d.submit(lun, task);
-                    self.stats.commands_served_remote += 1;
-                }
+                Some(d) => d.submit(lun, task),
                 None => debug_assert!(false, "task sent to a core that is not its home"),
             },
             Msg::Complete(c) => self.deliver(c),
@@ -1265,26 +1265,23 @@ impl Reactor {
         }
     }
 
-    fn nexus_added(&mut self, target: usize, nexus: Nexus) {
+    /// Carry out `msg` on the home reactor of `target`: here, at once, or
+    /// there through its inbox. Either way the same `handle_msg` runs it.
+    fn run_at_home(&mut self, target: usize, msg: Msg) {
         let home = self.sh.targets[target].home;
         if home == self.me {
-            if let Some(d) = self.devices[target].as_mut() {
-                d.nexus_added(&nexus);
-            }
+            self.handle_msg(msg);
         } else {
-            self.send(home, Msg::NexusAdded { target, nexus });
+            self.send(home, msg);
         }
     }
 
+    fn nexus_added(&mut self, target: usize, nexus: Nexus) {
+        self.run_at_home(target, Msg::NexusAdded { target, nexus });
+    }
+
     fn nexus_removed(&mut self, target: usize, nexus: NexusId) {
-        let home = self.sh.targets[target].home;
-        if home == self.me {
-            if let Some(d) = self.devices[target].as_mut() {
-                d.nexus_removed(nexus);
-            }
-        } else {
-            self.send(home, Msg::NexusRemoved { target, nexus });
-        }
+        self.run_at_home(target, Msg::NexusRemoved { target, nexus });
     }
 
     /// Carry out what the connection asked for.
@@ -1325,45 +1322,27 @@ impl Reactor {
                         data_out: req.data_out,
                         data_in,
                     };
-                    let home = self.sh.targets[target].home;
                     self.stats.commands += 1;
-                    if home == self.me {
-                        if let Some(d) = self.devices[target].as_mut() {
-                            d.submit(req.lun, task);
-                        }
-                    } else {
+                    if self.sh.targets[target].home != self.me {
                         self.stats.commands_forwarded += 1;
-                        self.send(
-                            home,
-                            Msg::Submit {
-                                target,
-                                lun: req.lun,
-                                task,
-                            },
-                        );
                     }
+                    let lun = req.lun;
+                    self.run_at_home(target, Msg::Submit { target, lun, task });
                 }
                 Event::Abort { task, lun } => {
                     let Some((target, nexus)) = session else {
                         continue;
                     };
                     let tag = task_tag(self.me, id, task);
-                    let home = self.sh.targets[target].home;
-                    if home == self.me {
-                        if let Some(d) = self.devices[target].as_mut() {
-                            d.abort(lun, nexus, tag);
-                        }
-                    } else {
-                        self.send(
-                            home,
-                            Msg::Abort {
-                                target,
-                                lun,
-                                nexus,
-                                tag,
-                            },
-                        );
-                    }
+                    self.run_at_home(
+                        target,
+                        Msg::Abort {
+                            target,
+                            lun,
+                            nexus,
+                            tag,
+                        },
+                    );
                 }
                 Event::LunReset { itt, lun } => {
                     let reply = task_tag(self.me, id, itt);
@@ -1371,21 +1350,15 @@ impl Reactor {
                         self.tmf_done(reply, iscsi::conn::tmf::RESP_REJECTED, false);
                         continue;
                     };
-                    let home = self.sh.targets[target].home;
-                    if home == self.me {
-                        let response = self.lun_reset(target, lun, nexus);
-                        self.tmf_done(reply, response, false);
-                    } else {
-                        self.send(
-                            home,
-                            Msg::LunReset {
-                                target,
-                                lun,
-                                nexus,
-                                reply,
-                            },
-                        );
-                    }
+                    self.run_at_home(
+                        target,
+                        Msg::LunReset {
+                            target,
+                            lun,
+                            nexus,
+                            reply,
+                        },
+                    );
                 }
                 Event::TargetReset { itt, cold } => {
                     let reply = task_tag(self.me, id, itt);
@@ -1407,23 +1380,15 @@ impl Reactor {
                             self.kill_everywhere(g);
                         }
                     }
-                    let home = self.sh.targets[target].home;
-                    if home == self.me {
-                        if let Some(d) = self.devices[target].as_mut() {
-                            d.target_reset(nexus);
-                        }
-                        self.tmf_done(reply, iscsi::conn::tmf::RESP_COMPLETE, cold);
-                    } else {
-                        self.send(
-                            home,
-                            Msg::TargetReset {
-                                target,
-                                nexus,
-                                cold,
-                                reply,
-                            },
-                        );
-                    }
+                    self.run_at_home(
+                        target,
+                        Msg::TargetReset {
+                            target,
+                            nexus,
+                            cold,
+                            reply,
+                        },
+                    );
                 }
                 Event::Close(reason) => {
                     match &reason {
