@@ -356,29 +356,7 @@ impl Lun {
             };
             return self.copy_cmds.push((t, stamp));
         }
-        if self.spc.write_protected() && sbc::is_write_opcode(cdb[0]) {
-            let e = CmdError::Check(Sense::write_protected());
-            return self.finish(origin, Err(e), data_in, data_out, sent as u32);
-        }
-        let decoded = sbc::decode(
-            &cdb,
-            &self.info,
-            self.caps,
-            self.backstore.as_mut(),
-            &data_out,
-            &mut data_in,
-        );
-        let cmd = match decoded {
-            None => {
-                let e = CmdError::Check(Sense::invalid_opcode());
-                return self.finish(origin, Err(e), data_in, data_out, sent as u32);
-            }
-            Some(Decoded::Done(r, dol)) => {
-                return self.finish(origin, r, data_in, data_out, dol);
-            }
-            Some(Decoded::Medium(cmd)) => cmd,
-        };
-        self.enqueue(origin, cmd, data_out, data_in);
+        self.start_medium(origin, &cdb, data_out, data_in, sent as u32);
     }
 
     /// EXTENDED COPY and RECEIVE COPY RESULTS commands that `submit` set
@@ -424,12 +402,27 @@ impl Lun {
         if let Some(e) = self.spc.access_check(on_behalf, &cdb) {
             return self.finish(origin, Err(e), data_in, data_out, 0);
         }
-        if write && self.spc.write_protected() {
+        self.start_medium(origin, &cdb, data_out, data_in, 0);
+    }
+
+    /// The part of a block command shared by initiators' commands and the
+    /// copy manager's: write protection, SBC decoding, then either an
+    /// immediate answer or the slab and its range lock. `refused_dol` is
+    /// the data-out length reported when the command is refused here.
+    fn start_medium(
+        &mut self,
+        origin: Origin,
+        cdb: &[u8],
+        data_out: Vec<u8>,
+        mut data_in: Vec<u8>,
+        refused_dol: u32,
+    ) {
+        if self.spc.write_protected() && sbc::is_write_opcode(cdb[0]) {
             let e = CmdError::Check(Sense::write_protected());
-            return self.finish(origin, Err(e), data_in, data_out, 0);
+            return self.finish(origin, Err(e), data_in, data_out, refused_dol);
         }
         let decoded = sbc::decode(
-            &cdb,
+            cdb,
             &self.info,
             self.caps,
             self.backstore.as_mut(),
@@ -437,14 +430,14 @@ impl Lun {
             &mut data_in,
         );
         let cmd = match decoded {
-            Some(Decoded::Medium(cmd)) => cmd,
+            None => {
+                let e = CmdError::Check(Sense::invalid_opcode());
+                return self.finish(origin, Err(e), data_in, data_out, refused_dol);
+            }
             Some(Decoded::Done(r, dol)) => {
                 return self.finish(origin, r, data_in, data_out, dol);
             }
-            None => {
-                let e = CmdError::Check(Sense::invalid_opcode());
-                return self.finish(origin, Err(e), data_in, data_out, 0);
-            }
+            Some(Decoded::Medium(cmd)) => cmd,
         };
         self.enqueue(origin, cmd, data_out, data_in);
     }
