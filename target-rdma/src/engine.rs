@@ -691,10 +691,6 @@ impl Reactor {
         let mut last_work = Instant::now();
         let mut stop_deadline: Option<Instant> = None;
         loop {
-            let got = self.drain_inbox();
-            if got > 0 {
-                last_work = Instant::now();
-            }
             if self.stopping {
                 let deadline = *stop_deadline.get_or_insert_with(|| {
                     self.sh.stopping.fetch_add(1, Ordering::SeqCst);
@@ -705,7 +701,6 @@ impl Reactor {
                 }
             }
             let mut timeout = match self.sh.cfg.poll {
-                _ if got > 0 || self.stopping => Duration::ZERO,
                 PollMode::Busy => Duration::ZERO,
                 PollMode::Interrupt => TICK,
                 PollMode::Adaptive if last_work.elapsed() < POLL_IDLE_BUDGET => Duration::ZERO,
@@ -731,15 +726,17 @@ impl Reactor {
             self.stats.loops += 1;
             // Messages sent before the socket events we are about to handle
             // were caused (a session ended before its Logout Response left)
-            // are handled first.
-            let got = got + self.drain_inbox();
+            // are handled first. This is the only drain: a message pushed
+            // while we are not parked is found by the check before the
+            // next sleep, so none waits for a wake-up that never comes.
+            let got = self.drain_inbox();
             match r {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
-            if !events.is_empty() {
-                last_work = Instant::now();
+            if !events.is_empty() || got > 0 {
+                last_work = woke;
             } else if timeout.is_zero() && self.sh.cfg.poll == PollMode::Adaptive {
                 // Spinning with nothing to do: let an initiator sharing
                 // this core run instead of burning its time slice.
