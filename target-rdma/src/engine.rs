@@ -463,6 +463,7 @@ impl Engine {
                 wake: vec![false; n],
                 started,
                 scratch: Vec::new(),
+                reaped: Vec::new(),
                 stopping: false,
                 stats: CoreStats {
                     reactor: me,
@@ -641,6 +642,9 @@ struct Reactor {
     started: Instant,
     /// Reused list of connection ids for the periodic tick.
     scratch: Vec<u32>,
+    /// Reused list of connections `reap` removes; separate from `scratch`
+    /// because `reap` runs inside the tick's walk over `scratch`.
+    reaped: Vec<u32>,
     stopping: bool,
     stats: CoreStats,
 }
@@ -1546,7 +1550,7 @@ impl Reactor {
         if !self.reap_needed {
             return;
         }
-        let mut done = std::mem::take(&mut self.scratch);
+        let mut done = std::mem::take(&mut self.reaped);
         done.clear();
         done.extend(
             self.conns
@@ -1568,7 +1572,7 @@ impl Reactor {
                 self.end_session(tsih, c.global);
             }
         }
-        self.scratch = done;
+        self.reaped = done;
         // Closing connections still flushing their last bytes stay for
         // the next pass.
         self.reap_needed = self.conns.values().any(|c| c.closing);
