@@ -179,9 +179,10 @@ pub struct ScsiCompletion {
     pub data_out_len: u32,
     /// The task's write buffer, returned for reuse.
     pub data_out: Vec<u8>,
-    /// Time from submission to the LUN until `poll` handed this over, in
-    /// nanoseconds (0 for completions no initiator command stands behind).
-    pub latency_ns: u64,
+    /// What the LUN counted for this command (kind, bytes, failure, time
+    /// from submission until `poll` handed it over); `None` for
+    /// completions no initiator command stands behind.
+    pub sample: Option<crate::stats::IoSample>,
 }
 
 /// Why a command ends without GOOD status.

@@ -19,7 +19,7 @@ use crate::sanitize::{self, Job, Request, Waiter};
 use crate::sbc::{self, Decoded, MediumCmd, Next};
 use crate::sense::Sense;
 use crate::spc::SpcState;
-use crate::stats::{IoCounters, IoKind};
+use crate::stats::{IoCounters, IoKind, IoSample};
 use crate::status;
 use std::collections::VecDeque;
 use std::os::fd::BorrowedFd;
@@ -54,8 +54,8 @@ impl Stamp {
         }
     }
 
-    /// Record the completion; returns its latency in nanoseconds.
-    fn count(self, c: &ScsiCompletion, now: Instant, stats: &mut IoCounters) -> u64 {
+    /// What the completion `c` of this command adds to the counters.
+    fn sample(self, c: &ScsiCompletion, now: Instant) -> IoSample {
         let failed = !matches!(c.status, status::GOOD | status::CONDITION_MET);
         let bytes = match self.kind {
             _ if failed => 0,
@@ -64,9 +64,12 @@ impl Stamp {
             IoKind::Other => 0,
         };
         let ns = now.saturating_duration_since(self.started).as_nanos();
-        let ns = u64::try_from(ns).unwrap_or(u64::MAX);
-        stats.record(self.kind, bytes, failed, ns);
-        ns
+        IoSample {
+            kind: self.kind,
+            bytes,
+            failed,
+            latency_ns: u64::try_from(ns).unwrap_or(u64::MAX),
+        }
     }
 }
 
@@ -243,7 +246,7 @@ impl Lun {
             data_in,
             data_out_len,
             data_out,
-            latency_ns: 0,
+            sample: None,
         };
         match result {
             Ok(s) => c.status = s,
@@ -588,7 +591,9 @@ impl Lun {
             let stats = &mut self.stats;
             out.extend(self.done.drain(..).map(|(mut c, stamp)| {
                 if let Some(s) = stamp {
-                    c.latency_ns = s.count(&c, now, stats);
+                    let sample = s.sample(&c, now);
+                    stats.add(&sample);
+                    c.sample = Some(sample);
                 }
                 c
             }));

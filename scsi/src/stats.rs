@@ -171,6 +171,18 @@ impl IoKind {
     }
 }
 
+/// What one completed command adds to the counters: measured once by the
+/// LUN and carried in its completion, so that the reactor of the
+/// initiator's connection counts the same thing in its own counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoSample {
+    pub kind: IoKind,
+    /// Bytes moved (0 if the command failed).
+    pub bytes: u64,
+    pub failed: bool,
+    pub latency_ns: u64,
+}
+
 /// Commands completed on one LUN (or one core), by kind, with the bytes
 /// they moved and how long they took from submission to completion.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -199,6 +211,11 @@ pub struct IoCounters {
 impl IoCounters {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Count one completion measured as `s`.
+    pub fn add(&mut self, s: &IoSample) {
+        self.record(s.kind, s.bytes, s.failed, s.latency_ns);
     }
 
     /// Count one completion. `bytes` is what it moved (0 if it failed).

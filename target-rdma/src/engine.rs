@@ -112,8 +112,8 @@ pub struct CoreStats {
     /// Heap allocations made by this reactor's thread since it started
     /// (the I/O path's should stay flat under load).
     pub heap_allocs: u64,
-    /// Completions of this reactor's connections by data direction, bytes
-    /// and latency (as the LUN measured it).
+    /// Completions of this reactor's connections, counted as their LUN
+    /// counted them (kind, bytes, errors, latency).
     #[serde(skip)]
     pub io: scsi::IoCounters,
 }
@@ -1004,16 +1004,9 @@ impl Reactor {
             self.stats.completions += 1;
             self.stats.data_in_bytes += c.data_in.len() as u64;
             self.stats.data_out_bytes += c.data_out_len as u64;
-            let kind = if !c.data_in.is_empty() {
-                scsi::IoKind::Read
-            } else if c.data_out_len > 0 {
-                scsi::IoKind::Write
-            } else {
-                scsi::IoKind::Other
-            };
-            let failed = c.status != scsi::status::GOOD;
-            let bytes = (c.data_in.len() as u64).max(c.data_out_len as u64);
-            self.stats.io.record(kind, bytes, failed, c.latency_ns);
+            if let Some(sample) = &c.sample {
+                self.stats.io.add(sample);
+            }
         }
         self.pool.give(c.data_in);
         self.pool.give(c.data_out);
