@@ -12,8 +12,11 @@ set -euo pipefail
 # Clients used by scripts/test.sh: iscsi-test-cu/iscsi-inq (libiscsi-bin),
 # qemu-img/qemu-io (qemu-utils) with the iSCSI block driver (qemu-block-extra),
 # python3 for the parser and the malformed-PDU script, iproute2 for ss,
-# libiscsi-dev and gcc for benches/iobench.c (the no-allocation check).
-TEST_PKGS=(libiscsi-bin libiscsi-dev gcc qemu-utils qemu-block-extra python3 iproute2 procps)
+# libiscsi-dev and gcc for benches/iobench.c (the no-allocation check),
+# glusterd, bricks and the FUSE client for the Gluster backstore's tests
+# (scripts/gluster.sh).
+TEST_PKGS=(libiscsi-bin libiscsi-dev gcc qemu-utils qemu-block-extra python3 iproute2 procps
+    glusterfs-server glusterfs-client)
 
 # Build dependencies of the workspace (see shared notes dependencies.md):
 # bindgen needs libclang-dev; the RDMA and Gluster -sys crates need the dev
@@ -79,7 +82,7 @@ if [ "${SETUP_SKIP_BUILD_DEPS:-0}" != 1 ]; then
 fi
 
 # verify the tools are really there
-for tool in iscsi-test-cu iscsi-inq qemu-img qemu-io python3; do
+for tool in iscsi-test-cu iscsi-inq qemu-img qemu-io python3 glusterd gluster; do
     command -v "$tool" >/dev/null 2>&1 || { echo "setup-test-deps: $tool still missing" >&2; exit 1; }
 done
 # qemu's iSCSI driver lives in qemu-block-extra; check it is usable
