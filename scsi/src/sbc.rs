@@ -40,8 +40,21 @@ const WRITE_SAME_PIECE: usize = 1 << 20;
 /// Most descriptors one GET LBA STATUS answer carries.
 const LBA_STATUS_DESCRIPTORS: usize = 64;
 
+const EAGAIN: i32 = 11;
+const EBUSY: i32 = 16;
 const ENOSPC: i32 = 28;
 const EROFS: i32 = 30;
+const EPIPE: i32 = 32;
+const ENETDOWN: i32 = 100;
+const ENETUNREACH: i32 = 101;
+const ECONNABORTED: i32 = 103;
+const ECONNRESET: i32 = 104;
+const ENOTCONN: i32 = 107;
+const ESHUTDOWN: i32 = 108;
+const ETIMEDOUT: i32 = 110;
+const ECONNREFUSED: i32 = 111;
+const EHOSTDOWN: i32 = 112;
+const EHOSTUNREACH: i32 = 113;
 
 /// Which SBC path a command takes through the backstore.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -604,8 +617,26 @@ fn lba_status(
     Ok(())
 }
 
-fn io_error(errno: i32, write: bool) -> CmdError {
+/// Sense data for a backstore's errno.
+///
+/// A network backstore (Gluster) that lost its servers or waited past the
+/// command timeout reports a condition that goes away, not a bad medium,
+/// so those errnos become ABORTED COMMAND: initiators retry it (Linux's
+/// SCSI midlayer answers it with NEEDS_RETRY, up to the command's retry
+/// count), whereas MEDIUM ERROR / UNRECOVERED READ ERROR is final there.
+/// The additional sense names what happened: LOGICAL UNIT COMMUNICATION
+/// TIME-OUT (08h/01h) for a timeout, LOGICAL UNIT COMMUNICATION FAILURE
+/// (08h/00h) for a lost or refused connection and for EAGAIN/EBUSY (the
+/// backstore is saturated). EIO stays a medium error: gfapi reports lost
+/// bricks as ENOTCONN, and its EIO means the data itself is unreadable
+/// (split-brain, a failed disk under a brick), where retrying cannot help.
+pub(crate) fn io_error(errno: i32, write: bool) -> CmdError {
     let s = match errno {
+        ETIMEDOUT => Sense::new(SenseKey::AbortedCommand, 0x08, 0x01),
+        ENOTCONN | ECONNREFUSED | ECONNRESET | ECONNABORTED | ENETDOWN | ENETUNREACH
+        | EHOSTDOWN | EHOSTUNREACH | ESHUTDOWN | EPIPE | EAGAIN | EBUSY => {
+            Sense::new(SenseKey::AbortedCommand, 0x08, 0x00)
+        }
         // Thin provisioning ran out of backing space.
         ENOSPC => Sense::new(SenseKey::DataProtect, 0x27, 0x07),
         EROFS => Sense::write_protected(),

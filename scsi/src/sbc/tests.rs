@@ -1254,3 +1254,33 @@ fn target_counters_per_lun() {
     }
     assert_eq!(total, stats[1].1);
 }
+
+/// Errors of a network backstore that goes away and comes back are
+/// retryable (ABORTED COMMAND); media and space errors are not.
+#[test]
+fn backstore_errno_to_sense() {
+    use crate::common::CmdError;
+    use crate::sbc::io_error;
+    use crate::sense::SenseKey;
+    let key = |errno, write| match io_error(errno, write) {
+        CmdError::Check(s) => (s.key, s.asc, s.ascq),
+        e => panic!("{e:?}"),
+    };
+    for write in [false, true] {
+        assert_eq!(
+            key(110, write),
+            (SenseKey::AbortedCommand, 0x08, 0x01),
+            "ETIMEDOUT"
+        );
+        for e in [107, 111, 104, 103, 100, 101, 112, 113, 108, 32, 11, 16] {
+            assert_eq!(
+                key(e, write),
+                (SenseKey::AbortedCommand, 0x08, 0x00),
+                "errno {e}"
+            );
+        }
+        assert_eq!(key(28, write), (SenseKey::DataProtect, 0x27, 0x07));
+    }
+    assert_eq!(key(5, false), (SenseKey::MediumError, 0x11, 0x00));
+    assert_eq!(key(5, true).0, SenseKey::MediumError);
+}
