@@ -8,6 +8,7 @@
 //! Merge rules when `--config` and flags are used together:
 //! - settings flags (`--log-level`, `--cores`, `--queue-depth`,
 //!   `--max-sessions`, `--pr-dir`, `--nop-interval-s`, `--nop-timeout-s`,
+//!   `--command-timeout-s`, `--gluster-log-file`,
 //!   `--discovery-chap`) override the file's value;
 //! - `--portal` flags replace the file's `portals` list;
 //! - target flags (`--target`, `--alias`, `--lun`, `--allow`, `--chap`,
@@ -36,6 +37,7 @@ use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use backstore_gfapi::GlusterUrl;
 use clap::Parser;
 use serde::Deserialize;
 
@@ -60,6 +62,14 @@ pub const MAX_MAX_SESSIONS: u32 = 65535;
 pub const DEFAULT_NOP_INTERVAL_S: u32 = 30;
 pub const DEFAULT_NOP_TIMEOUT_S: u32 = 30;
 pub const MAX_NOP_S: u32 = 3600;
+/// Bound on one backstore operation of a network backstore (Gluster):
+/// above gluster's client ping-timeout (half of this, so 10 s) and below
+/// the 30 s an initiator such as Linux waits before aborting a command.
+pub const DEFAULT_COMMAND_TIMEOUT_S: u32 = 20;
+/// Lowest command timeout: its half, the ping-timeout, must be a whole
+/// second.
+pub const MIN_COMMAND_TIMEOUT_S: u32 = 2;
+pub const MAX_COMMAND_TIMEOUT_S: u32 = 3600;
 /// Preferred directory for persistent reservation (APTPL) state.
 pub const DEFAULT_PR_DIR: &str = "/var/lib/target-rdma";
 pub const DEFAULT_BLOCK_SIZE: u32 = 512;
@@ -107,6 +117,12 @@ pub struct Config {
     pub poll: PollMode,
     /// Where to write per-core and per-LUN counters (JSON, every second).
     pub stats_file: Option<PathBuf>,
+    /// Gluster LUNs: an operation not finished within this many seconds
+    /// completes with an error (retryable sense); gluster's client
+    /// ping-timeout is set to half of it.
+    pub command_timeout_s: u32,
+    /// Where libgfapi logs; `None`: standard error.
+    pub gluster_log_file: Option<PathBuf>,
 }
 
 /// How a reactor waits for work (`--poll`).
@@ -199,6 +215,12 @@ pub enum BackstoreSpec {
         size: Option<u64>,
         /// O_DIRECT: bypass the page cache.
         direct: bool,
+    },
+    /// An image file on a Gluster volume, through libgfapi. `url.size` is
+    /// always `None`; the parsed size is `size` (`None`: the file's).
+    Gluster {
+        url: GlusterUrl,
+        size: Option<u64>,
     },
 }
 
@@ -304,6 +326,12 @@ LUN specs (--lun, repeatable; LUNs are numbered 0, 1, 2... in the order given):
                                                   file or block device; without
                                                   size=, the file's own size;
                                                   direct: O_DIRECT, no page cache
+  gluster://HOST[:PORT][,HOST2[:PORT]...]/VOLUME/PATH[?size=SIZE]
+                                                  image file on a Gluster volume
+                                                  (libgfapi), created at size= if
+                                                  missing; without size=, the
+                                                  file's own size (LUN options
+                                                  for these: --config)
   Sizes are binary multiples: 4096, 4k, 4KiB, 64M, 64MiB, 1G, 1GiB, 1T, 1TiB.
   Default block size 512. PATH cannot contain ',' (use --config for that).
 
@@ -421,6 +449,16 @@ struct Cli {
     /// atomically every second [default: none]
     #[arg(long, value_name = "FILE")]
     stats_file: Option<PathBuf>,
+
+    /// Gluster LUNs: fail an operation (with sense data initiators retry)
+    /// that gluster has not finished within this many seconds, 2..=3600;
+    /// gluster's ping-timeout is set to half of it [default: 20]
+    #[arg(long, value_name = "SECONDS")]
+    command_timeout_s: Option<u32>,
+
+    /// Where libgfapi writes its log [default: standard error]
+    #[arg(long, value_name = "FILE")]
+    gluster_log_file: Option<PathBuf>,
 }
 
 impl Cli {
@@ -469,6 +507,8 @@ struct FileConfig {
     nop_timeout_s: Option<i64>,
     poll: Option<String>,
     stats_file: Option<PathBuf>,
+    command_timeout_s: Option<i64>,
+    gluster_log_file: Option<PathBuf>,
     discovery_chap: Option<FileChap>,
     #[serde(default)]
     portals: Vec<FilePortal>,
@@ -509,6 +549,7 @@ struct FileLun {
     removable: Option<bool>,
     serial: Option<String>,
     direct: Option<bool>,
+    url: Option<String>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -548,6 +589,13 @@ poll = "adaptive"
 # Per-core and per-LUN counters as JSON, rewritten every second (default:
 # none); relative paths are relative to this file's directory.
 stats_file = "/run/target-rdma/stats.json"
+# Gluster LUNs: an operation gluster has not finished within this many
+# seconds fails with sense data initiators retry (2..=3600, default 20);
+# gluster's client ping-timeout is set to half of it. Keep it below the
+# initiators' command timeout (30 s on Linux).
+command_timeout_s = 20
+# Where libgfapi logs (default: standard error).
+gluster_log_file = "/var/log/target-rdma/gfapi.log"
 
 # CHAP for discovery (SendTargets) sessions. Secrets are 12..=255 bytes.
 [discovery_chap]
@@ -577,7 +625,7 @@ mutual_chap = { user = "target", secret = "target-secret-1" }
 
 # LUNs are numbered 0, 1, 2... in order unless "lun" says otherwise.
 [[targets.luns]]
-backstore = "mem"       # required: "mem", "null" or "file"
+backstore = "mem"       # required: "mem", "null", "file" or "gluster"
 size = "4GiB"           # required for mem and null: 4096, 4k, 64MiB, 1GiB, 1TiB...
 block_size = 4096       # 512 (default) or 4096
 
@@ -605,6 +653,15 @@ lun = 5
 backstore = "file"
 path = "/srv/target-rdma/iso.img"
 read_only = true
+
+[[targets.luns]]
+backstore = "gluster"
+# required for gluster: servers (port 24007 by default), volume, image path;
+# one connection is shared by all LUNs on the same volume and servers.
+url = "gluster://gluster1.example,gluster2.example:24007/vol0/luns/disk1.img"
+size = "100GiB"     # or ?size= in the url; created at this size if missing,
+                    # leave out to use the file's own size
+block_size = 4096
 "#;
 
 // ---------------------------------------------------------------------------
@@ -735,6 +792,26 @@ fn build(cli: &Cli, file: Option<(&Path, &FileConfig)>) -> Result<Config, Config
         MAX_NOP_S,
         DEFAULT_NOP_TIMEOUT_S,
     )?;
+    let command_timeout_s = num(
+        "--command-timeout-s",
+        cli.command_timeout_s,
+        "command_timeout_s",
+        fc.command_timeout_s,
+        MIN_COMMAND_TIMEOUT_S,
+        MAX_COMMAND_TIMEOUT_S,
+        DEFAULT_COMMAND_TIMEOUT_S,
+    )?;
+    let gluster_log_file = match (&cli.gluster_log_file, &fc.gluster_log_file) {
+        (Some(f), _) if f.as_os_str().is_empty() => {
+            return Err(ConfigError::invalid("--gluster-log-file", "is empty"))
+        }
+        (Some(f), _) => Some(f.clone()),
+        (None, Some(f)) if f.as_os_str().is_empty() => {
+            return Err(ConfigError::invalid(fat("gluster_log_file"), "is empty"))
+        }
+        (None, Some(f)) => Some(base_dir.join(f)),
+        (None, None) => None,
+    };
     let poll = match (&cli.poll, &fc.poll) {
         (Some(p), _) => PollMode::parse(p).ok_or_else(|| {
             ConfigError::invalid(
@@ -934,6 +1011,8 @@ fn build(cli: &Cli, file: Option<(&Path, &FileConfig)>) -> Result<Config, Config
         discovery_chap,
         poll,
         stats_file,
+        command_timeout_s,
+        gluster_log_file,
     })
 }
 
@@ -1115,7 +1194,45 @@ fn lun_from_file(
         check_multiple(s, block_size).map_err(|r| ConfigError::invalid(lat("size"), r))?;
     }
     let kind = fl.backstore.as_str();
+    if kind != "gluster" && fl.url.is_some() {
+        return Err(ConfigError::invalid(
+            lat("url"),
+            format!("only gluster LUNs have a url, not {kind}"),
+        ));
+    }
     let backstore = match kind {
+        "gluster" => {
+            if fl.path.is_some() {
+                return Err(ConfigError::invalid(
+                    lat("path"),
+                    "gluster LUNs name their image with url, not path",
+                ));
+            }
+            if fl.direct.is_some() {
+                return Err(ConfigError::invalid(
+                    lat("direct"),
+                    "only file LUNs do direct I/O, not gluster",
+                ));
+            }
+            let text = fl.url.as_ref().ok_or_else(|| {
+                ConfigError::invalid(
+                    lat("url"),
+                    "missing: gluster LUNs need a url such as gluster://HOST/VOLUME/PATH",
+                )
+            })?;
+            let (url, url_size) =
+                gluster_url(text, block_size).map_err(|r| ConfigError::invalid(lat("url"), r))?;
+            if url_size.is_some() && size.is_some() {
+                return Err(ConfigError::invalid(
+                    lat("size"),
+                    "given twice: in url (?size=) and as size",
+                ));
+            }
+            BackstoreSpec::Gluster {
+                url,
+                size: size.or(url_size),
+            }
+        }
         "mem" | "null" => {
             if fl.path.is_some() {
                 return Err(ConfigError::invalid(
@@ -1595,20 +1712,48 @@ fn portal_clash(p: &PortalConfig, q: &PortalConfig) -> Option<String> {
 }
 
 fn unknown_backstore(kind: &str) -> String {
-    if kind.eq_ignore_ascii_case("gluster") {
-        "the gluster backstore is not supported yet (expected mem, null, file)".into()
-    } else {
-        format!("unknown backstore {kind:?} (expected mem, null, file)")
-    }
+    format!("unknown backstore {kind:?} (expected mem, null, file, gluster)")
+}
+
+/// A gluster URL and its `?size=`, checked against the block size.
+fn gluster_url(text: &str, block_size: u32) -> Result<(GlusterUrl, Option<u64>), String> {
+    let mut url = GlusterUrl::parse(text)?;
+    let size = match url.size.take() {
+        None => None,
+        Some(v) => {
+            let s = parse_size(&v)?;
+            check_multiple(s, block_size)?;
+            Some(s)
+        }
+    };
+    Ok((url, size))
 }
 
 /// `mem:SIZE`, `null:SIZE`, `file:PATH`, each with options `,size=SIZE`
 /// (file only), `,block=512|4096`, `,ro`, `,removable`, `,serial=TEXT`,
 /// `,direct` (file only). The LUN number is left 0 for the caller to set.
 fn parse_lun_spec(spec: &str) -> Result<LunConfig, String> {
-    const EXAMPLES: &str = "mem:1GiB, null:1GiB or file:/path/disk.img";
-    if spec.starts_with("gluster:") {
-        return Err(unknown_backstore("gluster"));
+    const EXAMPLES: &str =
+        "mem:1GiB, null:1GiB, file:/path/disk.img or gluster://HOST/VOLUME/PATH?size=1GiB";
+    if spec.starts_with("gluster:") || spec.starts_with("gluster+") {
+        // Commas separate servers here, so LUN options cannot follow;
+        // the config file gives gluster LUNs block_size, read_only etc.
+        let (url, size) = gluster_url(spec, DEFAULT_BLOCK_SIZE)?;
+        if url.path.contains(',') {
+            return Err(format!(
+                "image path {:?} contains ','; options such as ,ro cannot follow a gluster URL \
+                 here (use --config for LUN options, and for paths with ',')",
+                url.path
+            ));
+        }
+        return Ok(LunConfig {
+            lun: 0,
+            backstore: BackstoreSpec::Gluster { url, size },
+            block_size: DEFAULT_BLOCK_SIZE,
+            read_only: false,
+            removable: false,
+            serial: None,
+        });
     }
     let Some((kind, rest)) = spec.split_once(':') else {
         if matches!(spec, "mem" | "null" | "file") {
@@ -2053,13 +2198,24 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             (
                 "foo:1G",
-                "--lun \"foo:1G\": unknown backstore \"foo\" (expected mem, null, file)",
+                "--lun \"foo:1G\": unknown backstore \"foo\" (expected mem, null, file, gluster)",
             ),
             (
                 "mem:12x",
                 "--lun \"mem:12x\": \"12x\" is not a size (use forms such as 4k, 64MiB, 1GiB)",
             ),
-            ("gluster://host/vol/img", "not supported yet"),
+            ("gluster://host", "missing /VOLUME/PATH"),
+            (
+                "gluster://host/vol/img?size=1000",
+                "not a multiple of the block size 512",
+            ),
+            ("gluster://host/vol/img?size=zz", "\"zz\" is not a size"),
+            ("gluster://host:70000/vol/img", "port \"70000\""),
+            (
+                "gluster://h/vol/img,ro",
+                "options such as ,ro cannot follow",
+            ),
+            ("gluster://h/vol/img?ro", "unknown query parameter"),
             ("mem", "expected BACKSTORE:ARGS"),
             ("disk.img", "unknown backstore \"disk.img\""),
             ("mem:", "mem LUNs need a size"),
@@ -2099,6 +2255,95 @@ mod tests {
             assert!(e.contains(want), "{spec}: {e}");
             assert!(e.starts_with(&format!("--lun {spec:?}: ")), "{spec}: {e}");
         }
+    }
+
+    #[test]
+    fn gluster_luns() {
+        let l = one_lun("gluster://127.0.0.2/gv0/disk0.img?size=1GiB");
+        let BackstoreSpec::Gluster { url, size } = l.backstore else {
+            panic!("{:?}", l.backstore)
+        };
+        assert_eq!(size, Some(GIB));
+        assert_eq!(url.size, None, "the size moves out of the url");
+        assert_eq!(
+            (url.volume.as_str(), url.path.as_str()),
+            ("gv0", "/disk0.img")
+        );
+        assert_eq!(url.servers.len(), 1);
+        assert_eq!(
+            (url.servers[0].host.as_str(), url.servers[0].port),
+            ("127.0.0.2", 24007)
+        );
+        let l = one_lun("gluster://a:24010,b/v/dir/x.img");
+        let BackstoreSpec::Gluster { url, size } = l.backstore else {
+            panic!()
+        };
+        assert_eq!(size, None);
+        assert_eq!(url.servers[0].port, 24010);
+        assert_eq!(url.servers[1].host, "b");
+        assert_eq!(url.path, "/dir/x.img");
+
+        let text = "command_timeout_s = 12\ngluster_log_file = \"gfapi.log\"\n\
+                    [[targets]]\nname = \"iqn.2026-11.io.x:g\"\n\
+                    [[targets.luns]]\nbackstore = \"gluster\"\n\
+                    url = \"gluster://h1,h2:24008/vol/luns/a.img\"\nsize = \"8GiB\"\n\
+                    block_size = 4096\nread_only = true\n\
+                    [[targets.luns]]\nbackstore = \"gluster\"\n\
+                    url = \"gluster://h1/vol/b.img?size=4k\"\nblock_size = 4096\n";
+        let c = run_file(&[], text).unwrap();
+        assert_eq!(c.command_timeout_s, 12);
+        assert_eq!(
+            c.gluster_log_file.as_deref(),
+            Some(Path::new("/etc/gfapi.log"))
+        );
+        let luns = &c.targets[0].luns;
+        assert!(luns[0].read_only && luns[0].block_size == 4096);
+        let BackstoreSpec::Gluster { url, size } = &luns[0].backstore else {
+            panic!()
+        };
+        assert_eq!(
+            (*size, url.servers.len(), url.path.as_str()),
+            (Some(8 * GIB), 2, "/luns/a.img")
+        );
+        assert_eq!(
+            luns[1].backstore,
+            BackstoreSpec::Gluster {
+                url: GlusterUrl::parse("gluster://h1/vol/b.img").unwrap(),
+                size: Some(4096)
+            }
+        );
+        // Flags override the file; defaults otherwise.
+        let c = run_file(
+            &["--command-timeout-s", "25", "--gluster-log-file", "x.log"],
+            text,
+        )
+        .unwrap();
+        assert_eq!(c.command_timeout_s, 25);
+        assert_eq!(c.gluster_log_file.as_deref(), Some(Path::new("x.log")));
+        let c = run(&[]).unwrap();
+        assert_eq!(
+            (c.command_timeout_s, c.gluster_log_file),
+            (DEFAULT_COMMAND_TIMEOUT_S, None)
+        );
+        for (v, ok) in [
+            ("1", false),
+            ("2", true),
+            ("3600", true),
+            ("3601", false),
+            ("x", false),
+        ] {
+            assert_eq!(run(&["--command-timeout-s", v]).is_ok(), ok, "{v}");
+        }
+        let e = err(run(&["--command-timeout-s", "1"]));
+        assert!(e.contains("--command-timeout-s"), "{e}");
+        // The example config has a gluster LUN and parses.
+        let fc = parse_file(Path::new(FILE), example_toml()).unwrap();
+        let c = build(&cli(&[]), Some((Path::new(FILE), &fc))).unwrap();
+        assert!(c
+            .targets
+            .iter()
+            .flat_map(|t| &t.luns)
+            .any(|l| matches!(l.backstore, BackstoreSpec::Gluster { .. })));
     }
 
     #[test]
@@ -2384,7 +2629,7 @@ mod tests {
         let t = &c.targets[1];
         assert_eq!(t.name, "iqn.2026-11.io.example:storage");
         assert!(t.allow.is_empty() && t.chap.is_none());
-        assert_eq!(t.luns.len(), 2);
+        assert_eq!(t.luns.len(), 3);
         assert_eq!(t.luns[0].lun, 0);
         assert_eq!(
             t.luns[0].backstore,
@@ -2470,8 +2715,16 @@ size = 1048576
             (lun1("lun = 16384\n"), "targets[0].luns[1].lun: 16384 is out of range (expected 0..=16383)"),
             (lun1("lun = -1\n"), "targets[0].luns[1].lun: -1 is out of range"),
             (ONE_TARGET.replace("size = 1048576", ""), "targets[0].luns[1].size: missing: null LUNs need a size"),
-            (ONE_TARGET.replace("\"null\"", "\"foo\""), "targets[0].luns[1].backstore: unknown backstore \"foo\" (expected mem, null, file)"),
-            (ONE_TARGET.replace("\"null\"", "\"gluster\""), "targets[0].luns[1].backstore: the gluster backstore is not supported yet"),
+            (ONE_TARGET.replace("\"null\"", "\"foo\""), "targets[0].luns[1].backstore: unknown backstore \"foo\" (expected mem, null, file, gluster)"),
+            (ONE_TARGET.replace("\"null\"", "\"gluster\""), "targets[0].luns[1].url: missing: gluster LUNs need a url"),
+            (ONE_TARGET.replace("\"null\"", "\"gluster\"\nurl = \"gluster://h/v\""), "targets[0].luns[1].url: \"gluster://h/v\": missing /PATH"),
+            (ONE_TARGET.replace("\"null\"", "\"gluster\"\nurl = \"gluster://h/v/i?size=1G\""), "targets[0].luns[1].size: given twice"),
+            (ONE_TARGET.replace("\"null\"", "\"gluster\"\nurl = \"gluster://h/v/i\"\npath = \"/x\""), "targets[0].luns[1].path: gluster LUNs name their image with url"),
+            (ONE_TARGET.replace("\"null\"", "\"gluster\"\nurl = \"gluster://h/v/i\"\ndirect = true"), "targets[0].luns[1].direct: only file LUNs do direct I/O, not gluster"),
+            (ONE_TARGET.replace("\"null\"\nsize = 1048576", "\"gluster\"\nurl = \"gluster://h/v/i?size=1000\""), "targets[0].luns[1].url: 1000 bytes is not a multiple of the block size 512"),
+            (lun1("url = \"gluster://h/v/i\"\n"), "targets[0].luns[1].url: only gluster LUNs have a url, not null"),
+            (format!("command_timeout_s = 1\n{ONE_TARGET}"), "config /etc/x.toml: command_timeout_s: 1 is out of range"),
+            (format!("gluster_log_file = \"\"\n{ONE_TARGET}"), "config /etc/x.toml: gluster_log_file: is empty"),
             (ONE_TARGET.replace("backstore = \"null\"\nsize = 1048576", "backstore = \"file\""), "targets[0].luns[1].path: missing: file LUNs need a path"),
             (ONE_TARGET.replace("backstore = \"null\"\nsize = 1048576", "backstore = \"file\"\npath = \"\""), "targets[0].luns[1].path: is empty"),
             (ONE_TARGET.replace("iqn.2026-11.io.x:a", "iqn.2026-11.io.x:A"), "config /etc/x.toml: targets[0].name: \"iqn.2026-11.io.x:A\" has uppercase"),

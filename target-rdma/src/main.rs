@@ -14,6 +14,7 @@ mod engine;
 static HEAP: mempool::HeapCount = mempool::HeapCount;
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use config::{BackstoreSpec, Config};
 use engine::{EngineConfig, ExportedTarget, Portal};
@@ -58,6 +59,23 @@ fn run(cfg: Config) -> Result<(), String> {
             let backstore: Box<dyn Backstore> = match &l.backstore {
                 BackstoreSpec::Mem { size } => Box::new(MemBackstore::new(*size)),
                 BackstoreSpec::Null { size } => Box::new(NullBackstore::new(*size)),
+                BackstoreSpec::Gluster { url, size } => {
+                    let opts = backstore_gfapi::ConnectOptions {
+                        init_timeout: Duration::from_secs(cfg.command_timeout_s as u64),
+                        ping_timeout_s: (cfg.command_timeout_s / 2).max(1),
+                        log_file: cfg.gluster_log_file.clone(),
+                        ..backstore_gfapi::ConnectOptions::default()
+                    };
+                    let vol = backstore_gfapi::Volume::connect(&url.volume, &url.servers, &opts)
+                        .map_err(|e| format!("{where_}: {url}: {e}"))?;
+                    let image = backstore_gfapi::ImageOptions {
+                        command_timeout: Duration::from_secs(cfg.command_timeout_s as u64),
+                    };
+                    Box::new(
+                        backstore_gfapi::GlusterBackstore::open(vol, &url.path, *size, image)
+                            .map_err(|e| format!("{where_}: {url}: {e}"))?,
+                    )
+                }
                 BackstoreSpec::File { path, size, direct } => {
                     let opts = FileOptions {
                         direct: *direct,
