@@ -58,11 +58,13 @@ stop_pid() {
 }
 
 brick_pids() {
-    # Pids from `volume status`, whose last column is the pid ("N/A" when
-    # the brick is down).
-    local vol=$1
-    cli volume status "$vol" 2>/dev/null | awk -v a="$ADDR" \
-        '$1 == "Brick" && $2 ~ "^"a":" && $NF ~ /^[0-9]+$/ { print $NF }'
+    # From the bricks' pid files, in brick order (volume status wraps long
+    # brick paths over two lines, which makes its table awkward to parse).
+    local vol=$1 f pid
+    for f in $(find "$DIR/run/vols/$vol" -name '*.pid' 2>/dev/null | sort); do
+        pid=$(cat "$f" 2>/dev/null || true)
+        if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then echo "$pid"; fi
+    done
 }
 
 bricks_online() {

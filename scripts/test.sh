@@ -12,8 +12,12 @@
 #                                   itself (its 9 known conformance failures are
 #                                   tolerated, see tests/conformance/known-failures-tgt.txt)
 #   TARGET_RDMA_BIN=PATH            binary to test (default $CARGO_TARGET_DIR/release/target-rdma)
-#   CONFORMANCE_VARIANTS="mem file digest chap mutual-chap mem4k removable sanitize readonly"
-#                                   subset to run (the last four need target-rdma's LUN options)
+#   CONFORMANCE_VARIANTS="mem file digest chap mutual-chap mem4k removable sanitize readonly gluster"
+#                                   subset to run (the last five need target-rdma's LUN options;
+#                                   gluster also runs the Gluster data checks and failure test)
+#   GLUSTER=0                       do not start glusterd (scripts/gluster.sh); the
+#                                   backstore-gfapi cargo tests then skip, and the
+#                                   gluster variant is not run
 #   TEST_LOG_DIR=DIR                where logs go (default $CARGO_TARGET_DIR/test-logs/<time>)
 #   TARGET_LOG_LEVEL=info           --log-level passed to target-rdma
 #   KEEP_TMP=1                      keep the temporary images
@@ -42,7 +46,7 @@ done
 TARGET_UNDER_TEST=${TARGET_UNDER_TEST:-target-rdma}
 CARGO_TARGET_DIR_EFFECTIVE=${CARGO_TARGET_DIR:-$ROOT/target}
 TARGET_RDMA_BIN=${TARGET_RDMA_BIN:-$CARGO_TARGET_DIR_EFFECTIVE/release/target-rdma}
-CONFORMANCE_VARIANTS=${CONFORMANCE_VARIANTS:-mem file digest chap mutual-chap mem4k removable sanitize readonly}
+CONFORMANCE_VARIANTS=${CONFORMANCE_VARIANTS:-mem file digest chap mutual-chap mem4k removable sanitize readonly gluster}
 TEST_LOG_DIR=${TEST_LOG_DIR:-$CARGO_TARGET_DIR_EFFECTIVE/test-logs/$(date +%Y%m%d-%H%M%S)-$$}
 mkdir -p "$TEST_LOG_DIR"
 # A reused log directory must not lend old results to this run's summary.
@@ -58,6 +62,8 @@ FAILED_STEPS=()
 SKIPPED_STEPS=()
 PIDS=()          # background processes we started (targets)
 TGT_SOCKETS=()   # tgtd control sockets to remove
+GLUSTER_DIR=     # set once scripts/gluster.sh start ran: stop it at exit
+FUSE_MOUNTS=()   # glusterfs FUSE mounts to unmount at exit
 
 log() { printf '=== %s\n' "$*"; }
 pass() { PASSED_STEPS+=("$1"); printf 'PASS  %s\n' "$1"; }
@@ -97,6 +103,12 @@ cleanup() {
     for s in "${TGT_SOCKETS[@]:-}"; do
         [ -n "$s" ] && rm -f "$s" "$s.lock"
     done
+    for s in "${FUSE_MOUNTS[@]:-}"; do
+        [ -n "$s" ] && { umount "$s" 2>/dev/null || umount -l "$s" 2>/dev/null || true; }
+    done
+    if [ -n "$GLUSTER_DIR" ]; then
+        bash "$ROOT/scripts/gluster.sh" stop "$GLUSTER_DIR" || true
+    fi
     if [ "${KEEP_TMP:-0}" = 1 ]; then
         echo "temporary files kept in $TMP"
     else
@@ -511,6 +523,7 @@ run_e2e() {
     stop_pid "$TARGET_PID_A"
     e2e_target_b
     e2e_target_d
+    e2e_gluster
     e2e_no_alloc
 }
 
@@ -681,6 +694,323 @@ e2e_target_b() {
     if target_alive B; then pass "target B alive at end"; else fail "target B alive at end"; fi
 }
 
+# ------------------------------------------------------------------ gluster
+want_variant() {
+    local v
+    for v in $CONFORMANCE_VARIANTS; do [ "$v" = "$1" ] && return 0; done
+    return 1
+}
+
+start_gluster() {
+    # A real glusterd on 127.0.0.2 (scripts/gluster.sh) for the cargo tests of
+    # backstore-gfapi and the gluster end-to-end steps. The variable the cargo
+    # tests read is exported even when glusterd fails to start, so that they
+    # fail then instead of skipping.
+    [ "${GLUSTER:-1}" = 1 ] || return 0
+    [ "$TARGET_UNDER_TEST" = target-rdma ] || return 0
+    GLUSTER_DIR=$TMP/gluster
+    export TARGET_RDMA_GLUSTER_TEST=gluster://127.0.0.2/gv0
+    export TARGET_RDMA_GLUSTER_REPLICA_TEST=gluster://127.0.0.2/gvr
+    step "gluster: glusterd and volumes online" timeout -k 5 180 bash scripts/gluster.sh start "$GLUSTER_DIR"
+    if [ -f "$GLUSTER_DIR/env" ]; then
+        # shellcheck disable=SC1091
+        . "$GLUSTER_DIR/env"
+    fi
+}
+
+gluster_cli() {
+    bash "$ROOT/scripts/gluster.sh" cli "$GLUSTER_DIR" "$@"
+}
+
+e2e_gluster() {
+    # --- target G (target-rdma only): LUNs on the Gluster volume gv0 through
+    # libgfapi. Conformance with the file LUN's skip list; bytes written through
+    # iSCSI are the bytes a FUSE mount of the volume reads, and the reverse.
+    [ "$TARGET_UNDER_TEST" = target-rdma ] || return 0
+    want_variant gluster || return 0
+    if [ "${GLUSTER:-1}" != 1 ]; then
+        skip "gluster" "GLUSTER=0"
+        return 0
+    fi
+    if [ ! -f "$GLUSTER_DIR/env" ]; then
+        fail "gluster" "glusterd did not start (see the step above)"
+        return 0
+    fi
+    local t0=$SECONDS mnt=$TMP/gv0-fuse
+    mkdir -p "$mnt"
+    if [ ! -c /dev/fuse ]; then
+        fail "gluster: FUSE mount of gv0" "/dev/fuse missing"
+        return 0
+    fi
+    if ! timeout 60 mount -t glusterfs -o log-file="$TEST_LOG_DIR/gv0-fuse.log" "$GLUSTER_ADDR:/gv0" "$mnt"; then
+        fail "gluster: FUSE mount of gv0" "mount -t glusterfs failed, see $TEST_LOG_DIR/gv0-fuse.log"
+        return 0
+    fi
+    FUSE_MOUNTS+=("$mnt")
+    pass "gluster: FUSE mount of gv0"
+    # Written through FUSE before the target opens it: LUN 1 takes its size
+    # from the file.
+    local tag=$$-$RANDOM fuse_src=$TMP/fuse-src.img size=$((32 * 1024 * 1024))
+    head -c "$size" /dev/urandom >"$fuse_src"
+    cp "$fuse_src" "$mnt/fuse-$tag.img" && sync "$mnt/fuse-$tag.img"
+    local iqn_g=$IQN_PREFIX:harness-g port_g
+    port_g=$(free_port)
+    if ! start_target G "$port_g" "$iqn_g" \
+            --gluster-log-file "$TEST_LOG_DIR/gfapi-target-g.log" \
+            --lun "gluster://$GLUSTER_ADDR/gv0/lun-$tag.img?size=256MiB" \
+            --lun "gluster://$GLUSTER_ADDR/gv0/fuse-$tag.img"; then
+        fail "start target G (gluster)"
+        return 0
+    fi
+    pass "start target G (gluster)"
+    local base_g=iscsi://127.0.0.1:$port_g/$iqn_g
+    # LUN 1 takes its size from the 32 MiB file: 65536 blocks of 512 bytes.
+    expect_success "gluster: LUN size from the file (READ CAPACITY 16)" \
+        bash -c "timeout 30 iscsi-readcapacity16 -i '$INQ_IQN' '$base_g/1' | grep -q '^RETURNED LOGICAL BLOCK ADDRESS:65535\$'" || true
+
+    log "gluster: a file written through FUSE reads back identically through iSCSI"
+    local back=$TMP/back.img rc=0
+    timeout -k 5 300 qemu-img convert -f raw -O raw "$base_g/1" "$back" || rc=$?
+    if [ "$rc" = 0 ] && cmp "$fuse_src" "$back"; then
+        pass "gluster: FUSE -> iSCSI bytes identical ($size bytes)"
+    else
+        fail "gluster: FUSE -> iSCSI bytes identical" "qemu-img exit $rc or data differs"
+    fi
+    rm -f "$back"
+
+    log "gluster: a random image written through iSCSI is the file FUSE reads"
+    local img=$TMP/random-g.img
+    size=$((64 * 1024 * 1024))
+    head -c "$size" /dev/urandom >"$img"
+    rc=0
+    timeout -k 5 300 qemu-img convert -n -f raw -O raw "$img" "$base_g/0" || rc=$?
+    if [ "$rc" = 0 ] && cmp -n "$size" "$img" "$mnt/lun-$tag.img"; then
+        pass "gluster: iSCSI -> FUSE bytes identical ($size bytes)"
+    else
+        fail "gluster: iSCSI -> FUSE bytes identical" "qemu-img exit $rc or data differs"
+    fi
+    local fsize
+    fsize=$(stat -c %s "$mnt/lun-$tag.img" 2>/dev/null || echo 0)
+    if [ "$fsize" = $((256 * 1024 * 1024)) ]; then
+        pass "gluster: image created at ?size=256MiB"
+    else
+        fail "gluster: image created at ?size=256MiB" "file is $fsize bytes"
+    fi
+    rm -f "$img"
+
+    conformance gluster "$base_g/0"
+    qemu_io_check "gluster: qemu-io unaligned writes and FUA" "$base_g/0" \
+        'write -P 0x11 0 64k' \
+        'write -P 0xab 512 3584' \
+        'write -f -P 0xcd 7680 1024' \
+        'write -P 0x22 1m 1m' \
+        'write -z -u 1m 64k' \
+        'write -z 1152k 4k' \
+        'aio_flush' \
+        'read -P 0 1m 64k' \
+        'read -P 0x22 1088k 64k' \
+        'read -P 0 1152k 4k' \
+        'read -P 0x22 1156k 4k' \
+        'read -P 0x11 0 512' \
+        'read -P 0xab 512 3584' \
+        'read -P 0xcd 7680 1024'
+    if target_alive G; then pass "target G alive at end"; else fail "target G alive at end"; fi
+    stop_pid "$TARGET_PID_G"
+    rm -f "$mnt/lun-$tag.img" "$mnt/fuse-$tag.img"
+    umount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true
+    echo "gluster end-to-end steps took $((SECONDS - t0)) s"
+    e2e_gluster_failures
+}
+
+# qio_start / qio / qio_stop: one long-lived qemu-io session (one iSCSI
+# session) fed command by command through a FIFO, so that bricks can be
+# killed and restarted between its commands. qio waits for the command's
+# answer line and returns 0 on success, 1 on failure (answer in QIO_OUT).
+QIO_PID= QIO_IN= QIO_LOG= QIO_OUT=
+qio_start() {
+    QIO_IN=$TMP/qio.in QIO_LOG=$TEST_LOG_DIR/qemu-io-gluster-failures.log
+    rm -f "$QIO_IN"; mkfifo "$QIO_IN"
+    : >"$QIO_LOG"
+    : >"$TEST_LOG_DIR/qemu-io-gluster-commands.log"
+    # line-buffered: answers must reach the log as soon as qemu-io prints them
+    stdbuf -oL -eL qemu-io -f raw "$1" <"$QIO_IN" >>"$QIO_LOG" 2>&1 &
+    QIO_PID=$!
+    PIDS+=("$QIO_PID")
+    # stdin held open by fd 7 so qemu-io does not see EOF between commands
+    exec 7>"$QIO_IN"
+}
+qio() {
+    # qio TIMEOUT_S COMMAND: 0 if it succeeded, 1 if it failed (an error or a
+    # pattern mismatch), 2/3 if qemu-io died or did not answer in time.
+    # The answer is what qemu-io printed after the command was sent, up to
+    # its statistics line (printed after a pattern mismatch too) or an error.
+    local limit=$1 cmd=$2 start new
+    start=$(wc -l <"$QIO_LOG")
+    echo "$cmd" >&7
+    echo "$cmd" >>"$TEST_LOG_DIR/qemu-io-gluster-commands.log"
+    local end=$((SECONDS + limit))
+    while [ "$SECONDS" -le "$end" ]; do
+        new=$(tail -n +"$((start + 1))" "$QIO_LOG")
+        if grep -qE '(wrote|read) [0-9]+/[0-9]+ bytes|failed' <<<"$new"; then
+            QIO_OUT=$(grep -E 'failed|bytes at' <<<"$new" | sed 's/^\(qemu-io> \)*//' | head -n 2 | tr '\n' ' ')
+            if grep -q 'failed' <<<"$new"; then return 1; fi
+            return 0
+        fi
+        kill -0 "$QIO_PID" 2>/dev/null || { QIO_OUT="qemu-io exited"; return 2; }
+        sleep 0.1
+    done
+    QIO_OUT="no answer within $limit s"
+    return 3
+}
+qio_stop() {
+    echo quit >&7 2>/dev/null || true
+    exec 7>&-
+    stop_pid "$QIO_PID"
+}
+
+bricks_online() {
+    # bricks_online VOLUME N: N bricks Online now
+    local n
+    n=$(gluster_cli volume status "$1" detail 2>/dev/null | grep -Ec '^Online +: Y' || true)
+    [ "$n" = "$2" ]
+}
+
+restart_bricks() {
+    # restart_bricks VOLUME N: `volume start force` until N bricks are Online
+    # (within 60 s). glusterd may not have noticed yet that the bricks died,
+    # and then `start force` succeeds without starting them: ask again.
+    local vol=$1 want=$2 i
+    for _ in $(seq 1 12); do
+        gluster_cli volume start "$vol" force >/dev/null 2>&1 || true
+        for i in $(seq 1 10); do
+            bricks_online "$vol" "$want" && return 0
+            sleep 0.5
+        done
+    done
+    return 1
+}
+
+e2e_gluster_failures() {
+    # Replica-2 volume gvr: one brick killed during a write workload (no
+    # errors, data verifies); both killed (commands fail with sense data
+    # within the command timeout, target stays up); bricks started again
+    # (I/O resumes on the same session).
+    local ct=10 t0=$SECONDS tag=$$-$RANDOM
+    local iqn_r=$IQN_PREFIX:harness-r port_r
+    port_r=$(free_port)
+    if ! start_target R "$port_r" "$iqn_r" --command-timeout-s "$ct" \
+            --gluster-log-file "$TEST_LOG_DIR/gfapi-target-r.log" \
+            --lun "gluster://$GLUSTER_ADDR/gvr/fail-$tag.img?size=128MiB"; then
+        fail "start target R (gluster replica 2)"
+        return 0
+    fi
+    local url=iscsi://127.0.0.1:$port_r/$iqn_r/0
+    local b1 b2
+    read -r b1 b2 < <(bash "$ROOT/scripts/gluster.sh" brick-pids "$GLUSTER_DIR" gvr | tr '\n' ' ') || true
+    if [ -z "$b1" ] || [ -z "$b2" ]; then
+        fail "gluster replica: brick pids" "$(bash "$ROOT/scripts/gluster.sh" brick-pids "$GLUSTER_DIR" gvr | tr '\n' ' ')"
+        return 0
+    fi
+
+    log "gluster replica: kill brick 2 (pid $b2) during a 96 MiB write"
+    local img=$TMP/random-r.img back=$TMP/back-r.img rc=0
+    head -c $((96 * 1024 * 1024)) /dev/urandom >"$img"
+    timeout -k 5 300 qemu-img convert -n -f raw -O raw "$img" "$url" &
+    local wpid=$!
+    sleep 1
+    kill -KILL "$b2" 2>/dev/null || true
+    wait "$wpid" || rc=$?
+    if [ "$rc" = 0 ]; then
+        pass "gluster replica: write workload survives one brick killed"
+    else
+        fail "gluster replica: write workload survives one brick killed" "qemu-img exit $rc"
+    fi
+    rc=0
+    timeout -k 5 300 qemu-img convert -f raw -O raw "$url" "$back" || rc=$?
+    if [ "$rc" = 0 ] && cmp -n $((96 * 1024 * 1024)) "$img" "$back"; then
+        pass "gluster replica: data verifies after losing a brick"
+    else
+        fail "gluster replica: data verifies after losing a brick" "read exit $rc or data differs"
+    fi
+    rm -f "$img" "$back"
+
+    log "gluster replica: one session through losing both bricks and getting them back"
+    qio_start "$url"
+    # FUA writes: the data is on the brick, not in the client's write-behind
+    # cache, when the bricks go away next.
+    if ! qio 60 'write -f -P 0x5a 0 1m' || ! qio 60 'read -P 0x5a 0 1m'; then
+        fail "gluster replica: session I/O with one brick" "$QIO_OUT"
+    else
+        pass "gluster replica: session I/O with one brick"
+    fi
+    # A hung brick (stopped, its connection still open): nothing answers, so
+    # only gluster's ping-timeout (half the command timeout) or the target's
+    # command timeout can end the command.
+    kill -STOP "$b1" 2>/dev/null || true
+    local t1=$SECONDS r=0
+    qio $((ct + 30)) 'read 0 4k' || r=$?
+    local took=$((SECONDS - t1))
+    kill -CONT "$b1" 2>/dev/null || true
+    if [ "$r" = 1 ] && [ "$took" -le $((ct + 2)) ]; then
+        pass "gluster replica: read fails within the command timeout ($ct s) with the last brick hung ($took s: $QIO_OUT)"
+    else
+        fail "gluster replica: read fails within the command timeout with the last brick hung" "after $took s, status $r: $QIO_OUT"
+    fi
+    local ok=0 i
+    for i in $(seq 1 30); do
+        if qio 30 'read -P 0x5a 0 1m'; then ok=1; break; fi
+        sleep 1
+    done
+    if [ "$ok" = 1 ]; then
+        pass "gluster replica: I/O resumes on the same session once the brick runs again (after $i tries)"
+    else
+        fail "gluster replica: I/O resumes on the same session once the brick runs again" "$QIO_OUT"
+    fi
+
+    kill -KILL "$b1" 2>/dev/null || true
+    t1=$SECONDS r=0
+    qio $((ct + 20)) 'read 0 4k' || r=$?
+    took=$((SECONDS - t1))
+    if [ "$r" = 1 ] && [ "$took" -le $((ct + 2)) ]; then
+        pass "gluster replica: read fails within the command timeout with both bricks down ($took s: $QIO_OUT)"
+    else
+        fail "gluster replica: read fails within the command timeout with both bricks down" "after $took s, status $r: $QIO_OUT"
+    fi
+    t1=$SECONDS r=0
+    qio $((ct + 20)) 'write -P 0x11 0 4k' || r=$?
+    took=$((SECONDS - t1))
+    if [ "$r" = 1 ] && [ "$took" -le $((ct + 2)) ]; then
+        pass "gluster replica: write fails within the command timeout with both bricks down ($took s: $QIO_OUT)"
+    else
+        fail "gluster replica: write fails within the command timeout with both bricks down" "after $took s, status $r: $QIO_OUT"
+    fi
+    if target_alive R && timeout 30 iscsi-inq -i "$INQ_IQN" "$url" >/dev/null 2>&1; then
+        pass "gluster replica: target up with both bricks down"
+    else
+        fail "gluster replica: target up with both bricks down"
+    fi
+    if restart_bricks gvr 2; then
+        pass "gluster replica: bricks started again"
+    else
+        fail "gluster replica: bricks started again" "not Online within 60 s"
+    fi
+    # The client reconnects on its own (every few seconds): retry briefly.
+    ok=0
+    for i in $(seq 1 30); do
+        if qio 30 'read -P 0x5a 0 1m'; then ok=1; break; fi
+        sleep 1
+    done
+    if [ "$ok" = 1 ] && qio 60 'write -f -P 0x6b 1m 1m' && qio 60 'read -P 0x6b 1m 1m' && qio 60 'read -P 0x5a 0 1m'; then
+        pass "gluster replica: I/O resumes on the same session (after $i tries)"
+    else
+        fail "gluster replica: I/O resumes on the same session" "$QIO_OUT"
+    fi
+    qio_stop
+    if target_alive R; then pass "target R alive at end"; else fail "target R alive at end"; fi
+    stop_pid "$TARGET_PID_R"
+    echo "gluster failure steps took $((SECONDS - t0)) s"
+}
+
 # ------------------------------------------------------------------ main
 # (a function, so that bash has read the whole file before running anything
 # long: editing this script during a run cannot derail the run)
@@ -690,6 +1020,8 @@ log "target-rdma test run: TARGET_UNDER_TEST=$TARGET_UNDER_TEST, logs in $TEST_L
 if [ -x scripts/setup-test-deps.sh ] || [ -f scripts/setup-test-deps.sh ]; then
     step "setup test deps" bash scripts/setup-test-deps.sh
 fi
+
+start_gluster
 
 if [ "$RUN_CARGO" = 1 ]; then
     run_cargo_steps
