@@ -167,6 +167,9 @@ pub struct GlusterBackstore {
     timer_at: Option<Instant>,
     epoll: OwnedFd,
     warned_full: bool,
+    /// The errno of the last failed operation, 0 after a success: failures
+    /// are logged when they start or change, not once per command.
+    failing: i32,
 }
 
 // SAFETY: the raw pointers (fd, contexts, sink, iovecs) are used from the
@@ -349,6 +352,7 @@ impl GlusterBackstore {
             timer_at: None,
             epoll: ep,
             warned_full: false,
+            failing: 0,
         })
     }
 
@@ -489,6 +493,21 @@ impl GlusterBackstore {
 
     /// The operation in `slot` is over (for the caller and for gfapi).
     fn finish(&mut self, slot: u32, result: Result<(), i32>) {
+        match result {
+            Err(e) if e != self.failing => {
+                self.failing = e;
+                tracing::warn!(
+                    "{}: gluster operations failing: {}",
+                    self.name,
+                    io::Error::from_raw_os_error(e)
+                );
+            }
+            Ok(()) if self.failing != 0 => {
+                self.failing = 0;
+                tracing::info!("{}: gluster operations succeed again", self.name);
+            }
+            _ => {}
+        }
         let s = &mut self.slots[slot as usize];
         let buf = std::mem::take(&mut s.buf);
         let was = s.state;
@@ -526,7 +545,18 @@ impl GlusterBackstore {
             SlotState::Busy => {}
         }
         if c.ret < 0 {
-            let e = if c.errno == 0 { libc::EIO } else { c.errno };
+            let e = match c.errno {
+                // What gluster's EIO means cannot be told apart here: a
+                // bad copy (split-brain) or one of the translators failing
+                // for a while. A medium error is final for an initiator
+                // while retrying a real one a few times costs little, so
+                // it is reported as a communication error, which is
+                // retried. (Reads on an image whose bricks are all down or
+                // hung come back EBADFD, measured on a replica volume; the
+                // SCSI layer treats that as retryable too.)
+                0 | libc::EIO => libc::ECOMM,
+                e => e,
+            };
             if s.stage == Stage::Discard && (e == libc::EOPNOTSUPP || e == libc::ENOSYS) {
                 // Deallocated blocks must read as zeros (the LUN reports
                 // LBPRZ), so where the bricks cannot punch holes the

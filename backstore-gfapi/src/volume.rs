@@ -267,11 +267,38 @@ impl Volume {
     }
 }
 
+/// How long dropping a connection waits for `glfs_fini`. It took about 9 s
+/// here on an idle, healthy volume (it waits for gluster's own timers), and
+/// images were already synced and closed by then, so a target shutting
+/// down does not wait for it to the end: the thread finishes it if the
+/// process lives on.
+const FINI_WAIT: Duration = Duration::from_secs(2);
+
 impl Drop for Volume {
     fn drop(&mut self) {
-        // SAFETY: the last reference is gone: every image on this volume
-        // was closed (or leaked together with a clone of the Arc when its
-        // operations never came back), so nothing uses the handle.
-        unsafe { sys::glfs_fini(self.fs.as_ptr()) };
+        let ptr = SendPtr(self.fs);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name("gfapi-fini".into())
+            .spawn(move || {
+                let ptr = ptr;
+                // SAFETY: the last reference is gone: every image on this
+                // volume was closed (or leaked together with a clone of the
+                // Arc when its operations never came back), so nothing else
+                // uses the handle.
+                unsafe { sys::glfs_fini(ptr.0.as_ptr()) };
+                let _ = tx.send(());
+            });
+        match spawned {
+            Ok(_) => {
+                if rx.recv_timeout(FINI_WAIT).is_err() {
+                    tracing::debug!(
+                        "gluster volume {}: glfs_fini continues in the background",
+                        self.name
+                    );
+                }
+            }
+            Err(e) => tracing::warn!("gluster volume {}: not finalized: {e}", self.name),
+        }
     }
 }

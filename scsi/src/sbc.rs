@@ -45,6 +45,8 @@ const EBUSY: i32 = 16;
 const ENOSPC: i32 = 28;
 const EROFS: i32 = 30;
 const EPIPE: i32 = 32;
+const ECOMM: i32 = 70;
+const EBADFD: i32 = 77;
 const ENETDOWN: i32 = 100;
 const ENETUNREACH: i32 = 101;
 const ECONNABORTED: i32 = 103;
@@ -627,14 +629,16 @@ fn lba_status(
 /// The additional sense names what happened: LOGICAL UNIT COMMUNICATION
 /// TIME-OUT (08h/01h) for a timeout, LOGICAL UNIT COMMUNICATION FAILURE
 /// (08h/00h) for a lost or refused connection and for EAGAIN/EBUSY (the
-/// backstore is saturated). EIO stays a medium error: gfapi reports lost
-/// bricks as ENOTCONN, and its EIO means the data itself is unreadable
-/// (split-brain, a failed disk under a brick), where retrying cannot help.
+/// backstore is saturated; ECOMM: a network backstore's own "communication
+/// error"; EBADFD: gfapi's answer to reads while every brick holding the
+/// image is down or hung, until it reopens the file on reconnection). EIO
+/// stays a medium error: a local disk's EIO is a bad medium; the Gluster
+/// backstore reports gluster's EIO as ECOMM itself.
 pub(crate) fn io_error(errno: i32, write: bool) -> CmdError {
     let s = match errno {
         ETIMEDOUT => Sense::new(SenseKey::AbortedCommand, 0x08, 0x01),
         ENOTCONN | ECONNREFUSED | ECONNRESET | ECONNABORTED | ENETDOWN | ENETUNREACH
-        | EHOSTDOWN | EHOSTUNREACH | ESHUTDOWN | EPIPE | EAGAIN | EBUSY => {
+        | EHOSTDOWN | EHOSTUNREACH | ESHUTDOWN | EPIPE | ECOMM | EBADFD | EAGAIN | EBUSY => {
             Sense::new(SenseKey::AbortedCommand, 0x08, 0x00)
         }
         // Thin provisioning ran out of backing space.

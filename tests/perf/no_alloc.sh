@@ -13,11 +13,15 @@
 set -euo pipefail
 BIN=$1 IOBENCH=$2 LOGS=$3
 RUN_S=${NO_ALLOC_RUN_S:-9} WARM_S=${NO_ALLOC_WARM_S:-3} WINDOW_S=${NO_ALLOC_WINDOW_S:-4}
+# The LUN under test (NO_ALLOC_LUN, e.g. a gluster:// URL) and a name for
+# the verdict lines; extra target flags in NO_ALLOC_FLAGS.
+LUN=${NO_ALLOC_LUN:-mem:256MiB} TAG=${NO_ALLOC_TAG:-}
+read -ra EXTRA <<<"${NO_ALLOC_FLAGS:-}"
 mkdir -p "$LOGS"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 stats=$LOGS/no-alloc-stats.json
 iqn=iqn.2026-11.io.target-rdma:no-alloc
-timeout -k 5 600 "$BIN" --portal "127.0.0.1:$port" --target "$iqn" --lun mem:256MiB \
+timeout -k 5 600 "$BIN" --portal "127.0.0.1:$port" --target "$iqn" --lun "$LUN" "${EXTRA[@]}" \
     --cores 0-1 --stats-file "$stats" --log-level warn >"$LOGS/no-alloc-target.log" 2>&1 &
 wrap=$!
 trap 'kill -TERM $wrap 2>/dev/null; pkill -TERM -f "127.0.0.1:$port --target $iqn" 2>/dev/null || true; wait $wrap 2>/dev/null || true' EXIT
@@ -46,15 +50,15 @@ while read -r name args; do
     sleep "$WINDOW_S"
     after=$(snapshot)
     if ! wait "$client"; then
-        echo "FAIL  no-alloc $name: the client failed (see $LOGS/no-alloc-$name.log)"
+        echo "FAIL  no-alloc$TAG $name: the client failed (see $LOGS/no-alloc-$name.log)"
         fail=1
         continue
     fi
-    verdict=$(paste <(echo "$before") <(echo "$after") | awk -v n="$name" '
+    verdict=$(paste <(echo "$before") <(echo "$after") | awk -v n="$name" -v tag="$TAG" '
         { allocs += $5 - $2; cmds += $6 - $3; detail = detail sprintf(" reactor %s: %d allocations, %d commands;", $1, $5 - $2, $6 - $3) }
         END {
             ok = (allocs == 0 && cmds > 0)
-            printf "%s  no-alloc %s:%s\n", (ok ? "PASS" : "FAIL"), n, detail
+            printf "%s  no-alloc%s %s:%s\n", (ok ? "PASS" : "FAIL"), tag, n, detail
         }')
     echo "$verdict"
     [[ $verdict == PASS* ]] || fail=1

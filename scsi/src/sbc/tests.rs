@@ -1272,7 +1272,9 @@ fn backstore_errno_to_sense() {
             (SenseKey::AbortedCommand, 0x08, 0x01),
             "ETIMEDOUT"
         );
-        for e in [107, 111, 104, 103, 100, 101, 112, 113, 108, 32, 11, 16] {
+        for e in [
+            107, 111, 104, 103, 100, 101, 112, 113, 108, 32, 70, 77, 11, 16,
+        ] {
             assert_eq!(
                 key(e, write),
                 (SenseKey::AbortedCommand, 0x08, 0x00),
