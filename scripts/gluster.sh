@@ -104,7 +104,8 @@ do_start() {
         exit 1
     fi
     if timeout 2 bash -c "exec 3<>/dev/tcp/$ADDR/$PORT" 2>/dev/null; then
-        echo "gluster.sh: something already listens on $ADDR:$PORT" >&2
+        echo "gluster.sh: something already listens on $ADDR:$PORT (a packaged glusterd on all" \
+            "addresses? systemctl stop glusterd, or set GLUSTER_ADDR to another loopback address)" >&2
         exit 1
     fi
     rm -rf "$DIR/state" "$DIR/run" "$DIR/bricks" "$DIR/log" "$DIR/env" "$DIR/pids"

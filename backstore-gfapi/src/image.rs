@@ -622,7 +622,8 @@ impl GlusterBackstore {
     /// Fail what is past its deadline and re-arm the timer for the next.
     fn expire(&mut self, now: Instant) {
         let mut next: Option<Instant> = None;
-        for (i, s) in self.slots.iter_mut().enumerate() {
+        let mut expired = 0;
+        for s in self.slots.iter_mut() {
             if s.state != SlotState::Busy {
                 continue;
             }
@@ -635,13 +636,7 @@ impl GlusterBackstore {
                     result: Err(libc::ETIMEDOUT),
                     buf: Vec::new(),
                 });
-                tracing::warn!(
-                    "{}: operation {:?} (slot {i}) not completed by gluster within {} s; \
-                     failed with ETIMEDOUT",
-                    self.name,
-                    s.op,
-                    self.timeout.as_secs_f32()
-                );
+                expired += 1;
             } else {
                 next = Some(next.map_or(s.deadline, |t| t.min(s.deadline)));
             }
@@ -653,6 +648,19 @@ impl GlusterBackstore {
                 result: Err(libc::ETIMEDOUT),
                 buf: io.buf,
             });
+            expired += 1;
+        }
+        if expired > 0 {
+            tracing::warn!(
+                "{}: {expired} operations not completed by gluster within {} s failed with \
+                 ETIMEDOUT ({} still held by gluster)",
+                self.name,
+                self.timeout.as_secs_f32(),
+                self.slots
+                    .iter()
+                    .filter(|s| s.state == SlotState::Orphan)
+                    .count()
+            );
         }
         if let Some((_, d)) = self.backlog.front() {
             next = Some(next.map_or(*d, |t| t.min(*d)));

@@ -439,3 +439,35 @@ fn unreachable_servers_fail_in_time() {
     assert!(t0.elapsed() < Duration::from_secs(8));
     println!("refused after {:?}: {e}", t0.elapsed());
 }
+
+/// A server that accepts the connection and never answers: glfs_init
+/// would wait for the volfile indefinitely; connecting gives up at the
+/// bound, and the init thread cleans up once gfapi returns.
+#[test]
+fn silent_server_hits_the_init_timeout() {
+    if url().is_none() {
+        return;
+    }
+    // The kernel completes the handshake from the listen backlog; nobody
+    // ever reads or writes.
+    let l = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let bad = GlusterUrl::parse(&format!("gluster://127.0.0.3:{port}/silentvol/x")).unwrap();
+    let o = ConnectOptions {
+        init_timeout: Duration::from_secs(3),
+        ..opts()
+    };
+    let t0 = Instant::now();
+    let e = Volume::connect(&bad.volume, &bad.servers, &o)
+        .err()
+        .expect("connected to a silent server");
+    let took = t0.elapsed();
+    println!("gave up after {took:?}: {e}");
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+    assert!(e.to_string().contains("not connected within 3 s"), "{e}");
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
+    drop(l);
+}
