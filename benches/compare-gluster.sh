@@ -16,6 +16,7 @@
 #                    that needs 127.0.0.2:24007 free)
 #   BENCH_SIZE       image size (default 1GiB)
 #   TARGET_RDMA_BIN  target-rdma binary (default target/release/target-rdma)
+#   BENCH_POLL       target-rdma's --poll mode (default: its own default, adaptive)
 #   BENCH_KEEP_LOGS  1: keep the work directory
 #
 # Needs fio (gfapi engines), tgt and tgt-glusterfs, libiscsi-dev, a C compiler.
@@ -166,7 +167,9 @@ run_iscsi() {
 echo "== target-rdma (gluster backstore)"
 port=$(free_port)
 OURS_URL=iscsi://127.0.0.1:$port/$IQN_OURS/0
-timeout -k 5 "$MAX_LIFE" "$BIN" --portal "127.0.0.1:$port" --target "$IQN_OURS" --log-level warn \
+POLL=()
+[[ -n ${BENCH_POLL:-} ]] && POLL=(--poll "$BENCH_POLL")
+timeout -k 5 "$MAX_LIFE" "$BIN" --portal "127.0.0.1:$port" --target "$IQN_OURS" --log-level warn "${POLL[@]}" \
     --gluster-log-file "$work/gfapi-target-rdma.log" --lun "gluster://$HOST/$VOL/$IMG" \
     >>"$work/target-rdma.log" 2>&1 &
 OURS_WRAP=$!
