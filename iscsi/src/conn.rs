@@ -132,6 +132,42 @@ pub trait BufferSource {
     }
 }
 
+/// Where a transport takes a connection's output when it can send data
+/// from the buffer that holds it (a socket's writev, an RDMA work
+/// request) instead of a copy. Calls arrive in wire order.
+pub trait TxSink {
+    /// Wire bytes, copied (headers, padding, digests: a few bytes each).
+    fn put_bytes(&mut self, bytes: &[u8]);
+    /// Wire bytes, taking `bytes`' contents (leaving it empty).
+    fn put_vec(&mut self, bytes: &mut Vec<u8>);
+    /// The data buffer that the following `put_range` calls send from.
+    fn put_data(&mut self, buf: Vec<u8>);
+    /// Send `start..end` of the last buffer given to `put_data`.
+    fn put_range(&mut self, start: usize, end: usize);
+    /// The bytes of the last `put_range` (for the data digest).
+    fn last_range(&self) -> &[u8];
+}
+
+/// How a completion's data reaches the wire.
+enum DataIn<'a> {
+    Copy(&'a [u8]),
+    /// The buffer (taken when the first range is sent) and its sink.
+    Owned(&'a mut Option<Vec<u8>>, &'a mut dyn TxSink),
+}
+
+impl DataIn<'_> {
+    fn len(&self) -> usize {
+        match self {
+            DataIn::Copy(d) => d.len(),
+            DataIn::Owned(b, _) => b.as_ref().map_or(0, Vec::len),
+        }
+    }
+}
+
+/// Queued output up to this size (a response or two) is copied into a
+/// sink rather than handed over as a buffer (see `hand_tx`).
+const HAND_TX_COPY_MAX: usize = 128;
+
 /// A SCSI command for the device server.
 #[derive(Debug)]
 pub struct ScsiRequest {
@@ -931,7 +967,9 @@ impl Connection {
     }
 
     /// The device server finished `task`. `data_in` is at its natural
-    /// length; `data_out_len` is what the CDB asked to write.
+    /// length; `data_out_len` is what the CDB asked to write. The data is
+    /// copied into the connection's output; transports that can send from
+    /// the buffer itself use `scsi_complete_owned`.
     pub fn scsi_complete(
         &mut self,
         task: TaskId,
@@ -940,19 +978,56 @@ impl Connection {
         data_in: &[u8],
         data_out_len: u32,
     ) {
+        self.complete(task, status, sense, DataIn::Copy(data_in), data_out_len);
+    }
+
+    /// `scsi_complete` without copying the data: wire bytes produced so
+    /// far, then each Data-In header followed by a range of `data_in`, go
+    /// to `sink` in order, and the buffer goes with them. Returns the
+    /// buffer when nothing is sent from it (no data, aborted task, closed
+    /// connection), for the caller to reuse.
+    pub fn scsi_complete_owned(
+        &mut self,
+        task: TaskId,
+        status: u8,
+        sense: &[u8],
+        data_in: Vec<u8>,
+        data_out_len: u32,
+        sink: &mut dyn TxSink,
+    ) -> Option<Vec<u8>> {
+        let mut buf = Some(data_in);
+        self.complete(
+            task,
+            status,
+            sense,
+            DataIn::Owned(&mut buf, sink),
+            data_out_len,
+        );
+        buf
+    }
+
+    fn complete(
+        &mut self,
+        task: TaskId,
+        status: u8,
+        sense: &[u8],
+        mut data_in: DataIn<'_>,
+        data_out_len: u32,
+    ) {
         let Some(t) = self.take_task(task) else {
             return;
         };
         if matches!(t.state, TaskState::Aborted) || self.phase != Phase::FullFeature {
             return;
         }
+        let data_len = data_in.len();
         let edtl = t.edtl as u64;
         // Residuals compare EDTL with what the command wanted to move in
         // its data direction (RFC 7143 11.4.5).
         let natural = if t.write && !t.read {
             data_out_len as u64
         } else {
-            data_in.len() as u64
+            data_len as u64
         };
         let (res_flag, residual) = if natural > edtl {
             (flags::OVERFLOW, (natural - edtl) as u32)
@@ -961,21 +1036,26 @@ impl Connection {
         } else {
             (0, 0)
         };
-        let send_len =
-            (data_in.len() as u64).min(if t.read || !t.write { edtl } else { 0 }) as usize;
-        let data = &data_in[..send_len];
+        let send_len = (data_len as u64).min(if t.read || !t.write { edtl } else { 0 }) as usize;
         // Status rides in the last Data-In when there is no sense to send
         // (RFC 7143 11.7.4).
-        let collapse = !data.is_empty() && sense.is_empty() && status == 0;
+        let collapse = send_len > 0 && sense.is_empty() && status == 0;
         let mut datasn = t.r2tsn;
-        if !data.is_empty() {
+        if send_len > 0 {
+            // Bytes already queued go first, then the buffer itself.
+            if let DataIn::Owned(buf, sink) = &mut data_in {
+                self.hand_tx(&mut **sink);
+                if let Some(b) = buf.take() {
+                    sink.put_data(b);
+                }
+            }
             let seg_max = self.params.max_xmit_data_segment_length.max(512) as usize;
             let burst_max = self.session.max_burst_length.max(512) as usize;
             let mut off = 0usize;
-            while off < data.len() {
+            while off < send_len {
                 let burst_left = burst_max - (off % burst_max);
-                let n = seg_max.min(data.len() - off).min(burst_left);
-                let last = off + n == data.len();
+                let n = seg_max.min(send_len - off).min(burst_left);
+                let last = off + n == send_len;
                 let mut b = Bhs::new(opcode::DATA_IN);
                 let mut fl = 0u8;
                 if last || n == burst_left {
@@ -996,13 +1076,41 @@ impl Connection {
                     b.set_statsn(0);
                 }
                 b.set_flags(fl);
-                self.push(&b, &data[off..off + n]);
+                match &mut data_in {
+                    DataIn::Copy(data) => self.push(&b, &data[off..off + n]),
+                    DataIn::Owned(_, sink) => {
+                        self.encoder.encode_header(&b, n, &mut self.tx);
+                        sink.put_bytes(&self.tx);
+                        self.tx.clear();
+                        sink.put_range(off, off + n);
+                        let mut trailer = [0u8; 8];
+                        let len = self.encoder.data_trailer(sink.last_range(), &mut trailer);
+                        if len > 0 {
+                            sink.put_bytes(&trailer[..len]);
+                        }
+                    }
+                }
                 datasn += 1;
                 off += n;
             }
         }
         if !collapse {
             self.push_scsi_response(t.itt, status, sense, res_flag, datasn, residual);
+        }
+    }
+
+    /// Move the wire bytes queued so far into `sink`: small amounts by
+    /// copy (the common case, a few headers), large ones by handing over
+    /// the buffer.
+    fn hand_tx(&mut self, sink: &mut dyn TxSink) {
+        if self.tx.is_empty() {
+            return;
+        }
+        if self.tx.len() <= HAND_TX_COPY_MAX {
+            sink.put_bytes(&self.tx);
+            self.tx.clear();
+        } else {
+            sink.put_vec(&mut self.tx);
         }
     }
 
@@ -1379,6 +1487,114 @@ mod tests {
         assert_eq!(last.statsn(), 100);
         assert_eq!(last.expcmdsn(), 2);
         assert_eq!(off, 20000);
+    }
+
+    /// A sink that lays everything out as the wire would carry it.
+    #[derive(Default)]
+    struct WireSink {
+        wire: Vec<u8>,
+        data: Option<Vec<u8>>,
+        last: (usize, usize),
+        buffers: usize,
+    }
+
+    impl TxSink for WireSink {
+        fn put_bytes(&mut self, bytes: &[u8]) {
+            self.wire.extend_from_slice(bytes);
+        }
+        fn put_vec(&mut self, bytes: &mut Vec<u8>) {
+            self.wire.append(bytes);
+        }
+        fn put_data(&mut self, buf: Vec<u8>) {
+            self.buffers += 1;
+            self.data = Some(buf);
+        }
+        fn put_range(&mut self, start: usize, end: usize) {
+            self.last = (start, end);
+            let d = self.data.as_ref().expect("range before data");
+            self.wire.extend_from_slice(&d[start..end]);
+        }
+        fn last_range(&self) -> &[u8] {
+            &self.data.as_ref().expect("range before data")[self.last.0..self.last.1]
+        }
+    }
+
+    #[test]
+    fn owned_completion_puts_the_same_bytes_on_the_wire_as_the_copying_one() {
+        let sense = [
+            0x70u8, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0, 0, 0,
+        ];
+        // (header digest, data digest, EDTL, data length, status, sense)
+        type Case<'a> = (bool, bool, u32, usize, u8, &'a [u8]);
+        let cases: [Case; 7] = [
+            (false, false, 20000, 20000, 0, &[]),
+            (true, true, 20000, 20000, 0, &[]),
+            (false, true, 4097, 4097, 0, &[]),
+            (true, false, 3000, 5000, 0, &[]),
+            (false, false, 9000, 8191, 0, &[]),
+            (true, true, 512, 512, 2, &sense),
+            (false, false, 0, 512, 0, &[]),
+        ];
+        for (hd, dd, edtl, len, status, sense) in cases {
+            let data: Vec<u8> = (0..len as u32).map(|i| (i * 13 + 7) as u8).collect();
+            let mut wires = Vec::new();
+            for owned in [false, true] {
+                let mut c = ffp(session(), 8192);
+                c.encoder.header_digest = hd;
+                c.encoder.data_digest = dd;
+                // Output already queued must stay ahead of the data.
+                let mut nop = Pdu::new(opcode::NOP_OUT);
+                nop.bhs.set_immediate(true);
+                nop.bhs.set_flags(flags::FINAL);
+                nop.bhs.set_itt(77);
+                nop.bhs.set_ttt(RESERVED_TAG);
+                nop.bhs.set_u32_at(24, 1);
+                c.handle_pdu(&mut Ctx, nop, 0);
+                c.handle_pdu(
+                    &mut Ctx,
+                    cmd(1, 5, flags::FINAL | flags::READ, edtl, &[]),
+                    0,
+                );
+                let r = scsi_event(&mut c);
+                let mut sink = WireSink::default();
+                if owned {
+                    let back =
+                        c.scsi_complete_owned(r.task, status, sense, data.clone(), 0, &mut sink);
+                    let sent = edtl > 0 && len > 0;
+                    assert_eq!(back.is_none(), sent, "buffer kept only when sent from");
+                    assert_eq!(sink.buffers, usize::from(sent));
+                } else {
+                    c.scsi_complete(r.task, status, sense, &data, 0);
+                }
+                c.take_tx(&mut sink.wire);
+                wires.push(sink.wire);
+            }
+            assert_eq!(wires[0], wires[1], "hd {hd} dd {dd} edtl {edtl} len {len}");
+            let mut d = Decoder::new(1 << 24);
+            d.header_digest = hd;
+            d.data_digest = dd;
+            let (mut pos, mut pdus) = (0, 0);
+            while let Some((_, n)) = d.decode(&wires[1][pos..]).unwrap() {
+                pos += n;
+                pdus += 1;
+            }
+            assert_eq!(pos, wires[1].len());
+            assert!(pdus >= 2);
+        }
+    }
+
+    #[test]
+    fn owned_completion_of_an_aborted_or_dataless_task_returns_the_buffer() {
+        let mut c = ffp(session(), 8192);
+        c.handle_pdu(&mut Ctx, cmd(1, 5, flags::FINAL | flags::WRITE, 0, &[]), 0);
+        let r = scsi_event(&mut c);
+        let mut sink = WireSink::default();
+        let back = c.scsi_complete_owned(r.task, 0, &[], Vec::with_capacity(4096), 0, &mut sink);
+        assert_eq!(back.map(|b| b.capacity() >= 4096), Some(true));
+        assert_eq!(sink.buffers, 0);
+        // A task the connection no longer knows.
+        let back = c.scsi_complete_owned(r.task, 0, &[], vec![1; 512], 0, &mut sink);
+        assert_eq!(back.map(|b| b.len()), Some(512));
     }
 
     #[test]

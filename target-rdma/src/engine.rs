@@ -990,25 +990,37 @@ impl Reactor {
 
     fn deliver(&mut self, c: ScsiCompletion) {
         let id = tag_local(c.tag);
-        if let Some(conn) = self.conns.get_mut(&id) {
-            conn.proto
-                .scsi_complete(c.tag as u32, c.status, &c.sense, &c.data_in, c.data_out_len);
-            if conn.proto.tx_len() >= TX_CHUNK_BYTES {
-                // Queue large output now rather than let one buffer grow
-                // past what the socket layer keeps for reuse; the flush
-                // still writes all queued buffers in one writev.
-                conn.proto.take_tx(&mut conn.spare_tx);
-                conn.tcp.queue(&mut conn.spare_tx);
-            }
-            self.touched.push(id);
-            self.stats.completions += 1;
-            self.stats.data_in_bytes += c.data_in.len() as u64;
-            self.stats.data_out_bytes += c.data_out_len as u64;
-            if let Some(sample) = &c.sample {
-                self.stats.io.add(sample);
-            }
+        let Some(conn) = self.conns.get_mut(&id) else {
+            self.pool.give(c.data_in);
+            self.pool.give(c.data_out);
+            return;
+        };
+        self.touched.push(id);
+        self.stats.completions += 1;
+        self.stats.data_in_bytes += c.data_in.len() as u64;
+        self.stats.data_out_bytes += c.data_out_len as u64;
+        if let Some(sample) = &c.sample {
+            self.stats.io.add(sample);
         }
-        self.pool.give(c.data_in);
+        // The read data goes out from this buffer, not a copy; the socket
+        // layer gives it back once written (`take_sent`).
+        if let Some(b) = conn.proto.scsi_complete_owned(
+            c.tag as u32,
+            c.status,
+            &c.sense,
+            c.data_in,
+            c.data_out_len,
+            &mut conn.tcp,
+        ) {
+            self.pool.give(b);
+        }
+        if conn.proto.tx_len() >= TX_CHUNK_BYTES {
+            // Queue large output now rather than let one buffer grow past
+            // what the socket layer keeps for reuse; the flush still
+            // writes all queued buffers in one writev.
+            conn.proto.take_tx(&mut conn.spare_tx);
+            conn.tcp.queue(&mut conn.spare_tx);
+        }
         self.pool.give(c.data_out);
     }
 
@@ -1516,7 +1528,11 @@ impl Reactor {
             c.proto.take_tx(&mut c.spare_tx);
             c.tcp.queue(&mut c.spare_tx);
         }
-        if c.tcp.flush().is_err() {
+        let flushed = c.tcp.flush();
+        for b in c.tcp.take_sent() {
+            self.pool.give(b);
+        }
+        if flushed.is_err() {
             self.mark_closed(id, "write failed");
             return;
         }
@@ -1556,6 +1572,9 @@ impl Reactor {
                 continue;
             };
             let _ = c.tcp.flush();
+            for b in c.tcp.take_all_data() {
+                self.pool.give(b);
+            }
             let _ = self.poll.registry().deregister(&mut c.tcp.stream);
             let _ = c.tcp.stream.shutdown(std::net::Shutdown::Both);
             if c.placed {
