@@ -126,6 +126,11 @@ pub trait BufferSource {
     fn data_buffer(&mut self, len: usize) -> Vec<u8> {
         Vec::with_capacity(len)
     }
+    /// A buffer of exactly `len` bytes that the caller will overwrite
+    /// completely; its contents may be stale (never read before written).
+    fn data_buffer_sized(&mut self, len: usize) -> Vec<u8> {
+        vec![0; len]
+    }
     /// A buffer the connection no longer needs.
     fn recycle(&mut self, buf: Vec<u8>) {
         drop(buf)
@@ -285,6 +290,21 @@ struct Task {
     r2tsn: u32,
 }
 
+/// Where a valid Data-Out's data belongs.
+#[derive(Debug, Clone, Copy)]
+enum DataOutTo {
+    Unsolicited,
+    /// The R2T with this TTT.
+    R2t(u32),
+}
+
+enum DataOutError {
+    /// No task with that ITT (aborted, refused or finished).
+    NoTask,
+    /// The task's data sequence is broken: ASC, ASCQ and why.
+    Sequence(u8, u8, String),
+}
+
 /// Fixed-format sense data (SPC-4 4.5.3) for the few commands the iSCSI
 /// layer ends itself, before or without the device server: `sks` is the
 /// sense-key specific field (bytes 15-17).
@@ -335,6 +355,10 @@ pub struct Connection {
     window_used: u32,
     next_ttt: u32,
 
+    /// The Data-Out whose data `place_data_out` put in place (ITT,
+    /// BufferOffset, length), until `handle_pdu` gets that PDU.
+    placed: Option<(u32, u32, u32)>,
+
     text: TextMachine,
     /// CID of this connection, from login.
     cid: u16,
@@ -384,6 +408,7 @@ impl Connection {
             by_itt: HashMap::with_capacity(slots),
             window_used: 0,
             next_ttt: 1,
+            placed: None,
             text: TextMachine::default(),
             cid: 0,
             created_ms: now_ms,
@@ -781,9 +806,10 @@ impl Connection {
                 // task's, no copy.
                 task.data_out = pdu.data;
             } else {
-                let mut buf = ctx.data_buffer(edtl as usize);
-                buf.clear();
-                buf.resize(edtl as usize, 0);
+                // Every byte is written before the command runs: the
+                // data sequence checks admit it only once `received`
+                // reaches EDTL with each byte range given exactly once.
+                let mut buf = ctx.data_buffer_sized(edtl as usize);
                 buf[..pdu.data.len()].copy_from_slice(&pdu.data);
                 task.data_out = buf;
                 ctx.recycle(pdu.data);
@@ -866,102 +892,160 @@ impl Connection {
         }
     }
 
-    fn handle_data_out(&mut self, pdu: &Pdu) {
-        let bhs = pdu.bhs;
+    /// Where the data of a Data-Out PDU goes, or why it is refused. Shared
+    /// by `place_data_out` (before the data is read) and `handle_data_out`
+    /// (which applies it), so both always agree.
+    fn data_out_check(&self, bhs: &Bhs, len: u32) -> Result<(TaskId, DataOutTo), DataOutError> {
         let Some(&id) = self.by_itt.get(&bhs.itt()) else {
-            // Data for a task we no longer hold: it was aborted or refused
-            // before its data arrived, so the data has nowhere to go.
-            tracing::debug!(itt = bhs.itt(), "Data-Out for unknown task dropped");
-            return;
+            return Err(DataOutError::NoTask);
+        };
+        let Some(t) = self.task_ref(id) else {
+            return Err(DataOutError::NoTask);
         };
         let ttt = bhs.ttt();
         let offset = bhs.buffer_offset();
-        let len = pdu.data.len() as u32;
         let datasn = bhs.datasn();
-        let final_bit = bhs.final_bit();
-        let first_burst = self.session.first_burst_length;
-        // A broken data sequence ends the command, not the connection:
-        // CHECK CONDITION, ABORTED COMMAND with the ASC saying what was
-        // wrong (SPC-4 table of 4Bh codes), and later Data-Out PDUs for
-        // the task are dropped as belonging to no task.
-        let err: Option<(u8, u8, String)> = {
-            let Some(t) = self.task_mut(id) else {
-                return;
-            };
-            if !matches!(t.state, TaskState::DataOut) {
-                Some((
+        let seq = |asc, ascq, why: String| Err(DataOutError::Sequence(asc, ascq, why));
+        if !matches!(t.state, TaskState::DataOut) {
+            return seq(
+                0x4b,
+                0x00,
+                "Data-Out for a task not waiting for data".into(),
+            );
+        }
+        if offset as u64 + len as u64 > t.edtl as u64 {
+            return seq(
+                0x4b,
+                0x02,
+                "Data-Out beyond the expected data transfer length".into(),
+            );
+        }
+        if ttt == RESERVED_TAG {
+            if t.unsolicited_done {
+                seq(0x0c, 0x0c, "unexpected unsolicited data".into())
+            } else if datasn != t.unsolicited_datasn {
+                let e = t.unsolicited_datasn;
+                seq(
                     0x4b,
                     0x00,
-                    "Data-Out for a task not waiting for data".into(),
-                ))
-            } else if offset as u64 + len as u64 > t.edtl as u64 {
-                Some((
-                    0x4b,
-                    0x02,
-                    "Data-Out beyond the expected data transfer length".into(),
-                ))
-            } else if ttt == RESERVED_TAG {
-                if t.unsolicited_done {
-                    Some((0x0c, 0x0c, "unexpected unsolicited data".into()))
-                } else if datasn != t.unsolicited_datasn {
-                    Some((
-                        0x4b,
-                        0x00,
-                        format!(
-                            "unsolicited DataSN {datasn}, expected {}",
-                            t.unsolicited_datasn
-                        ),
-                    ))
-                } else if offset != t.received {
-                    // DataPDUInOrder and DataSequenceInOrder are always Yes.
-                    Some((
-                        0x4b,
-                        0x05,
-                        format!("BufferOffset {offset}, expected {}", t.received),
-                    ))
-                } else if offset + len > first_burst {
-                    Some((
-                        0x0c,
-                        0x0c,
-                        "unsolicited data beyond FirstBurstLength".into(),
-                    ))
-                } else {
-                    t.unsolicited_datasn += 1;
-                    t.data_out[offset as usize..(offset + len) as usize].copy_from_slice(&pdu.data);
-                    t.received += len;
-                    if final_bit {
-                        t.unsolicited_done = true;
-                        t.r2t_next_offset = t.received;
-                    }
-                    None
-                }
-            } else if let Some(r) = t.r2ts.find_mut(ttt) {
-                if datasn != r.next_datasn {
-                    Some((
-                        0x4b,
-                        0x00,
-                        format!("DataSN {datasn}, expected {}", r.next_datasn),
-                    ))
-                } else if offset != r.offset + r.received || r.received + len > r.len {
-                    Some((0x4b, 0x05, format!("BufferOffset {offset} outside its R2T")))
-                } else {
-                    r.next_datasn += 1;
-                    r.received += len;
-                    t.data_out[offset as usize..(offset + len) as usize].copy_from_slice(&pdu.data);
-                    t.received += len;
-                    t.r2ts.retain(|r| r.received < r.len);
-                    None
-                }
+                    format!("unsolicited DataSN {datasn}, expected {e}"),
+                )
+            } else if offset != t.received {
+                // DataPDUInOrder and DataSequenceInOrder are always Yes.
+                let e = t.received;
+                seq(0x4b, 0x05, format!("BufferOffset {offset}, expected {e}"))
+            } else if offset + len > self.session.first_burst_length {
+                seq(
+                    0x0c,
+                    0x0c,
+                    "unsolicited data beyond FirstBurstLength".into(),
+                )
             } else {
-                Some((0x4b, 0x01, format!("Data-Out with unknown TTT {ttt:#x}")))
+                Ok((id, DataOutTo::Unsolicited))
+            }
+        } else if let Some(r) = t.r2ts.items[..t.r2ts.len].iter().find(|r| r.ttt == ttt) {
+            if datasn != r.next_datasn {
+                let e = r.next_datasn;
+                seq(0x4b, 0x00, format!("DataSN {datasn}, expected {e}"))
+            } else if offset != r.offset + r.received || r.received + len > r.len {
+                seq(0x4b, 0x05, format!("BufferOffset {offset} outside its R2T"))
+            } else {
+                Ok((id, DataOutTo::R2t(ttt)))
+            }
+        } else {
+            seq(0x4b, 0x01, format!("Data-Out with unknown TTT {ttt:#x}"))
+        }
+    }
+
+    /// A transport that has a Data-Out's data in hand before giving the
+    /// PDU to `handle_pdu` may put it straight into the task's buffer
+    /// here (returns true), and then pass the PDU with empty data. Data the
+    /// connection would refuse is not placed (false): the PDU then goes to
+    /// `handle_pdu` with its data as usual, which answers the error.
+    pub fn place_data_out(&mut self, bhs: &Bhs, data: &[u8]) -> bool {
+        if self.phase != Phase::FullFeature
+            || bhs.opcode() != opcode::DATA_OUT
+            || data.is_empty()
+            || data.len() != bhs.data_segment_len() as usize
+        {
+            return false;
+        }
+        let Ok((id, _)) = self.data_out_check(bhs, data.len() as u32) else {
+            return false;
+        };
+        let offset = bhs.buffer_offset() as usize;
+        let Some(t) = self.task_mut(id) else {
+            return false;
+        };
+        let Some(dst) = t.data_out.get_mut(offset..offset + data.len()) else {
+            return false;
+        };
+        dst.copy_from_slice(data);
+        self.placed = Some((bhs.itt(), bhs.buffer_offset(), data.len() as u32));
+        true
+    }
+
+    fn handle_data_out(&mut self, pdu: &Pdu) {
+        let bhs = pdu.bhs;
+        // Data already put in place by `place_data_out` for this very PDU.
+        let placed = self.placed.take().filter(|&(itt, off, n)| {
+            pdu.data.is_empty()
+                && itt == bhs.itt()
+                && off == bhs.buffer_offset()
+                && n == bhs.data_segment_len()
+        });
+        let len = match placed {
+            Some((_, _, n)) => n,
+            None => pdu.data.len() as u32,
+        };
+        let offset = bhs.buffer_offset();
+        let (id, to) = match self.data_out_check(&bhs, len) {
+            Ok(v) => v,
+            Err(DataOutError::NoTask) => {
+                // Data for a task we no longer hold: it was aborted or
+                // refused before its data arrived, so the data has nowhere
+                // to go.
+                tracing::debug!(itt = bhs.itt(), "Data-Out for unknown task dropped");
+                return;
+            }
+            Err(DataOutError::Sequence(asc, ascq, why)) => {
+                // A broken data sequence ends the command, not the
+                // connection: CHECK CONDITION, ABORTED COMMAND with the ASC
+                // saying what was wrong (SPC-4 table of 4Bh codes), and
+                // later Data-Out PDUs for the task are dropped as belonging
+                // to no task.
+                tracing::info!(itt = bhs.itt(), "write data sequence error: {why}");
+                let itt = bhs.itt();
+                if let Some(&id) = self.by_itt.get(&itt) {
+                    self.take_task(id);
+                }
+                let sense = fixed_sense(0x0b, asc, ascq, [0; 3]);
+                return self.respond_status_only(itt, 0x02, &sense);
             }
         };
-        if let Some((asc, ascq, why)) = err {
-            tracing::info!(itt = bhs.itt(), "write data sequence error: {why}");
-            let itt = bhs.itt();
-            self.take_task(id);
-            let sense = fixed_sense(0x0b, asc, ascq, [0; 3]);
-            return self.respond_status_only(itt, 0x02, &sense);
+        let final_bit = bhs.final_bit();
+        let Some(t) = self.task_mut(id) else {
+            return;
+        };
+        if placed.is_none() {
+            t.data_out[offset as usize..(offset + len) as usize].copy_from_slice(&pdu.data);
+        }
+        t.received += len;
+        match to {
+            DataOutTo::Unsolicited => {
+                t.unsolicited_datasn += 1;
+                if final_bit {
+                    t.unsolicited_done = true;
+                    t.r2t_next_offset = t.received;
+                }
+            }
+            DataOutTo::R2t(ttt) => {
+                if let Some(r) = t.r2ts.find_mut(ttt) {
+                    r.next_datasn += 1;
+                    r.received += len;
+                }
+                t.r2ts.retain(|r| r.received < r.len);
+            }
         }
         self.advance_task(id);
     }
@@ -1723,6 +1807,81 @@ mod tests {
         assert_eq!(r2t.len(), 1);
         assert_eq!(r2t[0].bhs.buffer_offset(), 8192);
         assert_eq!(r2t[0].bhs.u32_at(44), 4096);
+    }
+
+    #[test]
+    fn placed_data_out_completes_the_write_like_copied_data() {
+        let mut s = session();
+        s.immediate_data = false;
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        for placing in [false, true] {
+            let mut c = ffp(s.clone(), 1024);
+            c.handle_pdu(
+                &mut Ctx,
+                cmd(1, 4, flags::FINAL | flags::WRITE, 4096, &[]),
+                0,
+            );
+            let r2t = drain(&mut c);
+            assert_eq!(r2t.len(), 1);
+            for (i, chunk) in data.chunks(1024).enumerate() {
+                let mut d = Pdu::new(opcode::DATA_OUT);
+                d.bhs.set_itt(4);
+                d.bhs.set_ttt(r2t[0].bhs.ttt());
+                d.bhs.set_datasn(i as u32);
+                d.bhs.set_buffer_offset(i as u32 * 1024);
+                d.bhs.set_data_segment_len(1024);
+                if i == 3 {
+                    d.bhs.set_flags(flags::FINAL);
+                }
+                if placing {
+                    assert!(c.place_data_out(&d.bhs, chunk));
+                } else {
+                    d.data = chunk.to_vec();
+                }
+                c.handle_pdu(&mut Ctx, d, 0);
+            }
+            let r = scsi_event(&mut c);
+            assert_eq!(r.data_out, data, "placing {placing}");
+        }
+    }
+
+    #[test]
+    fn data_out_the_connection_would_refuse_is_not_placed() {
+        let mut s = session();
+        s.immediate_data = false;
+        let mut c = ffp(s, 1024);
+        c.handle_pdu(
+            &mut Ctx,
+            cmd(1, 4, flags::FINAL | flags::WRITE, 2048, &[]),
+            0,
+        );
+        let r2t = drain(&mut c);
+        let mut d = Pdu::new(opcode::DATA_OUT);
+        d.bhs.set_itt(4);
+        d.bhs.set_ttt(r2t[0].bhs.ttt());
+        d.bhs.set_data_segment_len(1024);
+        // Wrong offset, wrong TTT, unknown ITT, length not matching.
+        d.bhs.set_buffer_offset(1024);
+        assert!(!c.place_data_out(&d.bhs, &[1; 1024]));
+        d.bhs.set_buffer_offset(0);
+        d.bhs.set_ttt(0x1234);
+        assert!(!c.place_data_out(&d.bhs, &[1; 1024]));
+        d.bhs.set_ttt(r2t[0].bhs.ttt());
+        d.bhs.set_itt(5);
+        assert!(!c.place_data_out(&d.bhs, &[1; 1024]));
+        d.bhs.set_itt(4);
+        assert!(!c.place_data_out(&d.bhs, &[1; 1000]));
+        // A placed PDU whose data is then given anyway is taken as given
+        // (the placement record belongs to an empty data segment only).
+        assert!(c.place_data_out(&d.bhs, &[1; 1024]));
+        d.data = vec![2; 1024];
+        c.handle_pdu(&mut Ctx, d.clone(), 0);
+        d.bhs.set_buffer_offset(1024);
+        d.bhs.set_datasn(1);
+        d.bhs.set_flags(flags::FINAL);
+        c.handle_pdu(&mut Ctx, d, 0);
+        let r = scsi_event(&mut c);
+        assert_eq!(r.data_out, vec![2; 2048]);
     }
 
     #[test]

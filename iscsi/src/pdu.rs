@@ -505,6 +505,19 @@ impl Decoder {
         buf: &[u8],
         data_buf: &mut dyn FnMut(usize) -> Vec<u8>,
     ) -> Result<Option<(Pdu, usize)>, PduError> {
+        self.decode_placing(buf, &mut |_, _| false, data_buf)
+    }
+
+    /// `decode_with`, first offering the (digest-checked) data segment to
+    /// `place`, which may copy it where it finally belongs (a write
+    /// command's buffer) and return true; the PDU then comes back with
+    /// empty data and `data_buf` is not called.
+    pub fn decode_placing(
+        &self,
+        buf: &[u8],
+        place: &mut dyn FnMut(&Bhs, &[u8]) -> bool,
+        data_buf: &mut dyn FnMut(usize) -> Vec<u8>,
+    ) -> Result<Option<(Pdu, usize)>, PduError> {
         if buf.len() < BHS_LEN {
             return Ok(None);
         }
@@ -543,9 +556,11 @@ impl Decoder {
                     });
                 }
             }
-            pdu.data = data_buf(fr.data_len);
-            pdu.data.clear();
-            pdu.data.extend_from_slice(data);
+            if !place(&pdu.bhs, data) {
+                pdu.data = data_buf(fr.data_len);
+                pdu.data.clear();
+                pdu.data.extend_from_slice(data);
+            }
         }
         Ok(Some((pdu, fr.wire_len)))
     }

@@ -1209,10 +1209,15 @@ impl Reactor {
                 break;
             }
             let pool = &mut self.pool;
-            let pdu = match c
-                .tcp
-                .next_pdu_with(c.proto.decoder(), &mut |n| pool.take(n))
-            {
+            let decoder = c.proto.decoder().clone();
+            let proto = &mut c.proto;
+            // Data-Out data goes from the receive buffer straight into its
+            // command's buffer; other data segments into pool buffers.
+            let pdu = match c.tcp.next_pdu_placing(
+                &decoder,
+                &mut |bhs, data| proto.place_data_out(bhs, data),
+                &mut |n| pool.take(n),
+            ) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
                 Err(e) => {
@@ -1653,6 +1658,10 @@ struct Ctx<'a> {
 impl BufferSource for Ctx<'_> {
     fn data_buffer(&mut self, len: usize) -> Vec<u8> {
         self.pool.take(len)
+    }
+
+    fn data_buffer_sized(&mut self, len: usize) -> Vec<u8> {
+        self.pool.take_sized(len)
     }
 
     fn recycle(&mut self, buf: Vec<u8>) {

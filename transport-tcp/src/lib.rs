@@ -189,8 +189,20 @@ impl TcpConn {
         decoder: &Decoder,
         data_buf: &mut dyn FnMut(usize) -> Vec<u8>,
     ) -> Result<Option<Pdu>, PduError> {
+        self.next_pdu_placing(decoder, &mut |_, _| false, data_buf)
+    }
+
+    /// `next_pdu_with`, offering the data segment to `place` first (see
+    /// `Decoder::decode_placing`): write data goes from the receive buffer
+    /// straight to the command's buffer.
+    pub fn next_pdu_placing(
+        &mut self,
+        decoder: &Decoder,
+        place: &mut dyn FnMut(&iscsi::Bhs, &[u8]) -> bool,
+        data_buf: &mut dyn FnMut(usize) -> Vec<u8>,
+    ) -> Result<Option<Pdu>, PduError> {
         let buf = &self.rx[self.rx_pos..self.rx_end];
-        match decoder.decode_with(buf, data_buf) {
+        match decoder.decode_placing(buf, place, data_buf) {
             Ok(Some((pdu, used))) => {
                 self.rx_pos += used;
                 if self.rx_pos == self.rx_end {
