@@ -128,6 +128,10 @@ pub struct Lun {
     /// Ranges of waiters found blocked in one pass of `start_waiters`
     /// (kept between passes so the pass does not allocate).
     blocked: Vec<(u64, u64, bool)>,
+    /// Tasks holding an exclusive range lock (COMPARE AND WRITE and the
+    /// like). Shared locks conflict only with exclusive ones, so while
+    /// there are none a shared waiter starts without a scan.
+    exclusive_held: u32,
     stats: IoCounters,
 }
 
@@ -200,6 +204,7 @@ impl Lun {
             sanitize_rate: sanitize::DEFAULT_RATE,
             copy_cmds: Vec::new(),
             blocked: Vec::new(),
+            exclusive_held: 0,
             stats: IoCounters::new(),
         })
     }
@@ -493,6 +498,9 @@ impl Lun {
                 let want = self.want(slot);
                 let free = match want {
                     None => true,
+                    Some(w) if !w.2 && self.exclusive_held == 0 && !blocked.iter().any(|b| b.2) => {
+                        true
+                    }
                     Some(w) => {
                         !blocked.iter().any(|&b| ranges_conflict(w, b))
                             && !self
@@ -506,6 +514,9 @@ impl Lun {
                     self.waiting.remove(i);
                     if let Some(Some(t)) = self.slots.get_mut(slot) {
                         t.held = want;
+                        if want.is_some_and(|w| w.2) {
+                            self.exclusive_held += 1;
+                        }
                     }
                     self.advance(slot, None);
                 } else {
@@ -540,8 +551,11 @@ impl Lun {
                     return;
                 };
                 self.free.push(slot);
-                if t.held.is_some() {
+                if let Some(h) = t.held {
                     self.recheck = true;
+                    if h.2 {
+                        self.exclusive_held -= 1;
+                    }
                 }
                 if !t.aborted {
                     let r = r.map(|()| status::GOOD);

@@ -2,6 +2,8 @@
 //! implements, SPC ones answered here and SBC ones in `sbc`, with their
 //! CDB usage data.
 
+use std::sync::OnceLock;
+
 use super::{be16, be32, SpcState};
 use crate::common::CmdError;
 use crate::sense::Sense;
@@ -182,8 +184,23 @@ impl SpcState {
     /// service action `sa` for opcodes that have them).
     #[allow(dead_code)] // contract method for lun.rs
     pub(crate) fn opcode_supported(&self, op: u8, sa: u16) -> bool {
-        self.ops()
-            .any(|o| o.opcode() == op && (!o.servactv || o.sa() == sa))
+        // Every command asks this; most opcodes (READ, WRITE, ...) are in
+        // the table unconditionally and without service actions, so one
+        // table lookup answers them instead of a walk over the table.
+        static ALWAYS: OnceLock<[bool; 256]> = OnceLock::new();
+        let always = ALWAYS.get_or_init(|| {
+            let mut t = [false; 256];
+            for o in OPS {
+                if o.when == When::Always && !o.servactv {
+                    t[o.opcode() as usize] = true;
+                }
+            }
+            t
+        });
+        always[op as usize]
+            || self
+                .ops()
+                .any(|o| o.opcode() == op && (!o.servactv || o.sa() == sa))
     }
 
     fn timeout_descriptor(out: &mut Vec<u8>) {
