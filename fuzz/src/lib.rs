@@ -617,6 +617,7 @@ impl Driver {
         let before = self.snapshot();
         while let Some(ev) = self.conn.poll_event() {
             match ev {
+                Event::RdmaRead { .. } => panic!("RDMA Read on a TCP connection"),
                 Event::LoggedIn(o) => {
                     assert!(!self.ffp, "LoggedIn twice");
                     assert_eq!(o.conn, *self.conn.params());

@@ -88,9 +88,32 @@ impl Default for ConnConfig {
     }
 }
 
+/// What an iSER header (RFC 7145 9.2) says about the initiator's buffers
+/// for one SCSI Command: the STag and base virtual address the target
+/// RDMA-Reads solicited write data from, and those it RDMA-Writes read
+/// data to. Byte N of the transfer is at `va + N` (the Linux initiator
+/// does not use zero-based addressing).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RdmaTags {
+    pub write: Option<(u32, u64)>,
+    pub read: Option<(u32, u64)>,
+}
+
 /// Work for the engine.
 #[derive(Debug)]
 pub enum Event {
+    /// iSER: fetch `len` bytes of write data by RDMA Read from the
+    /// initiator's `stag` at `va` into the task's buffer at `offset`
+    /// (`rdma_read_target`), then call `rdma_read_done`. This is the
+    /// R2T of iSCSI over TCP, and counts against MaxOutstandingR2T.
+    RdmaRead {
+        task: TaskId,
+        ttt: u32,
+        offset: u32,
+        len: u32,
+        stag: u32,
+        va: u64,
+    },
     /// Login finished; the connection is in full feature phase.
     LoggedIn(Box<LoginOutcome>),
     /// Execute a SCSI command; answer with `scsi_complete(task, ..)`.
@@ -151,6 +174,14 @@ pub trait TxSink {
     fn put_range(&mut self, start: usize, end: usize);
     /// The bytes of the last `put_range` (for the data digest).
     fn last_range(&self) -> &[u8];
+    /// iSER: RDMA-Write the first `len` bytes of `buf` to the initiator's
+    /// `stag` at `va`, ordered before every Send that follows (the SCSI
+    /// Response). Only iSER connections call it; a sink that cannot do
+    /// RDMA keeps the default, which gives the buffer back unsent.
+    fn put_rdma_write(&mut self, buf: Vec<u8>, len: usize, stag: u32, va: u64) -> Option<Vec<u8>> {
+        let _ = (len, stag, va);
+        Some(buf)
+    }
 }
 
 /// How a completion's data reaches the wire.
@@ -288,6 +319,8 @@ struct Task {
     r2t_next_offset: u32,
     r2ts: R2tList,
     r2tsn: u32,
+    /// iSER: the initiator's buffers (none on TCP).
+    rdma: RdmaTags,
 }
 
 /// Where a valid Data-Out's data belongs.
@@ -344,7 +377,7 @@ pub struct Connection {
     exp_cmdsn: u32,
     max_cmdsn: u32,
     /// Non-immediate commands that arrived ahead of ExpCmdSN.
-    pending: Vec<Pdu>,
+    pending: Vec<(Pdu, RdmaTags)>,
 
     // Tasks.
     slots: Vec<Option<Task>>,
@@ -523,11 +556,23 @@ impl Connection {
         pdu: Pdu,
         now_ms: u64,
     ) {
+        self.handle_pdu_rdma(ctx, pdu, RdmaTags::default(), now_ms)
+    }
+
+    /// `handle_pdu` for iSER: the PDU with what its iSER header said about
+    /// the initiator's buffers.
+    pub fn handle_pdu_rdma<C: LoginContext + TextContext + BufferSource>(
+        &mut self,
+        ctx: &mut C,
+        pdu: Pdu,
+        rdma: RdmaTags,
+        now_ms: u64,
+    ) {
         self.last_rx_ms = now_ms;
         match self.phase {
             Phase::Closing => {}
             Phase::Login => self.handle_login(ctx, pdu),
-            Phase::FullFeature => self.handle_ffp(ctx, pdu),
+            Phase::FullFeature => self.handle_ffp(ctx, pdu, rdma),
         }
     }
 
@@ -624,7 +669,12 @@ impl Connection {
     // ---------------------------------------------------------------
     // Full feature phase
 
-    fn handle_ffp<C: LoginContext + TextContext + BufferSource>(&mut self, ctx: &mut C, pdu: Pdu) {
+    fn handle_ffp<C: LoginContext + TextContext + BufferSource>(
+        &mut self,
+        ctx: &mut C,
+        pdu: Pdu,
+        rdma: RdmaTags,
+    ) {
         let op = pdu.bhs.opcode();
         match op {
             opcode::DATA_OUT => {
@@ -656,20 +706,20 @@ impl Connection {
             if !sn_le(self.exp_cmdsn, sn) || !sn_le(sn, self.max_cmdsn.wrapping_add(1)) {
                 return;
             }
-            return self.dispatch(ctx, pdu);
+            return self.dispatch(ctx, pdu, rdma);
         }
         let sn = pdu.bhs.cmdsn();
         if sn == self.exp_cmdsn {
             self.exp_cmdsn = self.exp_cmdsn.wrapping_add(1);
-            self.dispatch(ctx, pdu);
+            self.dispatch(ctx, pdu, rdma);
             self.drain_pending(ctx);
         } else if sn_lt(self.exp_cmdsn, sn) && sn_le(sn, self.max_cmdsn) {
             // Ahead of a gap: hold it until the missing commands arrive.
             if self.pending.len() >= PENDING_CMDS_MAX {
                 return self.fatal("too many commands waiting for a CmdSN gap".into());
             }
-            if self.pending.iter().all(|p| p.bhs.cmdsn() != sn) {
-                self.pending.push(pdu);
+            if self.pending.iter().all(|(p, _)| p.bhs.cmdsn() != sn) {
+                self.pending.push((pdu, rdma));
             }
         }
         // Outside the window: silently ignored (RFC 7143 4.2.2.1).
@@ -679,21 +729,26 @@ impl Connection {
         while let Some(i) = self
             .pending
             .iter()
-            .position(|p| p.bhs.cmdsn() == self.exp_cmdsn)
+            .position(|(p, _)| p.bhs.cmdsn() == self.exp_cmdsn)
         {
-            let pdu = self.pending.swap_remove(i);
+            let (pdu, rdma) = self.pending.swap_remove(i);
             self.exp_cmdsn = self.exp_cmdsn.wrapping_add(1);
-            self.dispatch(ctx, pdu);
+            self.dispatch(ctx, pdu, rdma);
         }
     }
 
-    fn dispatch<C: LoginContext + TextContext + BufferSource>(&mut self, ctx: &mut C, pdu: Pdu) {
+    fn dispatch<C: LoginContext + TextContext + BufferSource>(
+        &mut self,
+        ctx: &mut C,
+        pdu: Pdu,
+        rdma: RdmaTags,
+    ) {
         if self.phase != Phase::FullFeature {
             return;
         }
         match pdu.bhs.opcode() {
             opcode::NOP_OUT => self.handle_nop_out(pdu),
-            opcode::SCSI_CMD => self.handle_scsi_cmd(ctx, pdu),
+            opcode::SCSI_CMD => self.handle_scsi_cmd(ctx, pdu, rdma),
             opcode::TASK_MGMT_REQ => self.handle_tmf(pdu),
             opcode::TEXT_REQ => self.handle_text(ctx, pdu),
             opcode::LOGOUT_REQ => self.handle_logout(pdu),
@@ -776,7 +831,7 @@ impl Connection {
     // ---------------------------------------------------------------
     // SCSI commands and write data
 
-    fn handle_scsi_cmd<C: BufferSource>(&mut self, ctx: &mut C, pdu: Pdu) {
+    fn handle_scsi_cmd<C: BufferSource>(&mut self, ctx: &mut C, pdu: Pdu, rdma: RdmaTags) {
         let bhs = pdu.bhs;
         if self.session.session_type == SessionType::Discovery {
             return self.send_reject(reject::COMMAND_NOT_SUPPORTED, &bhs);
@@ -833,6 +888,7 @@ impl Connection {
             r2t_next_offset: 0,
             r2ts: R2tList::default(),
             r2tsn: 0,
+            rdma,
         };
         if want_data {
             if imm_len == edtl {
@@ -868,6 +924,7 @@ impl Connection {
     fn advance_task(&mut self, id: TaskId) {
         let max_burst = self.session.max_burst_length.max(512);
         let max_r2t = (self.session.max_outstanding_r2t.max(1) as usize).min(R2T_SLOTS);
+        let iser = self.params.transport == Transport::Iser;
         let Some(t) = self.task_mut(id) else { return };
         if t.received >= t.edtl || !t.write {
             let req = ScsiRequest {
@@ -898,6 +955,16 @@ impl Connection {
             n_new += 1;
             t.r2t_next_offset += len;
         }
+        let write_tag = t.rdma.write;
+        if iser && n_new > 0 && write_tag.is_none() {
+            // Solicited data on iSER moves only by RDMA Read, which needs
+            // the initiator's write STag.
+            let itt = t.itt;
+            self.take_task(id);
+            tracing::info!(itt, "iSER write without a write STag");
+            let sense = fixed_sense(0x0b, 0x0c, 0x0c, [0; 3]);
+            return self.respond_status_only(itt, 0x02, &sense);
+        }
         for &(offset, len) in &new_r2ts[..n_new] {
             let ttt = self.alloc_ttt();
             let (itt, lun, r2tsn) = {
@@ -913,6 +980,17 @@ impl Connection {
                 });
                 (t.itt, t.lun, r2tsn)
             };
+            if let (true, Some((stag, va))) = (iser, write_tag) {
+                self.events.push_back(Event::RdmaRead {
+                    task: id,
+                    ttt,
+                    offset,
+                    len,
+                    stag,
+                    va: va.wrapping_add(offset as u64),
+                });
+                continue;
+            }
             let mut b = Bhs::new(opcode::R2T);
             b.set_flags(flags::FINAL);
             b.set_lun(lun);
@@ -1155,10 +1233,13 @@ impl Connection {
             (0, 0)
         };
         let send_len = (data_len as u64).min(if t.read || !t.write { edtl } else { 0 }) as usize;
+        let mut datasn = t.r2tsn;
+        if self.params.transport == Transport::Iser {
+            return self.complete_iser(&t, status, sense, data_in, send_len, res_flag, residual);
+        }
         // Status rides in the last Data-In when there is no sense to send
         // (RFC 7143 11.7.4).
         let collapse = send_len > 0 && sense.is_empty() && status == 0;
-        let mut datasn = t.r2tsn;
         if send_len > 0 {
             // Bytes already queued go first, then the buffer itself.
             if let DataIn::Owned(buf, sink) = &mut data_in {
@@ -1215,6 +1296,95 @@ impl Connection {
         if !collapse {
             self.push_scsi_response(t.itt, status, sense, res_flag, datasn, residual);
         }
+    }
+
+    /// iSER's data phase of a completion (RFC 7145 7.3.5): no Data-In
+    /// PDUs; the read data goes by one RDMA Write to the initiator's read
+    /// buffer, and a SCSI Response always follows (the reliable
+    /// connection delivers it after the data). ExpDataSN still counts the
+    /// Data-In PDUs the iSCSI layer would have produced.
+    #[allow(clippy::too_many_arguments)]
+    fn complete_iser(
+        &mut self,
+        t: &Task,
+        status: u8,
+        sense: &[u8],
+        data_in: DataIn<'_>,
+        send_len: usize,
+        res_flag: u8,
+        residual: u32,
+    ) {
+        let mut datasn = t.r2tsn;
+        if send_len > 0 {
+            let tag = t.rdma.read;
+            let sent = match (data_in, tag) {
+                (DataIn::Owned(buf, sink), Some((stag, va))) => {
+                    self.hand_tx(&mut *sink);
+                    match buf.take() {
+                        Some(b) => match sink.put_rdma_write(b, send_len, stag, va) {
+                            None => true,
+                            Some(back) => {
+                                *buf = Some(back);
+                                false
+                            }
+                        },
+                        None => false,
+                    }
+                }
+                _ => false,
+            };
+            if !sent {
+                // A read without a read STag is the initiator's protocol
+                // error; a sink without RDMA is ours. Either way the data
+                // cannot move: fail the command, not the connection.
+                tracing::warn!(itt = t.itt, "iSER read data could not be sent");
+                let sense = fixed_sense(0x0b, 0x44, 0x00, [0; 3]);
+                return self.respond_status_only(t.itt, 0x02, &sense);
+            }
+            let seg_max = self.params.max_xmit_data_segment_length.max(512) as usize;
+            let burst_max = self.session.max_burst_length.max(512) as usize;
+            let mut off = 0usize;
+            while off < send_len {
+                let burst_left = burst_max - (off % burst_max);
+                off += seg_max.min(send_len - off).min(burst_left);
+                datasn += 1;
+            }
+        }
+        self.push_scsi_response(t.itt, status, sense, res_flag, datasn, residual);
+    }
+
+    /// iSER: where the RDMA Read of `Event::RdmaRead` puts its bytes, the
+    /// task's write buffer at `offset`; `None` once the task is gone
+    /// (aborted): then skip the read and report it done anyway.
+    pub fn rdma_read_target(&mut self, task: TaskId, offset: u32, len: u32) -> Option<&mut [u8]> {
+        let t = self.task_mut(task)?;
+        if !matches!(t.state, TaskState::DataOut) {
+            return None;
+        }
+        t.data_out
+            .get_mut(offset as usize..offset as usize + len as usize)
+    }
+
+    /// iSER: the RDMA Read for R2T `ttt` of `task` finished (`ok`), or
+    /// failed (the queue pair is then broken and the connection ends).
+    pub fn rdma_read_done(&mut self, task: TaskId, ttt: u32, ok: bool) {
+        if !ok {
+            return self.fatal("RDMA Read of write data failed".into());
+        }
+        let Some(t) = self.task_mut(task) else {
+            return;
+        };
+        if !matches!(t.state, TaskState::DataOut) {
+            return;
+        }
+        let Some(r) = t.r2ts.find_mut(ttt) else {
+            return;
+        };
+        let len = r.len - r.received;
+        r.received = r.len;
+        t.received += len;
+        t.r2ts.retain(|r| r.received < r.len);
+        self.advance_task(task);
     }
 
     /// Move the wire bytes queued so far into `sink`: small amounts by
@@ -1576,6 +1746,225 @@ mod tests {
                 None => panic!("no SCSI request"),
             }
         }
+    }
+
+    fn ffp_iser(s: SessionParams) -> Connection {
+        let mut c = Connection::new(
+            ConnConfig {
+                transport: Transport::Iser,
+                ..ConnConfig::default()
+            },
+            0,
+        );
+        c.enter_ffp(&LoginOutcome {
+            session: s,
+            conn: ConnParams {
+                transport: Transport::Iser,
+                max_xmit_data_segment_length: 8192,
+                max_recv_data_segment_length: 8192,
+                ..ConnParams::default()
+            },
+            isid: 1,
+            tsih: 1,
+            cid: 0,
+            exp_cmdsn: 1,
+            next_statsn: 100,
+        });
+        c
+    }
+
+    /// A sink that records RDMA Writes beside the wire bytes.
+    #[derive(Default)]
+    struct RdmaSink {
+        wire: WireSink,
+        writes: Vec<(Vec<u8>, usize, u32, u64, usize)>,
+    }
+
+    impl TxSink for RdmaSink {
+        fn put_bytes(&mut self, bytes: &[u8]) {
+            self.wire.put_bytes(bytes)
+        }
+        fn put_vec(&mut self, bytes: &mut Vec<u8>) {
+            self.wire.put_vec(bytes)
+        }
+        fn put_data(&mut self, buf: Vec<u8>) {
+            self.wire.put_data(buf)
+        }
+        fn put_range(&mut self, start: usize, end: usize) {
+            self.wire.put_range(start, end)
+        }
+        fn last_range(&self) -> &[u8] {
+            self.wire.last_range()
+        }
+        fn put_rdma_write(
+            &mut self,
+            buf: Vec<u8>,
+            len: usize,
+            stag: u32,
+            va: u64,
+        ) -> Option<Vec<u8>> {
+            // Where the write sits among the Sends: bytes queued before it.
+            let at = self.wire.wire.len();
+            self.writes.push((buf, len, stag, va, at));
+            None
+        }
+    }
+
+    #[test]
+    fn iser_read_data_goes_by_rdma_write_then_a_scsi_response() {
+        let mut c = ffp_iser(session());
+        let tags = RdmaTags {
+            write: None,
+            read: Some((0x55, 0x7f00_0000_1000)),
+        };
+        c.handle_pdu_rdma(
+            &mut Ctx,
+            cmd(1, 9, flags::FINAL | flags::READ, 20000, &[]),
+            tags,
+            0,
+        );
+        let r = scsi_event(&mut c);
+        let data: Vec<u8> = (0..20000u32).map(|i| i as u8).collect();
+        let mut sink = RdmaSink::default();
+        assert!(c
+            .scsi_complete_owned(r.task, 0, &[], data.clone(), 0, &mut sink)
+            .is_none());
+        assert_eq!(sink.writes.len(), 1);
+        let (buf, len, stag, va, at) = &sink.writes[0];
+        assert_eq!(
+            (&buf[..*len], *stag, *va),
+            (&data[..], 0x55, 0x7f00_0000_1000)
+        );
+        assert_eq!(*at, 0, "nothing was queued before the data");
+        let out = drain(&mut c);
+        assert_eq!(out.len(), 1, "no Data-In PDUs on iSER");
+        let resp = &out[0].bhs;
+        assert_eq!(resp.opcode(), opcode::SCSI_RESP);
+        assert_eq!(resp.0[3], 0);
+        assert_eq!(
+            resp.u32_at(36),
+            3,
+            "ExpDataSN counts the Data-Ins that RDMA replaced"
+        );
+        assert!(sink.wire.wire.is_empty());
+    }
+
+    #[test]
+    fn iser_read_without_a_read_stag_fails_the_command() {
+        let mut c = ffp_iser(session());
+        c.handle_pdu_rdma(
+            &mut Ctx,
+            cmd(1, 9, flags::FINAL | flags::READ, 4096, &[]),
+            RdmaTags::default(),
+            0,
+        );
+        let r = scsi_event(&mut c);
+        let mut sink = RdmaSink::default();
+        let back = c.scsi_complete_owned(r.task, 0, &[], vec![1; 4096], 0, &mut sink);
+        assert!(back.is_some() && sink.writes.is_empty());
+        let out = drain(&mut c);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].bhs.0[3], 0x02, "CHECK CONDITION");
+        assert_eq!(out[0].data[2 + 2], 0x0b);
+        assert!(!c.is_closing());
+    }
+
+    #[test]
+    fn iser_write_merges_immediate_data_with_rdma_reads_of_the_rest() {
+        let mut s = session();
+        s.immediate_data = true;
+        s.initial_r2t = true;
+        s.first_burst_length = 8192;
+        s.max_burst_length = 16384;
+        s.max_outstanding_r2t = 1;
+        let mut c = ffp_iser(s);
+        let edtl = 40_000u32;
+        let data: Vec<u8> = (0..edtl).map(|i| (i * 31 + 5) as u8).collect();
+        let base = 0x10_0000u64;
+        let tags = RdmaTags {
+            write: Some((0x77, base)),
+            read: None,
+        };
+        c.handle_pdu_rdma(
+            &mut Ctx,
+            cmd(1, 3, flags::FINAL | flags::WRITE, edtl, &data[..8192]),
+            tags,
+            0,
+        );
+        let mut reads = Vec::new();
+        loop {
+            match c.poll_event() {
+                Some(Event::RdmaRead {
+                    task,
+                    ttt,
+                    offset,
+                    len,
+                    stag,
+                    va,
+                }) => {
+                    assert_eq!(stag, 0x77);
+                    assert_eq!(
+                        va,
+                        base + offset as u64,
+                        "remote address follows BufferOffset"
+                    );
+                    assert!(len <= 16384);
+                    // One outstanding at a time (MaxOutstandingR2T 1).
+                    assert!(c.poll_event().is_none());
+                    let dst = c.rdma_read_target(task, offset, len).expect("task waits");
+                    dst.copy_from_slice(&data[offset as usize..(offset + len) as usize]);
+                    reads.push((offset, len));
+                    c.rdma_read_done(task, ttt, true);
+                }
+                Some(Event::Scsi(r)) => {
+                    assert_eq!(r.data_out, data);
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(reads, vec![(8192, 16384), (24576, 15424)]);
+        assert!(drain(&mut c).is_empty(), "no R2T PDUs on iSER");
+    }
+
+    #[test]
+    fn iser_write_without_a_write_stag_fails_the_command() {
+        let mut s = session();
+        s.immediate_data = false;
+        let mut c = ffp_iser(s);
+        c.handle_pdu_rdma(
+            &mut Ctx,
+            cmd(1, 3, flags::FINAL | flags::WRITE, 4096, &[]),
+            RdmaTags::default(),
+            0,
+        );
+        let out = drain(&mut c);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].bhs.opcode(), opcode::SCSI_RESP);
+        assert_eq!(out[0].bhs.0[3], 0x02);
+        assert_eq!(c.tasks_in_flight(), 0);
+    }
+
+    #[test]
+    fn iser_rdma_read_failure_ends_the_connection() {
+        let mut s = session();
+        s.immediate_data = false;
+        let mut c = ffp_iser(s);
+        let tags = RdmaTags {
+            write: Some((1, 0)),
+            read: None,
+        };
+        c.handle_pdu_rdma(
+            &mut Ctx,
+            cmd(1, 3, flags::FINAL | flags::WRITE, 4096, &[]),
+            tags,
+            0,
+        );
+        let Some(Event::RdmaRead { task, ttt, .. }) = c.poll_event() else {
+            panic!("expected an RDMA Read");
+        };
+        c.rdma_read_done(task, ttt, false);
+        assert!(c.is_closing());
     }
 
     #[test]

@@ -1310,6 +1310,13 @@ impl Reactor {
             };
             let (session, global) = (c.session, c.global);
             match ev {
+                Event::RdmaRead { .. } => {
+                    // Only iSER connections move data by RDMA; the engine
+                    // serves TCP ones so far.
+                    tracing::error!(id, "RDMA Read requested on a TCP connection");
+                    self.mark_closed(id, "RDMA Read on a TCP connection");
+                    return;
+                }
                 Event::LoggedIn(o) => {
                     if let Some(target) = self.logged_in(id, &o) {
                         // The connection may move to another core: stop
