@@ -22,7 +22,7 @@
 use std::collections::VecDeque;
 
 use iscsi::chap::{encode_hex, ChapAlgorithm};
-use iscsi::conn::{tmf, ConnConfig, Connection, Event, TaskId, TxSink, RESERVED_TAG};
+use iscsi::conn::{tmf, ConnConfig, Connection, DataBuf, Event, TaskId, TxSink, RESERVED_TAG};
 use iscsi::login::{ChapConfig, LoginContext, LoginStatus, SessionRequest};
 use iscsi::params::{TargetLimits, Transport};
 use iscsi::pdu::{flags, opcode, Decoder, Encoder, Pdu, PduError, BHS_LEN, DATA_SEGMENT_LEN_MAX};
@@ -326,8 +326,8 @@ impl TxSink for WireSink {
     fn put_vec(&mut self, bytes: &mut Vec<u8>) {
         self.wire.append(bytes);
     }
-    fn put_data(&mut self, buf: Vec<u8>) {
-        self.data = buf;
+    fn put_data(&mut self, buf: DataBuf) {
+        self.data = buf.into_vec();
     }
     fn put_range(&mut self, start: usize, end: usize) {
         assert!(
@@ -578,7 +578,7 @@ impl Driver {
                 d.task,
                 status,
                 sense,
-                data,
+                data.into(),
                 data_out_len,
                 &mut self.sink,
             );

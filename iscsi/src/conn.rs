@@ -17,6 +17,7 @@ use crate::login::{LoginContext, LoginMachine, LoginOutcome, LoginStep};
 use crate::params::{ConnParams, SessionParams, SessionType, TargetLimits, Transport};
 use crate::pdu::{flags, opcode, Bhs, Decoder, Encoder, Pdu, PduError, BHS_LEN};
 use crate::textreq::{TextContext, TextMachine};
+pub use mempool::DataBuf;
 
 /// Tag value meaning "no tag" (RFC 7143 11.18, 11.19).
 pub const RESERVED_TAG: u32 = 0xffff_ffff;
@@ -151,11 +152,15 @@ pub trait BufferSource {
     }
     /// A buffer of exactly `len` bytes that the caller will overwrite
     /// completely; its contents may be stale (never read before written).
-    fn data_buffer_sized(&mut self, len: usize) -> Vec<u8> {
-        vec![0; len]
+    fn data_buffer_sized(&mut self, len: usize) -> DataBuf {
+        vec![0; len].into()
     }
     /// A buffer the connection no longer needs.
     fn recycle(&mut self, buf: Vec<u8>) {
+        drop(buf)
+    }
+    /// A data buffer the connection no longer needs.
+    fn recycle_data(&mut self, buf: DataBuf) {
         drop(buf)
     }
 }
@@ -169,7 +174,7 @@ pub trait TxSink {
     /// Wire bytes, taking `bytes`' contents (leaving it empty).
     fn put_vec(&mut self, bytes: &mut Vec<u8>);
     /// The data buffer that the following `put_range` calls send from.
-    fn put_data(&mut self, buf: Vec<u8>);
+    fn put_data(&mut self, buf: DataBuf);
     /// Send `start..end` of the last buffer given to `put_data`.
     fn put_range(&mut self, start: usize, end: usize);
     /// The bytes of the last `put_range` (for the data digest).
@@ -178,7 +183,7 @@ pub trait TxSink {
     /// `stag` at `va`, ordered before every Send that follows (the SCSI
     /// Response). Only iSER connections call it; a sink that cannot do
     /// RDMA keeps the default, which gives the buffer back unsent.
-    fn put_rdma_write(&mut self, buf: Vec<u8>, len: usize, stag: u32, va: u64) -> Option<Vec<u8>> {
+    fn put_rdma_write(&mut self, buf: DataBuf, len: usize, stag: u32, va: u64) -> Option<DataBuf> {
         let _ = (len, stag, va);
         Some(buf)
     }
@@ -188,14 +193,14 @@ pub trait TxSink {
 enum DataIn<'a> {
     Copy(&'a [u8]),
     /// The buffer (taken when the first range is sent) and its sink.
-    Owned(&'a mut Option<Vec<u8>>, &'a mut dyn TxSink),
+    Owned(&'a mut Option<DataBuf>, &'a mut dyn TxSink),
 }
 
 impl DataIn<'_> {
     fn len(&self) -> usize {
         match self {
             DataIn::Copy(d) => d.len(),
-            DataIn::Owned(b, _) => b.as_ref().map_or(0, Vec::len),
+            DataIn::Owned(b, _) => b.as_ref().map_or(0, |b| b.len()),
         }
     }
 }
@@ -222,7 +227,7 @@ pub struct ScsiRequest {
     pub write: bool,
     /// All write data (`<= edtl` bytes), gathered from immediate data,
     /// unsolicited and solicited Data-Out.
-    pub data_out: Vec<u8>,
+    pub data_out: DataBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,7 +313,7 @@ struct Task {
     read: bool,
     write: bool,
     /// Write data gathered so far, sized to EDTL once write data flows.
-    data_out: Vec<u8>,
+    data_out: DataBuf,
     /// Bytes of write data received in order from offset 0.
     received: u32,
     /// The unsolicited sequence is over (F bit seen, or none allowed).
@@ -881,7 +886,7 @@ impl Connection {
             edtl,
             read,
             write,
-            data_out: Vec::new(),
+            data_out: DataBuf::new(),
             received: 0,
             unsolicited_done: true,
             unsolicited_datasn: 0,
@@ -894,7 +899,7 @@ impl Connection {
             if imm_len == edtl {
                 // All the data came with the command: its buffer is the
                 // task's, no copy.
-                task.data_out = pdu.data;
+                task.data_out = pdu.data.into();
             } else {
                 // Every byte is written before the command runs: the
                 // data sequence checks admit it only once `received`
@@ -1187,10 +1192,10 @@ impl Connection {
         task: TaskId,
         status: u8,
         sense: &[u8],
-        data_in: Vec<u8>,
+        data_in: DataBuf,
         data_out_len: u32,
         sink: &mut dyn TxSink,
-    ) -> Option<Vec<u8>> {
+    ) -> Option<DataBuf> {
         let mut buf = Some(data_in);
         self.complete(
             task,
@@ -1777,7 +1782,7 @@ mod tests {
     #[derive(Default)]
     struct RdmaSink {
         wire: WireSink,
-        writes: Vec<(Vec<u8>, usize, u32, u64, usize)>,
+        writes: Vec<(DataBuf, usize, u32, u64, usize)>,
     }
 
     impl TxSink for RdmaSink {
@@ -1787,7 +1792,7 @@ mod tests {
         fn put_vec(&mut self, bytes: &mut Vec<u8>) {
             self.wire.put_vec(bytes)
         }
-        fn put_data(&mut self, buf: Vec<u8>) {
+        fn put_data(&mut self, buf: DataBuf) {
             self.wire.put_data(buf)
         }
         fn put_range(&mut self, start: usize, end: usize) {
@@ -1798,11 +1803,11 @@ mod tests {
         }
         fn put_rdma_write(
             &mut self,
-            buf: Vec<u8>,
+            buf: DataBuf,
             len: usize,
             stag: u32,
             va: u64,
-        ) -> Option<Vec<u8>> {
+        ) -> Option<DataBuf> {
             // Where the write sits among the Sends: bytes queued before it.
             let at = self.wire.wire.len();
             self.writes.push((buf, len, stag, va, at));
@@ -1827,7 +1832,7 @@ mod tests {
         let data: Vec<u8> = (0..20000u32).map(|i| i as u8).collect();
         let mut sink = RdmaSink::default();
         assert!(c
-            .scsi_complete_owned(r.task, 0, &[], data.clone(), 0, &mut sink)
+            .scsi_complete_owned(r.task, 0, &[], data.clone().into(), 0, &mut sink)
             .is_none());
         assert_eq!(sink.writes.len(), 1);
         let (buf, len, stag, va, at) = &sink.writes[0];
@@ -1860,7 +1865,7 @@ mod tests {
         );
         let r = scsi_event(&mut c);
         let mut sink = RdmaSink::default();
-        let back = c.scsi_complete_owned(r.task, 0, &[], vec![1; 4096], 0, &mut sink);
+        let back = c.scsi_complete_owned(r.task, 0, &[], vec![1; 4096].into(), 0, &mut sink);
         assert!(back.is_some() && sink.writes.is_empty());
         let out = drain(&mut c);
         assert_eq!(out.len(), 1);
@@ -2000,7 +2005,7 @@ mod tests {
     #[derive(Default)]
     struct WireSink {
         wire: Vec<u8>,
-        data: Option<Vec<u8>>,
+        data: Option<DataBuf>,
         last: (usize, usize),
         buffers: usize,
     }
@@ -2012,7 +2017,7 @@ mod tests {
         fn put_vec(&mut self, bytes: &mut Vec<u8>) {
             self.wire.append(bytes);
         }
-        fn put_data(&mut self, buf: Vec<u8>) {
+        fn put_data(&mut self, buf: DataBuf) {
             self.buffers += 1;
             self.data = Some(buf);
         }
@@ -2065,8 +2070,14 @@ mod tests {
                 let r = scsi_event(&mut c);
                 let mut sink = WireSink::default();
                 if owned {
-                    let back =
-                        c.scsi_complete_owned(r.task, status, sense, data.clone(), 0, &mut sink);
+                    let back = c.scsi_complete_owned(
+                        r.task,
+                        status,
+                        sense,
+                        data.clone().into(),
+                        0,
+                        &mut sink,
+                    );
                     let sent = edtl > 0 && len > 0;
                     assert_eq!(back.is_none(), sent, "buffer kept only when sent from");
                     assert_eq!(sink.buffers, usize::from(sent));
@@ -2096,11 +2107,18 @@ mod tests {
         c.handle_pdu(&mut Ctx, cmd(1, 5, flags::FINAL | flags::WRITE, 0, &[]), 0);
         let r = scsi_event(&mut c);
         let mut sink = WireSink::default();
-        let back = c.scsi_complete_owned(r.task, 0, &[], Vec::with_capacity(4096), 0, &mut sink);
+        let back = c.scsi_complete_owned(
+            r.task,
+            0,
+            &[],
+            Vec::with_capacity(4096).into(),
+            0,
+            &mut sink,
+        );
         assert_eq!(back.map(|b| b.capacity() >= 4096), Some(true));
         assert_eq!(sink.buffers, 0);
         // A task the connection no longer knows.
-        let back = c.scsi_complete_owned(r.task, 0, &[], vec![1; 512], 0, &mut sink);
+        let back = c.scsi_complete_owned(r.task, 0, &[], vec![1; 512].into(), 0, &mut sink);
         assert_eq!(back.map(|b| b.len()), Some(512));
     }
 

@@ -148,6 +148,14 @@ impl DataBuf {
         }
     }
 
+    /// Removes the first `n` bytes, moving the rest to the front.
+    pub fn remove_front(&mut self, n: usize) {
+        let len = self.len();
+        let n = n.min(len);
+        self.copy_within(n..len, 0);
+        self.truncate(len - n);
+    }
+
     /// A heap copy of the bytes (tests and tools).
     pub fn to_vec(&self) -> Vec<u8> {
         self.deref().to_vec()
@@ -227,6 +235,12 @@ impl Extend<u8> for DataBuf {
         for b in iter {
             self.push(b);
         }
+    }
+}
+
+impl FromIterator<u8> for DataBuf {
+    fn from_iter<I: IntoIterator<Item = u8>>(iter: I) -> DataBuf {
+        DataBuf(Repr::Heap(iter.into_iter().collect()))
     }
 }
 

@@ -15,7 +15,7 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 
-use iscsi::conn::TxSink;
+use iscsi::conn::{DataBuf, TxSink};
 use iscsi::pdu::{Decoder, Pdu, PduError, BHS_LEN};
 use mio::net::TcpStream;
 
@@ -53,17 +53,17 @@ pub struct TcpConn {
     tx_free: Vec<Vec<u8>>,
     /// Data buffers that `Seg::Data` ranges send from, with the number of
     /// their ranges still queued.
-    data: Vec<Option<(Vec<u8>, u32)>>,
+    data: Vec<Option<(DataBuf, u32)>>,
     data_free: Vec<u16>,
     /// The buffer `put_range` refers to.
     data_current: Option<u16>,
     /// Data buffers whose ranges are all written, for `take_sent`.
-    sent: Vec<Vec<u8>>,
+    sent: Vec<DataBuf>,
 }
 
 /// The bytes `seg` sends (free function so `flush` can borrow the
 /// stream mutably beside them).
-fn seg_slice<'a>(data: &'a [Option<(Vec<u8>, u32)>], seg: &'a Seg) -> &'a [u8] {
+fn seg_slice<'a>(data: &'a [Option<(DataBuf, u32)>], seg: &'a Seg) -> &'a [u8] {
     match seg {
         Seg::Owned(v) => v,
         Seg::Inline { bytes, len } => &bytes[..*len as usize],
@@ -241,12 +241,12 @@ impl TcpConn {
     }
 
     /// Data buffers written out completely since the last call.
-    pub fn take_sent(&mut self) -> std::vec::Drain<'_, Vec<u8>> {
+    pub fn take_sent(&mut self) -> std::vec::Drain<'_, DataBuf> {
         self.sent.drain(..)
     }
 
     /// Every data buffer still held (connection closing): sent or not.
-    pub fn take_all_data(&mut self) -> impl Iterator<Item = Vec<u8>> + '_ {
+    pub fn take_all_data(&mut self) -> impl Iterator<Item = DataBuf> + '_ {
         self.data_current = None;
         let held = self
             .data
@@ -391,7 +391,7 @@ impl TxSink for TcpConn {
         self.queue(bytes);
     }
 
-    fn put_data(&mut self, buf: Vec<u8>) {
+    fn put_data(&mut self, buf: DataBuf) {
         self.close_current();
         let slot = match self.data_free.pop() {
             Some(s) => s,
@@ -503,7 +503,7 @@ mod tests {
             let len = 1 + (i * 7919) % 200_000;
             let buf: Vec<u8> = (0..len).map(|j| (i + j * 31) as u8).collect();
             let cuts = [0, len / 3, len / 2, len];
-            conn.put_data(buf.clone());
+            conn.put_data(buf.clone().into());
             for w in cuts.windows(2) {
                 conn.put_range(w[0], w[1]);
                 assert_eq!(conn.last_range(), &buf[w[0]..w[1]]);

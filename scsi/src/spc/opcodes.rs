@@ -2,6 +2,7 @@
 //! implements, SPC ones answered here and SBC ones in `sbc`, with their
 //! CDB usage data.
 
+use mempool::DataBuf;
 use std::sync::OnceLock;
 
 use super::{be16, be32, SpcState};
@@ -203,7 +204,7 @@ impl SpcState {
                 .any(|o| o.opcode() == op && (!o.servactv || o.sa() == sa))
     }
 
-    fn timeout_descriptor(out: &mut Vec<u8>) {
+    fn timeout_descriptor(out: &mut DataBuf) {
         out.extend_from_slice(&[0x00, 0x0a, 0, 0, 0, 0, 0, 0]);
         out.extend_from_slice(&RECOMMENDED_TIMEOUT.to_be_bytes());
     }
@@ -211,7 +212,7 @@ impl SpcState {
     pub(super) fn report_supported_opcodes(
         &self,
         cdb: &[u8],
-        data_in: &mut Vec<u8>,
+        data_in: &mut DataBuf,
     ) -> Result<(), CmdError> {
         let rctd = cdb[2] & 0x80 != 0;
         let options = cdb[2] & 0x07;
