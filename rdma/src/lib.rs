@@ -31,7 +31,7 @@ pub use cm::{
 pub use error::{Error, Result};
 pub use verbs::{
     devices, AccessFlags, CompletionQueue, Context, DeviceAttr, MemoryRegion, MemoryWindow,
-    PdRegistrar, ProtectionDomain, SharedReceiveQueue,
+    OwnedRegion, PdRegistrar, ProtectionDomain, SharedReceiveQueue,
 };
 pub use wr::{Completion, RecvWr, SendFlags, SendOp, SendWr, Sge, WcOpcode, WcStatus};
 

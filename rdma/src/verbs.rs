@@ -394,6 +394,56 @@ impl std::fmt::Debug for MemoryRegion {
     }
 }
 
+/// Memory this crate allocates and registers in one go: for tools and
+/// tests playing the initiator, which need one contiguous registered
+/// range without a pool.
+pub struct OwnedRegion {
+    // Declared first so it is dropped first: deregistered before freed.
+    mr: MemoryRegion,
+    buf: Box<[u8]>,
+}
+
+impl OwnedRegion {
+    pub fn new(pd: &ProtectionDomain, len: usize, access: AccessFlags) -> Result<OwnedRegion> {
+        let mut buf = vec![0u8; len].into_boxed_slice();
+        // SAFETY: the boxed memory does not move when the OwnedRegion
+        // does, and is freed only after the region is deregistered
+        // (field order).
+        let mr = unsafe { pd.register(buf.as_mut_ptr(), len, access) }?;
+        Ok(OwnedRegion { mr, buf })
+    }
+
+    pub fn mr(&self) -> &MemoryRegion {
+        &self.mr
+    }
+
+    pub fn addr(&self) -> u64 {
+        self.buf.as_ptr() as u64
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.buf
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+
+    /// A scatter-gather element for `len` bytes at `offset`, or `None`
+    /// past the end.
+    pub fn sge(&self, offset: usize, len: usize) -> Option<crate::wr::Sge> {
+        let end = offset.checked_add(len)?;
+        if end > self.buf.len() || len > u32::MAX as usize {
+            return None;
+        }
+        Some(crate::wr::Sge::new(
+            self.addr() + offset as u64,
+            len as u32,
+            self.mr.lkey(),
+        ))
+    }
+}
+
 /// A type 2 memory window (`ibv_mw`).
 pub struct MemoryWindow {
     raw: *mut sys::ibv_mw,
@@ -612,6 +662,20 @@ impl CompletionQueue {
         }
         self.ack(n);
         Ok(n)
+    }
+
+    /// Waits up to `timeout` for the channel's fd, then takes the events
+    /// as [`CompletionQueue::take_events`] does. For tests and tools; a
+    /// reactor polls the fd itself.
+    pub fn wait_events(&self, timeout: std::time::Duration) -> Result<u32> {
+        let Some(fd) = self.event_fd() else {
+            return Err(Error::Invalid {
+                call: "ibv_get_cq_event",
+                why: "the CQ has no completion channel",
+            });
+        };
+        crate::cm::poll_readable(fd, timeout)?;
+        self.take_events()
     }
 
     fn ack(&self, n: u32) {
