@@ -15,6 +15,7 @@
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use mempool::{thread_heap_allocs, Backing, Buf, ClassConfig, HeapCount, Pool, PoolConfig, SgList};
@@ -24,6 +25,9 @@ use rdma::{
     EventChannel, MwBind, OwnedRegion, QpInit, RecvWr, SendFlags, SendOp, SendWr, Sge,
     SharedReceiveQueue, WcOpcode,
 };
+
+/// Events read from the target CQ's completion channel, all run long.
+static WAKEUPS: AtomicU32 = AtomicU32::new(0);
 
 #[global_allocator]
 static ALLOC: HeapCount = HeapCount;
@@ -70,7 +74,14 @@ impl Events {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(format!("timed out waiting for {what}"));
+                let seen: Vec<String> = self
+                    .pending
+                    .iter()
+                    .map(|e| format!("{:?} on {:#x}", e.kind, e.id.0))
+                    .collect();
+                return Err(format!(
+                    "timed out waiting for {what}; other events: {seen:?}"
+                ));
             }
             match self.ch.wait_event(left) {
                 Ok(Some(ev)) if want(&ev) => return Ok(ev),
@@ -112,9 +123,11 @@ fn reap(cq: &CompletionQueue, want: usize, evented: bool, out: &mut Vec<Completi
             let n = cq.poll(&mut batch).map_err(|e| e.to_string())?;
             out.extend_from_slice(&batch[..n]);
             if n == 0 {
-                events += cq
+                let n = cq
                     .wait_events(Duration::from_millis(100))
                     .map_err(|e| e.to_string())?;
+                events += n;
+                WAKEUPS.fetch_add(n, Ordering::Relaxed);
             }
         } else {
             std::thread::yield_now();
@@ -675,8 +688,49 @@ fn run(report: &mut Report) -> Res<()> {
         ),
     );
 
+    // ---- completion channel: arm, sleep on the fd, wake on a receive ----
+    let mut batch = [Completion::EMPTY; 32];
+    while tcq.poll(&mut batch).map_err(|e| e.to_string())? > 0 {}
+    tcq.req_notify(false).map_err(|e| e.to_string())?;
+    let s = [cmem.sge(send_off, MSG).expect("inside")];
+    cid.post_send(&[SendWr {
+        wr_id: 9,
+        op: SendOp::Send,
+        sges: &s,
+        flags: SendFlags::SIGNALED,
+    }])
+    .map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    let woke = tcq.wait_events(TIMEOUT).map_err(|e| e.to_string())?;
+    let waited = t0.elapsed();
+    let n = tcq.poll(&mut batch).map_err(|e| e.to_string())?;
+    reap(&ccq, 1, false, &mut ccs)?;
+    let got = batch[..n].iter().find(|c| c.opcode == WcOpcode::Recv);
+    report.check(
+        woke > 0 && got.is_some_and(|c| c.is_success()),
+        "cq channel",
+        &format!(
+            "armed, slept on the channel fd {:.1} ms, {woke} event(s), then polled {n} \
+             completion(s); {} wakeups in the data phase",
+            waited.as_secs_f64() * 1e3,
+            WAKEUPS.load(Ordering::Relaxed)
+        ),
+    );
+    if let Some(c) = got {
+        let i = c.wr_id as usize;
+        srq.post_recv(&[RecvWr {
+            wr_id: i as u64,
+            sges: std::slice::from_ref(&trecv_sges[i]),
+        }])
+        .map_err(|e| e.to_string())?;
+    }
+
     // ---- Send with Invalidate of a memory window's rkey ----
+    let skip_inv = args.get(4).is_some_and(|a| a == "noinv");
     let inv = (|| -> Res<String> {
+        if skip_inv {
+            return Ok("skipped".into());
+        }
         let mw = cpd.alloc_mw().map_err(|e| e.to_string())?;
         let win = 64 << 10;
         let mw_rkey = cid
@@ -732,14 +786,18 @@ fn run(report: &mut Report) -> Res<()> {
             return Err(format!("write through the window: byte {m} wrong"));
         }
         let c = ccs[0];
-        if c.invalidated_rkey != Some(mw_rkey) {
-            return Err(format!(
-                "receive reported invalidated rkey {:?}, window rkey {mw_rkey:#x}",
-                c.invalidated_rkey
-            ));
+        if c.opcode != WcOpcode::Recv {
+            return Err(format!("expected the Send's receive, got {c:?}"));
         }
+        let reported = match c.invalidated_rkey {
+            Some(k) if k == mw_rkey => "the receive reported it invalidated".to_string(),
+            other => format!(
+                "the receive reported invalidated rkey {other:?} (wc_flags {:#x})",
+                c.wc_flags
+            ),
+        };
         // The invalidated key must no longer work: this write fails and
-        // takes the connection to the error state (done last for that).
+        // takes the connection to the error state (hence done last).
         sid.post_send(&[SendWr {
             wr_id: 303,
             op: SendOp::RdmaWrite {
@@ -753,11 +811,13 @@ fn run(report: &mut Report) -> Res<()> {
         reap(&tcq, 1, true, &mut tcs)?;
         let after = tcs[0];
         if after.is_success() {
-            return Err("an RDMA Write with the invalidated rkey succeeded".into());
+            return Err(format!(
+                "an RDMA Write with the invalidated rkey succeeded; {reported}"
+            ));
         }
         Ok(format!(
-            "write of {n} bytes through window rkey {mw_rkey:#x} verified; receive reported \
-             it invalidated; a later write with it failed: {}",
+            "write of {n} bytes through window rkey {mw_rkey:#x} verified, then Send with \
+             Invalidate of it: {reported}; a later write with it failed: {}",
             after.status
         ))
     })();
@@ -768,17 +828,20 @@ fn run(report: &mut Report) -> Res<()> {
 
     // ---- disconnect ----
     cid.disconnect().map_err(|e| e.to_string())?;
-    let mut seen = 0;
     let ch = cid.handle();
-    while seen < 2 {
-        let e = ev.wait("DISCONNECTED", |e| e.id == sh || e.id == ch)?;
-        if matches!(e.kind, CmEventKind::Disconnected) {
-            seen += 1;
-        }
+    // The passive side answers a DISCONNECTED with its own
+    // rdma_disconnect (the DREP); only then does the active side get its
+    // DISCONNECTED instead of waiting out the DREQ timeout.
+    match ev.on(sh, "DISCONNECTED on the target")? {
+        CmEventKind::Disconnected => sid.disconnect().map_err(|e| e.to_string())?,
+        other => return Err(format!("target, while disconnecting: {other:?}")),
+    }
+    match ev.on(ch, "DISCONNECTED on the initiator")? {
+        CmEventKind::Disconnected => {}
+        other => return Err(format!("initiator, while disconnecting: {other:?}")),
     }
     report.check(true, "disconnect", "both sides got DISCONNECTED");
     // Flushed receives of the initiator's QP; the SRQ's stay posted.
-    let mut batch = [Completion::EMPTY; 32];
     let _ = ccq.poll(&mut batch);
     let _ = tcq.poll(&mut batch);
 

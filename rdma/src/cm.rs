@@ -353,6 +353,9 @@ pub enum CmEventKind {
         responder_resources: u8,
         initiator_depth: u8,
     },
+    /// The peer disconnected (or the connection failed). If this side
+    /// did not start it, answer with [`CmId::disconnect`]: the peer gets
+    /// its own Disconnected only then (or after the DREQ timeout).
     Disconnected,
     /// The device is going away: destroy every id and queue on it.
     DeviceRemoval,
@@ -775,6 +778,7 @@ impl CmId {
                 index: 0,
             });
         }
+        mw.set_rkey(rkey);
         Ok(rkey)
     }
 }

@@ -326,6 +326,8 @@ impl ProtectionDomain {
         }
         Ok(MemoryWindow {
             raw,
+            // SAFETY: the library set the initial key at allocation.
+            rkey: std::cell::Cell::new(unsafe { (*raw).rkey }),
             _pd: self.inner.clone(),
         })
     }
@@ -447,6 +449,9 @@ impl OwnedRegion {
 /// A type 2 memory window (`ibv_mw`).
 pub struct MemoryWindow {
     raw: *mut sys::ibv_mw,
+    // Binds posted on a send queue do not update the C struct's rkey, and
+    // each bind of a type 2 window needs a key different from the last.
+    rkey: std::cell::Cell<u32>,
     _pd: Arc<PdInner>,
 }
 
@@ -455,10 +460,13 @@ pub struct MemoryWindow {
 unsafe impl Send for MemoryWindow {}
 
 impl MemoryWindow {
-    /// The rkey the window had at allocation or its last bind.
+    /// The rkey the window got at allocation or its last posted bind.
     pub fn rkey(&self) -> u32 {
-        // SAFETY: valid until drop.
-        unsafe { (*self.raw).rkey }
+        self.rkey.get()
+    }
+
+    pub(crate) fn set_rkey(&self, rkey: u32) {
+        self.rkey.set(rkey);
     }
 
     pub(crate) fn as_ptr(&self) -> *mut sys::ibv_mw {

@@ -254,6 +254,9 @@ pub struct Completion {
     /// Immediate data, in host order (IBV_WC_WITH_IMM).
     pub imm_data: Option<u32>,
     pub vendor_err: u32,
+    /// `ibv_wc_flags` as the provider reported them, for what the fields
+    /// above do not decode.
+    pub wc_flags: u32,
 }
 
 impl Completion {
@@ -266,6 +269,7 @@ impl Completion {
         invalidated_rkey: None,
         imm_data: None,
         vendor_err: 0,
+        wc_flags: 0,
     };
 
     pub fn is_success(&self) -> bool {
@@ -298,6 +302,7 @@ impl Completion {
                 None
             },
             vendor_err: wc.vendor_err,
+            wc_flags: flags,
         }
     }
 }

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Guest test: the rdma crate's loopback self-test on soft-RoCE.
+#
+#   hw-tests/vm.sh hw-tests/guest/rdma-loopback.sh [MIB] [ROUNDS]
+#
+# Creates rxe0 on a dummy interface with a link-local address (RDMA CM
+# cannot route to an rxe on lo or to 127.x) and runs the example binary
+# (VMTEST_LOOPBACK_BIN, default target/release/examples/loopback of this
+# repository; build it with `cargo build --release -p rdma --example
+# loopback`). The binary prints its own PASS/FAIL lines; vm.sh reads them.
+set -uo pipefail
+MIB=${1:-8}
+ROUNDS=${2:-4}
+ADDR=${VMTEST_RDMA_ADDR:-169.254.77.1}
+HERE=$(cd "$(dirname "$0")" && pwd)
+BIN=${VMTEST_LOOPBACK_BIN:-$HERE/../../target/release/examples/loopback}
+
+fail() { echo "FAIL $*"; exit 1; }
+
+[ -x "$BIN" ] || fail "loopback: no binary at $BIN"
+echo 32 >/proc/sys/vm/nr_hugepages 2>/dev/null || true
+
+ip link set lo up
+ip link add dummy0 type dummy || fail "setup: dummy0"
+ip addr add "$ADDR/16" dev dummy0
+ip link set dummy0 up
+modprobe rdma_rxe || fail "setup: modprobe rdma_rxe"
+modprobe rdma_ucm || fail "setup: modprobe rdma_ucm"
+rdma link add rxe0 type rxe netdev dummy0 || fail "setup: rdma link add rxe0"
+for _ in $(seq 1 50); do
+    ibv_devinfo -d rxe0 2>/dev/null | grep -q PORT_ACTIVE && break
+    sleep 0.2
+done
+ibv_devinfo -d rxe0 | grep -q PORT_ACTIVE || fail "setup: rxe0 not ACTIVE"
+echo "PASS setup: rxe0 ACTIVE on dummy0 $ADDR"
+
+t0=$(cut -d' ' -f1 /proc/uptime)
+"$BIN" "$ADDR" "$MIB" "$ROUNDS" ${3:-}
+rc=$?
+t1=$(cut -d' ' -f1 /proc/uptime)
+echo "INFO loopback exited $rc after $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}') s"
+if [ "$rc" != 0 ]; then
+    echo "---- dmesg (last 20 lines)"
+    dmesg | tail -n 20 | sed 's/^/    | /'
+fi
+exit "$rc"
