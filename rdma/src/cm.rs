@@ -546,6 +546,19 @@ impl CmId {
         Context::for_verbs(unsafe { (*self.raw).verbs })
     }
 
+    /// Moves the id to another event channel (`rdma_migrate_id`), e.g.
+    /// from the listener's channel to the one of the reactor its session
+    /// was placed on, so that reactor sees the connection's events.
+    pub fn migrate(&mut self, to: &EventChannel) -> Result<()> {
+        // SAFETY: the id and both channels are alive; events already read
+        // were acknowledged, so the call does not wait on them.
+        if unsafe { sys::rdma_migrate_id(self.raw, to.inner.raw) } != 0 {
+            return Err(Error::last("rdma_migrate_id"));
+        }
+        self._channel = to.inner.clone();
+        Ok(())
+    }
+
     /// Whether this id is on `ctx`'s device.
     pub fn is_on(&self, ctx: &Context) -> bool {
         // SAFETY: as above.
