@@ -7,7 +7,8 @@
 # cannot route to an rxe on lo or to 127.x) and runs the example binary
 # once per (MIB, ROUNDS) pair; default "16 1 8 4": one 16 MiB command
 # (64 pool buffers, two RDMA work requests of 32 elements each way) and
-# four of 8 MiB. The binary is VMTEST_LOOPBACK_BIN, default
+# four of 8 MiB; then once more deleting rxe0 under live connections
+# (DEVICE_REMOVAL on every id, the device released). The binary is VMTEST_LOOPBACK_BIN, default
 # target/release/examples/loopback of this repository (build it with
 # `cargo build --release -p rdma --example loopback`). It prints its own
 # PASS/FAIL lines; vm.sh reads them.
@@ -53,6 +54,15 @@ while [ $# -ge 2 ]; do
     [ "$r" = 0 ] || rc=$r
     shift 2
 done
+# Last, as it deletes rxe0: device removal under live connections. A
+# second device keeps the list non-empty: librdmacm (rdma-core 44) only
+# closes its context on a removed device when it re-reads a device list
+# that still has devices in it, so the last device's removal would wait
+# for the process to exit.
+ip link add dummy1 type dummy && ip link set dummy1 up &&
+    rdma link add rxe1 type rxe netdev dummy1 || fail "setup: rxe1"
+echo "INFO loopback $ADDR device removal"
+"$BIN" "$ADDR" 2 1 removal || rc=$?
 if [ "$rc" != 0 ]; then
     echo "---- dmesg (last 20 lines)"
     dmesg | tail -n 20 | sed 's/^/    | /'

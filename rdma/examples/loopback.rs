@@ -11,12 +11,21 @@
 //! any failure.
 //!
 //! Usage: loopback ADDR [MIB] [ROUNDS]   (e.g. loopback 169.254.77.1 8 4)
+//!
+//! `loopback ADDR MIB ROUNDS removal` instead deletes the device
+//! (`rdma link delete`) once connected, expects DEVICE_REMOVAL on every
+//! id, releases everything, and checks the deletion then completes. It
+//! leaves the machine without that device: run it last.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Interest, Poll, Token};
+use std::os::fd::AsRawFd;
 
 use mempool::{thread_heap_allocs, Backing, Buf, ClassConfig, HeapCount, Pool, PoolConfig, SgList};
 use rdma::iser::IserCmHeader;
@@ -25,6 +34,9 @@ use rdma::{
     EventChannel, MwBind, OwnedRegion, QpInit, RecvWr, SendFlags, SendOp, SendWr, Sge,
     SharedReceiveQueue, WcOpcode,
 };
+
+const CM_TOKEN: Token = Token(0);
+const CQ_TOKEN: Token = Token(1);
 
 /// Events read from the target CQ's completion channel, all run long.
 static WAKEUPS: AtomicU32 = AtomicU32::new(0);
@@ -189,7 +201,7 @@ fn run(report: &mut Report) -> Res<()> {
     let args: Vec<String> = std::env::args().collect();
     let ip: IpAddr = args
         .get(1)
-        .ok_or("usage: loopback ADDR [MIB] [ROUNDS]")?
+        .ok_or("usage: loopback ADDR [MIB] [ROUNDS] [removal]")?
         .parse()
         .map_err(err("ADDR"))?;
     let mib: usize = args
@@ -200,6 +212,7 @@ fn run(report: &mut Report) -> Res<()> {
         .get(3)
         .map_or(Ok(4), |s| s.parse())
         .map_err(err("ROUNDS"))?;
+    let removal = args.get(4).is_some_and(|a| a == "removal");
     if !(1..=16).contains(&mib) {
         return Err("MIB must be 1 to 16 (64 pool buffers of 256 KiB)".into());
     }
@@ -460,6 +473,38 @@ fn run(report: &mut Report) -> Res<()> {
         pending: VecDeque::new(),
     };
     sid.migrate(&rev.ch).map_err(|e| e.to_string())?;
+    // ... and polls its CM channel and its CQ's completion channel with
+    // mio, beside its sockets.
+    let mut reactor = Poll::new().map_err(err("mio"))?;
+    let cm_fd = rev.ch.as_raw_fd();
+    let cq_fd = tcq.event_fd().ok_or("the target CQ has no channel")?;
+    reactor
+        .registry()
+        .register(&mut SourceFd(&cm_fd), CM_TOKEN, Interest::READABLE)
+        .map_err(err("mio register"))?;
+    reactor
+        .registry()
+        .register(&mut SourceFd(&cq_fd), CQ_TOKEN, Interest::READABLE)
+        .map_err(err("mio register"))?;
+    let mut ready = mio::Events::with_capacity(8);
+
+    if removal {
+        return device_removal(
+            report,
+            &tctx.name(),
+            [&mut ev, &mut rev],
+            [listener.handle(), cid.handle(), sh],
+            move || {
+                // Everything built on the device goes, in dependency order
+                // (the handles enforce the verbs order among themselves).
+                drop((sid, cid, listener, srq, tcq, ccq, cmem));
+                for b in trecv {
+                    tcache.free(b);
+                }
+                drop((tcache, tpool, tpd, cpd, tctx, cctx));
+            },
+        );
+    }
 
     let mut tcs: Vec<Completion> = Vec::with_capacity(256);
     let mut ccs: Vec<Completion> = Vec::with_capacity(256);
@@ -711,7 +756,16 @@ fn run(report: &mut Report) -> Res<()> {
     }])
     .map_err(|e| e.to_string())?;
     let t0 = Instant::now();
-    let woke = tcq.wait_events(TIMEOUT).map_err(|e| e.to_string())?;
+    let mut woke = 0;
+    while woke == 0 && t0.elapsed() < TIMEOUT {
+        reactor
+            .poll(&mut ready, Some(TIMEOUT))
+            .map_err(err("mio poll"))?;
+        if ready.iter().any(|e| e.token() == CQ_TOKEN) {
+            // Edge-triggered: take every event before sleeping again.
+            woke += tcq.take_events().map_err(|e| e.to_string())?;
+        }
+    }
     let waited = t0.elapsed();
     let n = tcq.poll(&mut batch).map_err(|e| e.to_string())?;
     reap(&ccq, 1, false, &mut ccs)?;
@@ -720,8 +774,8 @@ fn run(report: &mut Report) -> Res<()> {
         woke > 0 && got.is_some_and(|c| c.is_success()),
         "cq channel",
         &format!(
-            "armed, slept on the channel fd {:.1} ms, {woke} event(s), then polled {n} \
-             completion(s); {} wakeups in the data phase",
+            "armed, slept in mio on the channel fd {:.1} ms, {woke} event(s), then polled \
+             {n} completion(s); {} wakeups in the data phase",
             waited.as_secs_f64() * 1e3,
             WAKEUPS.load(Ordering::Relaxed)
         ),
@@ -838,9 +892,27 @@ fn run(report: &mut Report) -> Res<()> {
     // The passive side answers a DISCONNECTED with its own
     // rdma_disconnect (the DREP); only then does the active side get its
     // DISCONNECTED instead of waiting out the DREQ timeout.
-    match rev.on(sh, "DISCONNECTED on the target's migrated channel")? {
-        CmEventKind::Disconnected => sid.disconnect().map_err(|e| e.to_string())?,
-        other => return Err(format!("target, while disconnecting: {other:?}")),
+    let t0 = Instant::now();
+    let mut target_event = None;
+    while target_event.is_none() && t0.elapsed() < TIMEOUT {
+        reactor
+            .poll(&mut ready, Some(TIMEOUT))
+            .map_err(err("mio poll"))?;
+        if ready.iter().any(|e| e.token() == CM_TOKEN) {
+            // Edge-triggered: drain the channel.
+            while let Some(e) = rev.ch.get_event().map_err(|e| e.to_string())? {
+                if e.id == sh && target_event.is_none() {
+                    target_event = Some(e.kind);
+                } else {
+                    rev.pending.push_back(e);
+                }
+            }
+        }
+    }
+    match target_event {
+        Some(CmEventKind::Disconnected) => sid.disconnect().map_err(|e| e.to_string())?,
+        Some(other) => return Err(format!("target, while disconnecting: {other:?}")),
+        None => return Err("target: no DISCONNECTED through mio".into()),
     }
     match ev.on(ch, "DISCONNECTED on the initiator")? {
         CmEventKind::Disconnected => {}
@@ -849,7 +921,8 @@ fn run(report: &mut Report) -> Res<()> {
     report.check(
         true,
         "disconnect",
-        "both sides got DISCONNECTED, the target on the channel its id was migrated to",
+        "both sides got DISCONNECTED, the target through mio on the channel its id was \
+         migrated to",
     );
     // Flushed receives of the initiator's QP; the SRQ's stay posted.
     let _ = ccq.poll(&mut batch);
@@ -862,5 +935,79 @@ fn run(report: &mut Report) -> Res<()> {
         tcache.free(b);
     }
     tcache.free_sg(&mut sg);
+    Ok(())
+}
+
+/// Deletes the soft-RoCE device under live connections: every CM id must
+/// get DEVICE_REMOVAL, and once the caller's `release` has dropped all
+/// that was built on the device, the kernel must be able to finish
+/// removing it (it waits for user space to let go).
+fn device_removal(
+    report: &mut Report,
+    dev: &str,
+    channels: [&mut Events; 2],
+    ids: [CmIdRef; 3],
+    release: impl FnOnce(),
+) -> Res<()> {
+    let mut child = std::process::Command::new("rdma")
+        .args(["link", "delete", dev])
+        .spawn()
+        .map_err(err("rdma link delete"))?;
+    let t0 = Instant::now();
+    let mut removed = [false; 3];
+    let mut others = Vec::new();
+    let [a, b] = channels;
+    while !removed.iter().all(|r| *r) && t0.elapsed() < Duration::from_secs(30) {
+        for ch in [&mut *a, &mut *b] {
+            while let Some(e) = ch.ch.get_event().map_err(|e| e.to_string())? {
+                match (ids.iter().position(|i| *i == e.id), &e.kind) {
+                    (Some(i), CmEventKind::DeviceRemoval) => removed[i] = true,
+                    _ => others.push(format!("{:?}", e.kind)),
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = t0.elapsed();
+    report.check(
+        removed.iter().all(|r| *r),
+        "device removal events",
+        &format!(
+            "DEVICE_REMOVAL on listener/initiator/target ids: {removed:?} after {:.1} s; \
+             other events {others:?}",
+            took.as_secs_f64()
+        ),
+    );
+    release();
+    rdma::release_removed_devices();
+    let t1 = Instant::now();
+    let status = loop {
+        match child.try_wait().map_err(err("rdma link delete"))? {
+            Some(st) => break Some(st),
+            None if t1.elapsed() > Duration::from_secs(30) => break None,
+            None => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    report.check(
+        status.is_some_and(|s| s.success()),
+        "device released",
+        &match status {
+            Some(st) => format!(
+                "after every resource was dropped, `rdma link delete {dev}` finished ({st}) \
+                 {:.1} s later",
+                t1.elapsed().as_secs_f64()
+            ),
+            None => format!(
+                "`rdma link delete {dev}` still waiting 30 s after the release; open \
+                 RDMA files: {:?}",
+                std::fs::read_dir("/proc/self/fd")
+                    .map(|d| d
+                        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                        .filter(|p| p.starts_with("/dev/infiniband"))
+                        .collect::<Vec<_>>())
+                    .unwrap_or_default()
+            ),
+        },
+    );
     Ok(())
 }

@@ -30,8 +30,8 @@ pub use cm::{
 };
 pub use error::{Error, Result};
 pub use verbs::{
-    devices, AccessFlags, CompletionQueue, Context, DeviceAttr, MemoryRegion, MemoryWindow,
-    OwnedRegion, PdRegistrar, ProtectionDomain, SharedReceiveQueue,
+    devices, release_removed_devices, AccessFlags, CompletionQueue, Context, DeviceAttr,
+    MemoryRegion, MemoryWindow, OwnedRegion, PdRegistrar, ProtectionDomain, SharedReceiveQueue,
 };
 pub use wr::{Completion, RecvWr, SendFlags, SendOp, SendWr, Sge, WcOpcode, WcStatus};
 

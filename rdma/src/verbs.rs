@@ -115,6 +115,17 @@ pub fn devices() -> Result<Vec<Context>> {
         .collect())
 }
 
+/// Lets librdmacm notice removed devices and close its own contexts on
+/// them, which the kernel waits for before it can finish removing one.
+/// librdmacm only re-reads the device list when asked for it, so after a
+/// DEVICE_REMOVAL, once everything built on the device is dropped, call
+/// this (or anything that opens a device). librdmacm (rdma-core 44)
+/// skips this when no device is left at all: removing the last device
+/// then completes only when the process exits.
+pub fn release_removed_devices() {
+    let _ = devices();
+}
+
 impl Context {
     /// The device a CM id is bound to (after bind to a device address,
     /// address resolution, or on a connect request's new id).
