@@ -9,12 +9,10 @@
 //! R2T and solicited Data-Out).
 //!
 //! This crate holds the parts that need no RDMA device and are tested on
-//! any host: the iSER header (`header`), the private data of the RDMA CM
-//! connect exchange (`cm`), and framing between a stream of PDUs and one
-//! message per Send (`framing`). The verbs glue that posts the work
-//! requests lives with the RDMA bindings.
+//! any host: the iSER header (`header`) and framing between a stream of
+//! PDUs and one message per Send (`framing`). The RDMA CM private data
+//! (`rdma::iser`) and the verbs themselves are in the `rdma` crate.
 
-pub mod cm;
 pub mod framing;
 pub mod header;
 
