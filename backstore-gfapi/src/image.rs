@@ -18,6 +18,7 @@
 use crate::volume::Volume;
 use crossbeam_queue::ArrayQueue;
 use gfapi_sys as sys;
+use mempool::DataBuf;
 use rustix::event::epoll;
 use rustix::event::{EventfdFlags, PollFd, PollFlags};
 use scsi::backstore::{Backstore, BackstoreCaps, Io, IoDone, IoOp};
@@ -138,7 +139,7 @@ struct Slot {
     stage: Stage,
     /// The caller's buffer, handed to gfapi as it is. Its heap storage is
     /// neither moved nor resized while gfapi may use it.
-    buf: Vec<u8>,
+    buf: DataBuf,
     /// Bytes of `buf` transferred so far.
     done: usize,
     deadline: Instant,
@@ -330,7 +331,7 @@ impl GlusterBackstore {
                     tag: 0,
                     op: IoOp::Flush,
                     stage: Stage::Sync,
-                    buf: Vec::new(),
+                    buf: DataBuf::default(),
                     done: 0,
                     deadline: now,
                 })
@@ -634,7 +635,7 @@ impl GlusterBackstore {
                 self.done.push_back(IoDone {
                     tag: s.tag,
                     result: Err(libc::ETIMEDOUT),
-                    buf: Vec::new(),
+                    buf: DataBuf::default(),
                 });
                 expired += 1;
             } else {

@@ -68,7 +68,11 @@ fn wait(b: &mut GlusterBackstore, n: usize) -> Vec<IoDone> {
 }
 
 fn run(b: &mut GlusterBackstore, op: IoOp, buf: Vec<u8>) -> IoDone {
-    b.submit(Io { tag: 7, op, buf });
+    b.submit(Io {
+        tag: 7,
+        op,
+        buf: buf.into(),
+    });
     let d = wait(b, 1).pop().unwrap();
     assert_eq!(d.tag, 7);
     d
@@ -284,7 +288,7 @@ fn many_concurrent_operations() {
                 offset: i * len as u64,
                 fua: i % 100 == 0,
             },
-            buf: pattern(i, len),
+            buf: pattern(i, len).into(),
         });
     }
     assert!(b.in_flight() <= 128);
@@ -303,7 +307,7 @@ fn many_concurrent_operations() {
             op: IoOp::Read {
                 offset: i * len as u64,
             },
-            buf: vec![0; len],
+            buf: vec![0; len].into(),
         });
     }
     for d in wait(&mut b, n as usize) {
@@ -332,7 +336,7 @@ fn completion_fd_wakes_a_sleeper() {
                 offset: 0,
                 fua: true,
             },
-            buf: vec![round as u8; 4096],
+            buf: vec![round as u8; 4096].into(),
         });
         let mut out = Vec::new();
         b.poll(&mut out);
@@ -371,7 +375,7 @@ fn operations_past_the_command_timeout() {
             op: IoOp::Read {
                 offset: i * len as u64,
             },
-            buf: vec![0; len],
+            buf: vec![0; len].into(),
         });
     }
     let out = wait(&mut b, n as usize);

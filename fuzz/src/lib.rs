@@ -22,7 +22,7 @@
 use std::collections::VecDeque;
 
 use iscsi::chap::{encode_hex, ChapAlgorithm};
-use iscsi::conn::{tmf, ConnConfig, Connection, Event, TaskId, RESERVED_TAG};
+use iscsi::conn::{tmf, ConnConfig, Connection, DataBuf, Event, TaskId, TxSink, RESERVED_TAG};
 use iscsi::login::{ChapConfig, LoginContext, LoginStatus, SessionRequest};
 use iscsi::params::{TargetLimits, Transport};
 use iscsi::pdu::{flags, opcode, Decoder, Encoder, Pdu, PduError, BHS_LEN, DATA_SEGMENT_LEN_MAX};
@@ -311,6 +311,37 @@ pub const LOGIN_CMDSN: u32 = 10;
 /// Steps per input: keeps one input's run time bounded.
 const STEPS_MAX: usize = 2048;
 
+/// Lays zero-copy output out as the wire carries it.
+#[derive(Default)]
+struct WireSink {
+    wire: Vec<u8>,
+    data: Vec<u8>,
+    last: (usize, usize),
+}
+
+impl TxSink for WireSink {
+    fn put_bytes(&mut self, bytes: &[u8]) {
+        self.wire.extend_from_slice(bytes);
+    }
+    fn put_vec(&mut self, bytes: &mut Vec<u8>) {
+        self.wire.append(bytes);
+    }
+    fn put_data(&mut self, buf: DataBuf) {
+        self.data = buf.into_vec();
+    }
+    fn put_range(&mut self, start: usize, end: usize) {
+        assert!(
+            start <= end && end <= self.data.len(),
+            "range outside the buffer"
+        );
+        self.last = (start, end);
+        self.wire.extend_from_slice(&self.data[start..end]);
+    }
+    fn last_range(&self) -> &[u8] {
+        &self.data[self.last.0..self.last.1]
+    }
+}
+
 pub struct Driver {
     pub conn: Connection,
     pub ctx: FuzzCtx,
@@ -324,6 +355,12 @@ pub struct Driver {
     /// A Close event was seen.
     pub closed: bool,
     tx: Vec<u8>,
+    /// Output that went through the zero-copy path (`TxSink`), ahead of
+    /// what `take_tx` returns.
+    sink: WireSink,
+    /// Flips at each use, so both the copying and the zero-copy paths
+    /// (placed Data-Out, owned Data-In) are driven.
+    alt: bool,
     /// PDUs sent by the target, by opcode (for judging seeds).
     pub sent: [u32; 64],
     /// SCSI commands handed to the device server.
@@ -356,6 +393,8 @@ impl Driver {
             ffp: false,
             closed: false,
             tx: Vec::new(),
+            sink: WireSink::default(),
+            alt: false,
             sent: [0; 64],
             scsi_cmds: 0,
             cmdsn: LOGIN_CMDSN,
@@ -476,8 +515,13 @@ impl Driver {
                     wire.len(),
                     "decoder used a different length than encoded"
                 );
+                let mut p = p;
                 if !corrupted {
                     assert_eq!(p, pdu, "decode(encode(pdu)) != pdu");
+                    self.alt = !self.alt;
+                    if self.alt && self.conn.place_data_out(&p.bhs, &p.data) {
+                        p.data.clear();
+                    }
                 }
                 self.conn.handle_pdu(&mut self.ctx, p, self.now);
             }
@@ -525,8 +569,20 @@ impl Driver {
             2 => 0,
             _ => inp.u32(),
         };
-        self.conn
-            .scsi_complete(d.task, status, sense, &data, data_out_len);
+        self.alt = !self.alt;
+        if self.alt {
+            self.conn
+                .scsi_complete(d.task, status, sense, &data, data_out_len);
+        } else {
+            let _ = self.conn.scsi_complete_owned(
+                d.task,
+                status,
+                sense,
+                data.into(),
+                data_out_len,
+                &mut self.sink,
+            );
+        }
     }
 
     fn answer_reset(&mut self, b: u8) {
@@ -561,6 +617,7 @@ impl Driver {
         let before = self.snapshot();
         while let Some(ev) = self.conn.poll_event() {
             match ev {
+                Event::RdmaRead { .. } => panic!("RDMA Read on a TCP connection"),
                 Event::LoggedIn(o) => {
                     assert!(!self.ffp, "LoggedIn twice");
                     assert_eq!(o.conn, *self.conn.params());
@@ -612,6 +669,7 @@ impl Driver {
 
     fn check_tx(&mut self, before: Snapshot) {
         self.tx.clear();
+        self.tx.append(&mut self.sink.wire);
         self.conn.take_tx(&mut self.tx);
         if self.tx.is_empty() {
             return;

@@ -17,6 +17,7 @@ use crate::login::{LoginContext, LoginMachine, LoginOutcome, LoginStep};
 use crate::params::{ConnParams, SessionParams, SessionType, TargetLimits, Transport};
 use crate::pdu::{flags, opcode, Bhs, Decoder, Encoder, Pdu, PduError, BHS_LEN};
 use crate::textreq::{TextContext, TextMachine};
+pub use mempool::DataBuf;
 
 /// Tag value meaning "no tag" (RFC 7143 11.18, 11.19).
 pub const RESERVED_TAG: u32 = 0xffff_ffff;
@@ -88,9 +89,32 @@ impl Default for ConnConfig {
     }
 }
 
+/// What an iSER header (RFC 7145 9.2) says about the initiator's buffers
+/// for one SCSI Command: the STag and base virtual address the target
+/// RDMA-Reads solicited write data from, and those it RDMA-Writes read
+/// data to. Byte N of the transfer is at `va + N` (the Linux initiator
+/// does not use zero-based addressing).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RdmaTags {
+    pub write: Option<(u32, u64)>,
+    pub read: Option<(u32, u64)>,
+}
+
 /// Work for the engine.
 #[derive(Debug)]
 pub enum Event {
+    /// iSER: fetch `len` bytes of write data by RDMA Read from the
+    /// initiator's `stag` at `va` into the task's buffer at `offset`
+    /// (`rdma_read_target`), then call `rdma_read_done`. This is the
+    /// R2T of iSCSI over TCP, and counts against MaxOutstandingR2T.
+    RdmaRead {
+        task: TaskId,
+        ttt: u32,
+        offset: u32,
+        len: u32,
+        stag: u32,
+        va: u64,
+    },
     /// Login finished; the connection is in full feature phase.
     LoggedIn(Box<LoginOutcome>),
     /// Execute a SCSI command; answer with `scsi_complete(task, ..)`.
@@ -126,11 +150,64 @@ pub trait BufferSource {
     fn data_buffer(&mut self, len: usize) -> Vec<u8> {
         Vec::with_capacity(len)
     }
+    /// A buffer of exactly `len` bytes that the caller will overwrite
+    /// completely; its contents may be stale (never read before written).
+    fn data_buffer_sized(&mut self, len: usize) -> DataBuf {
+        vec![0; len].into()
+    }
     /// A buffer the connection no longer needs.
     fn recycle(&mut self, buf: Vec<u8>) {
         drop(buf)
     }
+    /// A data buffer the connection no longer needs.
+    fn recycle_data(&mut self, buf: DataBuf) {
+        drop(buf)
+    }
 }
+
+/// Where a transport takes a connection's output when it can send data
+/// from the buffer that holds it (a socket's writev, an RDMA work
+/// request) instead of a copy. Calls arrive in wire order.
+pub trait TxSink {
+    /// Wire bytes, copied (headers, padding, digests: a few bytes each).
+    fn put_bytes(&mut self, bytes: &[u8]);
+    /// Wire bytes, taking `bytes`' contents (leaving it empty).
+    fn put_vec(&mut self, bytes: &mut Vec<u8>);
+    /// The data buffer that the following `put_range` calls send from.
+    fn put_data(&mut self, buf: DataBuf);
+    /// Send `start..end` of the last buffer given to `put_data`.
+    fn put_range(&mut self, start: usize, end: usize);
+    /// The bytes of the last `put_range` (for the data digest).
+    fn last_range(&self) -> &[u8];
+    /// iSER: RDMA-Write the first `len` bytes of `buf` to the initiator's
+    /// `stag` at `va`, ordered before every Send that follows (the SCSI
+    /// Response). Only iSER connections call it; a sink that cannot do
+    /// RDMA keeps the default, which gives the buffer back unsent.
+    fn put_rdma_write(&mut self, buf: DataBuf, len: usize, stag: u32, va: u64) -> Option<DataBuf> {
+        let _ = (len, stag, va);
+        Some(buf)
+    }
+}
+
+/// How a completion's data reaches the wire.
+enum DataIn<'a> {
+    Copy(&'a [u8]),
+    /// The buffer (taken when the first range is sent) and its sink.
+    Owned(&'a mut Option<DataBuf>, &'a mut dyn TxSink),
+}
+
+impl DataIn<'_> {
+    fn len(&self) -> usize {
+        match self {
+            DataIn::Copy(d) => d.len(),
+            DataIn::Owned(b, _) => b.as_ref().map_or(0, |b| b.len()),
+        }
+    }
+}
+
+/// Queued output up to this size (a response or two) is copied into a
+/// sink rather than handed over as a buffer (see `hand_tx`).
+const HAND_TX_COPY_MAX: usize = 128;
 
 /// A SCSI command for the device server.
 #[derive(Debug)]
@@ -150,7 +227,7 @@ pub struct ScsiRequest {
     pub write: bool,
     /// All write data (`<= edtl` bytes), gathered from immediate data,
     /// unsolicited and solicited Data-Out.
-    pub data_out: Vec<u8>,
+    pub data_out: DataBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,7 +313,7 @@ struct Task {
     read: bool,
     write: bool,
     /// Write data gathered so far, sized to EDTL once write data flows.
-    data_out: Vec<u8>,
+    data_out: DataBuf,
     /// Bytes of write data received in order from offset 0.
     received: u32,
     /// The unsolicited sequence is over (F bit seen, or none allowed).
@@ -247,6 +324,23 @@ struct Task {
     r2t_next_offset: u32,
     r2ts: R2tList,
     r2tsn: u32,
+    /// iSER: the initiator's buffers (none on TCP).
+    rdma: RdmaTags,
+}
+
+/// Where a valid Data-Out's data belongs.
+#[derive(Debug, Clone, Copy)]
+enum DataOutTo {
+    Unsolicited,
+    /// The R2T with this TTT.
+    R2t(u32),
+}
+
+enum DataOutError {
+    /// No task with that ITT (aborted, refused or finished).
+    NoTask,
+    /// The task's data sequence is broken: ASC, ASCQ and why.
+    Sequence(u8, u8, String),
 }
 
 /// Fixed-format sense data (SPC-4 4.5.3) for the few commands the iSCSI
@@ -288,16 +382,20 @@ pub struct Connection {
     exp_cmdsn: u32,
     max_cmdsn: u32,
     /// Non-immediate commands that arrived ahead of ExpCmdSN.
-    pending: Vec<Pdu>,
+    pending: Vec<(Pdu, RdmaTags)>,
 
     // Tasks.
     slots: Vec<Option<Task>>,
     generations: Vec<u16>,
     free: Vec<u32>,
-    by_itt: HashMap<u32, TaskId>,
+    by_itt: HashMap<u32, TaskId, BuildIttHasher>,
     /// Non-immediate tasks holding a place in the command window.
     window_used: u32,
     next_ttt: u32,
+
+    /// The Data-Out whose data `place_data_out` put in place (ITT,
+    /// BufferOffset, length), until `handle_pdu` gets that PDU.
+    placed: Option<(u32, u32, u32)>,
 
     text: TextMachine,
     /// CID of this connection, from login.
@@ -307,6 +405,40 @@ pub struct Connection {
     created_ms: u64,
     last_rx_ms: u64,
     ping: Option<(u32, u64)>,
+}
+
+/// Hashes ITTs for the task table, which every Data-Out and completion
+/// looks up. SipHash's resistance to chosen keys buys nothing here: the
+/// table holds at most the connection's own queue depth, so an initiator
+/// choosing colliding ITTs only slows its own connection, a little. A
+/// multiply with the high half folded in spreads consecutive ITTs (the
+/// usual choice) over both the bucket bits and the control bits.
+#[derive(Debug, Clone, Copy, Default)]
+struct BuildIttHasher;
+
+#[derive(Debug, Default)]
+struct IttHasher(u64);
+
+impl std::hash::BuildHasher for BuildIttHasher {
+    type Hasher = IttHasher;
+    fn build_hasher(&self) -> IttHasher {
+        IttHasher(0)
+    }
+}
+
+impl std::hash::Hasher for IttHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u32(b as u32);
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        let h = (self.0 ^ v as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = h ^ (h >> 32);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// Serial number arithmetic (RFC 1982) on 32-bit sequence numbers.
@@ -345,9 +477,10 @@ impl Connection {
             slots: (0..slots).map(|_| None).collect(),
             generations: vec![0; slots],
             free: (0..slots as u32).rev().collect(),
-            by_itt: HashMap::with_capacity(slots),
+            by_itt: HashMap::with_capacity_and_hasher(slots, BuildIttHasher),
             window_used: 0,
             next_ttt: 1,
+            placed: None,
             text: TextMachine::default(),
             cid: 0,
             created_ms: now_ms,
@@ -428,11 +561,23 @@ impl Connection {
         pdu: Pdu,
         now_ms: u64,
     ) {
+        self.handle_pdu_rdma(ctx, pdu, RdmaTags::default(), now_ms)
+    }
+
+    /// `handle_pdu` for iSER: the PDU with what its iSER header said about
+    /// the initiator's buffers.
+    pub fn handle_pdu_rdma<C: LoginContext + TextContext + BufferSource>(
+        &mut self,
+        ctx: &mut C,
+        pdu: Pdu,
+        rdma: RdmaTags,
+        now_ms: u64,
+    ) {
         self.last_rx_ms = now_ms;
         match self.phase {
             Phase::Closing => {}
             Phase::Login => self.handle_login(ctx, pdu),
-            Phase::FullFeature => self.handle_ffp(ctx, pdu),
+            Phase::FullFeature => self.handle_ffp(ctx, pdu, rdma),
         }
     }
 
@@ -529,7 +674,12 @@ impl Connection {
     // ---------------------------------------------------------------
     // Full feature phase
 
-    fn handle_ffp<C: LoginContext + TextContext + BufferSource>(&mut self, ctx: &mut C, pdu: Pdu) {
+    fn handle_ffp<C: LoginContext + TextContext + BufferSource>(
+        &mut self,
+        ctx: &mut C,
+        pdu: Pdu,
+        rdma: RdmaTags,
+    ) {
         let op = pdu.bhs.opcode();
         match op {
             opcode::DATA_OUT => {
@@ -561,20 +711,20 @@ impl Connection {
             if !sn_le(self.exp_cmdsn, sn) || !sn_le(sn, self.max_cmdsn.wrapping_add(1)) {
                 return;
             }
-            return self.dispatch(ctx, pdu);
+            return self.dispatch(ctx, pdu, rdma);
         }
         let sn = pdu.bhs.cmdsn();
         if sn == self.exp_cmdsn {
             self.exp_cmdsn = self.exp_cmdsn.wrapping_add(1);
-            self.dispatch(ctx, pdu);
+            self.dispatch(ctx, pdu, rdma);
             self.drain_pending(ctx);
         } else if sn_lt(self.exp_cmdsn, sn) && sn_le(sn, self.max_cmdsn) {
             // Ahead of a gap: hold it until the missing commands arrive.
             if self.pending.len() >= PENDING_CMDS_MAX {
                 return self.fatal("too many commands waiting for a CmdSN gap".into());
             }
-            if self.pending.iter().all(|p| p.bhs.cmdsn() != sn) {
-                self.pending.push(pdu);
+            if self.pending.iter().all(|(p, _)| p.bhs.cmdsn() != sn) {
+                self.pending.push((pdu, rdma));
             }
         }
         // Outside the window: silently ignored (RFC 7143 4.2.2.1).
@@ -584,21 +734,26 @@ impl Connection {
         while let Some(i) = self
             .pending
             .iter()
-            .position(|p| p.bhs.cmdsn() == self.exp_cmdsn)
+            .position(|(p, _)| p.bhs.cmdsn() == self.exp_cmdsn)
         {
-            let pdu = self.pending.swap_remove(i);
+            let (pdu, rdma) = self.pending.swap_remove(i);
             self.exp_cmdsn = self.exp_cmdsn.wrapping_add(1);
-            self.dispatch(ctx, pdu);
+            self.dispatch(ctx, pdu, rdma);
         }
     }
 
-    fn dispatch<C: LoginContext + TextContext + BufferSource>(&mut self, ctx: &mut C, pdu: Pdu) {
+    fn dispatch<C: LoginContext + TextContext + BufferSource>(
+        &mut self,
+        ctx: &mut C,
+        pdu: Pdu,
+        rdma: RdmaTags,
+    ) {
         if self.phase != Phase::FullFeature {
             return;
         }
         match pdu.bhs.opcode() {
             opcode::NOP_OUT => self.handle_nop_out(pdu),
-            opcode::SCSI_CMD => self.handle_scsi_cmd(ctx, pdu),
+            opcode::SCSI_CMD => self.handle_scsi_cmd(ctx, pdu, rdma),
             opcode::TASK_MGMT_REQ => self.handle_tmf(pdu),
             opcode::TEXT_REQ => self.handle_text(ctx, pdu),
             opcode::LOGOUT_REQ => self.handle_logout(pdu),
@@ -681,7 +836,7 @@ impl Connection {
     // ---------------------------------------------------------------
     // SCSI commands and write data
 
-    fn handle_scsi_cmd<C: BufferSource>(&mut self, ctx: &mut C, pdu: Pdu) {
+    fn handle_scsi_cmd<C: BufferSource>(&mut self, ctx: &mut C, pdu: Pdu, rdma: RdmaTags) {
         let bhs = pdu.bhs;
         if self.session.session_type == SessionType::Discovery {
             return self.send_reject(reject::COMMAND_NOT_SUPPORTED, &bhs);
@@ -731,23 +886,25 @@ impl Connection {
             edtl,
             read,
             write,
-            data_out: Vec::new(),
+            data_out: DataBuf::new(),
             received: 0,
             unsolicited_done: true,
             unsolicited_datasn: 0,
             r2t_next_offset: 0,
             r2ts: R2tList::default(),
             r2tsn: 0,
+            rdma,
         };
         if want_data {
             if imm_len == edtl {
                 // All the data came with the command: its buffer is the
                 // task's, no copy.
-                task.data_out = pdu.data;
+                task.data_out = pdu.data.into();
             } else {
-                let mut buf = ctx.data_buffer(edtl as usize);
-                buf.clear();
-                buf.resize(edtl as usize, 0);
+                // Every byte is written before the command runs: the
+                // data sequence checks admit it only once `received`
+                // reaches EDTL with each byte range given exactly once.
+                let mut buf = ctx.data_buffer_sized(edtl as usize);
                 buf[..pdu.data.len()].copy_from_slice(&pdu.data);
                 task.data_out = buf;
                 ctx.recycle(pdu.data);
@@ -772,6 +929,7 @@ impl Connection {
     fn advance_task(&mut self, id: TaskId) {
         let max_burst = self.session.max_burst_length.max(512);
         let max_r2t = (self.session.max_outstanding_r2t.max(1) as usize).min(R2T_SLOTS);
+        let iser = self.params.transport == Transport::Iser;
         let Some(t) = self.task_mut(id) else { return };
         if t.received >= t.edtl || !t.write {
             let req = ScsiRequest {
@@ -802,6 +960,16 @@ impl Connection {
             n_new += 1;
             t.r2t_next_offset += len;
         }
+        let write_tag = t.rdma.write;
+        if iser && n_new > 0 && write_tag.is_none() {
+            // Solicited data on iSER moves only by RDMA Read, which needs
+            // the initiator's write STag.
+            let itt = t.itt;
+            self.take_task(id);
+            tracing::info!(itt, "iSER write without a write STag");
+            let sense = fixed_sense(0x0b, 0x0c, 0x0c, [0; 3]);
+            return self.respond_status_only(itt, 0x02, &sense);
+        }
         for &(offset, len) in &new_r2ts[..n_new] {
             let ttt = self.alloc_ttt();
             let (itt, lun, r2tsn) = {
@@ -817,6 +985,17 @@ impl Connection {
                 });
                 (t.itt, t.lun, r2tsn)
             };
+            if let (true, Some((stag, va))) = (iser, write_tag) {
+                self.events.push_back(Event::RdmaRead {
+                    task: id,
+                    ttt,
+                    offset,
+                    len,
+                    stag,
+                    va: va.wrapping_add(offset as u64),
+                });
+                continue;
+            }
             let mut b = Bhs::new(opcode::R2T);
             b.set_flags(flags::FINAL);
             b.set_lun(lun);
@@ -830,108 +1009,168 @@ impl Connection {
         }
     }
 
-    fn handle_data_out(&mut self, pdu: &Pdu) {
-        let bhs = pdu.bhs;
+    /// Where the data of a Data-Out PDU goes, or why it is refused. Shared
+    /// by `place_data_out` (before the data is read) and `handle_data_out`
+    /// (which applies it), so both always agree.
+    fn data_out_check(&self, bhs: &Bhs, len: u32) -> Result<(TaskId, DataOutTo), DataOutError> {
         let Some(&id) = self.by_itt.get(&bhs.itt()) else {
-            // Data for a task we no longer hold: it was aborted or refused
-            // before its data arrived, so the data has nowhere to go.
-            tracing::debug!(itt = bhs.itt(), "Data-Out for unknown task dropped");
-            return;
+            return Err(DataOutError::NoTask);
+        };
+        let Some(t) = self.task_ref(id) else {
+            return Err(DataOutError::NoTask);
         };
         let ttt = bhs.ttt();
         let offset = bhs.buffer_offset();
-        let len = pdu.data.len() as u32;
         let datasn = bhs.datasn();
-        let final_bit = bhs.final_bit();
-        let first_burst = self.session.first_burst_length;
-        // A broken data sequence ends the command, not the connection:
-        // CHECK CONDITION, ABORTED COMMAND with the ASC saying what was
-        // wrong (SPC-4 table of 4Bh codes), and later Data-Out PDUs for
-        // the task are dropped as belonging to no task.
-        let err: Option<(u8, u8, String)> = {
-            let Some(t) = self.task_mut(id) else {
-                return;
-            };
-            if !matches!(t.state, TaskState::DataOut) {
-                Some((
+        let seq = |asc, ascq, why: String| Err(DataOutError::Sequence(asc, ascq, why));
+        if !matches!(t.state, TaskState::DataOut) {
+            return seq(
+                0x4b,
+                0x00,
+                "Data-Out for a task not waiting for data".into(),
+            );
+        }
+        if offset as u64 + len as u64 > t.edtl as u64 {
+            return seq(
+                0x4b,
+                0x02,
+                "Data-Out beyond the expected data transfer length".into(),
+            );
+        }
+        if ttt == RESERVED_TAG {
+            if t.unsolicited_done {
+                seq(0x0c, 0x0c, "unexpected unsolicited data".into())
+            } else if datasn != t.unsolicited_datasn {
+                let e = t.unsolicited_datasn;
+                seq(
                     0x4b,
                     0x00,
-                    "Data-Out for a task not waiting for data".into(),
-                ))
-            } else if offset as u64 + len as u64 > t.edtl as u64 {
-                Some((
-                    0x4b,
-                    0x02,
-                    "Data-Out beyond the expected data transfer length".into(),
-                ))
-            } else if ttt == RESERVED_TAG {
-                if t.unsolicited_done {
-                    Some((0x0c, 0x0c, "unexpected unsolicited data".into()))
-                } else if datasn != t.unsolicited_datasn {
-                    Some((
-                        0x4b,
-                        0x00,
-                        format!(
-                            "unsolicited DataSN {datasn}, expected {}",
-                            t.unsolicited_datasn
-                        ),
-                    ))
-                } else if offset != t.received {
-                    // DataPDUInOrder and DataSequenceInOrder are always Yes.
-                    Some((
-                        0x4b,
-                        0x05,
-                        format!("BufferOffset {offset}, expected {}", t.received),
-                    ))
-                } else if offset + len > first_burst {
-                    Some((
-                        0x0c,
-                        0x0c,
-                        "unsolicited data beyond FirstBurstLength".into(),
-                    ))
-                } else {
-                    t.unsolicited_datasn += 1;
-                    t.data_out[offset as usize..(offset + len) as usize].copy_from_slice(&pdu.data);
-                    t.received += len;
-                    if final_bit {
-                        t.unsolicited_done = true;
-                        t.r2t_next_offset = t.received;
-                    }
-                    None
-                }
-            } else if let Some(r) = t.r2ts.find_mut(ttt) {
-                if datasn != r.next_datasn {
-                    Some((
-                        0x4b,
-                        0x00,
-                        format!("DataSN {datasn}, expected {}", r.next_datasn),
-                    ))
-                } else if offset != r.offset + r.received || r.received + len > r.len {
-                    Some((0x4b, 0x05, format!("BufferOffset {offset} outside its R2T")))
-                } else {
-                    r.next_datasn += 1;
-                    r.received += len;
-                    t.data_out[offset as usize..(offset + len) as usize].copy_from_slice(&pdu.data);
-                    t.received += len;
-                    t.r2ts.retain(|r| r.received < r.len);
-                    None
-                }
+                    format!("unsolicited DataSN {datasn}, expected {e}"),
+                )
+            } else if offset != t.received {
+                // DataPDUInOrder and DataSequenceInOrder are always Yes.
+                let e = t.received;
+                seq(0x4b, 0x05, format!("BufferOffset {offset}, expected {e}"))
+            } else if offset + len > self.session.first_burst_length {
+                seq(
+                    0x0c,
+                    0x0c,
+                    "unsolicited data beyond FirstBurstLength".into(),
+                )
             } else {
-                Some((0x4b, 0x01, format!("Data-Out with unknown TTT {ttt:#x}")))
+                Ok((id, DataOutTo::Unsolicited))
+            }
+        } else if let Some(r) = t.r2ts.items[..t.r2ts.len].iter().find(|r| r.ttt == ttt) {
+            if datasn != r.next_datasn {
+                let e = r.next_datasn;
+                seq(0x4b, 0x00, format!("DataSN {datasn}, expected {e}"))
+            } else if offset != r.offset + r.received || r.received + len > r.len {
+                seq(0x4b, 0x05, format!("BufferOffset {offset} outside its R2T"))
+            } else {
+                Ok((id, DataOutTo::R2t(ttt)))
+            }
+        } else {
+            seq(0x4b, 0x01, format!("Data-Out with unknown TTT {ttt:#x}"))
+        }
+    }
+
+    /// A transport that has a Data-Out's data in hand before giving the
+    /// PDU to `handle_pdu` may put it straight into the task's buffer
+    /// here (returns true), and then pass the PDU with empty data. Data the
+    /// connection would refuse is not placed (false): the PDU then goes to
+    /// `handle_pdu` with its data as usual, which answers the error.
+    pub fn place_data_out(&mut self, bhs: &Bhs, data: &[u8]) -> bool {
+        if self.phase != Phase::FullFeature
+            || bhs.opcode() != opcode::DATA_OUT
+            || data.is_empty()
+            || data.len() != bhs.data_segment_len() as usize
+        {
+            return false;
+        }
+        let Ok((id, _)) = self.data_out_check(bhs, data.len() as u32) else {
+            return false;
+        };
+        let offset = bhs.buffer_offset() as usize;
+        let Some(t) = self.task_mut(id) else {
+            return false;
+        };
+        let Some(dst) = t.data_out.get_mut(offset..offset + data.len()) else {
+            return false;
+        };
+        dst.copy_from_slice(data);
+        self.placed = Some((bhs.itt(), bhs.buffer_offset(), data.len() as u32));
+        true
+    }
+
+    fn handle_data_out(&mut self, pdu: &Pdu) {
+        let bhs = pdu.bhs;
+        // Data already put in place by `place_data_out` for this very PDU.
+        let placed = self.placed.take().filter(|&(itt, off, n)| {
+            pdu.data.is_empty()
+                && itt == bhs.itt()
+                && off == bhs.buffer_offset()
+                && n == bhs.data_segment_len()
+        });
+        let len = match placed {
+            Some((_, _, n)) => n,
+            None => pdu.data.len() as u32,
+        };
+        let offset = bhs.buffer_offset();
+        let (id, to) = match self.data_out_check(&bhs, len) {
+            Ok(v) => v,
+            Err(DataOutError::NoTask) => {
+                // Data for a task we no longer hold: it was aborted or
+                // refused before its data arrived, so the data has nowhere
+                // to go.
+                tracing::debug!(itt = bhs.itt(), "Data-Out for unknown task dropped");
+                return;
+            }
+            Err(DataOutError::Sequence(asc, ascq, why)) => {
+                // A broken data sequence ends the command, not the
+                // connection: CHECK CONDITION, ABORTED COMMAND with the ASC
+                // saying what was wrong (SPC-4 table of 4Bh codes), and
+                // later Data-Out PDUs for the task are dropped as belonging
+                // to no task.
+                tracing::info!(itt = bhs.itt(), "write data sequence error: {why}");
+                let itt = bhs.itt();
+                if let Some(&id) = self.by_itt.get(&itt) {
+                    self.take_task(id);
+                }
+                let sense = fixed_sense(0x0b, asc, ascq, [0; 3]);
+                return self.respond_status_only(itt, 0x02, &sense);
             }
         };
-        if let Some((asc, ascq, why)) = err {
-            tracing::info!(itt = bhs.itt(), "write data sequence error: {why}");
-            let itt = bhs.itt();
-            self.take_task(id);
-            let sense = fixed_sense(0x0b, asc, ascq, [0; 3]);
-            return self.respond_status_only(itt, 0x02, &sense);
+        let final_bit = bhs.final_bit();
+        let Some(t) = self.task_mut(id) else {
+            return;
+        };
+        if placed.is_none() {
+            t.data_out[offset as usize..(offset + len) as usize].copy_from_slice(&pdu.data);
+        }
+        t.received += len;
+        match to {
+            DataOutTo::Unsolicited => {
+                t.unsolicited_datasn += 1;
+                if final_bit {
+                    t.unsolicited_done = true;
+                    t.r2t_next_offset = t.received;
+                }
+            }
+            DataOutTo::R2t(ttt) => {
+                if let Some(r) = t.r2ts.find_mut(ttt) {
+                    r.next_datasn += 1;
+                    r.received += len;
+                }
+                t.r2ts.retain(|r| r.received < r.len);
+            }
         }
         self.advance_task(id);
     }
 
     /// The device server finished `task`. `data_in` is at its natural
-    /// length; `data_out_len` is what the CDB asked to write.
+    /// length; `data_out_len` is what the CDB asked to write. The data is
+    /// copied into the connection's output; transports that can send from
+    /// the buffer itself use `scsi_complete_owned`.
     pub fn scsi_complete(
         &mut self,
         task: TaskId,
@@ -940,19 +1179,56 @@ impl Connection {
         data_in: &[u8],
         data_out_len: u32,
     ) {
+        self.complete(task, status, sense, DataIn::Copy(data_in), data_out_len);
+    }
+
+    /// `scsi_complete` without copying the data: wire bytes produced so
+    /// far, then each Data-In header followed by a range of `data_in`, go
+    /// to `sink` in order, and the buffer goes with them. Returns the
+    /// buffer when nothing is sent from it (no data, aborted task, closed
+    /// connection), for the caller to reuse.
+    pub fn scsi_complete_owned(
+        &mut self,
+        task: TaskId,
+        status: u8,
+        sense: &[u8],
+        data_in: DataBuf,
+        data_out_len: u32,
+        sink: &mut dyn TxSink,
+    ) -> Option<DataBuf> {
+        let mut buf = Some(data_in);
+        self.complete(
+            task,
+            status,
+            sense,
+            DataIn::Owned(&mut buf, sink),
+            data_out_len,
+        );
+        buf
+    }
+
+    fn complete(
+        &mut self,
+        task: TaskId,
+        status: u8,
+        sense: &[u8],
+        mut data_in: DataIn<'_>,
+        data_out_len: u32,
+    ) {
         let Some(t) = self.take_task(task) else {
             return;
         };
         if matches!(t.state, TaskState::Aborted) || self.phase != Phase::FullFeature {
             return;
         }
+        let data_len = data_in.len();
         let edtl = t.edtl as u64;
         // Residuals compare EDTL with what the command wanted to move in
         // its data direction (RFC 7143 11.4.5).
         let natural = if t.write && !t.read {
             data_out_len as u64
         } else {
-            data_in.len() as u64
+            data_len as u64
         };
         let (res_flag, residual) = if natural > edtl {
             (flags::OVERFLOW, (natural - edtl) as u32)
@@ -961,21 +1237,29 @@ impl Connection {
         } else {
             (0, 0)
         };
-        let send_len =
-            (data_in.len() as u64).min(if t.read || !t.write { edtl } else { 0 }) as usize;
-        let data = &data_in[..send_len];
+        let send_len = (data_len as u64).min(if t.read || !t.write { edtl } else { 0 }) as usize;
+        let mut datasn = t.r2tsn;
+        if self.params.transport == Transport::Iser {
+            return self.complete_iser(&t, status, sense, data_in, send_len, res_flag, residual);
+        }
         // Status rides in the last Data-In when there is no sense to send
         // (RFC 7143 11.7.4).
-        let collapse = !data.is_empty() && sense.is_empty() && status == 0;
-        let mut datasn = t.r2tsn;
-        if !data.is_empty() {
+        let collapse = send_len > 0 && sense.is_empty() && status == 0;
+        if send_len > 0 {
+            // Bytes already queued go first, then the buffer itself.
+            if let DataIn::Owned(buf, sink) = &mut data_in {
+                self.hand_tx(&mut **sink);
+                if let Some(b) = buf.take() {
+                    sink.put_data(b);
+                }
+            }
             let seg_max = self.params.max_xmit_data_segment_length.max(512) as usize;
             let burst_max = self.session.max_burst_length.max(512) as usize;
             let mut off = 0usize;
-            while off < data.len() {
+            while off < send_len {
                 let burst_left = burst_max - (off % burst_max);
-                let n = seg_max.min(data.len() - off).min(burst_left);
-                let last = off + n == data.len();
+                let n = seg_max.min(send_len - off).min(burst_left);
+                let last = off + n == send_len;
                 let mut b = Bhs::new(opcode::DATA_IN);
                 let mut fl = 0u8;
                 if last || n == burst_left {
@@ -996,13 +1280,130 @@ impl Connection {
                     b.set_statsn(0);
                 }
                 b.set_flags(fl);
-                self.push(&b, &data[off..off + n]);
+                match &mut data_in {
+                    DataIn::Copy(data) => self.push(&b, &data[off..off + n]),
+                    DataIn::Owned(_, sink) => {
+                        self.encoder.encode_header(&b, n, &mut self.tx);
+                        sink.put_bytes(&self.tx);
+                        self.tx.clear();
+                        sink.put_range(off, off + n);
+                        let mut trailer = [0u8; 8];
+                        let len = self.encoder.data_trailer(sink.last_range(), &mut trailer);
+                        if len > 0 {
+                            sink.put_bytes(&trailer[..len]);
+                        }
+                    }
+                }
                 datasn += 1;
                 off += n;
             }
         }
         if !collapse {
             self.push_scsi_response(t.itt, status, sense, res_flag, datasn, residual);
+        }
+    }
+
+    /// iSER's data phase of a completion (RFC 7145 7.3.5): no Data-In
+    /// PDUs; the read data goes by one RDMA Write to the initiator's read
+    /// buffer, and a SCSI Response always follows (the reliable
+    /// connection delivers it after the data). ExpDataSN still counts the
+    /// Data-In PDUs the iSCSI layer would have produced.
+    #[allow(clippy::too_many_arguments)]
+    fn complete_iser(
+        &mut self,
+        t: &Task,
+        status: u8,
+        sense: &[u8],
+        data_in: DataIn<'_>,
+        send_len: usize,
+        res_flag: u8,
+        residual: u32,
+    ) {
+        let mut datasn = t.r2tsn;
+        if send_len > 0 {
+            let tag = t.rdma.read;
+            let sent = match (data_in, tag) {
+                (DataIn::Owned(buf, sink), Some((stag, va))) => {
+                    self.hand_tx(&mut *sink);
+                    match buf.take() {
+                        Some(b) => match sink.put_rdma_write(b, send_len, stag, va) {
+                            None => true,
+                            Some(back) => {
+                                *buf = Some(back);
+                                false
+                            }
+                        },
+                        None => false,
+                    }
+                }
+                _ => false,
+            };
+            if !sent {
+                // A read without a read STag is the initiator's protocol
+                // error; a sink without RDMA is ours. Either way the data
+                // cannot move: fail the command, not the connection.
+                tracing::warn!(itt = t.itt, "iSER read data could not be sent");
+                let sense = fixed_sense(0x0b, 0x44, 0x00, [0; 3]);
+                return self.respond_status_only(t.itt, 0x02, &sense);
+            }
+            let seg_max = self.params.max_xmit_data_segment_length.max(512) as usize;
+            let burst_max = self.session.max_burst_length.max(512) as usize;
+            let mut off = 0usize;
+            while off < send_len {
+                let burst_left = burst_max - (off % burst_max);
+                off += seg_max.min(send_len - off).min(burst_left);
+                datasn += 1;
+            }
+        }
+        self.push_scsi_response(t.itt, status, sense, res_flag, datasn, residual);
+    }
+
+    /// iSER: where the RDMA Read of `Event::RdmaRead` puts its bytes, the
+    /// task's write buffer at `offset`; `None` once the task is gone
+    /// (aborted): then skip the read and report it done anyway.
+    pub fn rdma_read_target(&mut self, task: TaskId, offset: u32, len: u32) -> Option<&mut [u8]> {
+        let t = self.task_mut(task)?;
+        if !matches!(t.state, TaskState::DataOut) {
+            return None;
+        }
+        t.data_out
+            .get_mut(offset as usize..offset as usize + len as usize)
+    }
+
+    /// iSER: the RDMA Read for R2T `ttt` of `task` finished (`ok`), or
+    /// failed (the queue pair is then broken and the connection ends).
+    pub fn rdma_read_done(&mut self, task: TaskId, ttt: u32, ok: bool) {
+        if !ok {
+            return self.fatal("RDMA Read of write data failed".into());
+        }
+        let Some(t) = self.task_mut(task) else {
+            return;
+        };
+        if !matches!(t.state, TaskState::DataOut) {
+            return;
+        }
+        let Some(r) = t.r2ts.find_mut(ttt) else {
+            return;
+        };
+        let len = r.len - r.received;
+        r.received = r.len;
+        t.received += len;
+        t.r2ts.retain(|r| r.received < r.len);
+        self.advance_task(task);
+    }
+
+    /// Move the wire bytes queued so far into `sink`: small amounts by
+    /// copy (the common case, a few headers), large ones by handing over
+    /// the buffer.
+    fn hand_tx(&mut self, sink: &mut dyn TxSink) {
+        if self.tx.is_empty() {
+            return;
+        }
+        if self.tx.len() <= HAND_TX_COPY_MAX {
+            sink.put_bytes(&self.tx);
+            self.tx.clear();
+        } else {
+            sink.put_vec(&mut self.tx);
         }
     }
 
@@ -1352,6 +1753,225 @@ mod tests {
         }
     }
 
+    fn ffp_iser(s: SessionParams) -> Connection {
+        let mut c = Connection::new(
+            ConnConfig {
+                transport: Transport::Iser,
+                ..ConnConfig::default()
+            },
+            0,
+        );
+        c.enter_ffp(&LoginOutcome {
+            session: s,
+            conn: ConnParams {
+                transport: Transport::Iser,
+                max_xmit_data_segment_length: 8192,
+                max_recv_data_segment_length: 8192,
+                ..ConnParams::default()
+            },
+            isid: 1,
+            tsih: 1,
+            cid: 0,
+            exp_cmdsn: 1,
+            next_statsn: 100,
+        });
+        c
+    }
+
+    /// A sink that records RDMA Writes beside the wire bytes.
+    #[derive(Default)]
+    struct RdmaSink {
+        wire: WireSink,
+        writes: Vec<(DataBuf, usize, u32, u64, usize)>,
+    }
+
+    impl TxSink for RdmaSink {
+        fn put_bytes(&mut self, bytes: &[u8]) {
+            self.wire.put_bytes(bytes)
+        }
+        fn put_vec(&mut self, bytes: &mut Vec<u8>) {
+            self.wire.put_vec(bytes)
+        }
+        fn put_data(&mut self, buf: DataBuf) {
+            self.wire.put_data(buf)
+        }
+        fn put_range(&mut self, start: usize, end: usize) {
+            self.wire.put_range(start, end)
+        }
+        fn last_range(&self) -> &[u8] {
+            self.wire.last_range()
+        }
+        fn put_rdma_write(
+            &mut self,
+            buf: DataBuf,
+            len: usize,
+            stag: u32,
+            va: u64,
+        ) -> Option<DataBuf> {
+            // Where the write sits among the Sends: bytes queued before it.
+            let at = self.wire.wire.len();
+            self.writes.push((buf, len, stag, va, at));
+            None
+        }
+    }
+
+    #[test]
+    fn iser_read_data_goes_by_rdma_write_then_a_scsi_response() {
+        let mut c = ffp_iser(session());
+        let tags = RdmaTags {
+            write: None,
+            read: Some((0x55, 0x7f00_0000_1000)),
+        };
+        c.handle_pdu_rdma(
+            &mut Ctx,
+            cmd(1, 9, flags::FINAL | flags::READ, 20000, &[]),
+            tags,
+            0,
+        );
+        let r = scsi_event(&mut c);
+        let data: Vec<u8> = (0..20000u32).map(|i| i as u8).collect();
+        let mut sink = RdmaSink::default();
+        assert!(c
+            .scsi_complete_owned(r.task, 0, &[], data.clone().into(), 0, &mut sink)
+            .is_none());
+        assert_eq!(sink.writes.len(), 1);
+        let (buf, len, stag, va, at) = &sink.writes[0];
+        assert_eq!(
+            (&buf[..*len], *stag, *va),
+            (&data[..], 0x55, 0x7f00_0000_1000)
+        );
+        assert_eq!(*at, 0, "nothing was queued before the data");
+        let out = drain(&mut c);
+        assert_eq!(out.len(), 1, "no Data-In PDUs on iSER");
+        let resp = &out[0].bhs;
+        assert_eq!(resp.opcode(), opcode::SCSI_RESP);
+        assert_eq!(resp.0[3], 0);
+        assert_eq!(
+            resp.u32_at(36),
+            3,
+            "ExpDataSN counts the Data-Ins that RDMA replaced"
+        );
+        assert!(sink.wire.wire.is_empty());
+    }
+
+    #[test]
+    fn iser_read_without_a_read_stag_fails_the_command() {
+        let mut c = ffp_iser(session());
+        c.handle_pdu_rdma(
+            &mut Ctx,
+            cmd(1, 9, flags::FINAL | flags::READ, 4096, &[]),
+            RdmaTags::default(),
+            0,
+        );
+        let r = scsi_event(&mut c);
+        let mut sink = RdmaSink::default();
+        let back = c.scsi_complete_owned(r.task, 0, &[], vec![1; 4096].into(), 0, &mut sink);
+        assert!(back.is_some() && sink.writes.is_empty());
+        let out = drain(&mut c);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].bhs.0[3], 0x02, "CHECK CONDITION");
+        assert_eq!(out[0].data[2 + 2], 0x0b);
+        assert!(!c.is_closing());
+    }
+
+    #[test]
+    fn iser_write_merges_immediate_data_with_rdma_reads_of_the_rest() {
+        let mut s = session();
+        s.immediate_data = true;
+        s.initial_r2t = true;
+        s.first_burst_length = 8192;
+        s.max_burst_length = 16384;
+        s.max_outstanding_r2t = 1;
+        let mut c = ffp_iser(s);
+        let edtl = 40_000u32;
+        let data: Vec<u8> = (0..edtl).map(|i| (i * 31 + 5) as u8).collect();
+        let base = 0x10_0000u64;
+        let tags = RdmaTags {
+            write: Some((0x77, base)),
+            read: None,
+        };
+        c.handle_pdu_rdma(
+            &mut Ctx,
+            cmd(1, 3, flags::FINAL | flags::WRITE, edtl, &data[..8192]),
+            tags,
+            0,
+        );
+        let mut reads = Vec::new();
+        loop {
+            match c.poll_event() {
+                Some(Event::RdmaRead {
+                    task,
+                    ttt,
+                    offset,
+                    len,
+                    stag,
+                    va,
+                }) => {
+                    assert_eq!(stag, 0x77);
+                    assert_eq!(
+                        va,
+                        base + offset as u64,
+                        "remote address follows BufferOffset"
+                    );
+                    assert!(len <= 16384);
+                    // One outstanding at a time (MaxOutstandingR2T 1).
+                    assert!(c.poll_event().is_none());
+                    let dst = c.rdma_read_target(task, offset, len).expect("task waits");
+                    dst.copy_from_slice(&data[offset as usize..(offset + len) as usize]);
+                    reads.push((offset, len));
+                    c.rdma_read_done(task, ttt, true);
+                }
+                Some(Event::Scsi(r)) => {
+                    assert_eq!(r.data_out, data);
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(reads, vec![(8192, 16384), (24576, 15424)]);
+        assert!(drain(&mut c).is_empty(), "no R2T PDUs on iSER");
+    }
+
+    #[test]
+    fn iser_write_without_a_write_stag_fails_the_command() {
+        let mut s = session();
+        s.immediate_data = false;
+        let mut c = ffp_iser(s);
+        c.handle_pdu_rdma(
+            &mut Ctx,
+            cmd(1, 3, flags::FINAL | flags::WRITE, 4096, &[]),
+            RdmaTags::default(),
+            0,
+        );
+        let out = drain(&mut c);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].bhs.opcode(), opcode::SCSI_RESP);
+        assert_eq!(out[0].bhs.0[3], 0x02);
+        assert_eq!(c.tasks_in_flight(), 0);
+    }
+
+    #[test]
+    fn iser_rdma_read_failure_ends_the_connection() {
+        let mut s = session();
+        s.immediate_data = false;
+        let mut c = ffp_iser(s);
+        let tags = RdmaTags {
+            write: Some((1, 0)),
+            read: None,
+        };
+        c.handle_pdu_rdma(
+            &mut Ctx,
+            cmd(1, 3, flags::FINAL | flags::WRITE, 4096, &[]),
+            tags,
+            0,
+        );
+        let Some(Event::RdmaRead { task, ttt, .. }) = c.poll_event() else {
+            panic!("expected an RDMA Read");
+        };
+        c.rdma_read_done(task, ttt, false);
+        assert!(c.is_closing());
+    }
+
     #[test]
     fn read_is_split_by_segment_length_with_status_in_last_data_in() {
         let mut c = ffp(session(), 8192);
@@ -1379,6 +1999,127 @@ mod tests {
         assert_eq!(last.statsn(), 100);
         assert_eq!(last.expcmdsn(), 2);
         assert_eq!(off, 20000);
+    }
+
+    /// A sink that lays everything out as the wire would carry it.
+    #[derive(Default)]
+    struct WireSink {
+        wire: Vec<u8>,
+        data: Option<DataBuf>,
+        last: (usize, usize),
+        buffers: usize,
+    }
+
+    impl TxSink for WireSink {
+        fn put_bytes(&mut self, bytes: &[u8]) {
+            self.wire.extend_from_slice(bytes);
+        }
+        fn put_vec(&mut self, bytes: &mut Vec<u8>) {
+            self.wire.append(bytes);
+        }
+        fn put_data(&mut self, buf: DataBuf) {
+            self.buffers += 1;
+            self.data = Some(buf);
+        }
+        fn put_range(&mut self, start: usize, end: usize) {
+            self.last = (start, end);
+            let d = self.data.as_ref().expect("range before data");
+            self.wire.extend_from_slice(&d[start..end]);
+        }
+        fn last_range(&self) -> &[u8] {
+            &self.data.as_ref().expect("range before data")[self.last.0..self.last.1]
+        }
+    }
+
+    #[test]
+    fn owned_completion_puts_the_same_bytes_on_the_wire_as_the_copying_one() {
+        let sense = [
+            0x70u8, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0, 0, 0,
+        ];
+        // (header digest, data digest, EDTL, data length, status, sense)
+        type Case<'a> = (bool, bool, u32, usize, u8, &'a [u8]);
+        let cases: [Case; 7] = [
+            (false, false, 20000, 20000, 0, &[]),
+            (true, true, 20000, 20000, 0, &[]),
+            (false, true, 4097, 4097, 0, &[]),
+            (true, false, 3000, 5000, 0, &[]),
+            (false, false, 9000, 8191, 0, &[]),
+            (true, true, 512, 512, 2, &sense),
+            (false, false, 0, 512, 0, &[]),
+        ];
+        for (hd, dd, edtl, len, status, sense) in cases {
+            let data: Vec<u8> = (0..len as u32).map(|i| (i * 13 + 7) as u8).collect();
+            let mut wires = Vec::new();
+            for owned in [false, true] {
+                let mut c = ffp(session(), 8192);
+                c.encoder.header_digest = hd;
+                c.encoder.data_digest = dd;
+                // Output already queued must stay ahead of the data.
+                let mut nop = Pdu::new(opcode::NOP_OUT);
+                nop.bhs.set_immediate(true);
+                nop.bhs.set_flags(flags::FINAL);
+                nop.bhs.set_itt(77);
+                nop.bhs.set_ttt(RESERVED_TAG);
+                nop.bhs.set_u32_at(24, 1);
+                c.handle_pdu(&mut Ctx, nop, 0);
+                c.handle_pdu(
+                    &mut Ctx,
+                    cmd(1, 5, flags::FINAL | flags::READ, edtl, &[]),
+                    0,
+                );
+                let r = scsi_event(&mut c);
+                let mut sink = WireSink::default();
+                if owned {
+                    let back = c.scsi_complete_owned(
+                        r.task,
+                        status,
+                        sense,
+                        data.clone().into(),
+                        0,
+                        &mut sink,
+                    );
+                    let sent = edtl > 0 && len > 0;
+                    assert_eq!(back.is_none(), sent, "buffer kept only when sent from");
+                    assert_eq!(sink.buffers, usize::from(sent));
+                } else {
+                    c.scsi_complete(r.task, status, sense, &data, 0);
+                }
+                c.take_tx(&mut sink.wire);
+                wires.push(sink.wire);
+            }
+            assert_eq!(wires[0], wires[1], "hd {hd} dd {dd} edtl {edtl} len {len}");
+            let mut d = Decoder::new(1 << 24);
+            d.header_digest = hd;
+            d.data_digest = dd;
+            let (mut pos, mut pdus) = (0, 0);
+            while let Some((_, n)) = d.decode(&wires[1][pos..]).unwrap() {
+                pos += n;
+                pdus += 1;
+            }
+            assert_eq!(pos, wires[1].len());
+            assert!(pdus >= 2);
+        }
+    }
+
+    #[test]
+    fn owned_completion_of_an_aborted_or_dataless_task_returns_the_buffer() {
+        let mut c = ffp(session(), 8192);
+        c.handle_pdu(&mut Ctx, cmd(1, 5, flags::FINAL | flags::WRITE, 0, &[]), 0);
+        let r = scsi_event(&mut c);
+        let mut sink = WireSink::default();
+        let back = c.scsi_complete_owned(
+            r.task,
+            0,
+            &[],
+            Vec::with_capacity(4096).into(),
+            0,
+            &mut sink,
+        );
+        assert_eq!(back.map(|b| b.capacity() >= 4096), Some(true));
+        assert_eq!(sink.buffers, 0);
+        // A task the connection no longer knows.
+        let back = c.scsi_complete_owned(r.task, 0, &[], vec![1; 512].into(), 0, &mut sink);
+        assert_eq!(back.map(|b| b.len()), Some(512));
     }
 
     #[test]
@@ -1507,6 +2248,81 @@ mod tests {
         assert_eq!(r2t.len(), 1);
         assert_eq!(r2t[0].bhs.buffer_offset(), 8192);
         assert_eq!(r2t[0].bhs.u32_at(44), 4096);
+    }
+
+    #[test]
+    fn placed_data_out_completes_the_write_like_copied_data() {
+        let mut s = session();
+        s.immediate_data = false;
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        for placing in [false, true] {
+            let mut c = ffp(s.clone(), 1024);
+            c.handle_pdu(
+                &mut Ctx,
+                cmd(1, 4, flags::FINAL | flags::WRITE, 4096, &[]),
+                0,
+            );
+            let r2t = drain(&mut c);
+            assert_eq!(r2t.len(), 1);
+            for (i, chunk) in data.chunks(1024).enumerate() {
+                let mut d = Pdu::new(opcode::DATA_OUT);
+                d.bhs.set_itt(4);
+                d.bhs.set_ttt(r2t[0].bhs.ttt());
+                d.bhs.set_datasn(i as u32);
+                d.bhs.set_buffer_offset(i as u32 * 1024);
+                d.bhs.set_data_segment_len(1024);
+                if i == 3 {
+                    d.bhs.set_flags(flags::FINAL);
+                }
+                if placing {
+                    assert!(c.place_data_out(&d.bhs, chunk));
+                } else {
+                    d.data = chunk.to_vec();
+                }
+                c.handle_pdu(&mut Ctx, d, 0);
+            }
+            let r = scsi_event(&mut c);
+            assert_eq!(r.data_out, data, "placing {placing}");
+        }
+    }
+
+    #[test]
+    fn data_out_the_connection_would_refuse_is_not_placed() {
+        let mut s = session();
+        s.immediate_data = false;
+        let mut c = ffp(s, 1024);
+        c.handle_pdu(
+            &mut Ctx,
+            cmd(1, 4, flags::FINAL | flags::WRITE, 2048, &[]),
+            0,
+        );
+        let r2t = drain(&mut c);
+        let mut d = Pdu::new(opcode::DATA_OUT);
+        d.bhs.set_itt(4);
+        d.bhs.set_ttt(r2t[0].bhs.ttt());
+        d.bhs.set_data_segment_len(1024);
+        // Wrong offset, wrong TTT, unknown ITT, length not matching.
+        d.bhs.set_buffer_offset(1024);
+        assert!(!c.place_data_out(&d.bhs, &[1; 1024]));
+        d.bhs.set_buffer_offset(0);
+        d.bhs.set_ttt(0x1234);
+        assert!(!c.place_data_out(&d.bhs, &[1; 1024]));
+        d.bhs.set_ttt(r2t[0].bhs.ttt());
+        d.bhs.set_itt(5);
+        assert!(!c.place_data_out(&d.bhs, &[1; 1024]));
+        d.bhs.set_itt(4);
+        assert!(!c.place_data_out(&d.bhs, &[1; 1000]));
+        // A placed PDU whose data is then given anyway is taken as given
+        // (the placement record belongs to an empty data segment only).
+        assert!(c.place_data_out(&d.bhs, &[1; 1024]));
+        d.data = vec![2; 1024];
+        c.handle_pdu(&mut Ctx, d.clone(), 0);
+        d.bhs.set_buffer_offset(1024);
+        d.bhs.set_datasn(1);
+        d.bhs.set_flags(flags::FINAL);
+        c.handle_pdu(&mut Ctx, d, 0);
+        let r = scsi_event(&mut c);
+        assert_eq!(r.data_out, vec![2; 2048]);
     }
 
     #[test]

@@ -505,6 +505,19 @@ impl Decoder {
         buf: &[u8],
         data_buf: &mut dyn FnMut(usize) -> Vec<u8>,
     ) -> Result<Option<(Pdu, usize)>, PduError> {
+        self.decode_placing(buf, &mut |_, _| false, data_buf)
+    }
+
+    /// `decode_with`, first offering the (digest-checked) data segment to
+    /// `place`, which may copy it where it finally belongs (a write
+    /// command's buffer) and return true; the PDU then comes back with
+    /// empty data and `data_buf` is not called.
+    pub fn decode_placing(
+        &self,
+        buf: &[u8],
+        place: &mut dyn FnMut(&Bhs, &[u8]) -> bool,
+        data_buf: &mut dyn FnMut(usize) -> Vec<u8>,
+    ) -> Result<Option<(Pdu, usize)>, PduError> {
         if buf.len() < BHS_LEN {
             return Ok(None);
         }
@@ -543,9 +556,11 @@ impl Decoder {
                     });
                 }
             }
-            pdu.data = data_buf(fr.data_len);
-            pdu.data.clear();
-            pdu.data.extend_from_slice(data);
+            if !place(&pdu.bhs, data) {
+                pdu.data = data_buf(fr.data_len);
+                pdu.data.clear();
+                pdu.data.extend_from_slice(data);
+            }
         }
         Ok(Some((pdu, fr.wire_len)))
     }
@@ -563,6 +578,36 @@ impl Encoder {
     /// TotalAHSLength are set from the PDU's own vectors.
     pub fn encode(&self, pdu: &Pdu, out: &mut Vec<u8>) {
         self.encode_parts(&pdu.bhs, &pdu.ahs, &pdu.data, out)
+    }
+
+    /// The header of a PDU whose `data_len`-byte data segment is sent
+    /// separately (from the buffer that holds it), followed by
+    /// `data_trailer`. No AHS.
+    pub fn encode_header(&self, bhs: &Bhs, data_len: usize, out: &mut Vec<u8>) {
+        let mut bhs = *bhs;
+        bhs.set_total_ahs_len(0);
+        bhs.set_data_segment_len(data_len as u32);
+        let start = out.len();
+        out.extend_from_slice(&bhs.0);
+        if self.header_digest {
+            let d = digest::crc32c_parts(&[&out[start..]]);
+            out.extend_from_slice(&d.to_le_bytes());
+        }
+    }
+
+    /// What follows a separately sent data segment on the wire: padding to
+    /// a multiple of 4 and the data digest if negotiated. Returns how many
+    /// bytes of `out` it filled.
+    pub fn data_trailer(&self, data: &[u8], out: &mut [u8; 8]) -> usize {
+        let pad = pad_len(data.len());
+        out[..pad].fill(0);
+        let mut n = pad;
+        if self.data_digest && !data.is_empty() {
+            let d = digest::crc32c_parts(&[data, &out[..pad]]);
+            out[n..n + 4].copy_from_slice(&d.to_le_bytes());
+            n += 4;
+        }
+        n
     }
 
     /// As `encode`, with the data segment given separately so a Data-In can

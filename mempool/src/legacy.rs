@@ -72,6 +72,28 @@ impl BufPool {
 
     /// An empty buffer with room for at least `len` bytes.
     pub fn take(&mut self, len: usize) -> Vec<u8> {
+        let mut b = self.pop(len);
+        b.clear();
+        b
+    }
+
+    /// A buffer of exactly `len` bytes whose contents are whatever its
+    /// last user left (zeros where nobody wrote): for data that will be
+    /// overwritten completely, such as write data arriving in pieces, so
+    /// that sizing it does not first write every byte.
+    pub fn take_sized(&mut self, len: usize) -> Vec<u8> {
+        let mut b = self.pop(len);
+        if b.len() >= len {
+            b.truncate(len);
+        } else {
+            b.resize(len, 0);
+        }
+        b
+    }
+
+    /// A buffer with room for `len` bytes, as its last user left it (the
+    /// free lists keep the initialized length, not the contents' meaning).
+    fn pop(&mut self, len: usize) -> Vec<u8> {
         self.stats.taken += 1;
         self.stats.in_use += 1;
         self.stats.in_use_high_water = self.stats.in_use_high_water.max(self.stats.in_use);
@@ -91,8 +113,9 @@ impl BufPool {
         }
     }
 
-    /// Return a buffer; its contents are discarded.
-    pub fn give(&mut self, mut b: Vec<u8>) {
+    /// Return a buffer; its contents are never read again, though
+    /// `take_sized` may hand them out to be overwritten.
+    pub fn give(&mut self, b: Vec<u8>) {
         self.stats.in_use = self.stats.in_use.saturating_sub(1);
         let Some(class) = class_for_cap(b.capacity()) else {
             return;
@@ -103,7 +126,6 @@ impl BufPool {
             self.stats.dropped += 1;
             return;
         }
-        b.clear();
         self.cached_bytes += b.capacity();
         self.free[class].push(b);
     }
@@ -169,5 +191,25 @@ mod tests {
         // Tiny buffers are not kept at all.
         p.give(Vec::with_capacity(100));
         assert_eq!(p.cached_bytes(), 2 * 4096);
+    }
+
+    #[test]
+    fn sized_buffers_have_the_asked_length_and_reuse_memory() {
+        let mut p = BufPool::new(4, 1 << 30);
+        let b = p.take_sized(10_000);
+        assert_eq!(b.len(), 10_000);
+        assert!(b.iter().all(|&x| x == 0));
+        let ptr = b.as_ptr();
+        p.give(b);
+        let b = p.take_sized(9000);
+        assert_eq!((b.len(), b.as_ptr()), (9000, ptr));
+        p.give(b);
+        let b = p.take_sized(16_000);
+        assert_eq!((b.len(), b.as_ptr()), (16_000, ptr));
+        p.give(b);
+        let b = p.take(12_000);
+        assert!(b.is_empty(), "take always hands out an empty buffer");
+        assert_eq!(b.as_ptr(), ptr);
+        assert_eq!(p.stats.created, 1);
     }
 }

@@ -65,6 +65,7 @@
 mod arena;
 mod buf;
 mod config;
+mod databuf;
 mod heap_count;
 mod legacy;
 mod pool;
@@ -72,6 +73,7 @@ mod pool;
 pub use buf::leaked_buffers;
 pub use buf::{Buf, OutOfRange, RdmaSegment, Segment, SgList};
 pub use config::{Backing, ClassConfig, PoolConfig};
+pub use databuf::DataBuf;
 pub use heap_count::{thread_heap_allocs, HeapCount};
 pub use legacy::{BufPool, PoolStats};
 pub use pool::{

@@ -30,6 +30,7 @@ use crossbeam_queue::ArrayQueue;
 use crate::arena::{thp_disabled, Arena};
 use crate::buf::{Buf, RawBuf, SgList};
 use crate::config::PoolConfig;
+use crate::databuf::DataBuf;
 use crate::{Backing, HUGE_PAGE_BYTES, MAX_ARENAS, MAX_CORES, MAX_REGISTRARS, MAX_SEGMENTS};
 
 /// A buffer class, by index into the configured classes (ascending size).
@@ -303,6 +304,9 @@ struct ClassShared {
     hungry: AtomicU64,
     /// Largest in-use total seen at a publication.
     high_water: AtomicU64,
+    /// Buffers that came back by a `DataBuf`'s drop rather than through a
+    /// core cache (counted as frees pool-wide).
+    returned: AtomicU64,
 }
 
 struct ArenaSlot {
@@ -353,7 +357,53 @@ impl Shared {
             allocs += self.stat(core, class, S_ALLOCS).load(Ordering::Relaxed);
             frees += self.stat(core, class, S_FREES).load(Ordering::Relaxed);
         }
+        frees += self.classes[class].returned.load(Ordering::Relaxed);
         allocs.saturating_sub(frees)
+    }
+
+    /// Whether `raw` is a buffer of this pool, of the class it says.
+    fn owns(&self, raw: &RawBuf) -> bool {
+        let c = raw.class as usize;
+        c < self.classes.len()
+            && self.classes[c].shift == raw.shift
+            && self
+                .arenas
+                .get(raw.arena as usize)
+                .and_then(OnceLock::get)
+                .is_some_and(|s| {
+                    s.class == raw.class
+                        && s.arena.contains(raw.ptr.as_ptr(), 1 << raw.shift)
+                        && (raw.ptr.as_ptr() as usize - s.arena.base.as_ptr() as usize)
+                            .is_multiple_of(1 << raw.shift)
+                })
+    }
+}
+
+/// Where a [`DataBuf`] from a pool goes back to when it is dropped rather
+/// than freed through a core cache: the pool's shared state, kept alive
+/// for the rest of the process (a pool that hands out `DataBuf`s lives as
+/// long as the engine anyway).
+#[derive(Clone, Copy)]
+pub(crate) struct DataHome(&'static Shared);
+
+impl DataHome {
+    /// Returns `buf` to its class's shared free queue: one lock-free push,
+    /// from any thread.
+    pub(crate) fn give_back(self, buf: Buf) {
+        let raw = buf.into_raw();
+        assert!(
+            self.0.owns(&raw),
+            "a DataBuf went back to a pool it is not from: {raw:?}"
+        );
+        let cs = &self.0.classes[raw.class as usize];
+        cs.returned.fetch_add(1, Ordering::Relaxed);
+        cs.free
+            .push(raw)
+            .expect("shared queue holds every buffer of the class");
+    }
+
+    fn is(self, sh: &Shared) -> bool {
+        std::ptr::eq(self.0, sh)
     }
 }
 
@@ -425,6 +475,7 @@ impl Pool {
                 limit_bytes: p.limit_bytes,
                 hungry: AtomicU64::new(0),
                 high_water: AtomicU64::new(0),
+                returned: AtomicU64::new(0),
             })
             .collect();
         let n = plans.len();
@@ -538,6 +589,7 @@ impl Pool {
             waiting: 0,
             next_class: 0,
             dirty: true,
+            home: None,
         })
     }
 
@@ -850,6 +902,9 @@ pub struct CoreCache {
     /// Counters or the local free lists changed since the last
     /// publication; `maintain` publishes only then.
     dirty: bool,
+    /// Where this cache's `DataBuf`s return when dropped (set at the
+    /// first `alloc_data`).
+    home: Option<DataHome>,
 }
 
 impl fmt::Debug for CoreCache {
@@ -1038,19 +1093,7 @@ impl CoreCache {
     pub fn free(&mut self, buf: Buf) {
         let raw = buf.into_raw();
         let c = raw.class as usize;
-        let sh = &*self.shared;
-        let ok = c < self.classes.len()
-            && sh.classes[c].shift == raw.shift
-            && sh
-                .arenas
-                .get(raw.arena as usize)
-                .and_then(OnceLock::get)
-                .is_some_and(|s| {
-                    s.class == raw.class
-                        && s.arena.contains(raw.ptr.as_ptr(), 1 << raw.shift)
-                        && (raw.ptr.as_ptr() as usize - s.arena.base.as_ptr() as usize)
-                            .is_multiple_of(1 << raw.shift)
-                });
+        let ok = self.shared.owns(&raw);
         assert!(ok, "freeing a buffer that is not from this pool: {raw:?}");
         self.dirty = true;
         let lc = &mut self.classes[c];
@@ -1066,6 +1109,46 @@ impl CoreCache {
         if lc.free.len() > limit {
             let keep = limit.saturating_sub(lc.batch_bufs);
             self.spill(c, keep);
+        }
+    }
+
+    /// A [`DataBuf`] of `len` bytes (contents stale: whatever the buffer
+    /// held) in one buffer of the smallest class that holds it, or `None`
+    /// when no class is that large or the class has nothing free here now
+    /// (the caller decides whether to wait or use the heap). Never
+    /// allocates memory.
+    pub fn alloc_data(&mut self, len: usize) -> Option<DataBuf> {
+        let class = self.class_for(len.max(1))?;
+        let mut buf = self.try_alloc(class)?;
+        buf.set_len(len);
+        let home = match self.home {
+            Some(h) => h,
+            None => {
+                // Leaked once per cache, so buffers can find their way
+                // home from any thread for the rest of the process.
+                let sh: &'static Arc<Shared> = Box::leak(Box::new(self.shared.clone()));
+                let h = DataHome(sh);
+                self.home = Some(h);
+                h
+            }
+        };
+        Some(DataBuf::from_pool(buf, home))
+    }
+
+    /// Takes a [`DataBuf`] back: a buffer of this pool into this core's
+    /// cache, one of another pool to its own home; a heap buffer is
+    /// returned for the caller to keep or drop.
+    pub fn free_data(&mut self, data: DataBuf) -> Option<Vec<u8>> {
+        match data.into_pool() {
+            Err(v) => Some(v),
+            Ok((buf, home)) if home.is(&self.shared) => {
+                self.free(buf);
+                None
+            }
+            Ok((buf, home)) => {
+                home.give_back(buf);
+                None
+            }
         }
     }
 

@@ -1,6 +1,7 @@
 //! Types shared by every part of the device server and its callers.
 
 use crate::sense::Sense;
+use mempool::DataBuf;
 use std::path::PathBuf;
 
 /// Identifies an I_T nexus for the life of the process. Assigned by the
@@ -156,9 +157,9 @@ pub struct ScsiTask {
     /// much it will accept; for writes, how much it sent.
     pub edtl: u32,
     /// Write data as received, `data_out.len() <= edtl`.
-    pub data_out: Vec<u8>,
+    pub data_out: DataBuf,
     /// An empty buffer (capacity reused) for the device server to fill.
-    pub data_in: Vec<u8>,
+    pub data_in: DataBuf,
 }
 
 /// The device server's answer to a `ScsiTask`.
@@ -173,12 +174,12 @@ pub struct ScsiCompletion {
     pub sense: Vec<u8>,
     /// Data for the initiator, at its natural length: the transport sends
     /// at most EDTL bytes of it and reports the rest as residual overflow.
-    pub data_in: Vec<u8>,
+    pub data_in: DataBuf,
     /// Bytes the CDB asked to move in the data-out direction (0 for
     /// reads). The transport compares it with EDTL for the residual.
     pub data_out_len: u32,
     /// The task's write buffer, returned for reuse.
-    pub data_out: Vec<u8>,
+    pub data_out: DataBuf,
     /// What the LUN counted for this command (kind, bytes, failure, time
     /// from submission until `poll` handed it over); `None` for
     /// completions no initiator command stands behind.

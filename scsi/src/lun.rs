@@ -21,6 +21,7 @@ use crate::sense::Sense;
 use crate::spc::SpcState;
 use crate::stats::{IoCounters, IoKind, IoSample};
 use crate::status;
+use mempool::DataBuf;
 use std::collections::VecDeque;
 use std::os::fd::BorrowedFd;
 use std::time::Instant;
@@ -91,8 +92,8 @@ struct Task {
     /// backstore completion for an aborted task cannot reach a new one.
     generation: u32,
     cmd: MediumCmd,
-    data_out: Vec<u8>,
-    data_in: Vec<u8>,
+    data_out: DataBuf,
+    data_in: DataBuf,
     /// Range lock (start, end, exclusive) once granted.
     held: Option<(u64, u64, bool)>,
     /// Aborted while a backstore operation was in flight: finish that
@@ -128,6 +129,10 @@ pub struct Lun {
     /// Ranges of waiters found blocked in one pass of `start_waiters`
     /// (kept between passes so the pass does not allocate).
     blocked: Vec<(u64, u64, bool)>,
+    /// Tasks holding an exclusive range lock (COMPARE AND WRITE and the
+    /// like). Shared locks conflict only with exclusive ones, so while
+    /// there are none a shared waiter starts without a scan.
+    exclusive_held: u32,
     stats: IoCounters,
 }
 
@@ -200,6 +205,7 @@ impl Lun {
             sanitize_rate: sanitize::DEFAULT_RATE,
             copy_cmds: Vec::new(),
             blocked: Vec::new(),
+            exclusive_held: 0,
             stats: IoCounters::new(),
         })
     }
@@ -234,8 +240,8 @@ impl Lun {
         &mut self,
         origin: Origin,
         result: Result<u8, CmdError>,
-        data_in: Vec<u8>,
-        data_out: Vec<u8>,
+        data_in: DataBuf,
+        data_out: DataBuf,
         data_out_len: u32,
     ) {
         let mut c = ScsiCompletion {
@@ -382,7 +388,7 @@ impl Lun {
         write: bool,
         lba: u64,
         nlb: u32,
-        buf: Vec<u8>,
+        buf: DataBuf,
     ) {
         let origin = Origin {
             tag,
@@ -394,9 +400,9 @@ impl Lun {
         cdb[2..10].copy_from_slice(&lba.to_be_bytes());
         cdb[10..14].copy_from_slice(&nlb.to_be_bytes());
         let (data_out, mut data_in) = if write {
-            (buf, Vec::new())
+            (buf, DataBuf::new())
         } else {
-            (Vec::new(), buf)
+            (DataBuf::new(), buf)
         };
         data_in.clear();
         if self.tasks_held() >= MAX_TASKS {
@@ -416,8 +422,8 @@ impl Lun {
         &mut self,
         origin: Origin,
         cdb: &[u8],
-        data_out: Vec<u8>,
-        mut data_in: Vec<u8>,
+        data_out: DataBuf,
+        mut data_in: DataBuf,
         refused_dol: u32,
     ) {
         if self.spc.write_protected() && sbc::is_write_opcode(cdb[0]) {
@@ -447,7 +453,7 @@ impl Lun {
 
     /// Put a decoded medium command in the slab and queue it for its range
     /// lock; it starts as soon as no conflicting command holds the range.
-    fn enqueue(&mut self, origin: Origin, cmd: MediumCmd, data_out: Vec<u8>, data_in: Vec<u8>) {
+    fn enqueue(&mut self, origin: Origin, cmd: MediumCmd, data_out: DataBuf, data_in: DataBuf) {
         self.generation = self.generation.wrapping_add(1);
         let t = Task {
             tag: origin.tag,
@@ -493,6 +499,9 @@ impl Lun {
                 let want = self.want(slot);
                 let free = match want {
                     None => true,
+                    Some(w) if !w.2 && self.exclusive_held == 0 && !blocked.iter().any(|b| b.2) => {
+                        true
+                    }
                     Some(w) => {
                         !blocked.iter().any(|&b| ranges_conflict(w, b))
                             && !self
@@ -506,6 +515,9 @@ impl Lun {
                     self.waiting.remove(i);
                     if let Some(Some(t)) = self.slots.get_mut(slot) {
                         t.held = want;
+                        if want.is_some_and(|w| w.2) {
+                            self.exclusive_held += 1;
+                        }
                     }
                     self.advance(slot, None);
                 } else {
@@ -520,7 +532,7 @@ impl Lun {
     }
 
     /// Run a task's next step.
-    fn advance(&mut self, slot: usize, done: Option<(Result<(), i32>, Vec<u8>)>) {
+    fn advance(&mut self, slot: usize, done: Option<(Result<(), i32>, DataBuf)>) {
         let Some(Some(t)) = self.slots.get_mut(slot) else {
             return;
         };
@@ -540,8 +552,11 @@ impl Lun {
                     return;
                 };
                 self.free.push(slot);
-                if t.held.is_some() {
+                if let Some(h) = t.held {
                     self.recheck = true;
+                    if h.2 {
+                        self.exclusive_held -= 1;
+                    }
                 }
                 if !t.aborted {
                     let r = r.map(|()| status::GOOD);
@@ -706,8 +721,8 @@ impl Lun {
         &mut self,
         origin: Origin,
         cdb: &[u8],
-        data_in: Vec<u8>,
-        data_out: Vec<u8>,
+        data_in: DataBuf,
+        data_out: DataBuf,
     ) {
         let dol = sanitize::data_out_len(cdb);
         let req = sanitize::decode(

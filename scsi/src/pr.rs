@@ -9,6 +9,7 @@
 use crate::common::{CmdError, Nexus, NexusId};
 use crate::sense::Sense;
 use crate::spc::UnitAttention;
+use mempool::DataBuf;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -214,7 +215,7 @@ fn bad_param<T>(byte: usize, bit: Option<u8>) -> Result<T, CmdError> {
 
 /// An iSCSI TransportID (SPC-4 7.6.4.6): format 00b names the initiator,
 /// format 01b one of its ports `<name>,i,0x<ISID>`.
-pub(crate) fn transport_id(name: &str, isid: Option<u64>, out: &mut Vec<u8>) {
+pub(crate) fn transport_id(name: &str, isid: Option<u64>, out: &mut DataBuf) {
     let start = out.len();
     out.push(match isid {
         Some(_) => 0x40 | PROTOCOL_ISCSI,
@@ -237,7 +238,7 @@ pub(crate) fn transport_id(name: &str, isid: Option<u64>, out: &mut Vec<u8>) {
     out[start + 2..start + 4].copy_from_slice(&len.to_be_bytes());
 }
 
-struct PushStr<'a>(&'a mut Vec<u8>);
+struct PushStr<'a>(&'a mut DataBuf);
 impl std::fmt::Write for PushStr<'_> {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
         self.0.extend_from_slice(s.as_bytes());
@@ -405,7 +406,7 @@ impl PrState {
     pub(crate) fn persistent_reserve_in(
         &self,
         cdb: &[u8],
-        data_in: &mut Vec<u8>,
+        data_in: &mut DataBuf,
     ) -> Result<(), CmdError> {
         let sa = cdb[1] & 0x1f;
         let alloc = be16(cdb, 7) as usize;

@@ -25,6 +25,7 @@
 use crate::backstore::{BackstoreCaps, Io, IoOp};
 use crate::common::{CmdError, LunInfo, NexusId};
 use crate::sense::{FieldPointer, Sense, SenseKey};
+use mempool::DataBuf;
 use std::time::Instant;
 
 /// Backstore tag of the sanitize job's operations; task tags carry a slot
@@ -74,8 +75,8 @@ pub(crate) struct Waiter {
     pub tag: u64,
     pub nexus: NexusId,
     pub stamp: Option<crate::lun::Stamp>,
-    pub data_in: Vec<u8>,
-    pub data_out: Vec<u8>,
+    pub data_in: DataBuf,
+    pub data_out: DataBuf,
     pub data_out_len: u32,
 }
 
@@ -83,7 +84,7 @@ pub(crate) struct Waiter {
 enum Method {
     /// One block of pattern, `passes` times, inverted between passes.
     Overwrite {
-        block: Vec<u8>,
+        block: DataBuf,
         invert: bool,
         passes: u8,
     },
@@ -101,7 +102,7 @@ pub(crate) struct Job {
     in_flight: bool,
     failed: bool,
     /// Chunk buffer of pattern, reused between writes.
-    buf: Vec<u8>,
+    buf: DataBuf,
     started: Instant,
     /// Bytes handed to the backstore so far, over all passes.
     issued: u64,
@@ -198,7 +199,7 @@ pub(crate) fn decode(
             return Err(CmdError::Check(Sense::param_list_length_at(7)));
         }
         let pattern = &p[4..4 + ipl];
-        let block: Vec<u8> = pattern.iter().copied().cycle().take(bsz).collect();
+        let block: DataBuf = pattern.iter().copied().cycle().take(bsz).collect();
         Method::Overwrite {
             block,
             invert: p[0] & 0x80 != 0,
@@ -217,7 +218,7 @@ pub(crate) fn decode(
             total,
             in_flight: false,
             failed: false,
-            buf: Vec::new(),
+            buf: DataBuf::new(),
             started: Instant::now(),
             issued: 0,
             waiter: None,
@@ -276,12 +277,12 @@ impl Job {
         }
         let offset = self.next;
         let (op, buf) = match &self.method {
-            Method::BlockErase => (IoOp::Discard { offset, len }, Vec::new()),
+            Method::BlockErase => (IoOp::Discard { offset, len }, DataBuf::new()),
             Method::Overwrite { block, invert, .. } => {
                 let flip = *invert && self.pass % 2 == 1;
                 let zero = block.iter().all(|&b| if flip { b == 0xff } else { b == 0 });
                 if zero && caps.write_zeroes {
-                    (IoOp::WriteZeroes { offset, len }, Vec::new())
+                    (IoOp::WriteZeroes { offset, len }, DataBuf::new())
                 } else {
                     let mut buf = std::mem::take(&mut self.buf);
                     let want = len as usize;
@@ -316,7 +317,7 @@ impl Job {
     }
 
     /// An operation of the job finished.
-    pub(crate) fn complete(&mut self, result: Result<(), i32>, buf: Vec<u8>) {
+    pub(crate) fn complete(&mut self, result: Result<(), i32>, buf: DataBuf) {
         self.in_flight = false;
         if result.is_err() {
             self.failed = true;
@@ -369,11 +370,11 @@ mod tests {
         c
     }
 
-    fn overwrite_param(count: u8, pattern: &[u8]) -> Vec<u8> {
+    fn overwrite_param(count: u8, pattern: &[u8]) -> DataBuf {
         let mut p = vec![count, 0];
         p.extend_from_slice(&(pattern.len() as u16).to_be_bytes());
         p.extend_from_slice(pattern);
-        p
+        p.into()
     }
 
     fn asc(r: Result<Request, CmdError>) -> (u8, u8, u8) {

@@ -8,6 +8,7 @@
 use crate::backstore::{Backstore, BackstoreCaps, IoOp};
 use crate::common::{CmdError, LunInfo};
 use crate::sense::{Sense, SenseKey};
+use mempool::DataBuf;
 
 /// Limits this device server applies and the SPC side reports in the
 /// Block Limits VPD page (0xB0); both halves must read them from here so
@@ -138,7 +139,7 @@ pub(crate) enum Decoded {
 /// The next thing a command needs.
 #[derive(Debug)]
 pub(crate) enum Next {
-    Io(IoOp, Vec<u8>),
+    Io(IoOp, DataBuf),
     /// Finished with this status or error.
     Done(Result<(), CmdError>),
 }
@@ -180,7 +181,7 @@ pub(crate) fn decode(
     caps: BackstoreCaps,
     bs: &mut dyn Backstore,
     data_out: &[u8],
-    data_in: &mut Vec<u8>,
+    data_in: &mut DataBuf,
 ) -> Option<Decoded> {
     let op = b(cdb, 0);
     let bsz = info.block_size as u64;
@@ -579,7 +580,7 @@ fn lba_status(
     bs: &mut dyn Backstore,
     lba: u64,
     alloc: usize,
-    out: &mut Vec<u8>,
+    out: &mut DataBuf,
 ) -> Result<(), CmdError> {
     let bsz = info.block_size as u64;
     let mut descs: Vec<(u64, u64, bool)> = Vec::new();
@@ -664,9 +665,9 @@ impl MediumCmd {
         &mut self,
         info: &LunInfo,
         caps: BackstoreCaps,
-        done: Option<(Result<(), i32>, Vec<u8>)>,
-        data_out: &mut Vec<u8>,
-        data_in: &mut Vec<u8>,
+        done: Option<(Result<(), i32>, DataBuf)>,
+        data_out: &mut DataBuf,
+        data_in: &mut DataBuf,
     ) -> Next {
         let bsz = info.block_size as u64;
         let off = self.lba * bsz;
@@ -701,8 +702,10 @@ impl MediumCmd {
             (Kind::Read, Step::Start) => {
                 self.step = Step::Reading;
                 let mut buf = std::mem::take(data_in);
-                buf.clear();
-                buf.resize(len, 0);
+                // No zero-filling: a backstore's read fills every byte
+                // (the `Io` contract), so a pool buffer's old contents are
+                // never seen.
+                buf.set_len_stale(len);
                 Next::Io(IoOp::Read { offset: off }, buf)
             }
             (Kind::Read, _) => Next::Done(Ok(())),
@@ -787,7 +790,7 @@ impl MediumCmd {
                 }
                 self.step = Step::Writing;
                 let mut buf = std::mem::take(data_out);
-                buf.drain(..len);
+                buf.remove_front(len);
                 buf.truncate(len);
                 Next::Io(
                     IoOp::Write {
@@ -819,7 +822,7 @@ impl MediumCmd {
 
             (Kind::Flush, Step::Start) => {
                 self.step = Step::Flushing;
-                Next::Io(IoOp::Flush, Vec::new())
+                Next::Io(IoOp::Flush, DataBuf::new())
             }
             (Kind::Flush, _) => Next::Done(Ok(())),
 
@@ -840,7 +843,7 @@ impl MediumCmd {
                             offset: start,
                             len: (self.nlb - done) * bsz,
                         },
-                        Vec::new(),
+                        DataBuf::new(),
                     );
                 }
                 if *zero && caps.write_zeroes {
@@ -850,7 +853,7 @@ impl MediumCmd {
                             offset: start,
                             len: (self.nlb - done) * bsz,
                         },
-                        Vec::new(),
+                        DataBuf::new(),
                     );
                 }
                 // Repeat the block into a bounded buffer (kept in data-in
@@ -873,7 +876,7 @@ impl MediumCmd {
                 // The last piece may be shorter; a write takes all of its
                 // buffer, so cut a copy rather than shrink the pattern.
                 let buf = if want < buf.len() {
-                    buf[..want].to_vec()
+                    DataBuf::from(&buf[..want])
                 } else {
                     buf
                 };
@@ -901,7 +904,7 @@ impl MediumCmd {
                         offset: lba * bsz,
                         len: nlb * bsz,
                     },
-                    Vec::new(),
+                    DataBuf::new(),
                 )
             }
         }

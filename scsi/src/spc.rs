@@ -32,6 +32,7 @@ use crate::backstore::BackstoreCaps;
 use crate::common::{CmdError, LunInfo, Nexus, NexusId};
 use crate::pr::PrState;
 use crate::sense::Sense;
+use mempool::DataBuf;
 use std::collections::{HashMap, VecDeque};
 
 /// Unit attention conditions we raise (SPC-4 6.x, SAM-5 5.14).
@@ -258,7 +259,7 @@ impl SpcState {
         nexus: NexusId,
         cdb: &[u8],
         data_out: &[u8],
-        data_in: &mut Vec<u8>,
+        data_in: &mut DataBuf,
     ) -> Option<Result<(), CmdError>> {
         let op = *cdb.first()?;
         let ours = matches!(
@@ -359,7 +360,7 @@ impl SpcState {
         &mut self,
         nexus: NexusId,
         cdb: &[u8],
-        data_in: &mut Vec<u8>,
+        data_in: &mut DataBuf,
     ) -> Result<(), CmdError> {
         let desc = cdb[1] & 0x01 != 0;
         let alloc = cdb[4] as usize;
@@ -370,8 +371,11 @@ impl SpcState {
             .map(UnitAttention::sense)
             .or(self.not_ready)
             .unwrap_or(Sense::no_sense());
+        // REQUEST SENSE is rare: a scratch vector is fine here.
+        let mut enc = Vec::with_capacity(32);
+        sense.encode(desc, &mut enc);
         data_in.clear();
-        sense.encode(desc, data_in);
+        data_in.extend_from_slice(&enc);
         data_in.truncate(alloc);
         Ok(())
     }
@@ -435,7 +439,7 @@ impl SpcState {
         &self,
         nexus: NexusId,
         cdb: &[u8],
-        data_in: &mut Vec<u8>,
+        data_in: &mut DataBuf,
     ) -> Result<(), CmdError> {
         let format = cdb[1] >> 5;
         if format > 1 {
@@ -463,7 +467,7 @@ impl SpcState {
     }
 
     /// REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS (SPC-4 6.40).
-    fn report_supported_tmfs(&self, cdb: &[u8], data_in: &mut Vec<u8>) -> Result<(), CmdError> {
+    fn report_supported_tmfs(&self, cdb: &[u8], data_in: &mut DataBuf) -> Result<(), CmdError> {
         let repd = cdb[2] & 0x80 != 0;
         let alloc = be32(cdb, 6) as usize;
         data_in.clear();

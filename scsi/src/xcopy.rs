@@ -28,6 +28,7 @@ use crate::common::{CmdError, LunInfo, NexusId, ScsiCompletion, ScsiTask};
 use crate::lun::{Lun, Origin, Stamp};
 use crate::sense::{FieldPointer, Sense, SenseKey};
 use crate::status;
+use mempool::DataBuf;
 use std::collections::VecDeque;
 
 pub(crate) const EXTENDED_COPY: u8 = 0x83;
@@ -407,15 +408,15 @@ struct Copy {
     list_id: u8,
     usage: u8,
     data_out_len: u32,
-    data_out: Vec<u8>,
-    data_in: Vec<u8>,
+    data_out: DataBuf,
+    data_in: DataBuf,
     jobs: Vec<Job>,
     /// Segments finished, and bytes finished of the current one.
     seg: usize,
     done: u64,
     moved: u64,
     io: Option<InFlight>,
-    buf: Vec<u8>,
+    buf: DataBuf,
     /// Aborted (task management, nexus loss, reset): wait for the
     /// operation in flight, then go without a completion.
     aborted: bool,
@@ -427,7 +428,7 @@ enum Action {
         write: bool,
         lba: u64,
         nlb: u32,
-        buf: Vec<u8>,
+        buf: DataBuf,
     },
     Finish(Result<(), CmdError>),
 }
@@ -616,7 +617,7 @@ impl CopyManager {
             done: 0,
             moved: 0,
             io: None,
-            buf: Vec::new(),
+            buf: DataBuf::new(),
             aborted: false,
         });
         self.step(self.copies.len() - 1, None, luns);
@@ -856,7 +857,7 @@ impl CopyManager {
         }
     }
 
-    fn copy_results(&self, nexus: NexusId, cdb: &[u8], out: &mut Vec<u8>) -> Result<(), CmdError> {
+    fn copy_results(&self, nexus: NexusId, cdb: &[u8], out: &mut DataBuf) -> Result<(), CmdError> {
         if cdb.len() < 16 {
             return Err(Sense::invalid_field_in_cdb(0, None).into());
         }
@@ -925,7 +926,7 @@ impl CopyManager {
 
 /// RECEIVE COPY RESULTS, OPERATING PARAMETERS (SPC-4 6.18.4): the limits
 /// `parse` and `plan` enforce.
-fn operating_parameters(out: &mut Vec<u8>) {
+fn operating_parameters(out: &mut DataBuf) {
     let mut d = [0u8; 44];
     // SNLID: LIST ID USAGE 11b (no list identifier) is supported.
     d[4] = 0x01;
@@ -948,7 +949,7 @@ fn operating_parameters(out: &mut Vec<u8>) {
 
 /// One third-party copy descriptor of VPD page 8Fh, padded to a multiple
 /// of four bytes.
-fn tpc_descriptor(out: &mut Vec<u8>, ty: u16, body: &[u8]) {
+fn tpc_descriptor(out: &mut DataBuf, ty: u16, body: &[u8]) {
     let start = out.len();
     out.extend_from_slice(&ty.to_be_bytes());
     out.extend_from_slice(&[0, 0]);
@@ -962,7 +963,7 @@ fn tpc_descriptor(out: &mut Vec<u8>, ty: u16, body: &[u8]) {
 
 /// The descriptors of the Third-party Copy VPD page (8Fh, SPC-4 7.8.17),
 /// after the page header, which the caller writes.
-pub(crate) fn third_party_copy_vpd(out: &mut Vec<u8>) {
+pub(crate) fn third_party_copy_vpd(out: &mut DataBuf) {
     // Supported Commands: EXTENDED COPY (LID1); RECEIVE COPY RESULTS with
     // COPY STATUS, OPERATING PARAMETERS, FAILED SEGMENT DETAILS.
     let list = [
@@ -1070,7 +1071,7 @@ mod tests {
         d
     }
 
-    fn list(id: u8, usage: u8, cscds: &[Vec<u8>], segs: &[Vec<u8>]) -> Vec<u8> {
+    fn list(id: u8, usage: u8, cscds: &[Vec<u8>], segs: &[Vec<u8>]) -> DataBuf {
         let cl: usize = cscds.iter().map(Vec::len).sum();
         let sl: usize = segs.iter().map(Vec::len).sum();
         let mut p = vec![0u8; HEADER_LEN];
@@ -1081,7 +1082,7 @@ mod tests {
         for d in cscds.iter().chain(segs) {
             p.extend_from_slice(d);
         }
-        p
+        p.into()
     }
 
     fn xcopy_cdb(len: usize) -> Vec<u8> {
@@ -1100,15 +1101,15 @@ mod tests {
         c
     }
 
-    fn rw16(op: u8, lba: u64, n: u32) -> Vec<u8> {
+    fn rw16(op: u8, lba: u64, n: u32) -> DataBuf {
         let mut c = vec![0u8; 16];
         c[0] = op;
         c[2..10].copy_from_slice(&lba.to_be_bytes());
         c[10..14].copy_from_slice(&n.to_be_bytes());
-        c
+        c.into()
     }
 
-    fn run(t: &mut Target, lun: u64, nexus: u64, cdb: &[u8], data_out: Vec<u8>) -> ScsiCompletion {
+    fn run(t: &mut Target, lun: u64, nexus: u64, cdb: &[u8], data_out: DataBuf) -> ScsiCompletion {
         t.submit(
             encode_lun(lun),
             ScsiTask {
@@ -1127,7 +1128,7 @@ mod tests {
         out.pop().unwrap()
     }
 
-    fn xcopy(t: &mut Target, p: Vec<u8>) -> ScsiCompletion {
+    fn xcopy(t: &mut Target, p: DataBuf) -> ScsiCompletion {
         run(t, 0, 1, &xcopy_cdb(p.len()), p)
     }
 
@@ -1141,28 +1142,34 @@ mod tests {
         parse_sense(&c.sense)
     }
 
-    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    fn pattern(len: usize, seed: u8) -> DataBuf {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(7) ^ seed ^ (i >> 9) as u8)
             .collect()
     }
 
-    fn read(t: &mut Target, lun: u64, lba: u64, n: u32) -> Vec<u8> {
+    fn read(t: &mut Target, lun: u64, lba: u64, n: u32) -> DataBuf {
         let mut d = Vec::new();
         for at in (0..n).step_by(1024) {
             let k = (n - at).min(1024);
-            let c = run(t, lun, 1, &rw16(0x88, lba + at as u64, k), Vec::new());
+            let c = run(
+                t,
+                lun,
+                1,
+                &rw16(0x88, lba + at as u64, k),
+                Vec::new().into(),
+            );
             ok(&c);
             d.extend_from_slice(&c.data_in);
         }
-        d
+        d.into()
     }
 
-    fn write(t: &mut Target, lun: u64, lba: u64, data: Vec<u8>, bs: usize) {
+    fn write(t: &mut Target, lun: u64, lba: u64, data: DataBuf, bs: usize) {
         for (i, part) in data.chunks(1024 * bs).enumerate() {
             let n = (part.len() / bs) as u32;
             let at = lba + (i * 1024) as u64;
-            ok(&run(t, lun, 1, &rw16(0x8a, at, n), part.to_vec()));
+            ok(&run(t, lun, 1, &rw16(0x8a, at, n), part.to_vec().into()));
         }
     }
 
@@ -1238,7 +1245,7 @@ mod tests {
         let a = info(0, 512, 8192, false);
         let b = info(1, 4096, 1024, false);
         let luns = [&a, &b];
-        let plan_err = |p: Vec<u8>| {
+        let plan_err = |p: DataBuf| {
             let s = plan(&parse(&p).unwrap(), &luns).unwrap_err();
             (s.key as u8, s.asc, s.ascq)
         };
@@ -1294,7 +1301,7 @@ mod tests {
         assert_eq!(read(&mut t, 1, 760, 1), vec![0; 4096]);
 
         // Its results are held for this I_T nexus and list identifier.
-        let c = run(&mut t, 0, 1, &rcr_cdb(COPY_STATUS, 7), Vec::new());
+        let c = run(&mut t, 0, 1, &rcr_cdb(COPY_STATUS, 7), Vec::new().into());
         ok(&c);
         let d = &c.data_in;
         assert_eq!(be32(d, 0), 8);
@@ -1307,18 +1314,18 @@ mod tests {
             0,
             1,
             &rcr_cdb(FAILED_SEGMENT_DETAILS, 7),
-            Vec::new(),
+            Vec::new().into(),
         );
         ok(&c);
         assert_eq!(c.data_in, vec![0; 4]);
         // Not for another nexus, nor another list identifier.
-        let c = run(&mut t, 0, 2, &rcr_cdb(COPY_STATUS, 7), Vec::new());
+        let c = run(&mut t, 0, 2, &rcr_cdb(COPY_STATUS, 7), Vec::new().into());
         assert_eq!(check(&c), (5, 0x24, 0));
-        let c = run(&mut t, 0, 1, &rcr_cdb(COPY_STATUS, 8), Vec::new());
+        let c = run(&mut t, 0, 1, &rcr_cdb(COPY_STATUS, 8), Vec::new().into());
         assert_eq!(check(&c), (5, 0x24, 0));
         // Gone with the nexus.
         t.nexus_removed(1);
-        let c = run(&mut t, 0, 1, &rcr_cdb(COPY_STATUS, 7), Vec::new());
+        let c = run(&mut t, 0, 1, &rcr_cdb(COPY_STATUS, 7), Vec::new().into());
         assert_eq!(check(&c), (5, 0x24, 0));
     }
 
@@ -1341,12 +1348,15 @@ mod tests {
     fn errors_reach_the_initiator() {
         let mut t = target(false);
         // No parameter list: nothing to do.
-        ok(&run(&mut t, 0, 1, &xcopy_cdb(0), Vec::new()));
+        ok(&run(&mut t, 0, 1, &xcopy_cdb(0), Vec::new().into()));
         // LID4 and other service actions are not offered.
         let mut cdb = xcopy_cdb(0);
         cdb[1] = 0x01;
-        assert_eq!(check(&run(&mut t, 0, 1, &cdb, Vec::new())), (5, 0x24, 0));
-        let c = run(&mut t, 0, 1, &rcr_cdb(0x01, 0), Vec::new());
+        assert_eq!(
+            check(&run(&mut t, 0, 1, &cdb, Vec::new().into())),
+            (5, 0x24, 0)
+        );
+        let c = run(&mut t, 0, 1, &rcr_cdb(0x01, 0), Vec::new().into());
         assert_eq!(check(&c), (5, 0x24, 0));
         // A held failure, with its sense in FAILED SEGMENT DETAILS.
         let p = list(
@@ -1356,7 +1366,7 @@ mod tests {
             &[seg(0, 0, 2048, 0, 8191, false)],
         );
         assert_eq!(check(&xcopy(&mut t, p)), (0x0a, 0, 0));
-        let c = run(&mut t, 0, 1, &rcr_cdb(COPY_STATUS, 9), Vec::new());
+        let c = run(&mut t, 0, 1, &rcr_cdb(COPY_STATUS, 9), Vec::new().into());
         ok(&c);
         assert_eq!(c.data_in[4], 0x02, "completed with errors");
         let c = run(
@@ -1364,7 +1374,7 @@ mod tests {
             0,
             1,
             &rcr_cdb(FAILED_SEGMENT_DETAILS, 9),
-            Vec::new(),
+            Vec::new().into(),
         );
         ok(&c);
         let d = &c.data_in;
@@ -1393,9 +1403,15 @@ mod tests {
     #[test]
     fn reservation_on_a_copy_target_conflicts() {
         let mut t = target(false);
-        write(&mut t, 1, 0, vec![0xaa; 4096], 4096);
+        write(&mut t, 1, 0, vec![0xaa; 4096].into(), 4096);
         // Nexus 2 reserves LUN 1 (RESERVE(6)).
-        ok(&run(&mut t, 1, 2, &[0x16, 0, 0, 0, 0, 0], Vec::new()));
+        ok(&run(
+            &mut t,
+            1,
+            2,
+            &[0x16, 0, 0, 0, 0, 0],
+            Vec::new().into(),
+        ));
         let p = list(
             0,
             3,
@@ -1410,8 +1426,8 @@ mod tests {
         assert_eq!(read_as(&mut t, 2, 1, 0), vec![0; 4096]);
     }
 
-    fn read_as(t: &mut Target, nexus: u64, lun: u64, lba: u64) -> Vec<u8> {
-        let c = run(t, lun, nexus, &rw16(0x88, lba, 1), Vec::new());
+    fn read_as(t: &mut Target, nexus: u64, lun: u64, lba: u64) -> DataBuf {
+        let c = run(t, lun, nexus, &rw16(0x88, lba, 1), Vec::new().into());
         ok(&c);
         c.data_in
     }
@@ -1505,7 +1521,13 @@ mod tests {
     #[test]
     fn operating_parameters_and_vpd() {
         let mut t = target(false);
-        let c = run(&mut t, 0, 1, &rcr_cdb(OPERATING_PARAMETERS, 0), Vec::new());
+        let c = run(
+            &mut t,
+            0,
+            1,
+            &rcr_cdb(OPERATING_PARAMETERS, 0),
+            Vec::new().into(),
+        );
         ok(&c);
         let d = &c.data_in;
         assert_eq!(be32(d, 0) as usize, d.len() - 4);
@@ -1516,11 +1538,11 @@ mod tests {
         assert_eq!(&d[43..], &[2, SEG_BLOCK_TO_BLOCK, CSCD_IDENTIFICATION]);
 
         // INQUIRY: 3PC, and VPD page 8Fh listed and well formed.
-        let c = run(&mut t, 0, 1, &[0x12, 0, 0, 0, 96, 0], Vec::new());
+        let c = run(&mut t, 0, 1, &[0x12, 0, 0, 0, 96, 0], Vec::new().into());
         assert_ne!(c.data_in[5] & 0x08, 0);
-        let c = run(&mut t, 0, 1, &[0x12, 1, 0, 0, 255, 0], Vec::new());
+        let c = run(&mut t, 0, 1, &[0x12, 1, 0, 0, 255, 0], Vec::new().into());
         assert!(c.data_in[4..].contains(&0x8f));
-        let c = run(&mut t, 0, 1, &[0x12, 1, 0x8f, 4, 0, 0], Vec::new());
+        let c = run(&mut t, 0, 1, &[0x12, 1, 0x8f, 4, 0, 0], Vec::new().into());
         ok(&c);
         let d = &c.data_in;
         assert_eq!(be16(d, 2) as usize, d.len() - 4);
@@ -1537,11 +1559,11 @@ mod tests {
 
         // REPORT SUPPORTED OPERATION CODES lists both commands.
         let mut cdb = vec![0xa3, 0x0c, 0x02, EXTENDED_COPY, 0, 0, 0, 0, 1, 0, 0, 0];
-        let c = run(&mut t, 0, 1, &cdb, Vec::new());
+        let c = run(&mut t, 0, 1, &cdb, Vec::new().into());
         assert_eq!(c.data_in[1] & 0x07, 0x03);
         cdb[3] = RECEIVE_COPY_RESULTS;
         cdb[5] = FAILED_SEGMENT_DETAILS;
-        let c = run(&mut t, 0, 1, &cdb, Vec::new());
+        let c = run(&mut t, 0, 1, &cdb, Vec::new().into());
         assert_eq!(c.data_in[1] & 0x07, 0x03);
     }
 

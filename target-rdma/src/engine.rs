@@ -41,7 +41,7 @@ use iscsi::conn::{BufferSource, CloseReason, ConnConfig, Connection, Event};
 use iscsi::login::{ChapConfig, LoginContext, LoginStatus, SessionRequest};
 use iscsi::params::{SessionType, TargetLimits};
 use iscsi::textreq::{TargetRecord, TextContext};
-use mempool::BufPool;
+use mempool::{BufPool, CoreCache, DataBuf, Pool, PoolConfig};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use rand::RngCore;
@@ -112,6 +112,10 @@ pub struct CoreStats {
     /// Heap allocations made by this reactor's thread since it started
     /// (the I/O path's should stay flat under load).
     pub heap_allocs: u64,
+    /// Command data buffers that came from the heap instead of the
+    /// hugepage pool (a transfer above the largest class, or the class
+    /// exhausted on this core).
+    pub data_pool_misses: u64,
     /// Completions of this reactor's connections, counted as their LUN
     /// counted them (kind, bytes, errors, latency).
     #[serde(skip)]
@@ -157,7 +161,13 @@ const LOCAL_ID_MASK: u32 = (1 << 24) - 1;
 /// command of a few full-depth sessions, and a byte cap so that a burst of
 /// large commands does not keep its memory forever.
 const BUF_POOL_PER_CLASS_MAX: usize = 1024;
-const BUF_POOL_CACHED_BYTES_MAX: usize = 512 << 20;
+const BUF_POOL_CACHED_BYTES_MAX: usize = 256 << 20;
+/// The data buffer pool (hugepage arenas shared by all reactors): bytes
+/// mapped at start-up, and the largest buffer class. Commands above the
+/// largest class, and any while the pool is exhausted, use heap buffers
+/// (counted as `data_pool_misses`).
+const DATA_POOL_BYTES: usize = 256 << 20;
+const DATA_POOL_CLASS_MAX: usize = 16 << 20;
 /// A connection's pending output is handed to the socket layer in pieces
 /// of about this size (below transport_tcp's reuse cap of 4 MiB, with
 /// room for one more 1 MiB response).
@@ -300,6 +310,8 @@ struct Shared {
     published_luns: Vec<Mutex<Vec<LunStats>>>,
     /// Set when every reactor has returned, to end the stats writer.
     finished: AtomicBool,
+    /// The command data pool (for its counters; reactors hold caches).
+    data_pool: Pool,
 }
 
 impl Shared {
@@ -407,7 +419,18 @@ impl Engine {
                 Mutex::new(v)
             })
             .collect();
+        // One pool for every reactor: buffers move with completions from
+        // core to core and go back to whichever core frees them.
+        let data_pool = Pool::new(PoolConfig {
+            arena_bytes: DATA_POOL_BYTES,
+            arena_limit_bytes: DATA_POOL_BYTES,
+            classes: PoolConfig::classes_for_burst(DATA_POOL_CLASS_MAX),
+            cores: n,
+            ..PoolConfig::default()
+        })
+        .map_err(io::Error::other)?;
         let sh = Arc::new(Shared {
+            data_pool: data_pool.clone(),
             published_luns,
             cfg,
             targets: metas,
@@ -453,7 +476,11 @@ impl Engine {
                 conns: HashMap::new(),
                 next_local: 0,
                 devices,
-                pool: BufPool::new(BUF_POOL_PER_CLASS_MAX, BUF_POOL_CACHED_BYTES_MAX),
+                pool: Buffers {
+                    heap: BufPool::new(BUF_POOL_PER_CLASS_MAX, BUF_POOL_CACHED_BYTES_MAX),
+                    data: data_pool.core_cache(me).map_err(io::Error::other)?,
+                    data_misses: 0,
+                },
                 completions: Vec::with_capacity(1024),
                 touched: Vec::with_capacity(1024),
                 reap_needed: false,
@@ -529,6 +556,7 @@ impl Engine {
                 served_remote = s.commands_served_remote,
                 busy_ms = s.busy_ns / 1_000_000,
                 heap_allocs = s.heap_allocs,
+                data_pool_misses = s.data_pool_misses,
                 "reactor counters"
             );
         }
@@ -585,10 +613,29 @@ fn stats_json(sh: &Shared) -> String {
             }));
         }
     }
+    let pool: Vec<serde_json::Value> = sh
+        .data_pool
+        .stats()
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "buf_bytes": c.buf_bytes,
+                "total_bufs": c.total_bufs,
+                "free_bufs": c.free_bufs,
+                "in_use": c.in_use,
+                "in_use_high_water": c.in_use_high_water,
+                "allocs": c.allocs,
+                "frees": c.frees,
+                "alloc_failed": c.alloc_failed,
+                "waits": c.waits,
+            })
+        })
+        .collect();
     let doc = serde_json::json!({
         "version": 1,
         "reactors": cores,
         "luns": luns,
+        "data_pool": pool,
     });
     doc.to_string()
 }
@@ -625,7 +672,7 @@ struct Reactor {
     next_local: u32,
     /// Indexed by target; `Some` for targets whose home is this core.
     devices: Vec<Option<scsi::Target>>,
-    pool: BufPool,
+    pool: Buffers,
     completions: Vec<ScsiCompletion>,
     /// Connections that got completions in one round (reused buffer).
     touched: Vec<u32>,
@@ -715,6 +762,9 @@ impl Reactor {
                 // burn the CPU while waiting for it.
                 timeout = Duration::from_millis(1);
             } else if !timeout.is_zero() {
+                // Idle buffers go back to the shared queues before we
+                // sleep, so busy cores can use them.
+                self.pool.data.flush();
                 self.link().parked.store(true, Ordering::SeqCst);
                 // Pairs with the sender's fence between its push and its
                 // look at `parked`: either it sees us parked and wakes us,
@@ -797,6 +847,7 @@ impl Reactor {
     fn publish(&mut self) {
         self.stats.connections = self.conns.len() as u64;
         self.stats.heap_allocs = mempool::thread_heap_allocs();
+        self.stats.data_pool_misses = self.pool.data_misses;
         lock(&self.sh.published[self.me]).clone_from(&self.stats);
         let mut luns = lock(&self.sh.published_luns[self.me]);
         let mut slots = luns.iter_mut();
@@ -810,6 +861,7 @@ impl Reactor {
     }
 
     fn tick(&mut self) {
+        self.pool.data.maintain();
         self.publish();
         let now = self.now_ms();
         let mut ids = std::mem::take(&mut self.scratch);
@@ -990,26 +1042,38 @@ impl Reactor {
 
     fn deliver(&mut self, c: ScsiCompletion) {
         let id = tag_local(c.tag);
-        if let Some(conn) = self.conns.get_mut(&id) {
-            conn.proto
-                .scsi_complete(c.tag as u32, c.status, &c.sense, &c.data_in, c.data_out_len);
-            if conn.proto.tx_len() >= TX_CHUNK_BYTES {
-                // Queue large output now rather than let one buffer grow
-                // past what the socket layer keeps for reuse; the flush
-                // still writes all queued buffers in one writev.
-                conn.proto.take_tx(&mut conn.spare_tx);
-                conn.tcp.queue(&mut conn.spare_tx);
-            }
-            self.touched.push(id);
-            self.stats.completions += 1;
-            self.stats.data_in_bytes += c.data_in.len() as u64;
-            self.stats.data_out_bytes += c.data_out_len as u64;
-            if let Some(sample) = &c.sample {
-                self.stats.io.add(sample);
-            }
+        let Some(conn) = self.conns.get_mut(&id) else {
+            self.pool.give_data(c.data_in);
+            self.pool.give_data(c.data_out);
+            return;
+        };
+        self.touched.push(id);
+        self.stats.completions += 1;
+        self.stats.data_in_bytes += c.data_in.len() as u64;
+        self.stats.data_out_bytes += c.data_out_len as u64;
+        if let Some(sample) = &c.sample {
+            self.stats.io.add(sample);
         }
-        self.pool.give(c.data_in);
-        self.pool.give(c.data_out);
+        // The read data goes out from this buffer, not a copy; the socket
+        // layer gives it back once written (`take_sent`).
+        if let Some(b) = conn.proto.scsi_complete_owned(
+            c.tag as u32,
+            c.status,
+            &c.sense,
+            c.data_in,
+            c.data_out_len,
+            &mut conn.tcp,
+        ) {
+            self.pool.give_data(b);
+        }
+        if conn.proto.tx_len() >= TX_CHUNK_BYTES {
+            // Queue large output now rather than let one buffer grow past
+            // what the socket layer keeps for reuse; the flush still
+            // writes all queued buffers in one writev.
+            conn.proto.take_tx(&mut conn.spare_tx);
+            conn.tcp.queue(&mut conn.spare_tx);
+        }
+        self.pool.give_data(c.data_out);
     }
 
     /// Flush each connection that got completions, once, with one writev.
@@ -1197,10 +1261,15 @@ impl Reactor {
                 break;
             }
             let pool = &mut self.pool;
-            let pdu = match c
-                .tcp
-                .next_pdu_with(c.proto.decoder(), &mut |n| pool.take(n))
-            {
+            let decoder = c.proto.decoder().clone();
+            let proto = &mut c.proto;
+            // Data-Out data goes from the receive buffer straight into its
+            // command's buffer; other data segments into pool buffers.
+            let pdu = match c.tcp.next_pdu_placing(
+                &decoder,
+                &mut |bhs, data| proto.place_data_out(bhs, data),
+                &mut |n| pool.take(n),
+            ) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
                 Err(e) => {
@@ -1293,6 +1362,13 @@ impl Reactor {
             };
             let (session, global) = (c.session, c.global);
             match ev {
+                Event::RdmaRead { .. } => {
+                    // Only iSER connections move data by RDMA; the engine
+                    // serves TCP ones so far.
+                    tracing::error!(id, "RDMA Read requested on a TCP connection");
+                    self.mark_closed(id, "RDMA Read on a TCP connection");
+                    return;
+                }
                 Event::LoggedIn(o) => {
                     if let Some(target) = self.logged_in(id, &o) {
                         // The connection may move to another core: stop
@@ -1306,10 +1382,12 @@ impl Reactor {
                     let Some((target, nexus)) = session else {
                         continue;
                     };
+                    // The read buffer, sized by the device server; from the
+                    // pool when the transfer fits a class.
                     let data_in = if req.read {
-                        self.pool.take(req.edtl as usize)
+                        self.pool.data(req.edtl as usize)
                     } else {
-                        Vec::new()
+                        DataBuf::new()
                     };
                     let task = ScsiTask {
                         tag: task_tag(self.me, id, req.task),
@@ -1516,7 +1594,11 @@ impl Reactor {
             c.proto.take_tx(&mut c.spare_tx);
             c.tcp.queue(&mut c.spare_tx);
         }
-        if c.tcp.flush().is_err() {
+        let flushed = c.tcp.flush();
+        for b in c.tcp.take_sent() {
+            self.pool.give_data(b);
+        }
+        if flushed.is_err() {
             self.mark_closed(id, "write failed");
             return;
         }
@@ -1556,6 +1638,9 @@ impl Reactor {
                 continue;
             };
             let _ = c.tcp.flush();
+            for b in c.tcp.take_all_data() {
+                self.pool.give_data(b);
+            }
             let _ = self.poll.registry().deregister(&mut c.tcp.stream);
             let _ = c.tcp.stream.shutdown(std::net::Shutdown::Both);
             if c.placed {
@@ -1628,7 +1713,7 @@ struct Ctx<'a> {
     instated: Option<u16>,
     kills: &'a mut Vec<u64>,
     ended: &'a mut Vec<(usize, NexusId)>,
-    pool: &'a mut BufPool,
+    pool: &'a mut Buffers,
 }
 
 impl BufferSource for Ctx<'_> {
@@ -1636,8 +1721,58 @@ impl BufferSource for Ctx<'_> {
         self.pool.take(len)
     }
 
+    fn data_buffer_sized(&mut self, len: usize) -> DataBuf {
+        self.pool.data(len)
+    }
+
     fn recycle(&mut self, buf: Vec<u8>) {
         self.pool.give(buf)
+    }
+
+    fn recycle_data(&mut self, buf: DataBuf) {
+        self.pool.give_data(buf)
+    }
+}
+
+/// A reactor's buffers: command data in the shared hugepage pool
+/// (`DataBuf`s, through this core's cache: no lock, no allocation), and
+/// PDU data segments (text, login, immediate data) in a heap cache.
+struct Buffers {
+    heap: BufPool,
+    data: CoreCache,
+    /// Data buffers served from the heap: larger than the largest class,
+    /// or the class was exhausted on this core.
+    data_misses: u64,
+}
+
+impl Buffers {
+    fn take(&mut self, len: usize) -> Vec<u8> {
+        self.heap.take(len)
+    }
+
+    fn give(&mut self, b: Vec<u8>) {
+        self.heap.give(b)
+    }
+
+    /// `len` bytes for a command's data, contents stale (the caller
+    /// overwrites all of it: write data arriving, a backstore's read).
+    fn data(&mut self, len: usize) -> DataBuf {
+        if len == 0 {
+            return DataBuf::new();
+        }
+        match self.data.alloc_data(len) {
+            Some(d) => d,
+            None => {
+                self.data_misses += 1;
+                DataBuf::from(self.heap.take_sized(len))
+            }
+        }
+    }
+
+    fn give_data(&mut self, d: DataBuf) {
+        if let Some(v) = self.data.free_data(d) {
+            self.heap.give(v);
+        }
     }
 }
 

@@ -6,11 +6,16 @@
 //! while handling one batch of input goes out in one write.
 //!
 //! Data flow: socket -> `TcpConn::fill` -> `next_pdu` -> iscsi connection;
-//! iscsi connection -> `queue`/`flush` -> socket.
+//! iscsi connection -> `queue`/`flush` -> socket. Read data is not copied
+//! into the output: the connection hands the buffer the backstore filled
+//! to `TcpConn` (as an `iscsi::conn::TxSink`), the Data-In headers go
+//! between ranges of it, and one writev sends headers and data from where
+//! they lie. Sent buffers wait in `take_sent` for the engine to reuse.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 
+use iscsi::conn::{DataBuf, TxSink};
 use iscsi::pdu::{Decoder, Pdu, PduError, BHS_LEN};
 use mio::net::TcpStream;
 
@@ -37,19 +42,64 @@ pub struct TcpConn {
     /// Undecoded bytes are `rx[rx_pos..rx_end]`.
     rx_pos: usize,
     rx_end: usize,
-    /// Whole buffers waiting to be written, oldest first; `tx_pos` bytes of
-    /// the front one are already out. Queuing a buffer moves it here rather
+    /// What waits to be written, oldest first; `tx_pos` bytes of the front
+    /// segment are already out. Queuing a whole buffer moves it here rather
     /// than appending it to one growing buffer, so a burst of large
     /// responses costs no copy and no reallocation.
-    txq: VecDeque<Vec<u8>>,
+    txq: VecDeque<Seg>,
     tx_pos: usize,
     tx_pending: usize,
     /// Written-out buffers kept for reuse (their capacity is the point).
     tx_free: Vec<Vec<u8>>,
+    /// Data buffers that `Seg::Data` ranges send from, with the number of
+    /// their ranges still queued.
+    data: Vec<Option<(DataBuf, u32)>>,
+    data_free: Vec<u16>,
+    /// The buffer `put_range` refers to.
+    data_current: Option<u16>,
+    /// Data buffers whose ranges are all written, for `take_sent`.
+    sent: Vec<DataBuf>,
 }
 
-/// Buffers written by one `writev`.
-const WRITEV_BUFS_MAX: usize = 64;
+/// The bytes `seg` sends (free function so `flush` can borrow the
+/// stream mutably beside them).
+fn seg_slice<'a>(data: &'a [Option<(DataBuf, u32)>], seg: &'a Seg) -> &'a [u8] {
+    match seg {
+        Seg::Owned(v) => v,
+        Seg::Inline { bytes, len } => &bytes[..*len as usize],
+        Seg::Data { slot, start, end } => match &data[*slot as usize] {
+            Some((b, _)) => &b[*start as usize..*end as usize],
+            None => &[],
+        },
+    }
+}
+
+/// One piece of queued output.
+#[derive(Debug)]
+enum Seg {
+    Owned(Vec<u8>),
+    /// Copied bytes (PDU headers, padding, digests), kept in the segment
+    /// itself so that queuing them never allocates.
+    Inline {
+        bytes: [u8; INLINE_BYTES],
+        len: u8,
+    },
+    Data {
+        slot: u16,
+        start: u32,
+        end: u32,
+    },
+}
+
+/// Segments written by one `writev` (below the kernel's IOV_MAX of 1024).
+const WRITEV_BUFS_MAX: usize = 256;
+/// Copied bytes one inline segment holds: a header with its digest plus
+/// the previous data segment's padding and digest.
+const INLINE_BYTES: usize = 88;
+/// Data buffers a connection can be sending from at once; more than its
+/// commands in flight is never needed (a slot is added past this only
+/// if a transport misbehaves, and logged as a bug would be).
+const DATA_SLOTS: usize = 1024;
 /// Empty buffers kept for reuse per connection.
 const TX_FREE_MAX: usize = 8;
 /// A recycled buffer larger than this is dropped instead of kept.
@@ -69,6 +119,10 @@ impl TcpConn {
             tx_pos: 0,
             tx_pending: 0,
             tx_free: Vec::with_capacity(TX_FREE_MAX),
+            data: Vec::with_capacity(DATA_SLOTS),
+            data_free: Vec::with_capacity(DATA_SLOTS),
+            data_current: None,
+            sent: Vec::with_capacity(64),
         }
     }
 
@@ -135,8 +189,20 @@ impl TcpConn {
         decoder: &Decoder,
         data_buf: &mut dyn FnMut(usize) -> Vec<u8>,
     ) -> Result<Option<Pdu>, PduError> {
+        self.next_pdu_placing(decoder, &mut |_, _| false, data_buf)
+    }
+
+    /// `next_pdu_with`, offering the data segment to `place` first (see
+    /// `Decoder::decode_placing`): write data goes from the receive buffer
+    /// straight to the command's buffer.
+    pub fn next_pdu_placing(
+        &mut self,
+        decoder: &Decoder,
+        place: &mut dyn FnMut(&iscsi::Bhs, &[u8]) -> bool,
+        data_buf: &mut dyn FnMut(usize) -> Vec<u8>,
+    ) -> Result<Option<Pdu>, PduError> {
         let buf = &self.rx[self.rx_pos..self.rx_end];
-        match decoder.decode_with(buf, data_buf) {
+        match decoder.decode_placing(buf, place, data_buf) {
             Ok(Some((pdu, used))) => {
                 self.rx_pos += used;
                 if self.rx_pos == self.rx_end {
@@ -170,7 +236,27 @@ impl TcpConn {
         }
         self.tx_pending += bytes.len();
         let spare = self.tx_free.pop().unwrap_or_default();
-        self.txq.push_back(std::mem::replace(bytes, spare));
+        self.txq
+            .push_back(Seg::Owned(std::mem::replace(bytes, spare)));
+    }
+
+    /// Data buffers written out completely since the last call.
+    pub fn take_sent(&mut self) -> std::vec::Drain<'_, DataBuf> {
+        self.sent.drain(..)
+    }
+
+    /// Every data buffer still held (connection closing): sent or not.
+    pub fn take_all_data(&mut self) -> impl Iterator<Item = DataBuf> + '_ {
+        self.data_current = None;
+        let held = self
+            .data
+            .iter_mut()
+            .filter_map(|d| d.take().map(|(b, _)| b));
+        self.sent.drain(..).chain(held)
+    }
+
+    fn seg_bytes<'a>(&'a self, seg: &'a Seg) -> &'a [u8] {
+        seg_slice(&self.data, seg)
     }
 
     pub fn tx_pending(&self) -> usize {
@@ -183,7 +269,8 @@ impl TcpConn {
         while !self.txq.is_empty() {
             let mut iov = [IoSlice::new(&[]); WRITEV_BUFS_MAX];
             let mut n_iov = 0;
-            for (i, b) in self.txq.iter().take(WRITEV_BUFS_MAX).enumerate() {
+            for (i, seg) in self.txq.iter().take(WRITEV_BUFS_MAX).enumerate() {
+                let b = seg_slice(&self.data, seg);
                 iov[i] = IoSlice::new(if i == 0 { &b[self.tx_pos..] } else { b });
                 n_iov += 1;
             }
@@ -210,21 +297,141 @@ impl TcpConn {
     fn advance(&mut self, mut n: usize) {
         self.tx_pending -= n;
         while n > 0 {
-            let front_left = self.txq[0].len() - self.tx_pos;
+            let front_left = self.seg_bytes(&self.txq[0]).len() - self.tx_pos;
             if n < front_left {
                 self.tx_pos += n;
                 return;
             }
             n -= front_left;
             self.tx_pos = 0;
-            let mut b = self
+            let seg = self
                 .txq
                 .pop_front()
-                .expect("bytes written come from queued buffers");
-            if self.tx_free.len() < TX_FREE_MAX && b.capacity() <= TX_KEEP_CAPACITY_MAX {
-                b.clear();
-                self.tx_free.push(b);
+                .expect("bytes written come from queued segments");
+            self.segment_done(seg);
+        }
+        // Zero-length segments at the front are done as well.
+        while self
+            .txq
+            .front()
+            .is_some_and(|s| self.seg_bytes(s).is_empty())
+        {
+            let seg = self.txq.pop_front().expect("front exists");
+            self.segment_done(seg);
+        }
+    }
+
+    fn segment_done(&mut self, seg: Seg) {
+        match seg {
+            Seg::Owned(mut b) => {
+                if self.tx_free.len() < TX_FREE_MAX && b.capacity() <= TX_KEEP_CAPACITY_MAX {
+                    b.clear();
+                    self.tx_free.push(b);
+                }
             }
+            Seg::Inline { .. } => {}
+            Seg::Data { slot, .. } => {
+                let entry = &mut self.data[slot as usize];
+                if let Some((_, refs)) = entry {
+                    *refs -= 1;
+                    // Ranges of one buffer are all queued before the next
+                    // flush, so none is queued after its count hits zero.
+                    if *refs == 0 {
+                        if self.data_current == Some(slot) {
+                            self.data_current = None;
+                        }
+                        let (b, _) = entry.take().expect("checked");
+                        self.sent.push(b);
+                        self.data_free.push(slot);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stop adding ranges to the current data buffer; it is released once
+    /// its queued ranges are written (at once if none are).
+    fn close_current(&mut self) {
+        let Some(slot) = self.data_current.take() else {
+            return;
+        };
+        let entry = &mut self.data[slot as usize];
+        if entry.as_ref().is_some_and(|(_, refs)| *refs == 0) {
+            let (b, _) = entry.take().expect("checked");
+            self.sent.push(b);
+            self.data_free.push(slot);
+        }
+    }
+}
+
+impl TxSink for TcpConn {
+    fn put_bytes(&mut self, mut bytes: &[u8]) {
+        self.tx_pending += bytes.len();
+        // Fill the last inline segment first (appending to the front one
+        // is fine too: `tx_pos` counts from its start).
+        if let Some(Seg::Inline { bytes: b, len }) = self.txq.back_mut() {
+            let n = bytes.len().min(INLINE_BYTES - *len as usize);
+            b[*len as usize..*len as usize + n].copy_from_slice(&bytes[..n]);
+            *len += n as u8;
+            bytes = &bytes[n..];
+        }
+        while !bytes.is_empty() {
+            let n = bytes.len().min(INLINE_BYTES);
+            let mut b = [0u8; INLINE_BYTES];
+            b[..n].copy_from_slice(&bytes[..n]);
+            self.txq.push_back(Seg::Inline {
+                bytes: b,
+                len: n as u8,
+            });
+            bytes = &bytes[n..];
+        }
+    }
+
+    fn put_vec(&mut self, bytes: &mut Vec<u8>) {
+        self.queue(bytes);
+    }
+
+    fn put_data(&mut self, buf: DataBuf) {
+        self.close_current();
+        let slot = match self.data_free.pop() {
+            Some(s) => s,
+            None => {
+                if self.data.len() >= DATA_SLOTS {
+                    tracing::warn!(
+                        slots = self.data.len(),
+                        "more data buffers in flight than DATA_SLOTS"
+                    );
+                }
+                self.data.push(None);
+                (self.data.len() - 1) as u16
+            }
+        };
+        self.data[slot as usize] = Some((buf, 0));
+        self.data_current = Some(slot);
+    }
+
+    fn put_range(&mut self, start: usize, end: usize) {
+        let Some(slot) = self.data_current else {
+            debug_assert!(false, "put_range without put_data");
+            return;
+        };
+        if let Some((b, refs)) = &mut self.data[slot as usize] {
+            let end = end.min(b.len());
+            let start = start.min(end);
+            *refs += 1;
+            self.tx_pending += end - start;
+            self.txq.push_back(Seg::Data {
+                slot,
+                start: start as u32,
+                end: end as u32,
+            });
+        }
+    }
+
+    fn last_range(&self) -> &[u8] {
+        match self.txq.back() {
+            Some(seg @ Seg::Data { .. }) => self.seg_bytes(seg),
+            _ => &[],
         }
     }
 }
@@ -272,6 +479,67 @@ mod tests {
             "written buffers are kept for reuse"
         );
         assert!(conn.tx_free.len() <= TX_FREE_MAX);
+        drop(conn);
+        assert_eq!(reader.join().unwrap(), expect);
+    }
+
+    #[test]
+    fn headers_and_data_ranges_arrive_in_order_and_buffers_come_back() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let mut conn = TcpConn::new(TcpStream::from_std(server));
+        let mut expect = Vec::new();
+        let mut owned = Vec::new();
+        let buffers = 300usize;
+        for i in 0..buffers {
+            // A header, then a buffer sent in up to three ranges with
+            // headers and trailers between them, as Data-In PDUs are.
+            let hdr: Vec<u8> = (0..48 + i % 7).map(|j| (i * 3 + j) as u8).collect();
+            conn.put_bytes(&hdr);
+            expect.extend_from_slice(&hdr);
+            let len = 1 + (i * 7919) % 200_000;
+            let buf: Vec<u8> = (0..len).map(|j| (i + j * 31) as u8).collect();
+            let cuts = [0, len / 3, len / 2, len];
+            conn.put_data(buf.clone().into());
+            for w in cuts.windows(2) {
+                conn.put_range(w[0], w[1]);
+                assert_eq!(conn.last_range(), &buf[w[0]..w[1]]);
+                expect.extend_from_slice(&buf[w[0]..w[1]]);
+                conn.put_bytes(&[0xee; 5]);
+                expect.extend_from_slice(&[0xee; 5]);
+            }
+            if i % 10 == 0 {
+                owned.clear();
+                owned.extend_from_slice(&[i as u8; 1000]);
+                expect.extend_from_slice(&owned);
+                conn.queue(&mut owned);
+            }
+            // Write as we go, so segments complete while others are added.
+            conn.flush().unwrap();
+        }
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut c = client;
+            c.read_to_end(&mut got).unwrap();
+            got
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut returned = 0;
+        while conn.tx_pending() > 0 {
+            conn.flush().unwrap();
+            returned += conn.take_sent().count();
+            assert!(
+                std::time::Instant::now() < deadline,
+                "flush made no progress"
+            );
+            std::thread::yield_now();
+        }
+        returned += conn.take_sent().count();
+        assert_eq!(returned, buffers, "every data buffer comes back once sent");
+        assert_eq!(conn.take_all_data().count(), 0);
         drop(conn);
         assert_eq!(reader.join().unwrap(), expect);
     }

@@ -34,6 +34,7 @@
 
 use super::{Backstore, BackstoreCaps, Extent, Io, IoDone, IoOp};
 use io_uring::{opcode, types, IoUring, Probe};
+use mempool::DataBuf;
 use rustix::fs::{AtFlags, FallocateFlags, OFlags, SeekFrom, StatxFlags};
 use rustix::io::{Errno, ReadWriteFlags};
 use std::cell::OnceCell;
@@ -153,7 +154,7 @@ struct Op {
     op: IoOp,
     /// The caller's buffer. It stays in this slab entry, unresized, while
     /// the kernel may touch it; its heap storage never moves.
-    buf: Vec<u8>,
+    buf: DataBuf,
     /// Index into `Uring::bounce` when `buf` is not aligned for O_DIRECT.
     bounce: Option<usize>,
     stage: Stage,
@@ -1073,7 +1074,7 @@ mod tests {
         out
     }
 
-    fn run(b: &mut FileBackstore, op: IoOp, buf: Vec<u8>) -> IoDone {
+    fn run(b: &mut FileBackstore, op: IoOp, buf: DataBuf) -> IoDone {
         b.submit(Io { tag: 3, op, buf });
         wait(b, 1).pop().unwrap()
     }
@@ -1113,7 +1114,7 @@ mod tests {
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20);
         let mut b = FileBackstore::open_read_only(&p).unwrap();
         assert!(!b.caps().discard);
-        let d = run(&mut b, write(0), vec![0; 512]);
+        let d = run(&mut b, write(0), vec![0; 512].into());
         assert_eq!(d.result, Err(Errno::ROFS.raw_os_error()));
         // Growing an existing file.
         let b = FileBackstore::open(&p, Some(2 << 20)).unwrap();
@@ -1133,7 +1134,7 @@ mod tests {
                 offset: 1 << 20,
                 fua: true,
             },
-            vec![0x5a; 1 << 20],
+            vec![0x5a; 1 << 20].into(),
         );
         assert_eq!(d.result, Ok(()));
         let d = run(
@@ -1141,11 +1142,11 @@ mod tests {
             IoOp::Read {
                 offset: (1 << 20) - 4,
             },
-            vec![1; 8],
+            vec![1; 8].into(),
         );
         assert_eq!(d.result, Ok(()));
         assert_eq!(d.buf, [0, 0, 0, 0, 0x5a, 0x5a, 0x5a, 0x5a]);
-        assert_eq!(run(b, IoOp::Flush, Vec::new()).result, Ok(()));
+        assert_eq!(run(b, IoOp::Flush, Vec::new().into()).result, Ok(()));
 
         // Filesystems allocate in their own blocks; tmpfs and ext4 use 4K
         // pages/blocks, so a 1 MiB aligned write is an exact extent.
@@ -1162,17 +1163,17 @@ mod tests {
                 offset: 1 << 20,
                 len: 64 << 10,
             },
-            Vec::new(),
+            Vec::new().into(),
         );
         assert_eq!(d.result, Ok(()));
-        let d = run(b, IoOp::Read { offset: 1 << 20 }, vec![1; 64 << 10]);
+        let d = run(b, IoOp::Read { offset: 1 << 20 }, vec![1; 64 << 10].into());
         assert!(d.buf.iter().all(|&x| x == 0));
         let d = run(
             b,
             IoOp::Read {
                 offset: (1 << 20) + (64 << 10),
             },
-            vec![0; 4],
+            vec![0; 4].into(),
         );
         assert_eq!(d.buf, [0x5a; 4]);
 
@@ -1182,7 +1183,7 @@ mod tests {
                 offset: (1 << 20) + (128 << 10) + 100,
                 len: 1000,
             },
-            Vec::new(),
+            Vec::new().into(),
         );
         assert_eq!(d.result, Ok(()));
         let d = run(
@@ -1190,13 +1191,13 @@ mod tests {
             IoOp::Read {
                 offset: (1 << 20) + (128 << 10),
             },
-            vec![1; 2000],
+            vec![1; 2000].into(),
         );
         assert!(d.buf[..100].iter().all(|&x| x == 0x5a));
         assert!(d.buf[100..1100].iter().all(|&x| x == 0));
         assert!(d.buf[1100..].iter().all(|&x| x == 0x5a));
 
-        let d = run(b, IoOp::Read { offset: size - 1 }, vec![0; 2]);
+        let d = run(b, IoOp::Read { offset: size - 1 }, vec![0; 2].into());
         assert_eq!(d.result, Err(EINVAL));
         assert!(b.extent_status(size).is_err());
         assert_eq!(b.shutdown(), Ok(()));
@@ -1219,7 +1220,7 @@ mod tests {
         let p = dir.path().join("lun0");
         for mut b in open_both(&p, Some(1 << 20), FileOptions::default()) {
             let salt = b.uses_io_uring() as u32;
-            let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 + salt) as u8).collect();
+            let data: DataBuf = (0..8192u32).map(|i| (i * 7 + salt) as u8).collect();
             let d = run(
                 &mut b,
                 IoOp::Write {
@@ -1229,9 +1230,13 @@ mod tests {
                 data.clone(),
             );
             assert_eq!(d.result, Ok(()));
-            assert_eq!(run(&mut b, write(0), vec![9; 4096]).result, Ok(()));
-            assert_eq!(run(&mut b, IoOp::Flush, Vec::new()).result, Ok(()));
-            let d = run(&mut b, IoOp::Read { offset: 0 }, vec![0; 4096 + 8192]);
+            assert_eq!(run(&mut b, write(0), vec![9; 4096].into()).result, Ok(()));
+            assert_eq!(run(&mut b, IoOp::Flush, Vec::new().into()).result, Ok(()));
+            let d = run(
+                &mut b,
+                IoOp::Read { offset: 0 },
+                vec![0; 4096 + 8192].into(),
+            );
             assert_eq!(d.result, Ok(()));
             assert_eq!(&d.buf[..4096], &[9; 4096][..]);
             assert_eq!(&d.buf[4096..], &data[..]);
@@ -1243,9 +1248,12 @@ mod tests {
                 .unwrap();
             assert_eq!(check, data);
             // Empty transfers complete without touching the file.
-            let d = run(&mut b, IoOp::Read { offset: 0 }, Vec::new());
+            let d = run(&mut b, IoOp::Read { offset: 0 }, Vec::new().into());
             assert_eq!(d.result, Ok(()));
-            assert_eq!(run(&mut b, write(1 << 20), Vec::new()).result, Ok(()));
+            assert_eq!(
+                run(&mut b, write(1 << 20), Vec::new().into()).result,
+                Ok(())
+            );
         }
     }
 
@@ -1275,7 +1283,7 @@ mod tests {
                     0,
                 ),
             ] {
-                let d = run(&mut b, op, vec![0; len]);
+                let d = run(&mut b, op, vec![0; len].into());
                 assert_eq!(d.result, Err(EINVAL), "{op:?}");
             }
         }
@@ -1285,21 +1293,21 @@ mod tests {
         };
         for mut b in open_both(&p, None, opts) {
             let rofs = Err(Errno::ROFS.raw_os_error());
-            assert_eq!(run(&mut b, write(0), vec![0; 512]).result, rofs);
+            assert_eq!(run(&mut b, write(0), vec![0; 512].into()).result, rofs);
             let d = IoOp::Discard {
                 offset: 0,
                 len: 512,
             };
-            assert_eq!(run(&mut b, d, Vec::new()).result, rofs);
+            assert_eq!(run(&mut b, d, Vec::new().into()).result, rofs);
             let z = IoOp::WriteZeroes {
                 offset: 0,
                 len: 512,
             };
-            assert_eq!(run(&mut b, z, Vec::new()).result, rofs);
+            assert_eq!(run(&mut b, z, Vec::new().into()).result, rofs);
             // Out of range and read-only: read-only wins, as before.
-            assert_eq!(run(&mut b, write(size), vec![0; 512]).result, rofs);
-            assert_eq!(run(&mut b, IoOp::Flush, Vec::new()).result, Ok(()));
-            let d = run(&mut b, IoOp::Read { offset: 0 }, vec![1; 512]);
+            assert_eq!(run(&mut b, write(size), vec![0; 512].into()).result, rofs);
+            assert_eq!(run(&mut b, IoOp::Flush, Vec::new().into()).result, Ok(()));
+            let d = run(&mut b, IoOp::Read { offset: 0 }, vec![1; 512].into());
             assert_eq!(d.result, Ok(()));
             assert_eq!(b.shutdown(), Ok(()));
         }
@@ -1320,13 +1328,20 @@ mod tests {
                 .unwrap()
         };
         for mut b in open_both(&p, Some(1 << 20), FileOptions::default()) {
-            assert_eq!(run(&mut b, write(0), vec![7; 1 << 20]).result, Ok(()));
+            assert_eq!(
+                run(&mut b, write(0), vec![7; 1 << 20].into()).result,
+                Ok(())
+            );
             resize(300_000);
-            let d = run(&mut b, IoOp::Read { offset: 290_000 }, vec![1; 20_000]);
+            let d = run(
+                &mut b,
+                IoOp::Read { offset: 290_000 },
+                vec![1; 20_000].into(),
+            );
             assert_eq!(d.result, Ok(()));
             assert!(d.buf[..10_000].iter().all(|&x| x == 7));
             assert!(d.buf[10_000..].iter().all(|&x| x == 0));
-            let d = run(&mut b, IoOp::Read { offset: 500_000 }, vec![1; 4096]);
+            let d = run(&mut b, IoOp::Read { offset: 500_000 }, vec![1; 4096].into());
             assert_eq!(d.result, Ok(()));
             assert!(d.buf.iter().all(|&x| x == 0));
             resize(1 << 20);
@@ -1343,20 +1358,24 @@ mod tests {
         for mut b in open_both(&p, Some(size), FileOptions::default()) {
             b.sh.punch_ok = false;
             b.sh.zero_range_ok = false;
-            let d = run(&mut b, write(0), vec![0xee; size as usize]);
+            let d = run(&mut b, write(0), vec![0xee; size as usize].into());
             assert_eq!(d.result, Ok(()));
             let len = 2 * ZERO_PIECE + 12_345;
             let d = IoOp::Discard {
                 offset: 1000,
                 len: len as u64,
             };
-            assert_eq!(run(&mut b, d, Vec::new()).result, Ok(()));
+            assert_eq!(run(&mut b, d, Vec::new().into()).result, Ok(()));
             let z = IoOp::WriteZeroes {
                 offset: 3 << 20,
                 len: 4096,
             };
-            assert_eq!(run(&mut b, z, Vec::new()).result, Ok(()));
-            let d = run(&mut b, IoOp::Read { offset: 0 }, vec![1; size as usize]);
+            assert_eq!(run(&mut b, z, Vec::new().into()).result, Ok(()));
+            let d = run(
+                &mut b,
+                IoOp::Read { offset: 0 },
+                vec![1; size as usize].into(),
+            );
             let buf = &d.buf;
             assert!(buf[..1000].iter().all(|&x| x == 0xee));
             assert!(buf[1000..1000 + len].iter().all(|&x| x == 0));
@@ -1366,7 +1385,7 @@ mod tests {
         }
     }
 
-    fn pattern(i: u64, len: usize) -> Vec<u8> {
+    fn pattern(i: u64, len: usize) -> DataBuf {
         (0..len)
             .map(|j| (i as usize * 31 + j / 512) as u8)
             .collect()
@@ -1393,7 +1412,7 @@ mod tests {
         b.submit(Io {
             tag: n,
             op: IoOp::Flush,
-            buf: Vec::new(),
+            buf: Vec::new().into(),
         });
         for d in wait(b, n as usize + 1) {
             assert_eq!(d.result, Ok(()), "tag {}", d.tag);
@@ -1404,7 +1423,7 @@ mod tests {
                 op: IoOp::Read {
                     offset: i * len as u64,
                 },
-                buf: vec![0; len],
+                buf: vec![0; len].into(),
             });
         }
         for d in wait(b, n as usize) {
@@ -1445,7 +1464,7 @@ mod tests {
                 op: IoOp::Read {
                     offset: (i % 2048) * 512,
                 },
-                buf: vec![1; 512],
+                buf: vec![1; 512].into(),
             });
         }
         let u = b.uring.as_ref().unwrap();
@@ -1505,12 +1524,12 @@ mod tests {
                     offset: 0,
                     fua: true,
                 },
-                buf: vec![round as u8; 4096],
+                buf: vec![round as u8; 4096].into(),
             });
             b.submit(Io {
                 tag: 10 + round,
                 op: IoOp::Flush,
-                buf: Vec::new(),
+                buf: Vec::new().into(),
             });
             let mut out = Vec::new();
             b.poll(&mut out);
@@ -1563,21 +1582,21 @@ mod tests {
                 offset: 1 << 20,
                 fua: true,
             },
-            vec![0x5a; 1 << 20],
+            vec![0x5a; 1 << 20].into(),
         );
         assert_eq!(d.result, Ok(()));
-        assert_eq!(run(b, IoOp::Flush, Vec::new()).result, Ok(()));
+        assert_eq!(run(b, IoOp::Flush, Vec::new().into()).result, Ok(()));
         let d = IoOp::Discard {
             offset: 1 << 20,
             len: 64 << 10,
         };
-        assert_eq!(run(b, d, Vec::new()).result, Ok(()));
+        assert_eq!(run(b, d, Vec::new().into()).result, Ok(()));
         let z = IoOp::WriteZeroes {
             offset: (1 << 20) + (128 << 10),
             len: 4096,
         };
-        assert_eq!(run(b, z, Vec::new()).result, Ok(()));
-        let d = run(b, IoOp::Read { offset: 1 << 20 }, vec![1; 256 << 10]);
+        assert_eq!(run(b, z, Vec::new().into()).result, Ok(()));
+        let d = run(b, IoOp::Read { offset: 1 << 20 }, vec![1; 256 << 10].into());
         assert_eq!(d.result, Ok(()));
         let (a, rest) = d.buf.split_at(64 << 10);
         let (m, rest) = rest.split_at(64 << 10);
@@ -1611,10 +1630,10 @@ mod tests {
                     IoOp::Read {
                         offset: a as u64 / 2,
                     },
-                    vec![0; a],
+                    vec![0; a].into(),
                 );
                 assert_eq!(d.result, Err(EINVAL));
-                let d = run(&mut b, write(0), vec![0; a + 1]);
+                let d = run(&mut b, write(0), vec![0; a + 1].into());
                 assert_eq!(d.result, Err(EINVAL));
             }
             // With whatever alignment buffers happen to have, then with
@@ -1624,11 +1643,15 @@ mod tests {
             b.sh.mem_align = 1 << 30;
             many_ops(&mut b, 300, 8192);
             // Longer than one bounce buffer: it goes in pieces.
-            let big: Vec<u8> = (0..(BOUNCE_SIZE * 2 + 4096))
+            let big: DataBuf = (0..(BOUNCE_SIZE * 2 + 4096))
                 .map(|i| (i / 4096) as u8)
                 .collect();
             assert_eq!(run(&mut b, write(1 << 20), big.clone()).result, Ok(()));
-            let d = run(&mut b, IoOp::Read { offset: 1 << 20 }, vec![0; big.len()]);
+            let d = run(
+                &mut b,
+                IoOp::Read { offset: 1 << 20 },
+                vec![0; big.len()].into(),
+            );
             assert_eq!(d.result, Ok(()));
             assert!(d.buf == big);
             assert_eq!(b.shutdown(), Ok(()));

@@ -170,7 +170,7 @@ impl Backstore for MemBackstore {
 mod tests {
     use super::*;
 
-    fn run(b: &mut MemBackstore, op: IoOp, buf: Vec<u8>) -> IoDone {
+    fn run(b: &mut MemBackstore, op: IoOp, buf: mempool::DataBuf) -> IoDone {
         b.submit(Io { tag: 7, op, buf });
         let mut out = Vec::new();
         assert_eq!(b.poll(&mut out), 1);
@@ -182,7 +182,7 @@ mod tests {
         let size = MEM_CHUNK * 4 + 512;
         let mut b = MemBackstore::new(size);
         assert_eq!(b.allocated_bytes(), 0);
-        let d = run(&mut b, IoOp::Read { offset: 100 }, vec![1u8; 1000]);
+        let d = run(&mut b, IoOp::Read { offset: 100 }, vec![1u8; 1000].into());
         assert_eq!(d.result, Ok(()));
         assert!(d.buf.iter().all(|&x| x == 0));
 
@@ -194,11 +194,11 @@ mod tests {
                 offset: off,
                 fua: false,
             },
-            vec![0xaa; 20],
+            vec![0xaa; 20].into(),
         );
         assert_eq!(d.result, Ok(()));
         assert_eq!(b.allocated_bytes(), 2 * MEM_CHUNK);
-        let d = run(&mut b, IoOp::Read { offset: off - 1 }, vec![0; 22]);
+        let d = run(&mut b, IoOp::Read { offset: off - 1 }, vec![0; 22].into());
         assert_eq!(d.buf[0], 0);
         assert!(d.buf[1..21].iter().all(|&x| x == 0xaa));
         assert_eq!(d.buf[21], 0);
@@ -217,11 +217,11 @@ mod tests {
                 offset: off,
                 len: 5,
             },
-            Vec::new(),
+            Vec::new().into(),
         );
         assert_eq!(d.result, Ok(()));
         assert_eq!(b.allocated_bytes(), 2 * MEM_CHUNK);
-        let d = run(&mut b, IoOp::Read { offset: off }, vec![0; 20]);
+        let d = run(&mut b, IoOp::Read { offset: off }, vec![0; 20].into());
         assert_eq!(&d.buf[..5], &[0; 5]);
         assert_eq!(d.buf[5], 0xaa);
         run(
@@ -230,7 +230,7 @@ mod tests {
                 offset: 0,
                 len: MEM_CHUNK,
             },
-            Vec::new(),
+            Vec::new().into(),
         );
         assert_eq!(b.allocated_bytes(), MEM_CHUNK);
         assert!(!b.extent_status(0).unwrap().mapped);
@@ -242,7 +242,7 @@ mod tests {
                 offset: size - 1,
                 fua: true,
             },
-            vec![1],
+            vec![1].into(),
         );
         assert!(b.extent_status(size - 1).unwrap().mapped);
         run(
@@ -251,7 +251,7 @@ mod tests {
                 offset: 4 * MEM_CHUNK,
                 len: 512,
             },
-            Vec::new(),
+            Vec::new().into(),
         );
         assert!(!b.extent_status(size - 1).unwrap().mapped);
 
@@ -261,16 +261,16 @@ mod tests {
                 offset: MEM_CHUNK,
                 len: 20,
             },
-            Vec::new(),
+            Vec::new().into(),
         );
-        let d = run(&mut b, IoOp::Read { offset: MEM_CHUNK }, vec![1; 20]);
+        let d = run(&mut b, IoOp::Read { offset: MEM_CHUNK }, vec![1; 20].into());
         assert!(d.buf.iter().all(|&x| x == 0));
     }
 
     #[test]
     fn out_of_range() {
         let mut b = MemBackstore::new(4096);
-        let d = run(&mut b, IoOp::Read { offset: 4000 }, vec![0; 200]);
+        let d = run(&mut b, IoOp::Read { offset: 4000 }, vec![0; 200].into());
         assert_eq!(d.result, Err(EINVAL));
         let d = run(
             &mut b,
@@ -278,7 +278,7 @@ mod tests {
                 offset: u64::MAX,
                 fua: false,
             },
-            vec![0; 2],
+            vec![0; 2].into(),
         );
         assert_eq!(d.result, Err(EINVAL));
         let d = run(
@@ -287,7 +287,7 @@ mod tests {
                 offset: 4096,
                 len: 1,
             },
-            Vec::new(),
+            Vec::new().into(),
         );
         assert_eq!(d.result, Err(EINVAL));
         assert!(b.extent_status(4096).is_err());

@@ -7,6 +7,7 @@ mod file;
 mod mem;
 mod null;
 
+use mempool::DataBuf;
 use std::os::fd::BorrowedFd;
 
 pub use file::{FileBackstore, FileOptions};
@@ -49,8 +50,10 @@ pub struct Io {
     pub tag: u64,
     pub op: IoOp,
     /// Data to write, or the buffer to read into (its length is the read
-    /// length). Empty for Flush, Discard and WriteZeroes.
-    pub buf: Vec<u8>,
+    /// length). Empty for Flush, Discard and WriteZeroes. A read must
+    /// fill every byte (zeros past the end of a file or for unmapped
+    /// ranges): the buffer may hold another command's old data.
+    pub buf: DataBuf,
 }
 
 /// A completed operation.
@@ -60,7 +63,7 @@ pub struct IoDone {
     /// `Err(errno)` on failure.
     pub result: Result<(), i32>,
     /// The request's buffer, filled for reads.
-    pub buf: Vec<u8>,
+    pub buf: DataBuf,
 }
 
 /// Mapping state of a range, for GET LBA STATUS.

@@ -70,17 +70,17 @@ mod tests {
                 offset: 0,
                 fua: false,
             },
-            buf: vec![9; 512],
+            buf: vec![9; 512].into(),
         });
         b.submit(Io {
             tag: 2,
             op: IoOp::Read { offset: 0 },
-            buf: vec![9; 512],
+            buf: vec![9; 512].into(),
         });
         b.submit(Io {
             tag: 3,
             op: IoOp::Read { offset: 8000 },
-            buf: vec![9; 512],
+            buf: vec![9; 512].into(),
         });
         let mut out = Vec::new();
         assert_eq!(b.poll(&mut out), 3);

@@ -7,6 +7,7 @@ use crate::lun::Lun;
 use crate::stats::{IoCounters, IoKind};
 use crate::status;
 use crate::target::{decode_lun, encode_lun, Target};
+use mempool::DataBuf;
 use proptest::prelude::*;
 
 const BS: u32 = 512;
@@ -40,7 +41,7 @@ fn mem_lun(blocks: u64) -> Lun {
     .unwrap()
 }
 
-fn task(tag: u64, cdb: &[u8], data_out: Vec<u8>) -> ScsiTask {
+fn task(tag: u64, cdb: &[u8], data_out: DataBuf) -> ScsiTask {
     ScsiTask {
         tag,
         nexus: 1,
@@ -51,7 +52,7 @@ fn task(tag: u64, cdb: &[u8], data_out: Vec<u8>) -> ScsiTask {
     }
 }
 
-fn run(lun: &mut Lun, cdb: &[u8], data_out: Vec<u8>) -> ScsiCompletion {
+fn run(lun: &mut Lun, cdb: &[u8], data_out: DataBuf) -> ScsiCompletion {
     lun.submit(task(99, cdb, data_out));
     let mut out = Vec::new();
     // Backstores that complete in the background (a file on io_uring)
@@ -94,13 +95,13 @@ fn cdb16(op: u8, b1: u8, lba: u64, n: u32) -> [u8; 16] {
     c
 }
 
-fn write10(lun: &mut Lun, lba: u32, data: Vec<u8>) {
+fn write10(lun: &mut Lun, lba: u32, data: DataBuf) {
     let n = (data.len() / BS as usize) as u16;
     ok(&run(lun, &cdb10(0x2a, 0, lba, n), data));
 }
 
-fn read10(lun: &mut Lun, lba: u32, n: u16) -> Vec<u8> {
-    let c = run(lun, &cdb10(0x28, 0, lba, n), Vec::new());
+fn read10(lun: &mut Lun, lba: u32, n: u16) -> DataBuf {
+    let c = run(lun, &cdb10(0x28, 0, lba, n), Vec::new().into());
     ok(&c);
     c.data_in
 }
@@ -111,7 +112,7 @@ fn supported(lun: &mut Lun, op: u8) -> bool {
     let c = run(
         lun,
         &[0xa3, 0x0c, 0x01, op, 0, 0, 0, 0, 0, 255, 0, 0],
-        Vec::new(),
+        Vec::new().into(),
     );
     ok(&c);
     c.data_in.get(1).is_some_and(|b| b & 7 == 3)
@@ -139,13 +140,17 @@ fn unmap_cdb(len: usize) -> [u8; 10] {
 #[test]
 fn read_capacity() {
     let mut lun = mem_lun(1000);
-    let c = run(&mut lun, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], Vec::new());
+    let c = run(
+        &mut lun,
+        &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        Vec::new().into(),
+    );
     ok(&c);
     assert_eq!(c.data_in, [0, 0, 0x03, 0xe7, 0, 0, 0x02, 0]);
 
     let mut cdb = cdb16(0x9e, 0x10, 0, 32);
     cdb[2..10].fill(0);
-    let c = run(&mut lun, &cdb, Vec::new());
+    let c = run(&mut lun, &cdb, Vec::new().into());
     ok(&c);
     assert_eq!(c.data_in.len(), 32);
     assert_eq!(&c.data_in[..8], &999u64.to_be_bytes());
@@ -154,12 +159,12 @@ fn read_capacity() {
     assert_eq!(c.data_in[14], 0xc0, "LBPME and LBPRZ");
 
     // Allocation length truncates.
-    let c = run(&mut lun, &cdb16(0x9e, 0x10, 0, 12), Vec::new());
+    let c = run(&mut lun, &cdb16(0x9e, 0x10, 0, 12), Vec::new().into());
     ok(&c);
     assert_eq!(c.data_in.len(), 12);
 
     // Unknown service action points at byte 1.
-    let c = run(&mut lun, &cdb16(0x9e, 0x1f, 0, 32), Vec::new());
+    let c = run(&mut lun, &cdb16(0x9e, 0x1f, 0, 32), Vec::new().into());
     assert_eq!(sense(&c), (5, 0x24, 0));
     assert_eq!(&c.sense[15..18], &[0xcc, 0, 1]);
 }
@@ -170,9 +175,13 @@ fn read_capacity10_saturates() {
     // A null backstore of any size costs nothing.
     let b = crate::backstore::NullBackstore::new(blocks * BS as u64);
     let mut lun = Lun::new(info(blocks, false, false), Box::new(b)).unwrap();
-    let c = run(&mut lun, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], Vec::new());
+    let c = run(
+        &mut lun,
+        &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        Vec::new().into(),
+    );
     assert_eq!(&c.data_in[..4], &[0xff; 4]);
-    let c = run(&mut lun, &cdb16(0x9e, 0x10, 0, 32), Vec::new());
+    let c = run(&mut lun, &cdb16(0x9e, 0x10, 0, 32), Vec::new().into());
     assert_eq!(&c.data_in[..8], &(blocks - 1).to_be_bytes());
     assert_eq!(c.data_in[14], 0, "not thin");
 }
@@ -180,12 +189,12 @@ fn read_capacity10_saturates() {
 #[test]
 fn read_write_all_sizes() {
     let mut lun = mem_lun(2048);
-    let data: Vec<u8> = (0..4 * BS).map(|i| (i % 251) as u8).collect();
+    let data: DataBuf = (0..4 * BS).map(|i| (i % 251) as u8).collect();
     write10(&mut lun, 10, data.clone());
     assert_eq!(read10(&mut lun, 10, 4), data);
 
     // READ (6): LBA 21 bits, length 4.
-    let c = run(&mut lun, &[0x08, 0, 0, 10, 4, 0], Vec::new());
+    let c = run(&mut lun, &[0x08, 0, 0, 10, 4, 0], Vec::new().into());
     ok(&c);
     assert_eq!(c.data_in, data);
     // READ (12) and (16).
@@ -193,29 +202,33 @@ fn read_write_all_sizes() {
     c12[0] = 0xa8;
     c12[5] = 11;
     c12[9] = 2;
-    let c = run(&mut lun, &c12, Vec::new());
+    let c = run(&mut lun, &c12, Vec::new().into());
     ok(&c);
     assert_eq!(c.data_in, &data[BS as usize..3 * BS as usize]);
-    let c = run(&mut lun, &cdb16(0x88, 0x18, 13, 1), Vec::new());
+    let c = run(&mut lun, &cdb16(0x88, 0x18, 13, 1), Vec::new().into());
     ok(&c);
     assert_eq!(c.data_in, &data[3 * BS as usize..]);
 
     // WRITE (6) with length 0 moves 256 blocks.
     let big = vec![0x77u8; 256 * BS as usize];
-    let c = run(&mut lun, &[0x0a, 0, 0x01, 0x00, 0, 0], big.clone());
+    let c = run(&mut lun, &[0x0a, 0, 0x01, 0x00, 0, 0], big.clone().into());
     ok(&c);
     assert_eq!(c.data_out_len, 256 * BS);
     assert_eq!(read10(&mut lun, 256, 256), big);
 
     // WRITE (16) with FUA, WRITE (12).
-    let c = run(&mut lun, &cdb16(0x8a, 0x08, 2047, 1), vec![5; BS as usize]);
+    let c = run(
+        &mut lun,
+        &cdb16(0x8a, 0x08, 2047, 1),
+        vec![5; BS as usize].into(),
+    );
     ok(&c);
     assert_eq!(read10(&mut lun, 2047, 1), vec![5; BS as usize]);
     let mut w12 = [0u8; 12];
     w12[0] = 0xaa;
     w12[5] = 1;
     w12[9] = 1;
-    ok(&run(&mut lun, &w12, vec![6; BS as usize]));
+    ok(&run(&mut lun, &w12, vec![6; BS as usize].into()));
     assert_eq!(read10(&mut lun, 1, 1), vec![6; BS as usize]);
 }
 
@@ -233,55 +246,79 @@ fn range_and_length_errors() {
         cdb10(0x34, 0, 100, 1).to_vec(),
         cdb16(0x90, 0, 101, 0).to_vec(),
     ] {
-        let c = run(&mut lun, &cdb, Vec::new());
+        let c = run(&mut lun, &cdb, Vec::new().into());
         assert_eq!(sense(&c), (5, 0x21, 0), "{cdb:02x?}");
     }
-    let c = run(&mut lun, &cdb10(0x2a, 0, 100, 1), vec![0; BS as usize]);
+    let c = run(
+        &mut lun,
+        &cdb10(0x2a, 0, 100, 1),
+        vec![0; BS as usize].into(),
+    );
     assert_eq!(sense(&c), (5, 0x21, 0));
     assert_eq!(c.data_out_len, BS);
 
     // Zero-length transfers at the end are fine.
-    let c = run(&mut lun, &cdb10(0x28, 0, 100, 0), Vec::new());
+    let c = run(&mut lun, &cdb10(0x28, 0, 100, 0), Vec::new().into());
     ok(&c);
     assert!(c.data_in.is_empty());
-    ok(&run(&mut lun, &cdb10(0x2a, 0, 100, 0), Vec::new()));
+    ok(&run(&mut lun, &cdb10(0x2a, 0, 100, 0), Vec::new().into()));
 
     // Beyond MAXIMUM TRANSFER LENGTH.
     let mut lun = mem_lun(8192);
-    let c = run(&mut lun, &cdb10(0x28, 0, 0, 4097), Vec::new());
+    let c = run(&mut lun, &cdb10(0x28, 0, 0, 4097), Vec::new().into());
     assert_eq!(sense(&c), (5, 0x24, 0));
     // RDPROTECT/WRPROTECT without protection information.
-    let c = run(&mut lun, &cdb10(0x28, 0x20, 0, 1), Vec::new());
+    let c = run(&mut lun, &cdb10(0x28, 0x20, 0, 1), Vec::new().into());
     assert_eq!(sense(&c), (5, 0x24, 0));
-    let c = run(&mut lun, &cdb10(0x2a, 0x40, 0, 1), vec![0; 512]);
+    let c = run(&mut lun, &cdb10(0x2a, 0x40, 0, 1), vec![0; 512].into());
     assert_eq!(sense(&c), (5, 0x24, 0));
     // DPO/FUA/FUA_NV are fine.
-    ok(&run(&mut lun, &cdb10(0x28, 0x1a, 0, 1), Vec::new()));
+    ok(&run(&mut lun, &cdb10(0x28, 0x1a, 0, 1), Vec::new().into()));
     // SYNCHRONIZE CACHE and PRE-FETCH.
-    ok(&run(&mut lun, &cdb10(0x35, 0, 0, 0), Vec::new()));
-    ok(&run(&mut lun, &cdb16(0x91, 0, 8000, 192), Vec::new()));
-    ok(&run(&mut lun, &cdb10(0x34, 0, 8191, 1), Vec::new()));
+    ok(&run(&mut lun, &cdb10(0x35, 0, 0, 0), Vec::new().into()));
+    ok(&run(
+        &mut lun,
+        &cdb16(0x91, 0, 8000, 192),
+        Vec::new().into(),
+    ));
+    ok(&run(&mut lun, &cdb10(0x34, 0, 8191, 1), Vec::new().into()));
     // WRITE SAME is limited to what one transfer could move.
-    let c = run(&mut lun, &cdb16(0x93, 0, 0, 4097), vec![1; BS as usize]);
+    let c = run(
+        &mut lun,
+        &cdb16(0x93, 0, 0, 4097),
+        vec![1; BS as usize].into(),
+    );
     assert_eq!(sense(&c), (5, 0x24, 0));
 }
 
 #[test]
 fn short_data_out_writes_whole_blocks_only() {
     let mut lun = mem_lun(16);
-    write10(&mut lun, 0, vec![b'a'; 2 * BS as usize]);
+    write10(&mut lun, 0, vec![b'a'; 2 * BS as usize].into());
     // Two blocks asked, one sent.
-    let c = run(&mut lun, &cdb10(0x2a, 0, 0, 2), vec![b'b'; BS as usize]);
+    let c = run(
+        &mut lun,
+        &cdb10(0x2a, 0, 0, 2),
+        vec![b'b'; BS as usize].into(),
+    );
     ok(&c);
     assert_eq!(c.data_out_len, 2 * BS);
     let d = read10(&mut lun, 0, 2);
     assert!(d[..BS as usize].iter().all(|&x| x == b'b'));
     assert!(d[BS as usize..].iter().all(|&x| x == b'a'));
     // Part of a block: nothing written.
-    ok(&run(&mut lun, &cdb10(0x2a, 0, 1, 1), vec![b'c'; 200]));
+    ok(&run(
+        &mut lun,
+        &cdb10(0x2a, 0, 1, 1),
+        vec![b'c'; 200].into(),
+    ));
     assert!(read10(&mut lun, 1, 1).iter().all(|&x| x == b'a'));
     // More than asked: only the CDB's blocks.
-    let c = run(&mut lun, &cdb10(0x2a, 0, 0, 1), vec![b'd'; 2 * BS as usize]);
+    let c = run(
+        &mut lun,
+        &cdb10(0x2a, 0, 0, 1),
+        vec![b'd'; 2 * BS as usize].into(),
+    );
     ok(&c);
     assert_eq!(c.data_out_len, BS);
     assert!(read10(&mut lun, 1, 1).iter().all(|&x| x == b'a'));
@@ -297,23 +334,23 @@ fn read_only_and_unknown() {
         (unmap_cdb(24).to_vec(), unmap_list(&[(0, 1)])),
         (cdb16(0x89, 0, 0, 0).to_vec(), vec![]),
     ] {
-        let c = run(&mut lun, &cdb, d);
+        let c = run(&mut lun, &cdb, d.into());
         assert_eq!(sense(&c), (7, 0x27, 0));
     }
-    ok(&run(&mut lun, &cdb10(0x28, 0, 0, 1), Vec::new()));
-    let c = run(&mut lun, &[0xc7, 0, 0, 0, 0, 0], Vec::new());
+    ok(&run(&mut lun, &cdb10(0x28, 0, 0, 1), Vec::new().into()));
+    let c = run(&mut lun, &[0xc7, 0, 0, 0, 0, 0], Vec::new().into());
     assert_eq!(sense(&c), (5, 0x20, 0));
-    let c = run(&mut lun, &[], Vec::new());
+    let c = run(&mut lun, &[], Vec::new().into());
     assert_eq!(sense(&c), (5, 0x20, 0));
 }
 
 #[test]
 fn verify_and_write_verify() {
     let mut lun = mem_lun(64);
-    let data: Vec<u8> = (0..2 * BS).map(|i| i as u8).collect();
+    let data: DataBuf = (0..2 * BS).map(|i| i as u8).collect();
     write10(&mut lun, 4, data.clone());
     // BYTCHK 0: range only.
-    ok(&run(&mut lun, &cdb10(0x2f, 0, 4, 2), Vec::new()));
+    ok(&run(&mut lun, &cdb10(0x2f, 0, 4, 2), Vec::new().into()));
     // BYTCHK 1 match and mismatch.
     let c = run(&mut lun, &cdb10(0x2f, 0x02, 4, 2), data.clone());
     ok(&c);
@@ -325,31 +362,35 @@ fn verify_and_write_verify() {
     assert_eq!(c.sense[0], 0xf0, "VALID set");
     assert_eq!(&c.sense[3..7], &700u32.to_be_bytes());
     // BYTCHK 3: one block against each block.
-    write10(&mut lun, 10, vec![9; 3 * BS as usize]);
+    write10(&mut lun, 10, vec![9; 3 * BS as usize].into());
     ok(&run(
         &mut lun,
         &cdb16(0x8f, 0x06, 10, 3),
-        vec![9; BS as usize],
+        vec![9; BS as usize].into(),
     ));
-    let c = run(&mut lun, &cdb16(0x8f, 0x06, 9, 3), vec![9; BS as usize]);
+    let c = run(
+        &mut lun,
+        &cdb16(0x8f, 0x06, 9, 3),
+        vec![9; BS as usize].into(),
+    );
     assert_eq!(sense(&c), (0xe, 0x1d, 0));
     assert_eq!(&c.sense[3..7], &0u32.to_be_bytes());
     // VRPROTECT, BYTCHK 2.
-    let c = run(&mut lun, &cdb10(0x2f, 0x20, 4, 1), Vec::new());
+    let c = run(&mut lun, &cdb10(0x2f, 0x20, 4, 1), Vec::new().into());
     assert_eq!(sense(&c), (5, 0x24, 0));
-    let c = run(&mut lun, &cdb10(0x2f, 0x04, 4, 1), Vec::new());
+    let c = run(&mut lun, &cdb10(0x2f, 0x04, 4, 1), Vec::new().into());
     assert_eq!(sense(&c), (5, 0x24, 0));
 
     // WRITE AND VERIFY with and without BYTCHK.
     ok(&run(
         &mut lun,
         &cdb10(0x2e, 0x02, 20, 1),
-        vec![3; BS as usize],
+        vec![3; BS as usize].into(),
     ));
     ok(&run(
         &mut lun,
         &cdb16(0x8e, 0x10, 21, 1),
-        vec![4; BS as usize],
+        vec![4; BS as usize].into(),
     ));
     assert_eq!(read10(&mut lun, 20, 2)[BS as usize], 4);
 }
@@ -357,42 +398,42 @@ fn verify_and_write_verify() {
 #[test]
 fn compare_and_write() {
     let mut lun = mem_lun(64);
-    write10(&mut lun, 5, vec![b'A'; 2 * BS as usize]);
+    write10(&mut lun, 5, vec![b'A'; 2 * BS as usize].into());
     let mut d = vec![b'A'; 2 * BS as usize];
     d.extend(vec![b'B'; 2 * BS as usize]);
     let mut cdb = cdb16(0x89, 0, 5, 0);
     cdb[13] = 2;
-    let c = run(&mut lun, &cdb, d.clone());
+    let c = run(&mut lun, &cdb, d.clone().into());
     ok(&c);
     assert_eq!(c.data_out_len, 4 * BS);
     assert!(read10(&mut lun, 5, 2).iter().all(|&x| x == b'B'));
     // Now it miscompares at the first byte; nothing is written.
-    let c = run(&mut lun, &cdb, d.clone());
+    let c = run(&mut lun, &cdb, d.clone().into());
     assert_eq!(sense(&c), (0xe, 0x1d, 0));
     assert_eq!(&c.sense[3..7], &0u32.to_be_bytes());
     let mut d2 = vec![b'B'; 2 * BS as usize];
     d2[2 * BS as usize - 27] = b'C';
     d2.extend(vec![b'Z'; 2 * BS as usize]);
-    let c = run(&mut lun, &cdb, d2);
+    let c = run(&mut lun, &cdb, d2.into());
     assert_eq!(sense(&c), (0xe, 0x1d, 0));
     assert_eq!(&c.sense[3..7], &(2 * BS - 27).to_be_bytes());
     assert!(read10(&mut lun, 5, 2).iter().all(|&x| x == b'B'));
     // Wrong data-out size, too many blocks, beyond the end.
-    let c = run(&mut lun, &cdb, vec![b'B'; 3 * BS as usize]);
+    let c = run(&mut lun, &cdb, vec![b'B'; 3 * BS as usize].into());
     assert_eq!(sense(&c), (5, 0x24, 0));
     // 256 blocks wrapped to 0 in the CDB, with their data-out.
     let mut zero = cdb;
     zero[13] = 0;
-    let c = run(&mut lun, &zero, vec![0; 512 * BS as usize]);
+    let c = run(&mut lun, &zero, vec![0; 512 * BS as usize].into());
     assert_eq!(sense(&c), (5, 0x24, 0));
-    ok(&run(&mut lun, &zero, Vec::new()));
+    ok(&run(&mut lun, &zero, Vec::new().into()));
     let mut big = cdb;
     big[13] = 255;
-    let c = run(&mut lun, &big, Vec::new());
+    let c = run(&mut lun, &big, Vec::new().into());
     assert_eq!(sense(&c), (5, 0x21, 0));
     let mut eol = cdb16(0x89, 0, 63, 0);
     eol[13] = 2;
-    let c = run(&mut lun, &eol, vec![0; 4 * BS as usize]);
+    let c = run(&mut lun, &eol, vec![0; 4 * BS as usize].into());
     assert_eq!(sense(&c), (5, 0x21, 0));
 }
 
@@ -403,16 +444,24 @@ fn write_same_and_unmap() {
     let mut blk = vec![0u8; BS as usize];
     blk[0] = 0xab;
     blk[511] = 0xcd;
-    ok(&run(&mut lun, &cdb16(0x93, 0, 100, 3000), blk.clone()));
+    ok(&run(
+        &mut lun,
+        &cdb16(0x93, 0, 100, 3000),
+        blk.clone().into(),
+    ));
     for lba in [100u32, 2000, 3099] {
         assert_eq!(read10(&mut lun, lba, 1), blk);
     }
     assert!(read10(&mut lun, 3100, 1).iter().all(|&x| x == 0));
     // UNMAP bit deallocates, whatever the block holds.
-    ok(&run(&mut lun, &cdb10(0x41, 0x08, 100, 10), vec![0xff; 512]));
+    ok(&run(
+        &mut lun,
+        &cdb10(0x41, 0x08, 100, 10),
+        vec![0xff; 512].into(),
+    ));
     assert!(read10(&mut lun, 100, 10).iter().all(|&x| x == 0));
     // NDOB writes zeros without data-out.
-    let c = run(&mut lun, &cdb16(0x93, 0x01, 110, 5), Vec::new());
+    let c = run(&mut lun, &cdb16(0x93, 0x01, 110, 5), Vec::new().into());
     ok(&c);
     assert_eq!(c.data_out_len, 0);
     assert!(read10(&mut lun, 110, 5).iter().all(|&x| x == 0));
@@ -425,43 +474,52 @@ fn write_same_and_unmap() {
         (cdb10(0x41, 0x08, 0, 1).to_vec(), vec![0; 1024]),
         (cdb10(0x41, 0x20, 0, 1).to_vec(), blk.clone()),
     ] {
-        let c = run(&mut lun, &cdb, d);
+        let c = run(&mut lun, &cdb, d.into());
         assert_eq!(sense(&c), (5, 0x24, 0), "{cdb:02x?}");
     }
-    let c = run(&mut lun, &cdb10(0x41, 0, 8192, 1), blk.clone());
+    let c = run(&mut lun, &cdb10(0x41, 0, 8192, 1), blk.clone().into());
     assert_eq!(sense(&c), (5, 0x21, 0));
     // Zero blocks past the end: the LBA is what is wrong.
-    let c = run(&mut lun, &cdb16(0x93, 0, 1 << 63, 0), blk.clone());
+    let c = run(&mut lun, &cdb16(0x93, 0, 1 << 63, 0), blk.clone().into());
     assert_eq!(sense(&c), (5, 0x21, 0));
-    let c = run(&mut lun, &cdb10(0x41, 0, 8193, 0), blk.clone());
+    let c = run(&mut lun, &cdb10(0x41, 0, 8193, 0), blk.clone().into());
     assert_eq!(sense(&c), (5, 0x21, 0));
 
     // UNMAP: several descriptors.
-    write10(&mut lun, 0, vec![1; 8 * BS as usize]);
+    write10(&mut lun, 0, vec![1; 8 * BS as usize].into());
     let list = unmap_list(&[(1, 2), (5, 1), (7, 0)]);
-    let c = run(&mut lun, &unmap_cdb(list.len()), list);
+    let c = run(&mut lun, &unmap_cdb(list.len()), list.into());
     ok(&c);
     let d = read10(&mut lun, 0, 8);
     let z: Vec<bool> = d.chunks(BS as usize).map(|b| b[0] == 0).collect();
     assert_eq!(z, [false, true, true, false, false, true, false, false]);
     // Empty list, no parameter data.
-    ok(&run(&mut lun, &unmap_cdb(0), Vec::new()));
+    ok(&run(&mut lun, &unmap_cdb(0), Vec::new().into()));
     let l = unmap_list(&[]);
-    ok(&run(&mut lun, &unmap_cdb(l.len()), l));
+    ok(&run(&mut lun, &unmap_cdb(l.len()), l.into()));
     let l = unmap_list(&[(8192, 0)]);
-    ok(&run(&mut lun, &unmap_cdb(l.len()), l));
+    ok(&run(&mut lun, &unmap_cdb(l.len()), l.into()));
     // Errors.
     let l = unmap_list(&[(8191, 2)]);
-    assert_eq!(sense(&run(&mut lun, &unmap_cdb(l.len()), l)), (5, 0x21, 0));
+    assert_eq!(
+        sense(&run(&mut lun, &unmap_cdb(l.len()), l.into())),
+        (5, 0x21, 0)
+    );
     let l = unmap_list(&[(0, 1); 9]);
-    assert_eq!(sense(&run(&mut lun, &unmap_cdb(l.len()), l)), (5, 0x26, 0));
+    assert_eq!(
+        sense(&run(&mut lun, &unmap_cdb(l.len()), l.into())),
+        (5, 0x26, 0)
+    );
     let l = unmap_list(&[(0, 4097)]);
-    assert_eq!(sense(&run(&mut lun, &unmap_cdb(l.len()), l)), (5, 0x26, 0));
-    let c = run(&mut lun, &unmap_cdb(4), vec![0; 4]);
+    assert_eq!(
+        sense(&run(&mut lun, &unmap_cdb(l.len()), l.into())),
+        (5, 0x26, 0)
+    );
+    let c = run(&mut lun, &unmap_cdb(4), vec![0; 4].into());
     assert_eq!(sense(&c), (5, 0x1a, 0));
     let mut anchor = unmap_cdb(24);
     anchor[1] = 1;
-    let c = run(&mut lun, &anchor, unmap_list(&[(0, 1)]));
+    let c = run(&mut lun, &anchor, unmap_list(&[(0, 1)]).into());
     assert_eq!(sense(&c), (5, 0x24, 0));
 
     // Without thin provisioning there is no UNMAP and no UNMAP bit.
@@ -469,10 +527,10 @@ fn write_same_and_unmap() {
     let mut thick = Lun::new(info(64, false, false), Box::new(b)).unwrap();
     let l = unmap_list(&[(0, 1)]);
     assert_eq!(
-        sense(&run(&mut thick, &unmap_cdb(l.len()), l)),
+        sense(&run(&mut thick, &unmap_cdb(l.len()), l.into())),
         (5, 0x20, 0)
     );
-    let c = run(&mut thick, &cdb10(0x41, 0x08, 0, 1), blk);
+    let c = run(&mut thick, &cdb10(0x41, 0x08, 0, 1), blk.into());
     assert_eq!(sense(&c), (5, 0x24, 0));
 }
 
@@ -482,7 +540,7 @@ fn get_lba_status() {
     let blocks = chunk * 8;
     let mut lun = mem_lun(blocks);
     let status = |lun: &mut Lun, lba: u64| {
-        let c = run(lun, &cdb16(0x9e, 0x12, lba, 1024), Vec::new());
+        let c = run(lun, &cdb16(0x9e, 0x12, lba, 1024), Vec::new().into());
         ok(&c);
         let n = (c.data_in.len() - 8) / 16;
         assert_eq!(
@@ -501,7 +559,7 @@ fn get_lba_status() {
             .collect::<Vec<_>>()
     };
     assert_eq!(status(&mut lun, 0), [(0, blocks, 1)]);
-    write10(&mut lun, (2 * chunk) as u32, vec![1; BS as usize]);
+    write10(&mut lun, (2 * chunk) as u32, vec![1; BS as usize].into());
     assert_eq!(
         status(&mut lun, 1),
         [
@@ -515,13 +573,21 @@ fn get_lba_status() {
         (2 * chunk + 3, chunk - 3, 0)
     );
     let l = unmap_list(&[(2 * chunk, chunk as u32)]);
-    ok(&run(&mut lun, &unmap_cdb(l.len()), l));
+    ok(&run(&mut lun, &unmap_cdb(l.len()), l.into()));
     assert_eq!(status(&mut lun, 5), [(5, blocks - 5, 1)]);
-    let c = run(&mut lun, &cdb16(0x9e, 0x12, blocks, 1024), Vec::new());
+    let c = run(
+        &mut lun,
+        &cdb16(0x9e, 0x12, blocks, 1024),
+        Vec::new().into(),
+    );
     assert_eq!(sense(&c), (5, 0x21, 0));
-    let c = run(&mut lun, &cdb16(0x9e, 0x12, u64::MAX, 1024), Vec::new());
+    let c = run(
+        &mut lun,
+        &cdb16(0x9e, 0x12, u64::MAX, 1024),
+        Vec::new().into(),
+    );
     assert_eq!(sense(&c), (5, 0x21, 0));
-    let c = run(&mut lun, &cdb16(0x9e, 0x12, 0, 4), Vec::new());
+    let c = run(&mut lun, &cdb16(0x9e, 0x12, 0, 4), Vec::new().into());
     ok(&c);
     assert_eq!(c.data_in.len(), 4);
 }
@@ -529,58 +595,58 @@ fn get_lba_status() {
 #[test]
 fn start_stop_and_orwrite() {
     let mut lun = mem_lun(16);
-    ok(&run(&mut lun, &[0x1b, 1, 0, 0, 1, 0], Vec::new()));
-    ok(&run(&mut lun, &[0x1b, 0, 0, 0, 0, 0], Vec::new()));
-    let c = run(&mut lun, &[0x1b, 1, 0, 0, 2, 0], Vec::new());
+    ok(&run(&mut lun, &[0x1b, 1, 0, 0, 1, 0], Vec::new().into()));
+    ok(&run(&mut lun, &[0x1b, 0, 0, 0, 0, 0], Vec::new().into()));
+    let c = run(&mut lun, &[0x1b, 1, 0, 0, 2, 0], Vec::new().into());
     assert_eq!(sense(&c), (5, 0x24, 0));
 
-    let unsupported = |lun: &mut Lun, cdb: &[u8], d: Vec<u8>| {
+    let unsupported = |lun: &mut Lun, cdb: &[u8], d: DataBuf| {
         assert_eq!(sense(&run(lun, cdb, d)), (5, 0x20, 0), "{cdb:02x?}");
     };
     let rdd10 = [0x37, 0, 0x18, 0, 0, 0, 0, 0, 32, 0];
     let rdd12 = [0xb7, 0x0d, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0];
     if supported(&mut lun, 0x37) {
-        let c = run(&mut lun, &rdd10, Vec::new());
+        let c = run(&mut lun, &rdd10, Vec::new().into());
         ok(&c);
         assert_eq!(c.data_in, [0, 0x18, 0, 0]);
     } else {
-        unsupported(&mut lun, &rdd10, Vec::new());
+        unsupported(&mut lun, &rdd10, Vec::new().into());
     }
     if supported(&mut lun, 0xb7) {
-        let c = run(&mut lun, &rdd12, Vec::new());
+        let c = run(&mut lun, &rdd12, Vec::new().into());
         ok(&c);
         assert_eq!(c.data_in, [0, 0x0d, 0, 0, 0, 0, 0, 0]);
     } else {
-        unsupported(&mut lun, &rdd12, Vec::new());
+        unsupported(&mut lun, &rdd12, Vec::new().into());
     }
 
-    write10(&mut lun, 0, vec![0x0f; BS as usize]);
+    write10(&mut lun, 0, vec![0x0f; BS as usize].into());
     let orw = cdb16(0x8b, 0, 0, 1);
     if supported(&mut lun, 0x8b) {
-        ok(&run(&mut lun, &orw, vec![0xf0; BS as usize]));
+        ok(&run(&mut lun, &orw, vec![0xf0; BS as usize].into()));
         assert!(read10(&mut lun, 0, 1).iter().all(|&x| x == 0xff));
     } else {
-        unsupported(&mut lun, &orw, vec![0xf0; BS as usize]);
+        unsupported(&mut lun, &orw, vec![0xf0; BS as usize].into());
     }
     // WRITE ATOMIC (16): length at bytes 12-13, no boundary.
     let mut wa = cdb16(0x9c, 0, 3, 0);
     wa[13] = 2;
     if supported(&mut lun, 0x9c) {
-        ok(&run(&mut lun, &wa, vec![8; 2 * BS as usize]));
+        ok(&run(&mut lun, &wa, vec![8; 2 * BS as usize].into()));
         assert!(read10(&mut lun, 3, 2).iter().all(|&x| x == 8));
         // Past the end is reported as such even beyond the atomic limit.
         let mut eol = cdb16(0x9c, 0, 15, 0);
         eol[12] = 1;
         eol[13] = 2;
-        let c = run(&mut lun, &eol, vec![8; 258 * BS as usize]);
+        let c = run(&mut lun, &eol, vec![8; 258 * BS as usize].into());
         assert_eq!(sense(&c), (5, 0x21, 0));
         wa[11] = 1;
         assert_eq!(
-            sense(&run(&mut lun, &wa, vec![8; 2 * BS as usize])),
+            sense(&run(&mut lun, &wa, vec![8; 2 * BS as usize].into())),
             (5, 0x24, 0)
         );
     } else {
-        unsupported(&mut lun, &wa, vec![8; 2 * BS as usize]);
+        unsupported(&mut lun, &wa, vec![8; 2 * BS as usize].into());
     }
 }
 
@@ -589,14 +655,18 @@ fn range_lock_orders_overlapping_commands() {
     let mut lun = mem_lun(64);
     // Submitted together before any poll: the read waits for the write
     // and must see its data; the CAW then sees the write too.
-    lun.submit(task(1, &cdb10(0x2a, 0, 0, 2), vec![7; 2 * BS as usize]));
-    lun.submit(task(2, &cdb10(0x28, 0, 1, 1), Vec::new()));
+    lun.submit(task(
+        1,
+        &cdb10(0x2a, 0, 0, 2),
+        vec![7; 2 * BS as usize].into(),
+    ));
+    lun.submit(task(2, &cdb10(0x28, 0, 1, 1), Vec::new().into()));
     let mut caw = cdb16(0x89, 0, 1, 0);
     caw[13] = 1;
     let mut d = vec![7u8; BS as usize];
     d.extend(vec![8u8; BS as usize]);
-    lun.submit(task(3, &caw, d));
-    lun.submit(task(4, &cdb10(0x28, 0, 1, 1), Vec::new()));
+    lun.submit(task(3, &caw, d.into()));
+    lun.submit(task(4, &cdb10(0x28, 0, 1, 1), Vec::new().into()));
     // Aborting a task that waits for its lock drops it for good.
     assert_eq!(lun.in_flight(), 4);
     assert!(lun.abort(1, 4));
@@ -612,14 +682,14 @@ fn range_lock_orders_overlapping_commands() {
     assert_eq!(read10(&mut lun, 1, 1), vec![8; BS as usize]);
 
     // A LUN reset drops everything without completions.
-    lun.submit(task(5, &cdb10(0x28, 0, 1, 1), Vec::new()));
-    lun.submit(task(6, &cdb10(0x2a, 0, 1, 1), vec![1; BS as usize]));
+    lun.submit(task(5, &cdb10(0x28, 0, 1, 1), Vec::new().into()));
+    lun.submit(task(6, &cdb10(0x2a, 0, 1, 1), vec![1; BS as usize].into()));
     lun.reset(1);
     assert_eq!(lun.in_flight(), 0);
     assert_eq!(lun.poll(&mut out), 0);
     // The reset leaves a unit attention for the nexus (SPC side); the
     // next command takes it.
-    let c = run(&mut lun, &[0, 0, 0, 0, 0, 0], Vec::new());
+    let c = run(&mut lun, &[0, 0, 0, 0, 0, 0], Vec::new().into());
     assert!(c.status == status::GOOD || sense(&c) == (6, 0x29, 0x03));
     assert_eq!(read10(&mut lun, 1, 1), vec![8; BS as usize]);
 }
@@ -628,7 +698,7 @@ fn range_lock_orders_overlapping_commands() {
 fn task_set_full() {
     let mut lun = mem_lun(64);
     for i in 0..crate::lun::MAX_TASKS as u64 + 1 {
-        lun.submit(task(i, &cdb10(0x28, 0, 0, 1), Vec::new()));
+        lun.submit(task(i, &cdb10(0x28, 0, 0, 1), Vec::new().into()));
     }
     let mut out = Vec::new();
     lun.poll(&mut out);
@@ -658,7 +728,7 @@ fn target_luns() {
     assert!(!t.has_lun(encode_lun(1)));
 
     let go = |t: &mut Target, raw: u64, cdb: &[u8]| {
-        t.submit(raw, task(1, cdb, Vec::new()));
+        t.submit(raw, task(1, cdb, Vec::new().into()));
         let mut out = Vec::new();
         assert_eq!(t.poll(&mut out), 1);
         out.pop().unwrap()
@@ -717,17 +787,17 @@ fn op_task(tag: u64, op: &Op) -> ScsiTask {
         Op::Write(l, n, v) => task(
             tag,
             &cdb16(0x8a, 0, *l, *n as u32),
-            vec![*v; *n as usize * b],
+            vec![*v; *n as usize * b].into(),
         ),
-        Op::Read(l, n) => task(tag, &cdb16(0x88, 0, *l, *n as u32), Vec::new()),
+        Op::Read(l, n) => task(tag, &cdb16(0x88, 0, *l, *n as u32), Vec::new().into()),
         Op::Unmap(r) => {
             let r: Vec<(u64, u32)> = r.iter().map(|&(l, n)| (l, n as u32)).collect();
             let l = unmap_list(&r);
-            task(tag, &unmap_cdb(l.len()), l)
+            task(tag, &unmap_cdb(l.len()), l.into())
         }
         Op::WriteSame(l, n, v, u) => {
             let b1 = if *u { 0x08 } else { 0 };
-            task(tag, &cdb16(0x93, b1, *l, *n as u32), vec![*v; b])
+            task(tag, &cdb16(0x93, b1, *l, *n as u32), vec![*v; b].into())
         }
     }
 }
@@ -794,7 +864,7 @@ proptest! {
                 Some(0xa0) => report_luns.push(i as u64),
                 op => kinds[IoKind::from_opcode(op.copied().unwrap_or(0)) as usize] += 1,
             }
-            t.submit(0, task(i as u64, &cdb, data));
+            t.submit(0, task(i as u64, &cdb, data.into()));
             n += 1;
         }
         let mut out = Vec::new();
@@ -868,9 +938,9 @@ fn file_lun_end_to_end() {
     let b = FileBackstore::open(&dir.path().join("lun"), Some(blocks * BS as u64)).unwrap();
     let mut lun = Lun::new(info(blocks, true, false), Box::new(b)).unwrap();
     // 1 MiB at 1 MiB: filesystem extents line up with it.
-    write10(&mut lun, 2048, vec![0x11; 1024 * BS as usize]);
-    write10(&mut lun, 3072, vec![0x11; 1024 * BS as usize]);
-    let c = run(&mut lun, &cdb16(0x9e, 0x12, 0, 64), Vec::new());
+    write10(&mut lun, 2048, vec![0x11; 1024 * BS as usize].into());
+    write10(&mut lun, 3072, vec![0x11; 1024 * BS as usize].into());
+    let c = run(&mut lun, &cdb16(0x9e, 0x12, 0, 64), Vec::new().into());
     ok(&c);
     let d = &c.data_in;
     assert_eq!(&d[8..16], &0u64.to_be_bytes());
@@ -879,14 +949,26 @@ fn file_lun_end_to_end() {
     assert_eq!(&d[24..32], &2048u64.to_be_bytes());
     assert_eq!(d[36], 0, "then data");
     // WRITE SAME of zeros with UNMAP punches a hole that reads as zeros.
-    ok(&run(&mut lun, &cdb16(0x93, 0x08, 2048, 256), vec![0; 512]));
+    ok(&run(
+        &mut lun,
+        &cdb16(0x93, 0x08, 2048, 256),
+        vec![0; 512].into(),
+    ));
     assert!(read10(&mut lun, 2048, 256).iter().all(|&x| x == 0));
     assert!(read10(&mut lun, 2304, 1).iter().all(|&x| x == 0x11));
     // Zero pattern without UNMAP goes through WRITE ZEROES.
-    ok(&run(&mut lun, &cdb16(0x93, 0, 2304, 8), vec![0; 512]));
+    ok(&run(
+        &mut lun,
+        &cdb16(0x93, 0, 2304, 8),
+        vec![0; 512].into(),
+    ));
     assert!(read10(&mut lun, 2304, 8).iter().all(|&x| x == 0));
-    ok(&run(&mut lun, &cdb10(0x35, 0, 0, 0), Vec::new()));
-    ok(&run(&mut lun, &cdb10(0x2a, 0x08, 7, 1), vec![3; 512]));
+    ok(&run(&mut lun, &cdb10(0x35, 0, 0, 0), Vec::new().into()));
+    ok(&run(
+        &mut lun,
+        &cdb10(0x2a, 0x08, 7, 1),
+        vec![3; 512].into(),
+    ));
     assert_eq!(read10(&mut lun, 7, 1), vec![3; 512]);
     assert_eq!(lun.shutdown(), Ok(()));
 }
@@ -897,14 +979,22 @@ fn write_same_zero_blocks_runs_to_the_end() {
     // WRITE SAME LENGTH (4096 here: MAXIMUM TRANSFER LENGTH).
     let mut lun = mem_lun(8192);
     let blk = vec![0x5a; BS as usize];
-    ok(&run(&mut lun, &cdb10(0x41, 0, 8192 - 4096, 0), blk.clone()));
+    ok(&run(
+        &mut lun,
+        &cdb10(0x41, 0, 8192 - 4096, 0),
+        blk.clone().into(),
+    ));
     assert_eq!(read10(&mut lun, 8191, 1), blk);
     assert_eq!(read10(&mut lun, 4096, 1), blk);
     assert!(read10(&mut lun, 4095, 1).iter().all(|&x| x == 0));
-    let c = run(&mut lun, &cdb16(0x93, 0, 8192 - 4097, 0), blk.clone());
+    let c = run(
+        &mut lun,
+        &cdb16(0x93, 0, 8192 - 4097, 0),
+        blk.clone().into(),
+    );
     assert_eq!(sense(&c), (5, 0x24, 0));
     // With UNMAP it deallocates to the end.
-    ok(&run(&mut lun, &cdb16(0x93, 0x08, 8000, 0), blk));
+    ok(&run(&mut lun, &cdb16(0x93, 0x08, 8000, 0), blk.into()));
     assert!(read10(&mut lun, 8000, 192).iter().all(|&x| x == 0));
 }
 
@@ -928,11 +1018,15 @@ fn ssu(immed: bool, pc: u8, loej: bool, start: bool) -> [u8; 6] {
 #[test]
 fn removable_medium_eject_load_and_prevent() {
     let mut lun = removable_lun(64);
-    let c = run(&mut lun, &[0x12, 0, 0, 0, 96, 0], Vec::new());
+    let c = run(&mut lun, &[0x12, 0, 0, 0, 96, 0], Vec::new().into());
     assert_eq!(c.data_in[1], 0x80, "RMB");
     assert!(supported(&mut lun, 0x1e));
     // Eject: medium access fails with MEDIUM NOT PRESENT, SPC does not.
-    ok(&run(&mut lun, &ssu(true, 0, true, false), Vec::new()));
+    ok(&run(
+        &mut lun,
+        &ssu(true, 0, true, false),
+        Vec::new().into(),
+    ));
     for cdb in [
         vec![0u8; 6],
         cdb10(0x28, 0, 0, 1).to_vec(),
@@ -941,47 +1035,79 @@ fn removable_medium_eject_load_and_prevent() {
         cdb10(0x35, 0, 0, 1).to_vec(),
     ] {
         assert_eq!(
-            sense(&run(&mut lun, &cdb, Vec::new())),
+            sense(&run(&mut lun, &cdb, Vec::new().into())),
             (2, 0x3a, 0),
             "{cdb:02x?}"
         );
     }
-    let c = run(&mut lun, &cdb10(0x2a, 0, 0, 1), vec![0; BS as usize]);
+    let c = run(&mut lun, &cdb10(0x2a, 0, 0, 1), vec![0; BS as usize].into());
     assert_eq!(sense(&c), (2, 0x3a, 0));
-    ok(&run(&mut lun, &[0x12, 0, 0, 0, 96, 0], Vec::new()));
+    ok(&run(&mut lun, &[0x12, 0, 0, 0, 96, 0], Vec::new().into()));
     // Ejecting again is fine; loading brings the medium back.
-    ok(&run(&mut lun, &ssu(false, 0, true, false), Vec::new()));
-    ok(&run(&mut lun, &ssu(false, 0, true, true), Vec::new()));
-    ok(&run(&mut lun, &[0u8; 6], Vec::new()));
+    ok(&run(
+        &mut lun,
+        &ssu(false, 0, true, false),
+        Vec::new().into(),
+    ));
+    ok(&run(
+        &mut lun,
+        &ssu(false, 0, true, true),
+        Vec::new().into(),
+    ));
+    ok(&run(&mut lun, &[0u8; 6], Vec::new().into()));
     // A power condition, or no LOEJ, leaves the medium alone.
     for pc in 1..16 {
-        ok(&run(&mut lun, &ssu(true, pc, true, false), Vec::new()));
+        ok(&run(
+            &mut lun,
+            &ssu(true, pc, true, false),
+            Vec::new().into(),
+        ));
     }
-    ok(&run(&mut lun, &ssu(false, 0, false, false), Vec::new()));
-    ok(&run(&mut lun, &[0u8; 6], Vec::new()));
+    ok(&run(
+        &mut lun,
+        &ssu(false, 0, false, false),
+        Vec::new().into(),
+    ));
+    ok(&run(&mut lun, &[0u8; 6], Vec::new().into()));
     // PREVENT: no eject from this or another I_T nexus until allowed.
-    ok(&run(&mut lun, &[0x1e, 0, 0, 0, 1, 0], Vec::new()));
+    ok(&run(&mut lun, &[0x1e, 0, 0, 0, 1, 0], Vec::new().into()));
     assert_eq!(
-        sense(&run(&mut lun, &ssu(false, 0, true, false), Vec::new())),
+        sense(&run(
+            &mut lun,
+            &ssu(false, 0, true, false),
+            Vec::new().into()
+        )),
         (5, 0x53, 2)
     );
-    let mut t = task(7, &ssu(false, 0, true, false), Vec::new());
+    let mut t = task(7, &ssu(false, 0, true, false), Vec::new().into());
     t.nexus = 2;
     lun.submit(t);
     let mut out = Vec::new();
     lun.poll(&mut out);
     assert_eq!(sense(&out[0]), (5, 0x53, 2));
-    ok(&run(&mut lun, &[0u8; 6], Vec::new()));
+    ok(&run(&mut lun, &[0u8; 6], Vec::new().into()));
     // Loading is refused too while prevented.
     assert_eq!(
-        sense(&run(&mut lun, &ssu(false, 0, true, true), Vec::new())),
+        sense(&run(
+            &mut lun,
+            &ssu(false, 0, true, true),
+            Vec::new().into()
+        )),
         (5, 0x53, 2)
     );
-    let c = run(&mut lun, &[0x1e, 0, 0, 0, 2, 0], Vec::new());
+    let c = run(&mut lun, &[0x1e, 0, 0, 0, 2, 0], Vec::new().into());
     assert_eq!(sense(&c), (5, 0x24, 0));
-    ok(&run(&mut lun, &[0x1e, 0, 0, 0, 0, 0], Vec::new()));
-    ok(&run(&mut lun, &ssu(false, 0, true, false), Vec::new()));
-    ok(&run(&mut lun, &ssu(false, 0, true, true), Vec::new()));
+    ok(&run(&mut lun, &[0x1e, 0, 0, 0, 0, 0], Vec::new().into()));
+    ok(&run(
+        &mut lun,
+        &ssu(false, 0, true, false),
+        Vec::new().into(),
+    ));
+    ok(&run(
+        &mut lun,
+        &ssu(false, 0, true, true),
+        Vec::new().into(),
+    ));
 }
 
 #[test]
@@ -997,10 +1123,10 @@ fn prevention_ends_with_the_nexus_and_on_reset() {
     };
     lun.nexus_added(&n(1));
     lun.nexus_added(&n(3));
-    ok(&run(&mut lun, &[0x12, 0, 0, 0, 96, 0], Vec::new()));
-    let _ = run(&mut lun, &[0u8; 6], Vec::new()); // POWER ON unit attention
+    ok(&run(&mut lun, &[0x12, 0, 0, 0, 96, 0], Vec::new().into()));
+    let _ = run(&mut lun, &[0u8; 6], Vec::new().into()); // POWER ON unit attention
     let prevent = |lun: &mut Lun, id| {
-        let mut t = task(5, &[0x1e, 0, 0, 0, 1, 0], Vec::new());
+        let mut t = task(5, &[0x1e, 0, 0, 0, 1, 0], Vec::new().into());
         t.nexus = id;
         lun.submit(t);
         let mut out = Vec::new();
@@ -1011,31 +1137,53 @@ fn prevention_ends_with_the_nexus_and_on_reset() {
     assert_eq!(sense(&prevent(&mut lun, 3)), (6, 0x29, 0));
     ok(&prevent(&mut lun, 3));
     assert_eq!(
-        sense(&run(&mut lun, &ssu(false, 0, true, false), Vec::new())),
+        sense(&run(
+            &mut lun,
+            &ssu(false, 0, true, false),
+            Vec::new().into()
+        )),
         (5, 0x53, 2)
     );
     lun.nexus_removed(3);
-    ok(&run(&mut lun, &ssu(false, 0, true, false), Vec::new()));
-    ok(&run(&mut lun, &ssu(false, 0, true, true), Vec::new()));
+    ok(&run(
+        &mut lun,
+        &ssu(false, 0, true, false),
+        Vec::new().into(),
+    ));
+    ok(&run(
+        &mut lun,
+        &ssu(false, 0, true, true),
+        Vec::new().into(),
+    ));
     ok(&prevent(&mut lun, 1));
     lun.reset(1);
-    assert_eq!(sense(&run(&mut lun, &[0u8; 6], Vec::new())), (6, 0x29, 3));
-    ok(&run(&mut lun, &ssu(false, 0, true, false), Vec::new()));
+    assert_eq!(
+        sense(&run(&mut lun, &[0u8; 6], Vec::new().into())),
+        (6, 0x29, 3)
+    );
+    ok(&run(
+        &mut lun,
+        &ssu(false, 0, true, false),
+        Vec::new().into(),
+    ));
     // The medium stays out across a reset.
     lun.reset(1);
-    let _ = run(&mut lun, &[0u8; 6], Vec::new());
-    assert_eq!(sense(&run(&mut lun, &[0u8; 6], Vec::new())), (2, 0x3a, 0));
+    let _ = run(&mut lun, &[0u8; 6], Vec::new().into());
+    assert_eq!(
+        sense(&run(&mut lun, &[0u8; 6], Vec::new().into())),
+        (2, 0x3a, 0)
+    );
 }
 
 #[test]
 fn non_removable_lun_has_no_medium_to_eject() {
     let mut lun = mem_lun(16);
     assert!(!supported(&mut lun, 0x1e));
-    let c = run(&mut lun, &[0x1e, 0, 0, 0, 1, 0], Vec::new());
+    let c = run(&mut lun, &[0x1e, 0, 0, 0, 1, 0], Vec::new().into());
     assert_eq!(sense(&c), (5, 0x20, 0));
-    let c = run(&mut lun, &ssu(true, 0, true, false), Vec::new());
+    let c = run(&mut lun, &ssu(true, 0, true, false), Vec::new().into());
     assert_eq!(sense(&c), (5, 0x24, 0));
-    let c = run(&mut lun, &[0x12, 0, 0, 0, 96, 0], Vec::new());
+    let c = run(&mut lun, &[0x12, 0, 0, 0, 96, 0], Vec::new().into());
     assert_eq!(c.data_in[1], 0);
 }
 
@@ -1051,33 +1199,33 @@ fn sanitize_cdb(b1: u8, plen: u16) -> [u8; 10] {
 fn sanitize_overwrite_and_block_erase() {
     let mut lun = mem_lun(4096);
     lun.set_sanitize_rate(0);
-    write10(&mut lun, 0, vec![0x61; 8 * BS as usize]);
+    write10(&mut lun, 0, vec![0x61; 8 * BS as usize].into());
     // OVERWRITE with a 4-byte pattern, IMMED 0: completes when done.
     let param = vec![1, 0, 0, 4, 1, 2, 3, 4];
-    ok(&run(&mut lun, &sanitize_cdb(0x01, 8), param));
+    ok(&run(&mut lun, &sanitize_cdb(0x01, 8), param.into()));
     let b = read10(&mut lun, 4095, 1);
     assert_eq!(&b[..8], &[1, 2, 3, 4, 1, 2, 3, 4]);
     assert_eq!(read10(&mut lun, 0, 1), b);
     // BLOCK ERASE deallocates everything.
-    ok(&run(&mut lun, &sanitize_cdb(0x02, 0), Vec::new()));
+    ok(&run(&mut lun, &sanitize_cdb(0x02, 0), Vec::new().into()));
     assert!(read10(&mut lun, 0, 8).iter().all(|&x| x == 0));
-    let c = run(&mut lun, &cdb16(0x9e, 0x12, 0, 24), Vec::new());
+    let c = run(&mut lun, &cdb16(0x9e, 0x12, 0, 24), Vec::new().into());
     ok(&c);
     assert_eq!(
         &c.data_in[8..21],
         &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 1]
     );
     // CRYPTOGRAPHIC ERASE is not offered; EXIT FAILURE MODE is harmless.
-    let c = run(&mut lun, &sanitize_cdb(0x03, 0), Vec::new());
+    let c = run(&mut lun, &sanitize_cdb(0x03, 0), Vec::new().into());
     assert_eq!(sense(&c), (5, 0x24, 0));
-    ok(&run(&mut lun, &sanitize_cdb(0x1f, 0), Vec::new()));
+    ok(&run(&mut lun, &sanitize_cdb(0x1f, 0), Vec::new().into()));
     // Write protection and reservations apply.
     let mut ro = Lun::new(
         info(64, true, true),
         Box::new(MemBackstore::new(64 * BS as u64)),
     )
     .unwrap();
-    let c = run(&mut ro, &sanitize_cdb(0x02, 0), Vec::new());
+    let c = run(&mut ro, &sanitize_cdb(0x02, 0), Vec::new().into());
     assert_eq!(sense(&c), (7, 0x27, 0));
 }
 
@@ -1085,12 +1233,16 @@ fn sanitize_overwrite_and_block_erase() {
 fn sanitize_in_progress_survives_aborts_and_resets() {
     let mut lun = mem_lun(8192); // 4 MiB: four chunks
     lun.set_sanitize_rate(1); // first chunk now, the rest much later
-    lun.submit(task(40, &sanitize_cdb(0x01, 5), vec![1, 0, 0, 1, 0xee]));
+    lun.submit(task(
+        40,
+        &sanitize_cdb(0x01, 5),
+        vec![1, 0, 0, 1, 0xee].into(),
+    ));
     let mut out = Vec::new();
     assert_eq!(lun.poll(&mut out), 0);
     assert!(lun.has_task(1, 40));
     // The SANITIZE itself is in flight: commands complete beside it.
-    let run = |lun: &mut Lun, cdb: &[u8], d: Vec<u8>| {
+    let run = |lun: &mut Lun, cdb: &[u8], d: DataBuf| {
         lun.submit(task(41, cdb, d));
         let mut out = Vec::new();
         assert_eq!(lun.poll(&mut out), 1);
@@ -1102,10 +1254,13 @@ fn sanitize_in_progress_survives_aborts_and_resets() {
         cdb10(0x28, 0, 0, 1).to_vec(),
         ssu(true, 0, false, true).to_vec(),
     ] {
-        assert_eq!(sense(&run(&mut lun, &cdb, Vec::new())), (2, 0x04, 0x1b));
+        assert_eq!(
+            sense(&run(&mut lun, &cdb, Vec::new().into())),
+            (2, 0x04, 0x1b)
+        );
     }
-    ok(&run(&mut lun, &[0x12, 0, 0, 0, 96, 0], Vec::new()));
-    let c = run(&mut lun, &[0x03, 0, 0, 0, 18, 0], Vec::new());
+    ok(&run(&mut lun, &[0x12, 0, 0, 0, 96, 0], Vec::new().into()));
+    let c = run(&mut lun, &[0x03, 0, 0, 0, 18, 0], Vec::new().into());
     ok(&c);
     assert_eq!(
         (c.data_in[2], c.data_in[12], c.data_in[13]),
@@ -1119,16 +1274,16 @@ fn sanitize_in_progress_survives_aborts_and_resets() {
     lun.nexus_removed(1);
     assert_eq!(lun.in_flight(), 0);
     assert_eq!(lun.stats().aborted, 1);
-    let _ = run(&mut lun, &[0u8; 6], Vec::new());
+    let _ = run(&mut lun, &[0u8; 6], Vec::new().into());
     assert_eq!(
-        sense(&run(&mut lun, &[0u8; 6], Vec::new())),
+        sense(&run(&mut lun, &[0u8; 6], Vec::new().into())),
         (2, 0x04, 0x1b)
     );
     // Unpaced, it finishes at the next poll, and nothing completes for
     // the aborted command.
     lun.set_sanitize_rate(0);
     assert_eq!(lun.poll(&mut out), 0);
-    ok(&run(&mut lun, &[0u8; 6], Vec::new()));
+    ok(&run(&mut lun, &[0u8; 6], Vec::new().into()));
     assert_eq!(read10(&mut lun, 8191, 1), vec![0xee; BS as usize]);
 }
 
@@ -1136,14 +1291,14 @@ fn sanitize_in_progress_survives_aborts_and_resets() {
 fn counters_by_kind_bytes_and_errors() {
     let mut lun = mem_lun(1024);
     let read = |lun: &mut Lun, lba: u32, n: u16, edtl: u32| {
-        let mut t = task(1, &cdb10(0x28, 0, lba, n), Vec::new());
+        let mut t = task(1, &cdb10(0x28, 0, lba, n), Vec::new().into());
         t.edtl = edtl;
         lun.submit(t);
         let mut out = Vec::new();
         assert_eq!(lun.poll(&mut out), 1);
         out.pop().unwrap()
     };
-    write10(&mut lun, 0, vec![1; 8 * BS as usize]);
+    write10(&mut lun, 0, vec![1; 8 * BS as usize].into());
     ok(&read(&mut lun, 0, 4, 4 * BS));
     // A read with a smaller EDTL moves only EDTL bytes.
     let c = read(&mut lun, 0, 4, BS);
@@ -1153,20 +1308,28 @@ fn counters_by_kind_bytes_and_errors() {
     ok(&run(
         &mut lun,
         &cdb10(0x2a, 0, 8, 4),
-        vec![2; 2 * BS as usize],
+        vec![2; 2 * BS as usize].into(),
     ));
     // Failures count, with no bytes: a read and a write past the end,
     // an opcode we do not know.
     assert_eq!(sense(&read(&mut lun, 1024, 1, BS)).0, 5);
-    let c = run(&mut lun, &cdb10(0x2a, 0, 1023, 2), vec![3; 2 * BS as usize]);
+    let c = run(
+        &mut lun,
+        &cdb10(0x2a, 0, 1023, 2),
+        vec![3; 2 * BS as usize].into(),
+    );
     assert_eq!(sense(&c).0, 5);
     assert_eq!(
-        sense(&run(&mut lun, &[0xff, 0, 0, 0, 0, 0], Vec::new())).0,
+        sense(&run(&mut lun, &[0xff, 0, 0, 0, 0, 0], Vec::new().into())).0,
         5
     );
     // TEST UNIT READY and WRITE SAME are neither reads nor writes.
-    ok(&run(&mut lun, &[0u8; 6], Vec::new()));
-    ok(&run(&mut lun, &cdb10(0x41, 0, 16, 8), vec![4; BS as usize]));
+    ok(&run(&mut lun, &[0u8; 6], Vec::new().into()));
+    ok(&run(
+        &mut lun,
+        &cdb10(0x41, 0, 16, 8),
+        vec![4; BS as usize].into(),
+    ));
 
     let s = *lun.stats();
     assert_eq!((s.reads, s.writes, s.other), (3, 3, 3));
@@ -1182,20 +1345,20 @@ fn aborted_commands_are_not_io() {
     let mut lun = mem_lun(1024);
     let mut out = Vec::new();
     // A read at the backstore and a TEST UNIT READY already answered.
-    lun.submit(task(1, &cdb10(0x28, 0, 0, 1), Vec::new()));
-    lun.submit(task(2, &[0u8; 6], Vec::new()));
+    lun.submit(task(1, &cdb10(0x28, 0, 0, 1), Vec::new().into()));
+    lun.submit(task(2, &[0u8; 6], Vec::new().into()));
     assert!(lun.abort(1, 1));
     assert!(lun.abort(1, 2));
     assert!(!lun.abort(1, 2));
     // A write waiting for the range lock of another write.
-    lun.submit(task(3, &cdb10(0x2a, 0, 0, 1), vec![0; BS as usize]));
-    lun.submit(task(4, &cdb10(0x2a, 0, 0, 1), vec![0; BS as usize]));
+    lun.submit(task(3, &cdb10(0x2a, 0, 0, 1), vec![0; BS as usize].into()));
+    lun.submit(task(4, &cdb10(0x2a, 0, 0, 1), vec![0; BS as usize].into()));
     assert!(lun.abort(1, 4));
     assert_eq!(lun.poll(&mut out), 1);
     // Lost with a reset, and with the I_T nexus.
-    lun.submit(task(5, &cdb10(0x2a, 0, 0, 1), vec![0; BS as usize]));
+    lun.submit(task(5, &cdb10(0x2a, 0, 0, 1), vec![0; BS as usize].into()));
     lun.reset(2);
-    lun.submit(task(6, &cdb10(0x28, 0, 0, 1), Vec::new()));
+    lun.submit(task(6, &cdb10(0x28, 0, 0, 1), Vec::new().into()));
     lun.nexus_removed(1);
     assert_eq!(lun.poll(&mut out), 0);
     assert_eq!(lun.in_flight(), 0);
@@ -1209,7 +1372,7 @@ fn aborted_commands_are_not_io() {
 #[test]
 fn latency_runs_from_submit_to_poll() {
     let mut lun = mem_lun(1024);
-    lun.submit(task(1, &cdb10(0x28, 0, 0, 1), Vec::new()));
+    lun.submit(task(1, &cdb10(0x28, 0, 0, 1), Vec::new().into()));
     std::thread::sleep(std::time::Duration::from_millis(5));
     let mut out = Vec::new();
     assert_eq!(lun.poll(&mut out), 1);
@@ -1227,15 +1390,22 @@ fn target_counters_per_lun() {
     i3.lun = 3;
     t.add_lun(mem_lun(32));
     t.add_lun(Lun::new(i3, Box::new(MemBackstore::new(32 * 512))).unwrap());
-    let mut read = task(1, &cdb10(0x28, 0, 0, 2), Vec::new());
+    let mut read = task(1, &cdb10(0x28, 0, 0, 2), Vec::new().into());
     read.edtl = 2 * BS;
     t.submit(encode_lun(3), read);
     // REPORT LUNS and commands to absent LUNs belong to no LUN.
     t.submit(
         encode_lun(3),
-        task(2, &[0xa0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], Vec::new()),
+        task(
+            2,
+            &[0xa0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+            Vec::new().into(),
+        ),
     );
-    t.submit(encode_lun(5), task(3, &[0x12, 0, 0, 0, 36, 0], Vec::new()));
+    t.submit(
+        encode_lun(5),
+        task(3, &[0x12, 0, 0, 0, 36, 0], Vec::new().into()),
+    );
     let mut out = Vec::new();
     assert_eq!(t.poll(&mut out), 3);
     let stats: Vec<(u64, IoCounters)> = t.lun_stats().map(|(l, s)| (l, *s)).collect();

@@ -5,6 +5,7 @@ use crate::common::{CmdError, NexusId};
 use crate::pr::PROTOCOL_ISCSI;
 use crate::sbc::limits;
 use crate::sense::Sense;
+use mempool::DataBuf;
 
 const VPD_SUPPORTED: u8 = 0x00;
 const VPD_UNIT_SERIAL: u8 = 0x80;
@@ -31,7 +32,7 @@ const VERSION_DESCRIPTORS: [u16; 4] = [0x00a0, 0x0960, 0x0460, 0x04c0];
 
 /// ASCII fields are space padded; anything outside 0x20..0x7e would break
 /// initiators that print them, so it becomes a space too.
-fn put_ascii(out: &mut Vec<u8>, s: &str, n: usize) {
+fn put_ascii(out: &mut DataBuf, s: &str, n: usize) {
     let mut bytes = s.bytes();
     for _ in 0..n {
         let b = bytes.next().unwrap_or(b' ');
@@ -40,15 +41,15 @@ fn put_ascii(out: &mut Vec<u8>, s: &str, n: usize) {
 }
 
 /// Designation descriptor header (SPC-4 7.8.6.1).
-fn designator(out: &mut Vec<u8>, proto_codeset: u8, piv_assoc_type: u8, id: &[u8]) {
+fn designator(out: &mut DataBuf, proto_codeset: u8, piv_assoc_type: u8, id: &[u8]) {
     out.extend_from_slice(&[proto_codeset, piv_assoc_type, 0, id.len() as u8]);
     out.extend_from_slice(id);
 }
 
 /// A SCSI name string designator body: UTF-8, NUL terminated, padded to
 /// a multiple of four bytes, at most 256.
-fn scsi_name(s: &str) -> Vec<u8> {
-    let mut v: Vec<u8> = s.bytes().take(251).collect();
+fn scsi_name(s: &str) -> DataBuf {
+    let mut v: DataBuf = s.bytes().take(251).collect();
     v.push(0);
     while !v.len().is_multiple_of(4) {
         v.push(0);
@@ -61,7 +62,7 @@ impl SpcState {
         &self,
         nexus: NexusId,
         cdb: &[u8],
-        data_in: &mut Vec<u8>,
+        data_in: &mut DataBuf,
     ) -> Result<(), CmdError> {
         let evpd = cdb[1] & 0x01 != 0;
         let page = cdb[2];
@@ -118,7 +119,7 @@ impl SpcState {
             .collect()
     }
 
-    fn standard_inquiry(&self, out: &mut Vec<u8>) {
+    fn standard_inquiry(&self, out: &mut DataBuf) {
         // Direct access block device; SPC-4; HiSup, response data format 2;
         // TPGS 01b (implicit ALUA: REPORT TARGET PORT GROUPS, no SET);
         // 3PC (EXTENDED COPY, see `xcopy`); CmdQue.
@@ -137,11 +138,11 @@ impl SpcState {
         out[4] = (out.len() - 5) as u8;
     }
 
-    fn device_identification(&self, nexus: NexusId, out: &mut Vec<u8>) {
+    fn device_identification(&self, nexus: NexusId, out: &mut DataBuf) {
         // NAA IEEE Registered Extended (binary, logical unit).
         designator(out, 0x01, 0x03, &self.info.naa);
         // T10 vendor ID: vendor identification followed by the serial.
-        let mut t10 = Vec::with_capacity(8 + self.info.serial.len());
+        let mut t10 = DataBuf::with_capacity(8 + self.info.serial.len());
         put_ascii(&mut t10, &self.info.vendor, 8);
         t10.extend_from_slice(self.serial().as_bytes());
         t10.truncate(252);
@@ -168,7 +169,7 @@ impl SpcState {
         }
     }
 
-    fn extended_inquiry(&self, out: &mut Vec<u8>) {
+    fn extended_inquiry(&self, out: &mut DataBuf) {
         let mut p = [0u8; 0x3c];
         // HEADSUP, ORDSUP, SIMPSUP.
         p[1] = 0x07;
@@ -181,7 +182,7 @@ impl SpcState {
         out.extend_from_slice(&p);
     }
 
-    fn block_limits(&self, out: &mut Vec<u8>) {
+    fn block_limits(&self, out: &mut DataBuf) {
         let mtl = self.info.max_transfer_blocks;
         let put32 =
             |p: &mut [u8], at: usize, v: u32| p[at..at + 4].copy_from_slice(&v.to_be_bytes());
@@ -209,7 +210,7 @@ impl SpcState {
         out.extend_from_slice(&p);
     }
 
-    fn logical_block_provisioning(&self, out: &mut Vec<u8>) {
+    fn logical_block_provisioning(&self, out: &mut DataBuf) {
         if self.can_unmap() {
             // LBPU, LBPWS, LBPWS10, LBPRZ (deallocated blocks read as
             // zeros); provisioning type 010b thin.

@@ -5,6 +5,7 @@
 use super::{be16, ModeParams, SpcState, UnitAttention, MODE_SELECT_10, MODE_SENSE_10};
 use crate::common::{CmdError, NexusId};
 use crate::sense::Sense;
+use mempool::DataBuf;
 
 const PAGE_CACHING: u8 = 0x08;
 const PAGE_CONTROL: u8 = 0x0a;
@@ -31,7 +32,7 @@ enum Pc {
 impl SpcState {
     /// The page as MODE SENSE returns it, header included (PS clear: no
     /// saved values).
-    fn page(&self, page: u8, sub: u8, pc: Pc, out: &mut Vec<u8>) {
+    fn page(&self, page: u8, sub: u8, pc: Pc, out: &mut DataBuf) {
         let m = match pc {
             Pc::Current => self.mode,
             Pc::Default => Self::default_mode(self.caps),
@@ -90,7 +91,7 @@ impl SpcState {
         }
     }
 
-    pub(super) fn mode_sense(&self, cdb: &[u8], data_in: &mut Vec<u8>) -> Result<(), CmdError> {
+    pub(super) fn mode_sense(&self, cdb: &[u8], data_in: &mut DataBuf) -> Result<(), CmdError> {
         let ten = cdb[0] == MODE_SENSE_10;
         let dbd = cdb[1] & 0x08 != 0;
         let llbaa = ten && cdb[1] & 0x10 != 0;
@@ -243,8 +244,8 @@ impl SpcState {
         }
         let mut new = self.mode;
         let mut pos = hdr + bdl;
-        let mut cur = Vec::with_capacity(32);
-        let mut mask = Vec::with_capacity(32);
+        let mut cur = DataBuf::with_capacity(32);
+        let mut mask = DataBuf::with_capacity(32);
         while pos < plen {
             if pos + 2 > plen {
                 return Err(Sense::param_list_length().into());

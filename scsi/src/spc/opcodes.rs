@@ -2,6 +2,9 @@
 //! implements, SPC ones answered here and SBC ones in `sbc`, with their
 //! CDB usage data.
 
+use mempool::DataBuf;
+use std::sync::OnceLock;
+
 use super::{be16, be32, SpcState};
 use crate::common::CmdError;
 use crate::sense::Sense;
@@ -182,11 +185,26 @@ impl SpcState {
     /// service action `sa` for opcodes that have them).
     #[allow(dead_code)] // contract method for lun.rs
     pub(crate) fn opcode_supported(&self, op: u8, sa: u16) -> bool {
-        self.ops()
-            .any(|o| o.opcode() == op && (!o.servactv || o.sa() == sa))
+        // Every command asks this; most opcodes (READ, WRITE, ...) are in
+        // the table unconditionally and without service actions, so one
+        // table lookup answers them instead of a walk over the table.
+        static ALWAYS: OnceLock<[bool; 256]> = OnceLock::new();
+        let always = ALWAYS.get_or_init(|| {
+            let mut t = [false; 256];
+            for o in OPS {
+                if o.when == When::Always && !o.servactv {
+                    t[o.opcode() as usize] = true;
+                }
+            }
+            t
+        });
+        always[op as usize]
+            || self
+                .ops()
+                .any(|o| o.opcode() == op && (!o.servactv || o.sa() == sa))
     }
 
-    fn timeout_descriptor(out: &mut Vec<u8>) {
+    fn timeout_descriptor(out: &mut DataBuf) {
         out.extend_from_slice(&[0x00, 0x0a, 0, 0, 0, 0, 0, 0]);
         out.extend_from_slice(&RECOMMENDED_TIMEOUT.to_be_bytes());
     }
@@ -194,7 +212,7 @@ impl SpcState {
     pub(super) fn report_supported_opcodes(
         &self,
         cdb: &[u8],
-        data_in: &mut Vec<u8>,
+        data_in: &mut DataBuf,
     ) -> Result<(), CmdError> {
         let rctd = cdb[2] & 0x80 != 0;
         let options = cdb[2] & 0x07;

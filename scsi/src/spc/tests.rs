@@ -1,5 +1,6 @@
 use super::*;
 use crate::sense::SenseKey;
+use mempool::DataBuf;
 
 const I1: &str = "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test";
 const I2: &str = "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test-2";
@@ -66,31 +67,31 @@ fn lun() -> SpcState {
 }
 
 /// What `lun.rs` does: precheck, then execute.
-fn run(s: &mut SpcState, id: NexusId, cdb: &[u8], out: &[u8]) -> Result<Vec<u8>, CmdError> {
+fn run(s: &mut SpcState, id: NexusId, cdb: &[u8], out: &[u8]) -> Result<DataBuf, CmdError> {
     if let Some(e) = s.precheck(id, cdb) {
         return Err(e);
     }
-    let mut din = Vec::new();
+    let mut din = DataBuf::new();
     match s.execute(id, cdb, out, &mut din) {
         Some(r) => r.map(|()| din),
         None => panic!("not an SPC command: {cdb:02x?}"),
     }
 }
 
-fn check(r: Result<Vec<u8>, CmdError>) -> Sense {
+fn check(r: Result<DataBuf, CmdError>) -> Sense {
     match r {
         Err(CmdError::Check(s)) => s,
         other => panic!("expected CHECK CONDITION, got {other:?}"),
     }
 }
 
-fn assert_sense(r: Result<Vec<u8>, CmdError>, key: SenseKey, asc: u8, ascq: u8) -> Sense {
+fn assert_sense(r: Result<DataBuf, CmdError>, key: SenseKey, asc: u8, ascq: u8) -> Sense {
     let s = check(r);
     assert_eq!((s.key, s.asc, s.ascq), (key, asc, ascq), "{s:?}");
     s
 }
 
-fn invalid_cdb(r: Result<Vec<u8>, CmdError>, byte: u16, bit: Option<u8>) {
+fn invalid_cdb(r: Result<DataBuf, CmdError>, byte: u16, bit: Option<u8>) {
     let s = assert_sense(r, SenseKey::IllegalRequest, 0x24, 0);
     let fp = s.field_pointer.unwrap();
     assert!(fp.in_cdb);
@@ -178,7 +179,7 @@ fn unknown_nexus_does_not_panic() {
     run(&mut s, 99, &tur(), &[]).unwrap();
     run(&mut s, 99, &inquiry(true, 0x83, 512), &[]).unwrap();
     assert!(s.precheck(99, &[]).is_none());
-    assert!(s.execute(99, &[], &[], &mut Vec::new()).is_none());
+    assert!(s.execute(99, &[], &[], &mut DataBuf::new()).is_none());
     // Short CDBs are refused, not indexed.
     check(run(&mut s, 99, &[0x12, 1], &[]));
     check(run(&mut s, 99, &[0x5f, 0], &[]));
@@ -345,12 +346,12 @@ fn mode_sense10_long_lba() {
 
 /// The control page as MODE SENSE(6) with DBD returns it, wrapped in a
 /// MODE SELECT(6) parameter list.
-fn control_select(s: &mut SpcState, edit: impl Fn(&mut [u8])) -> Vec<u8> {
+fn control_select(s: &mut SpcState, edit: impl Fn(&mut [u8])) -> DataBuf {
     let d = run(s, 1, &mode_sense6(true, 0, 0x0a, 0, 255), &[]).unwrap();
     let mut p = vec![0, 0, 0, 0];
     p.extend_from_slice(&d[4..]);
     edit(&mut p[4..]);
-    p
+    p.into()
 }
 
 #[test]
@@ -613,12 +614,12 @@ fn prout_cdb(sa: u8, ty: u8, len: u32) -> [u8; 10] {
     [0x5f, sa, ty, 0, 0, l[0], l[1], l[2], l[3], 0]
 }
 
-fn params(rk: u64, sark: u64, flags: u8) -> Vec<u8> {
+fn params(rk: u64, sark: u64, flags: u8) -> DataBuf {
     let mut p = Vec::new();
     p.extend_from_slice(&rk.to_be_bytes());
     p.extend_from_slice(&sark.to_be_bytes());
     p.extend_from_slice(&[0, 0, 0, 0, flags, 0, 0, 0]);
-    p
+    p.into()
 }
 
 fn prout(
@@ -628,13 +629,13 @@ fn prout(
     ty: u8,
     rk: u64,
     sark: u64,
-) -> Result<Vec<u8>, CmdError> {
+) -> Result<DataBuf, CmdError> {
     run(s, id, &prout_cdb(sa, ty, 24), &params(rk, sark, 0))
 }
 
 /// PERSISTENT RESERVE IN from an unregistered bystander whose unit
 /// attentions do not interest us.
-fn observe(s: &mut SpcState, cdb: &[u8]) -> Vec<u8> {
+fn observe(s: &mut SpcState, cdb: &[u8]) -> DataBuf {
     if !s.nexuses.contains_key(&OBSERVER) {
         s.nexus_added(&nexus(OBSERVER, "iqn.x:observer", 9, 1));
     }
@@ -1030,8 +1031,8 @@ fn read_full_status_transport_ids() {
     assert_eq!((st[1].0, st[1].1, st[1].3), (2, 0x02, 0), "ALL_TG_PT");
 }
 
-fn tid(name: &str) -> Vec<u8> {
-    let mut v = Vec::new();
+fn tid(name: &str) -> DataBuf {
+    let mut v = DataBuf::new();
     crate::pr::transport_id(name, None, &mut v);
     v
 }
@@ -1063,7 +1064,7 @@ fn register_and_move() {
     let mut s = lun();
     prout(&mut s, 1, 6, 0, 0, 1).unwrap();
     prout(&mut s, 1, 1, EA, 1, 0).unwrap();
-    let mut t = Vec::new();
+    let mut t = DataBuf::new();
     crate::pr::transport_id(I2, Some(0x23d000000002), &mut t);
     let mut p = Vec::new();
     p.extend_from_slice(&1u64.to_be_bytes());
@@ -1163,7 +1164,7 @@ fn fuzz_no_panic() {
             |(op, mut cdb, data)| {
                 cdb.insert(0, op);
                 let mut s = lun();
-                let mut din = Vec::new();
+                let mut din = DataBuf::new();
                 let _ = s.precheck(1, &cdb);
                 let _ = s.execute(1, &cdb, &data, &mut din);
                 Ok(())
