@@ -71,6 +71,15 @@ read -r -a need_test <<<"$(missing "${TEST_PKGS[@]}")"
 if [ "${#need_test[@]}" -gt 0 ]; then
     echo "setup-test-deps: installing ${need_test[*]}"
     apt_install "${need_test[@]}"
+    # On a machine running systemd the package starts its own glusterd on
+    # every address, port 24007, which the tests' private glusterd
+    # (scripts/gluster.sh, 127.0.0.2:24007) then cannot bind. Only the
+    # service this run just installed is stopped and disabled.
+    if [[ " ${need_test[*]} " == *" glusterfs-server "* ]] && command -v systemctl >/dev/null 2>&1 &&
+        systemctl is-active --quiet glusterd 2>/dev/null; then
+        echo "setup-test-deps: stopping and disabling the glusterd service glusterfs-server just started (the tests run their own)"
+        "${SUDO[@]}" systemctl disable --now glusterd >/dev/null 2>&1 || true
+    fi
 fi
 
 if [ "${SETUP_SKIP_BUILD_DEPS:-0}" != 1 ]; then
