@@ -24,8 +24,16 @@ mkdir -p "$WORK"
 
 N_PASS=0
 N_FAIL=0
+N_XFAIL=0
+# EXPECT_FAIL=1 while running a case that is known not to work yet (the
+# benchmark's target-rdma over iSER before its transport exists): its
+# failures print as XFAIL and do not fail the run.
+EXPECT_FAIL=0
 pass() { N_PASS=$((N_PASS + 1)); echo "PASS $*"; }
-fail() { N_FAIL=$((N_FAIL + 1)); echo "FAIL $*"; }
+fail() {
+    if [ "$EXPECT_FAIL" = 1 ]; then N_XFAIL=$((N_XFAIL + 1)); echo "XFAIL $*"
+    else N_FAIL=$((N_FAIL + 1)); echo "FAIL $*"; fi
+}
 info() { echo "INFO $*"; }
 now() { cut -d' ' -f1 /proc/uptime; }
 
@@ -43,7 +51,7 @@ check() {
         return 0
     fi
     fail "$name: exit $rc"
-    tail -n 15 "$logf" | sed 's/^/    | /'
+    tail -n "${VMTEST_LOG_TAIL:-15}" "$logf" | sed 's/^/    | /'
     return 1
 }
 
@@ -210,6 +218,8 @@ target_rdma_stop() {
         else fail "target-rdma stops cleanly on SIGTERM: exit $rc"; fi
     fi
     TARGET_PID=
+    # The next case's diagnostics must not show this run's log.
+    mv -f "$WORK/target-rdma.log" "$WORK/target-rdma.prev.log" 2>/dev/null || true
     return "$rc"
 }
 
