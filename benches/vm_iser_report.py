@@ -15,6 +15,7 @@ import sys
 
 def parse(path):
     rows, failed = {}, []
+    # a failed job's line has no figures; a failed case's has no job
     with open(path, errors="replace") as f:
         for line in f:
             line = line.strip().replace("\r", "")
@@ -24,7 +25,7 @@ def parse(path):
             label = parts[1]
             kv = dict(p.split("=", 1) for p in parts[2:] if "=" in p)
             if kv.get("status") == "failed":
-                failed.append(label)
+                failed.append(label + (" " + kv["job"] if "job" in kv else ""))
                 continue
             rows[(label, kv["job"])] = kv
     return rows, failed
@@ -53,15 +54,16 @@ def main(argv):
         if job not in jobs:
             jobs.append(job)
     print(f"{'target':<18} {'job':<13} {'IOPS':>8} {'MB/s':>8} {'tgt CPU s':>9} "
-          f"{'us/IO':>8} {'kthr s':>7} {'other s':>8} {'fio s':>6}")
+          f"{'tgt us/IO':>9} {'kthr s':>7} {'other s':>8} {'oth us/IO':>9} {'fio s':>6}")
     for job in jobs:
         for label in labels:
             kv = rows.get((label, job))
             if not kv:
                 continue
             print(f"{label:<18} {job:<13} {num(kv, 'iops'):>8.0f} {num(kv, 'MBps'):>8.1f} "
-                  f"{num(kv, 'target_cpu_s'):>9.2f} {num(kv, 'target_us_per_io'):>8.1f} "
+                  f"{num(kv, 'target_cpu_s'):>9.2f} {num(kv, 'target_us_per_io'):>9.1f} "
                   f"{num(kv, 'kthreads_cpu_s'):>7.2f} {num(kv, 'other_cpu_s'):>8.2f} "
+                  f"{num(kv, 'other_us_per_io'):>9.1f} "
                   f"{num(kv, 'fio_cpu_s'):>6.2f}")
     for label in failed:
         print(f"{label:<18} failed (see the serial log)")
@@ -80,12 +82,10 @@ def main(argv):
 
             def ratio(x, y):
                 return x / y if y and not math.isnan(x) and not math.isnan(y) else math.nan
-            ios_a = num(a, "iops") * num(a, "runtime_s")
-            ios_b = num(b, "iops") * num(b, "runtime_s")
             print(f"    {job:<13} IOPS x{ratio(num(a, 'iops'), num(b, 'iops')):.2f}  "
                   f"MB/s x{ratio(num(a, 'MBps'), num(b, 'MBps')):.2f}  "
                   f"target CPU/IO x{ratio(num(a, 'target_us_per_io'), num(b, 'target_us_per_io')):.2f}  "
-                  f"other CPU/IO x{ratio(num(a, 'other_cpu_s') / ios_a, num(b, 'other_cpu_s') / ios_b):.2f}")
+                  f"other CPU/IO x{ratio(num(a, 'other_us_per_io'), num(b, 'other_us_per_io')):.2f}")
     print("\n(under TCG emulation: compare within one run only; ratios are rough)")
     return 0
 

@@ -127,7 +127,13 @@ cleanup() {
         kill -KILL "$QEMU_PID" 2>/dev/null
     fi
     [ -n "$TAIL_PID" ] && kill "$TAIL_PID" 2>/dev/null
-    if [ "$KEEP_RUN" = 1 ]; then say "run directory kept: $RUN"; else rm -rf "$RUN"; fi
+    if [ "$KEEP_RUN" = 1 ]; then
+        # Logs only: the initramfs is rebuilt on every run.
+        rm -rf "$RUN/initramfs" "$RUN/initramfs.cpio.gz"
+        say "run directory kept: $RUN"
+    else
+        rm -rf "$RUN"
+    fi
     exit "$rc"
 }
 trap cleanup EXIT
@@ -234,5 +240,4 @@ if [ "$guest_rc" != 0 ] || [ "$n_fail" -gt 0 ] || [ "$n_pass" = 0 ]; then
     grep '^FAIL ' "$CLEAN" >&2 || true
     verdict "FAILED (serial log $LOG)" 1
 fi
-if [ "$LOG" != "$RUN/serial.log" ]; then :; fi
 echo "hw-vm: $n_pass passed, 0 failed"

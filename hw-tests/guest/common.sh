@@ -181,9 +181,12 @@ target_rdma_start() {
     # (a second portal on the same address and port: RDMA CM has its own ports).
     local portals=(--portal "$VM_PORTAL")
     [ "$transport" = tcp ] || portals+=(--portal "$VM_PORTAL,$transport")
-    echo "$TARGET_RDMA_BIN ${portals[*]} --target $TARGET_IQN --lun mem:${LUN_MIB}MiB"
+    # VMTEST_TARGET_ARGS: more options, e.g. "--poll interrupt"
+    local extra=()
+    read -r -a extra <<<"${VMTEST_TARGET_ARGS:-}"
+    echo "$TARGET_RDMA_BIN ${portals[*]} --target $TARGET_IQN --lun mem:${LUN_MIB}MiB ${extra[*]}"
     "$TARGET_RDMA_BIN" "${portals[@]}" --target "$TARGET_IQN" --lun "mem:${LUN_MIB}MiB" \
-        --log-level "${VMTEST_TARGET_LOG_LEVEL:-info}" >"$WORK/target-rdma.log" 2>&1 &
+        --log-level "${VMTEST_TARGET_LOG_LEVEL:-info}" "${extra[@]}" >"$WORK/target-rdma.log" 2>&1 &
     TARGET_PID=$!
 
     for _ in $(seq 1 150); do
@@ -273,10 +276,6 @@ lio_stop() {
     rmdir "$LIO/core/iblock_0" || rc=1
     return "$rc"
 }
-
-# Snapshot of CPU use, for perf.py: the target process's, all kernel
-# threads' (LIO is kernel threads) and the whole VM's.
-cpu_snapshot() { python3 "$HW_GUEST/perf.py" snap "${TARGET_PID:-0}" >"$1"; }
 
 # ------------------------------------------------------------------ initiator
 # login TRANSPORT: discovery over TCP, login with the iface of that transport
@@ -385,26 +384,19 @@ fio_verify_suite() {
     done
 }
 
-# perf_suite LABEL: timed fio jobs with the target's CPU sampled around each;
-# perf.py prints one "RESULT ..." line per job.
+# perf_suite LABEL: timed fio jobs, each bracketed by CPU snapshots in
+# perf.py, which prints one "RESULT ..." line per job.
 perf_suite() {
     local label=$1 spec name rw bs qd
-    fio_base
     for spec in 4k-randread:randread:4k:16 4k-randwrite:randwrite:4k:16 \
                 1m-read:read:1m:4 1m-write:write:1m:4 8m-write:write:8m:2; do
         IFS=: read -r name rw bs qd <<<"$spec"
-        cpu_snapshot "$WORK/cpu0"
-        local rc=0
-        timeout $((FIO_SECONDS + 60)) "${FIO[@]}" --rw="$rw" --bs="$bs" --iodepth="$qd" \
-            --size="$((LUN_MIB - 8))M" --time_based=1 --runtime="$FIO_SECONDS" \
-            --output-format=json --output="$WORK/perf.json" >/dev/null 2>&1 || rc=$?
-        cpu_snapshot "$WORK/cpu1"
-        if [ "$rc" != 0 ]; then
-            fail "$label: perf $name: fio exit $rc"
-            continue
+        if ! timeout $((FIO_SECONDS + 60)) python3 "$HW_GUEST/perf.py" run "$label" "$name" "${TARGET_PID:-0}" \
+                --name=vm --filename="/dev/$DISK" --ioengine=libaio --direct=1 \
+                --rw="$rw" --bs="$bs" --iodepth="$qd" --size="$((LUN_MIB - 8))M" \
+                --time_based=1 --runtime="$FIO_SECONDS"; then
+            fail "$label: perf $name"
         fi
-        python3 "$HW_GUEST/perf.py" report "$label" "$name" "$WORK/perf.json" "$WORK/cpu0" "$WORK/cpu1" ||
-            fail "$label: perf $name: no figures"
     done
 }
 

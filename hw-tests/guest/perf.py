@@ -1,19 +1,22 @@
 #!/usr/bin/env python3
 """CPU snapshots and fio figures for the VM benchmarks (runs in the guest).
 
-  perf.py snap PID          JSON snapshot: PID's CPU (0 = none), all kernel
-                            threads' CPU, the whole VM's busy CPU
-  perf.py report LABEL JOB FIO_JSON SNAP0 SNAP1
-                            one "RESULT key=value ..." line
+  perf.py run LABEL JOB PID FIO_ARGS...
+        runs fio (JSON output) between two CPU snapshots and prints one
+        "RESULT key=value ..." line: IOPS, MB/s, and CPU seconds of the
+        target (PID's process; for LIO, PID 0, all kernel threads), of all
+        kernel threads, of fio itself, and of everything but fio
 
 LIO has no process of its own: its work runs in kernel threads (iscsi_trx,
 iscsi_ttx, isert and completion workqueues, kworkers), so "kthreads" is what
 LIO costs, but it also holds the initiator's kernel-side work; "other" (the
-VM's busy CPU minus fio's own) is the same measure for every target, and the
-fairest to compare.
+CPU of every task but fio: target, kernel threads, daemons) is the same
+measure for every target, and the fairest to compare.
 """
 import json
 import os
+import resource
+import subprocess
 import sys
 import time
 
@@ -28,34 +31,47 @@ def stat_fields(path):
 
 
 def snap(pid):
-    proc = 0
-    if pid > 0:
-        try:
-            f = stat_fields(f"/proc/{pid}/stat")
-            proc = int(f[11]) + int(f[12])  # utime, stime (whole process)
-        except (OSError, ValueError):
-            proc = -1
+    """CPU ticks of PID's process, of every kernel thread, and of every task
+    alive now (by pid), all from per-task accounting: /proc/stat's tick
+    sampling undercounts under emulation."""
+    me = os.getpid()
+    proc = -1
     kthreads = 0
+    tasks = {}
     for d in os.listdir("/proc"):
-        if not d.isdigit():
+        if not d.isdigit() or int(d) == me:
             continue
         try:
             f = stat_fields(f"/proc/{d}/stat")
         except OSError:
             continue
-        ppid = int(f[1])
-        if d == "2" or ppid == 2:
-            kthreads += int(f[11]) + int(f[12])
-    with open("/proc/stat") as fh:
-        cpu = [int(x) for x in fh.readline().split()[1:]]
-    # user nice system idle iowait irq softirq steal ...
-    busy = cpu[0] + cpu[1] + cpu[2] + cpu[5] + cpu[6] + cpu[7]
-    return {"t": time.monotonic(), "proc": proc, "kthreads": kthreads, "busy": busy}
+        ticks = int(f[11]) + int(f[12])  # utime, stime (whole process)
+        tasks[d] = ticks
+        if d == "2" or int(f[1]) == 2:
+            kthreads += ticks
+        if int(d) == pid:
+            proc = ticks
+    return {"t": time.monotonic(), "proc": proc, "kthreads": kthreads, "tasks": tasks}
 
 
-def report(label, job, fio_json, s0, s1):
-    with open(fio_json) as f:
-        txt = f.read()
+def others(a, b):
+    """CPU ticks used between two snapshots by the tasks alive at the second:
+    fio has exited by then, so this is everything but fio."""
+    return sum(t - a["tasks"].get(pid, 0) for pid, t in b["tasks"].items())
+
+
+def run(label, job, pid, fio_args):
+    a = snap(pid)
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    p = subprocess.run(["fio", "--output-format=json", *fio_args],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    b = snap(pid)
+    if p.returncode != 0:
+        sys.stderr.write(p.stderr[-2000:])
+        print(f"RESULT {label} job={job} status=failed fio_exit={p.returncode}")
+        return 1
+    txt = p.stdout
     # fio may print warnings before the JSON
     data = json.loads(txt[txt.index("{"):])
     j = data["jobs"][0]
@@ -63,34 +79,29 @@ def report(label, job, fio_json, s0, s1):
     ios = j["read"]["total_ios"] + j["write"]["total_ios"]
     iops = j["read"]["iops"] + j["write"]["iops"]
     mbps = (j["read"]["bw_bytes"] + j["write"]["bw_bytes"]) / 1e6
-    fio_cpu = (j["usr_cpu"] + j["sys_cpu"]) / 100.0 * runtime_s
-    with open(s0) as f:
-        a = json.load(f)
-    with open(s1) as f:
-        b = json.load(f)
+    # fio's whole CPU, start-up included: the snapshots bracket all of it
+    fio_cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     wall = b["t"] - a["t"]
-    proc = (b["proc"] - a["proc"]) / CLK if a["proc"] >= 0 and b["proc"] >= 0 else float("nan")
     kth = (b["kthreads"] - a["kthreads"]) / CLK
-    # The snapshots bracket fio's start-up too; scale to fio's measured time.
-    scale = runtime_s / wall if wall > 0 else 1.0
-    other = (b["busy"] - a["busy"]) / CLK * scale - fio_cpu
-    kind = label.split(":")[0]
-    target = proc * scale if kind == "target-rdma" else kth * scale
+    other = others(a, b) / CLK
+    if pid > 0:
+        target = (b["proc"] - a["proc"]) / CLK if a["proc"] >= 0 and b["proc"] >= 0 else float("nan")
+    else:
+        target = kth
     per_io = target / ios * 1e6 if ios else float("nan")
+    other_per_io = other / ios * 1e6 if ios else float("nan")
+    err = j.get("error", 0)
     print(
-        f"RESULT {label} job={job} iops={iops:.0f} MBps={mbps:.1f} runtime_s={runtime_s:.1f} "
-        f"target_cpu_s={target:.2f} kthreads_cpu_s={kth * scale:.2f} other_cpu_s={other:.2f} "
-        f"fio_cpu_s={fio_cpu:.2f} target_us_per_io={per_io:.1f} errors={j.get('error', 0)}"
+        f"RESULT {label} job={job} iops={iops:.0f} MBps={mbps:.1f} ios={ios} runtime_s={runtime_s:.1f} "
+        f"wall_s={wall:.1f} target_cpu_s={target:.2f} kthreads_cpu_s={kth:.2f} other_cpu_s={other:.2f} "
+        f"fio_cpu_s={fio_cpu:.2f} target_us_per_io={per_io:.1f} other_us_per_io={other_per_io:.1f} errors={err}"
     )
-    return 0 if ios > 0 and j.get("error", 0) == 0 else 1
+    return 0 if ios > 0 and err == 0 else 1
 
 
 def main(argv):
-    if len(argv) == 3 and argv[1] == "snap":
-        json.dump(snap(int(argv[2])), sys.stdout)
-        return 0
-    if len(argv) == 7 and argv[1] == "report":
-        return report(*argv[2:])
+    if len(argv) >= 6 and argv[1] == "run":
+        return run(argv[2], argv[3], int(argv[4]), argv[5:])
     print(__doc__, file=sys.stderr)
     return 2
 

@@ -8,12 +8,17 @@ exec </dev/null >/dev/console 2>&1
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root TERM=dumb LANG=C.UTF-8
 
+# Waits with bash builtins only: once power-off starts, 9p may be gone and
+# no binary can be loaded. (A pipe opened read-write never sees EOF.)
+pause() { read -r -t "$1" _ <> <(:) || true; }
+
 poweroff_now() {
     sync
     echo o >/proc/sysrq-trigger
-    sleep 20
+    pause 20
     # Power-off did not take: a reboot ends QEMU as well (-no-reboot).
     echo b >/proc/sysrq-trigger
+    pause 20
 }
 
 RUN=${1:-}
