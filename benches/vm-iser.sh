@@ -9,6 +9,10 @@
 # Environment:
 #   VM_BENCH_CASES   default "lio:iser lio:tcp target-rdma:tcp target-rdma:iser?"
 #                    ("?" = may fail without failing the run)
+#                    ("+OPTS" after a target-rdma case adds options, e.g.
+#                    target-rdma:tcp+--poll=interrupt)
+#   VM_BENCH_ROUNDS  passes over the cases in the one VM (default 1); the
+#                    report shows medians, with the spread over passes
 #   VMTEST_FIO_SECONDS  seconds per timed fio job (default 5)
 #   BENCH_OUT        where the serial log and the report go (default /tmp)
 #   TARGET_RDMA_BIN  binary under test (default $CARGO_TARGET_DIR/release/target-rdma)
@@ -24,7 +28,9 @@ LOG=$OUT/vm-iser-$STAMP.log
 REPORT=$OUT/vm-iser-$STAMP.txt
 mkdir -p "$OUT"
 
-read -r -a case_args <<<"$CASES"
+read -r -a one_round <<<"$CASES"
+case_args=()
+for _ in $(seq 1 "${VM_BENCH_ROUNDS:-1}"); do case_args+=("${one_round[@]}"); done
 # ~60-90 s per case under TCG plus boot and setup; the limit only guards hangs.
 limit=$((240 + ${#case_args[@]} * (10 * ${VMTEST_FIO_SECONDS:-5} + 200)))
 rc=0

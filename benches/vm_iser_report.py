@@ -10,7 +10,15 @@ target. Ratios are target-rdma / LIO over the same transport, and target-rdma
 over TCP / LIO over iSER (what the iSER work is measured against).
 """
 import math
+import statistics
 import sys
+
+
+def num(kv, k):
+    try:
+        return float(kv[k])
+    except (KeyError, ValueError, TypeError):
+        return math.nan
 
 
 def parse(path):
@@ -27,15 +35,19 @@ def parse(path):
             if kv.get("status") == "failed":
                 failed.append(label + (" " + kv["job"] if "job" in kv else ""))
                 continue
-            rows[(label, kv["job"])] = kv
-    return rows, failed
-
-
-def num(kv, k):
-    try:
-        return float(kv[k])
-    except (KeyError, ValueError):
-        return math.nan
+            rows.setdefault((label, kv["job"]), []).append(kv)
+    # several passes (VM_BENCH_ROUNDS): medians, and IOPS min-max kept aside
+    merged = {}
+    for key, kvs in rows.items():
+        m = {}
+        for k in kvs[0]:
+            vals = [num(kv, k) for kv in kvs]
+            m[k] = statistics.median(vals) if not any(math.isnan(v) for v in vals) else kvs[0][k]
+        iops = [num(kv, "iops") for kv in kvs]
+        m["n"] = len(kvs)
+        m["iops_range"] = f"{min(iops):.0f}-{max(iops):.0f}" if len(kvs) > 1 else ""
+        merged[key] = m
+    return merged, sorted(set(failed))
 
 
 def main(argv):
@@ -53,20 +65,21 @@ def main(argv):
             labels.append(label)
         if job not in jobs:
             jobs.append(job)
-    print(f"{'target':<18} {'job':<13} {'IOPS':>8} {'MB/s':>8} {'tgt CPU s':>9} "
+    w = max(18, max(len(lb) for lb in labels))
+    print(f"{'target':<{w}} {'job':<13} {'IOPS':>8} {'MB/s':>8} {'tgt CPU s':>9} "
           f"{'tgt us/IO':>9} {'kthr s':>7} {'other s':>8} {'oth us/IO':>9} {'fio s':>6}")
     for job in jobs:
         for label in labels:
             kv = rows.get((label, job))
             if not kv:
                 continue
-            print(f"{label:<18} {job:<13} {num(kv, 'iops'):>8.0f} {num(kv, 'MBps'):>8.1f} "
+            print(f"{label:<{w}} {job:<13} {num(kv, 'iops'):>8.0f} {num(kv, 'MBps'):>8.1f} "
                   f"{num(kv, 'target_cpu_s'):>9.2f} {num(kv, 'target_us_per_io'):>9.1f} "
                   f"{num(kv, 'kthreads_cpu_s'):>7.2f} {num(kv, 'other_cpu_s'):>8.2f} "
                   f"{num(kv, 'other_us_per_io'):>9.1f} "
-                  f"{num(kv, 'fio_cpu_s'):>6.2f}")
+                  f"{num(kv, 'fio_cpu_s'):>6.2f}  {kv['n']} {kv['iops_range'] and 'IOPS ' + kv['iops_range']}")
     for label in failed:
-        print(f"{label:<18} failed (see the serial log)")
+        print(f"{label} failed (see the serial log)")
 
     pairs = [("target-rdma:iser", "lio:iser"), ("target-rdma:tcp", "lio:tcp"),
              ("target-rdma:tcp", "lio:iser")]

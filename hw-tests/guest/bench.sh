@@ -2,7 +2,9 @@
 # Guest benchmark: the same timed fio jobs against several targets, one after
 # the other in one VM, so that their figures can be compared.
 #
-#   bench.sh CASE...     CASE = KIND:TRANSPORT, e.g. lio:iser target-rdma:tcp;
+#   bench.sh CASE...     CASE = KIND:TRANSPORT[+TARGET-ARGS], e.g. lio:iser,
+#                        target-rdma:tcp, target-rdma:tcp+--poll=interrupt
+#                        (target-rdma options for that case, comma-separated);
 #                        a trailing "?" marks a case that may fail (XFAIL)
 #
 # Each case: start the target, log in, one verify=crc32c pass (figures of a
@@ -14,7 +16,7 @@ set -euo pipefail
 . "$(dirname "$0")/common.sh"
 
 bench_case() {
-    local kind=$1 transport=$2 label=$1:$2
+    local kind=$1 transport=$2 label=$3
     target_start "$kind" "$transport" || return 1
     login "$transport" || return 1
     fio_base
@@ -25,15 +27,18 @@ bench_case() {
     logout || return 1
 }
 
+BASE_TARGET_ARGS=${VMTEST_TARGET_ARGS:-}
 vm_setup || { finish; exit 1; }
 for c in "$@"; do
     EXPECT_FAIL=0
     case "$c" in *\?) EXPECT_FAIL=1; c=${c%\?} ;; esac
-    kind=${c%%:*} transport=${c#*:}
-    echo "==== $kind over $transport$([ "$EXPECT_FAIL" = 1 ] && echo " (may fail: XFAIL)")"
+    kind=${c%%:*} transport=${c#*:} args=
+    case "$transport" in *+*) args=${transport#*+}; transport=${transport%%+*} ;; esac
+    VMTEST_TARGET_ARGS="$BASE_TARGET_ARGS ${args//,/ }"
+    echo "==== $kind over $transport${args:+ with ${args//,/ }}$([ "$EXPECT_FAIL" = 1 ] && echo " (may fail: XFAIL)")"
     f0=$N_FAIL x0=$N_XFAIL t0=$(now)
     rc=0
-    bench_case "$kind" "$transport" || rc=$?
+    bench_case "$kind" "$transport" "$c" || rc=$?
     if [ "$rc" != 0 ] || [ "$N_FAIL" != "$f0" ] || [ "$N_XFAIL" != "$x0" ]; then
         dump_diagnostics
         echo "RESULT $c status=failed"
