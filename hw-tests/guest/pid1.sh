@@ -27,6 +27,8 @@ if [ -z "$RUN" ] || [ ! -r "$RUN/env" ]; then
     poweroff_now
 fi
 mount -t tmpfs -o mode=0755,size=64m tmpfs /run
+# No udev: bash's process substitution (pause, below) needs /dev/fd.
+[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
