@@ -5,6 +5,7 @@
 #   scripts/setup-test-deps.sh            # test + build deps
 #   TARGET_UNDER_TEST=tgt scripts/...     # also installs tgt (validation peer)
 #   SETUP_SKIP_BUILD_DEPS=1               # only the test clients
+#   SETUP_SKIP_VM_DEPS=1                  # not the VM harness's packages (hw-tests/)
 #
 # Needs root (or sudo) only when something is missing.
 set -euo pipefail
@@ -23,6 +24,13 @@ TEST_PKGS=(libiscsi-bin libiscsi-dev gcc qemu-utils qemu-block-extra python3 ipr
 # headers found through pkg-config. A failure to install these only warns:
 # cargo will say clearly what is missing.
 BUILD_PKGS=(build-essential pkg-config libclang-dev libibverbs-dev librdmacm-dev libglusterfs-dev)
+
+# The VM harness (hw-tests/vm.sh): QEMU booting Debian's own kernel, whose
+# modules give soft-RoCE (rdma_rxe), the kernel's iSER and TCP initiators and
+# LIO; a static busybox for the initramfs; the guest runs the host's own
+# rdma, ibv_devinfo, iscsiadm/iscsid, fio and mkfs.ext4 over 9p.
+VM_PKGS=(qemu-system-x86 linux-image-amd64 busybox-static cpio kmod rdma-core ibverbs-providers
+         ibverbs-utils iproute2 open-iscsi fio e2fsprogs python3)
 
 if [ "${TARGET_UNDER_TEST:-target-rdma}" = "tgt" ]; then
     TEST_PKGS+=(tgt)
@@ -79,6 +87,15 @@ if [ "${#need_test[@]}" -gt 0 ]; then
         systemctl is-active --quiet glusterd 2>/dev/null; then
         echo "setup-test-deps: stopping and disabling the glusterd service glusterfs-server just started (the tests run their own)"
         "${SUDO[@]}" systemctl disable --now glusterd >/dev/null 2>&1 || true
+    fi
+fi
+
+if [ "${SETUP_SKIP_VM_DEPS:-0}" != 1 ]; then
+    read -r -a need_vm <<<"$(missing "${VM_PKGS[@]}")"
+    if [ "${#need_vm[@]}" -gt 0 ]; then
+        echo "setup-test-deps: installing VM harness deps ${need_vm[*]}"
+        # Only a warning: the hw-vm step then names what is missing and fails.
+        apt_install "${need_vm[@]}" || echo "setup-test-deps: warning: could not install ${need_vm[*]}" >&2
     fi
 fi
 

@@ -23,6 +23,7 @@
 #   KEEP_TMP=1                      keep the temporary images
 #   ISCSI_TEST_CU_ARGS=...          extra iscsi-test-cu options (e.g. --allow-sanitize)
 #   E2E_BUDGET=1500                 seconds after which no further conformance variant starts
+#   HW_VM=0                         skip the hw-vm-tcp step (the kernel initiator in a VM)
 #
 # Exit status is non-zero if any step failed. Summary lines have the form
 # `name: N passed, N failed[, N skipped]`; the last line sums up the steps.
@@ -854,7 +855,7 @@ gluster_no_alloc() {
 # session) fed command by command through a FIFO, so that bricks can be
 # killed and restarted between its commands. qio waits for the command's
 # answer line and returns 0 on success, 1 on failure (answer in QIO_OUT).
-QIO_PID= QIO_IN= QIO_LOG= QIO_OUT=
+QIO_PID='' QIO_IN='' QIO_LOG='' QIO_OUT=''
 qio_start() {
     QIO_IN=$TMP/qio.in QIO_LOG=$TEST_LOG_DIR/qemu-io-gluster-failures.log
     rm -f "$QIO_IN"; mkfifo "$QIO_IN"
@@ -1045,6 +1046,35 @@ e2e_gluster_failures() {
     echo "gluster failure steps took $((SECONDS - t0)) s"
 }
 
+# ------------------------------------------------------------ VM (hw-tests/)
+run_hw_vm() {
+    # hw-vm-tcp: Debian's kernel under QEMU (TCG, so no /dev/kvm needed) runs
+    # target-rdma and drives it over TCP with the Linux kernel initiator:
+    # fio verify=crc32c 4k..8 MiB, ext4 + fsck, logout/login with checksums.
+    # About 4 minutes on a busy 2-CPU machine; the limit only guards hangs.
+    if [ "$TARGET_UNDER_TEST" != target-rdma ]; then
+        skip "hw-vm-tcp" "runs target-rdma only"
+        return 0
+    fi
+    if [ "${HW_VM:-1}" = 0 ]; then
+        skip "hw-vm-tcp" "HW_VM=0"
+        return 0
+    fi
+    local chk rc=0
+    chk=$(hw-tests/vm.sh --check 2>&1) || rc=$?
+    # Outside CI a machine without the VM packages skips, naming them; in CI
+    # setup-test-deps.sh installs them, so their absence must fail the step.
+    if [ "$rc" = 3 ] && [ "${CI:-}" != true ]; then
+        skip "hw-vm-tcp" "$(tail -n 1 <<<"$chk")"
+        return 0
+    fi
+    local t0=$SECONDS
+    step "hw-vm-tcp" env TARGET_RDMA_BIN="$TARGET_RDMA_BIN" timeout -k 20 720 \
+        hw-tests/vm.sh --timeout 660 --log "$TEST_LOG_DIR/hw-vm-tcp.serial.log" \
+        hw-tests/guest/check.sh target-rdma tcp
+    log "hw-vm-tcp took $((SECONDS - t0)) s (serial log $TEST_LOG_DIR/hw-vm-tcp.serial.log)"
+}
+
 # ------------------------------------------------------------------ main
 # (a function, so that bash has read the whole file before running anything
 # long: editing this script during a run cannot derail the run)
@@ -1066,6 +1096,7 @@ if [ "$RUN_E2E" = 1 ]; then
         fail "end-to-end" "no binary at $TARGET_RDMA_BIN (build failed?)"
     else
         run_e2e
+        run_hw_vm
     fi
 fi
 
