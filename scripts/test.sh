@@ -1073,6 +1073,21 @@ run_hw_vm() {
         hw-tests/vm.sh --timeout 660 --log "$TEST_LOG_DIR/hw-vm-tcp.serial.log" \
         hw-tests/guest/check.sh target-rdma tcp
     log "hw-vm-tcp took $((SECONDS - t0)) s (serial log $TEST_LOG_DIR/hw-vm-tcp.serial.log)"
+
+    # hw-vm-rdma: the rdma crate's loopback self-test on soft-RoCE (CM
+    # private data, SRQ receives, Send/Recv, RDMA Write and Read of 16 and
+    # 8 MiB commands through registered pool buffers, Send with Invalidate,
+    # device removal). About a minute.
+    local loopback=$CARGO_TARGET_DIR_EFFECTIVE/release/examples/loopback
+    if ! cargo build --release -q -p rdma --example loopback; then
+        fail "hw-vm-rdma" "cannot build the loopback example"
+        return 0
+    fi
+    t0=$SECONDS
+    step "hw-vm-rdma" env VMTEST_LOOPBACK_BIN="$loopback" timeout -k 20 300 \
+        hw-tests/vm.sh --timeout 240 --log "$TEST_LOG_DIR/hw-vm-rdma.serial.log" \
+        hw-tests/guest/rdma-loopback.sh
+    log "hw-vm-rdma took $((SECONDS - t0)) s (serial log $TEST_LOG_DIR/hw-vm-rdma.serial.log)"
 }
 
 # ------------------------------------------------------------------ main
