@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in build-essential pkg-config; do
+# bindgen needs libclang; the -sys crates bind the installed headers of
+# libgfapi (Gluster LUNs) and libibverbs/librdmacm (iSER).
+for pkg in build-essential pkg-config libclang-dev libglusterfs-dev libibverbs-dev librdmacm-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
