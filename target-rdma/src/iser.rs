@@ -567,3 +567,38 @@ impl IserLink {
 pub fn free_send_slot(dev: &mut IserDevice, slot: u32) {
     dev.send_free.push(slot);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rdma_transfers_split_into_bounded_chunks() {
+        for len in [
+            1usize,
+            4096,
+            RDMA_CHUNK,
+            RDMA_CHUNK + 1,
+            8 << 20,
+            16 << 20,
+            64 << 20,
+        ] {
+            let n = chunks(len);
+            assert!((1..=MAX_CHUNKS).contains(&n), "{len}: {n}");
+            // The pieces cover the transfer exactly, none empty.
+            let c = chunk_len(len);
+            assert!(c * n >= len && c * (n - 1) < len, "{len}");
+        }
+        assert_eq!(chunks(8 << 20), 8);
+        assert_eq!(chunks(64 << 20), MAX_CHUNKS);
+    }
+
+    #[test]
+    fn work_request_ids_round_trip_and_never_look_like_receives() {
+        for (local, op) in [(0u32, 0u32), (1, 7), ((1 << 24) - 1, u32::MAX)] {
+            let id = op_wr_id(local, op);
+            assert_eq!((wr_local(id), wr_op(id)), (local, op));
+            assert_eq!(id & RECV_BIT, 0);
+        }
+    }
+}
