@@ -993,6 +993,11 @@ impl Reactor {
         for &id in &ids {
             if let Some(c) = self.conns.get_mut(&id) {
                 c.proto.tick(now);
+                if matches!(c.link, Link::Iser(_)) {
+                    // Reads waiting for bounce chunks another connection
+                    // held.
+                    self.iser_retry_reads(id);
+                }
             }
             self.process_events(id);
             self.flush_conn(id);
@@ -1982,34 +1987,48 @@ impl TxSink for IserSink<'_> {
         &[]
     }
 
-    fn put_rdma_write(
-        &mut self,
-        mut buf: DataBuf,
-        len: usize,
-        stag: u32,
-        va: u64,
-    ) -> Option<DataBuf> {
-        let Some(dev) = self.dev.as_deref() else {
+    fn put_rdma_write(&mut self, buf: DataBuf, len: usize, stag: u32, va: u64) -> Option<DataBuf> {
+        let Some(dev) = self.dev.as_deref_mut() else {
             return Some(buf);
         };
         let len = len.min(buf.len());
-        let mut lkey = dev.lkey_for(buf.as_ptr() as usize, len);
-        if lkey.is_none() {
-            // A heap buffer (pool miss): copy into a registered one rather
-            // than register memory on the I/O path.
-            let mut nb = self.pool.data(len);
-            if !nb.is_pool() {
-                self.pool.give_data(nb);
+        let Some(lkey) = dev.lkey_for(buf.as_ptr() as usize, len) else {
+            // A heap buffer (pool miss): copy into registered bounce
+            // chunks rather than register memory on the I/O path.
+            let mut sges = [rdma::Sge::default(); crate::iser::MAX_CHUNKS];
+            let Some(b) = dev.bounce_alloc(len, &mut sges) else {
+                tracing::warn!(len, "iSER: no bounce chunks free for read data");
                 return Some(buf);
-            }
-            nb[..len].copy_from_slice(&buf[..len]);
-            self.pool.give_data(std::mem::replace(&mut buf, nb));
-            if let Some(k) = self.counters.as_deref_mut() {
-                k.bounce_copies += 1;
-            }
-            lkey = dev.lkey_for(buf.as_ptr() as usize, len);
-        }
-        let lkey = lkey?;
+            };
+            dev.bounce_fill(&b, &buf[..len]);
+            let n = b.n as usize;
+            let op = Op::BounceWrite {
+                bounce: b,
+                wrs: n as u32,
+            };
+            return match self
+                .link
+                .post_rdma_sges(self.local, true, &sges[..n], stag, va, op)
+            {
+                Ok(()) => {
+                    if let Some(k) = self.counters.as_deref_mut() {
+                        k.rdma_writes += 1;
+                        k.rdma_write_bytes += len as u64;
+                        k.bounce_copies += 1;
+                    }
+                    self.pool.give_data(buf);
+                    None
+                }
+                Err(Some(_)) => {
+                    dev.bounce_free(&b);
+                    Some(buf)
+                }
+                Err(None) => {
+                    self.pool.give_data(buf);
+                    None
+                }
+            };
+        };
         let addr = buf.as_ptr() as u64;
         let wrs = crate::iser::chunks(len) as u32;
         match self.link.post_rdma(
@@ -2140,13 +2159,42 @@ impl Reactor {
             }
             Some(Op::Write { buf, .. }) => self.pool.give_data(buf),
             Some(Op::Read { task, ttt, .. }) => c.proto.rdma_read_done(task, ttt, ok),
+            Some(Op::BounceWrite { bounce, .. }) => {
+                if let Some(dev) = ip.dev.as_mut() {
+                    dev.bounce_free(&bounce);
+                }
+            }
+            Some(Op::BounceRead {
+                task,
+                ttt,
+                offset,
+                len,
+                bounce,
+                ..
+            }) => {
+                if let Some(dev) = ip.dev.as_mut() {
+                    if ok {
+                        if let Some(dst) = c.proto.rdma_read_target(task, offset, len) {
+                            dev.bounce_drain(&bounce, dst);
+                        }
+                    }
+                    dev.bounce_free(&bounce);
+                }
+                c.proto.rdma_read_done(task, ttt, ok);
+            }
         }
         if !ok {
             self.mark_closed(id, "iSER work request failed");
             self.process_events(id);
             return;
         }
-        // Room on the send queue: reads that waited for it go first.
+        self.iser_retry_reads(id);
+        self.process_events(id);
+        self.iser_flush(id);
+    }
+
+    /// Reads that waited for send-queue room or bounce chunks, in order.
+    fn iser_retry_reads(&mut self, id: u32) {
         loop {
             let Some(c) = self.conns.get_mut(&id) else {
                 return;
@@ -2161,8 +2209,6 @@ impl Reactor {
                 break;
             }
         }
-        self.process_events(id);
-        self.iser_flush(id);
     }
 
     /// A received message: iSER header and PDU into the protocol core.
@@ -2274,13 +2320,44 @@ impl Reactor {
         };
         let (addr, len) = (dst.as_mut_ptr() as usize, dst.len());
         let Some(lkey) = dev.lkey_for(addr, len) else {
-            tracing::warn!(
-                id,
-                len,
-                "iSER: write buffer outside the registered pool (pool exhausted?)"
-            );
-            c.proto.rdma_read_done(pr.task, pr.ttt, false);
-            return true;
+            // The write buffer is on the heap (pool exhausted): read into
+            // registered bounce chunks, copied over on completion.
+            let mut sges = [rdma::Sge::default(); crate::iser::MAX_CHUNKS];
+            let Some(b) = dev.bounce_alloc(len, &mut sges) else {
+                if len > crate::iser::BOUNCE_CHUNK * crate::iser::MAX_CHUNKS {
+                    tracing::warn!(id, len, "iSER: write burst too large for bounce chunks");
+                    c.proto.rdma_read_done(pr.task, pr.ttt, false);
+                    return true;
+                }
+                l.pending_reads.push_back(pr);
+                return false;
+            };
+            let n = b.n as usize;
+            let op = Op::BounceRead {
+                task: pr.task,
+                ttt: pr.ttt,
+                offset: pr.offset,
+                len: pr.len,
+                bounce: b,
+                wrs: n as u32,
+            };
+            return match l.post_rdma_sges(id, false, &sges[..n], pr.stag, pr.va, op) {
+                Ok(()) => {
+                    ip.counters.rdma_reads += 1;
+                    ip.counters.rdma_read_bytes += len as u64;
+                    ip.counters.bounce_copies += 1;
+                    true
+                }
+                Err(Some(_)) if !l.broken && !l.disconnected => {
+                    dev.bounce_free(&b);
+                    l.pending_reads.push_back(pr);
+                    false
+                }
+                Err(_) => {
+                    c.proto.rdma_read_done(pr.task, pr.ttt, false);
+                    true
+                }
+            };
         };
         let op = Op::Read {
             task: pr.task,

@@ -46,6 +46,9 @@ pub const RDMA_CHUNK: usize = 1 << 20;
 /// RDMA requests one Write or Read of a command may take.
 pub const MAX_CHUNKS: usize = 32;
 pub const RECV_BIT: u64 = 1 << 63;
+/// The bounce region: chunks of this size, this many (32 MiB).
+pub const BOUNCE_CHUNK: usize = 1 << 20;
+pub const BOUNCE_CHUNKS: usize = 32;
 
 fn chunk_len(len: usize) -> usize {
     RDMA_CHUNK.max(len.div_ceil(MAX_CHUNKS))
@@ -153,6 +156,10 @@ pub struct IserDevice {
     recv: OwnedRegion,
     send: OwnedRegion,
     send_free: Vec<u32>,
+    /// Registered chunks for data whose buffer is not in the pool (a heap
+    /// fallback when the pool is exhausted): copied, never registered.
+    bounce: OwnedRegion,
+    bounce_free_list: Vec<u16>,
     /// (base, len, lkey) of every pool arena.
     arenas: Vec<(usize, usize, u32)>,
     pub attr: DeviceAttr,
@@ -188,12 +195,16 @@ impl IserDevice {
             .map_err(|e| e.to_string())?;
         let send = OwnedRegion::new(&pd, SEND_SLOT * SEND_SLOTS, AccessFlags::LOCAL_WRITE)
             .map_err(|e| e.to_string())?;
+        let bounce = OwnedRegion::new(&pd, BOUNCE_CHUNK * BOUNCE_CHUNKS, AccessFlags::LOCAL_WRITE)
+            .map_err(|e| e.to_string())?;
         let dev = IserDevice {
             srq,
             cq,
             recv,
             send,
             send_free: (0..SEND_SLOTS as u32).rev().collect(),
+            bounce,
+            bounce_free_list: (0..BOUNCE_CHUNKS as u16).rev().collect(),
             arenas,
             regs_at_setup: 0,
             armed: false,
@@ -248,6 +259,52 @@ impl IserDevice {
             .map(|a| a.2)
     }
 
+    /// Bounce chunks for `len` bytes, with their scatter-gather list
+    /// (`None` when not enough are free).
+    pub fn bounce_alloc(&mut self, len: usize, sges: &mut [Sge; MAX_CHUNKS]) -> Option<Bounce> {
+        let n = len.div_ceil(BOUNCE_CHUNK);
+        if n == 0 || n > MAX_CHUNKS || self.bounce_free_list.len() < n {
+            return None;
+        }
+        let mut b = Bounce {
+            chunks: [0; MAX_CHUNKS],
+            n: n as u8,
+        };
+        for (i, (slot, sge)) in b.chunks.iter_mut().zip(sges.iter_mut()).take(n).enumerate() {
+            let c = self.bounce_free_list.pop().expect("counted above");
+            *slot = c;
+            let l = BOUNCE_CHUNK.min(len - i * BOUNCE_CHUNK);
+            *sge = self
+                .bounce
+                .sge(c as usize * BOUNCE_CHUNK, l)
+                .expect("chunk inside the region");
+        }
+        Some(b)
+    }
+
+    pub fn bounce_free(&mut self, b: &Bounce) {
+        self.bounce_free_list
+            .extend_from_slice(&b.chunks[..b.n as usize]);
+    }
+
+    /// Copies `data` into the chunks of `b` (sized for it).
+    pub fn bounce_fill(&mut self, b: &Bounce, data: &[u8]) {
+        let region = self.bounce.as_mut_slice();
+        for (i, piece) in data.chunks(BOUNCE_CHUNK).enumerate() {
+            let at = b.chunks[i] as usize * BOUNCE_CHUNK;
+            region[at..at + piece.len()].copy_from_slice(piece);
+        }
+    }
+
+    /// Copies the chunks of `b` into `out`.
+    pub fn bounce_drain(&self, b: &Bounce, out: &mut [u8]) {
+        let region = self.bounce.as_slice();
+        for (i, piece) in out.chunks_mut(BOUNCE_CHUNK).enumerate() {
+            let at = b.chunks[i] as usize * BOUNCE_CHUNK;
+            piece.copy_from_slice(&region[at..at + piece.len()]);
+        }
+    }
+
     /// Registrations made since the device was set up (zero when no
     /// memory is registered on the I/O path).
     pub fn registrations_since_setup(&self) -> u64 {
@@ -271,6 +328,29 @@ pub enum Op {
         ttt: u32,
         wrs: u32,
     },
+    /// Read data copied into bounce chunks (its buffer was on the heap),
+    /// written from there.
+    BounceWrite {
+        bounce: Bounce,
+        wrs: u32,
+    },
+    /// Write data read into bounce chunks, copied into the task's buffer
+    /// (on the heap) when the reads complete.
+    BounceRead {
+        task: TaskId,
+        ttt: u32,
+        offset: u32,
+        len: u32,
+        bounce: Bounce,
+        wrs: u32,
+    },
+}
+
+/// Bounce chunks one transfer holds.
+#[derive(Clone, Copy)]
+pub struct Bounce {
+    pub chunks: [u16; MAX_CHUNKS],
+    pub n: u8,
 }
 
 pub struct PendingRead {
@@ -388,7 +468,10 @@ impl IserLink {
         self.ops_free.push(i);
         let wrs = match &op {
             Op::Send { .. } => 1,
-            Op::Write { wrs, .. } | Op::Read { wrs, .. } => *wrs,
+            Op::Write { wrs, .. }
+            | Op::Read { wrs, .. }
+            | Op::BounceWrite { wrs, .. }
+            | Op::BounceRead { wrs, .. } => *wrs,
         };
         self.sq_used = self.sq_used.saturating_sub(wrs);
         Some(op)
@@ -493,26 +576,45 @@ impl IserLink {
         }
         let chunk = chunk_len(len);
         let n = len.div_ceil(chunk);
+        let mut sges = [Sge::default(); MAX_CHUNKS];
+        for (i, sge) in sges.iter_mut().enumerate().take(n) {
+            let off = i * chunk;
+            let l = chunk.min(len - off);
+            *sge = Sge::new(addr + off as u64, l as u32, lkey);
+        }
+        self.post_rdma_sges(local, write, &sges[..n], stag, va, op)
+    }
+
+    /// Posts one RDMA request per local piece in `sges`, the remote side
+    /// contiguous from `va`; the last request signaled with `op`.
+    pub fn post_rdma_sges(
+        &mut self,
+        local: u32,
+        write: bool,
+        sges: &[Sge],
+        stag: u32,
+        va: u64,
+        op: Op,
+    ) -> Result<(), Option<Op>> {
+        let n = sges.len();
+        if self.broken || self.disconnected || n == 0 || n > MAX_CHUNKS {
+            return Err(Some(op));
+        }
         if self.sq_used + n as u32 > self.sq_max {
             return Err(Some(op));
         }
         let idx = self.op_alloc(op);
         let wr_id = op_wr_id(local, idx);
-        let mut sges = [Sge::default(); MAX_CHUNKS];
         let mut wrs = [SendWr {
             wr_id,
             op: SendOp::Send,
             sges: &[],
             flags: SendFlags::NONE,
         }; MAX_CHUNKS];
-        for (i, sge) in sges.iter_mut().enumerate().take(n) {
-            let off = i * chunk;
-            let l = chunk.min(len - off);
-            *sge = Sge::new(addr + off as u64, l as u32, lkey);
-        }
+        let mut off = 0u64;
         for i in 0..n {
-            let off = (i * chunk) as u64;
             let remote_addr = va.wrapping_add(off);
+            off += sges[i].length() as u64;
             wrs[i].op = if write {
                 SendOp::RdmaWrite {
                     remote_addr,
@@ -549,15 +651,22 @@ impl IserLink {
         drop(id);
         let mut bufs = Vec::new();
         let mut slots = Vec::new();
+        let mut bounces = Vec::new();
         for op in ops.into_iter().flatten() {
             match op {
                 Op::Send { slot } => slots.push(slot),
                 Op::Write { buf, .. } => bufs.push(buf),
                 Op::Read { .. } => {}
+                Op::BounceWrite { bounce, .. } | Op::BounceRead { bounce, .. } => {
+                    bounces.push(bounce)
+                }
             }
         }
         if let Some(dev) = dev {
             dev.send_free.extend(slots);
+            for b in &bounces {
+                dev.bounce_free(b);
+            }
         }
         bufs
     }
