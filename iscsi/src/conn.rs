@@ -1946,6 +1946,58 @@ mod tests {
     }
 
     #[test]
+    fn iser_write_va_starts_after_immediate_and_unsolicited_data() {
+        let mut s = session();
+        s.immediate_data = true;
+        s.initial_r2t = false;
+        s.first_burst_length = 16384;
+        s.max_burst_length = 1 << 20;
+        let mut c = ffp_iser(s);
+        let edtl = 40_000u32;
+        let data: Vec<u8> = (0..edtl).map(|i| (i * 7 + 1) as u8).collect();
+        let base = 0x20_0000u64;
+        let tags = RdmaTags {
+            write: Some((0x55, base)),
+            read: None,
+        };
+        // 4096 bytes immediate, F clear: unsolicited Data-Out follows.
+        c.handle_pdu_rdma(
+            &mut Ctx,
+            cmd(1, 9, flags::WRITE, edtl, &data[..4096]),
+            tags,
+            0,
+        );
+        assert!(c.poll_event().is_none(), "waits for the unsolicited data");
+        let mut d = Pdu::new(opcode::DATA_OUT);
+        d.bhs.set_itt(9);
+        d.bhs.set_ttt(RESERVED_TAG);
+        d.bhs.set_buffer_offset(4096);
+        d.bhs.set_flags(flags::FINAL);
+        d.data = data[4096..12288].to_vec();
+        c.handle_pdu(&mut Ctx, d, 0);
+        let Some(Event::RdmaRead {
+            task,
+            ttt,
+            offset,
+            len,
+            va,
+            ..
+        }) = c.poll_event()
+        else {
+            panic!("an RDMA Read of the rest");
+        };
+        // The initiator's write VA names its first unsent byte.
+        assert_eq!((offset, len, va), (12288, edtl - 12288, base));
+        let dst = c.rdma_read_target(task, offset, len).expect("task waits");
+        dst.copy_from_slice(&data[offset as usize..]);
+        c.rdma_read_done(task, ttt, true);
+        match c.poll_event() {
+            Some(Event::Scsi(r)) => assert_eq!(r.data_out, data),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
     fn iser_write_without_a_write_stag_fails_the_command() {
         let mut s = session();
         s.immediate_data = false;

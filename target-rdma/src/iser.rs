@@ -394,6 +394,7 @@ impl IserLink {
                 req.private_data.len()
             ));
         };
+        let req_depths = (req.initiator_depth, req.responder_resources);
         let mut id = req.id;
         if !id.is_on(&dev.ctx) {
             return Err("connect request on another RDMA device".into());
@@ -416,8 +417,13 @@ impl IserLink {
             .map_err(|e| format!("create_qp: {e}"))?;
         // Send with Invalidate is not used yet: plain Sends.
         let reply = IserCmHeader::target_reply(&hdr, false).encode();
-        let init_depth = (dev.attr.max_qp_init_rd_atom.min(255) as u8).min(req.responder_resources);
-        let resp_res = (dev.attr.max_qp_rd_atom.min(255) as u8).min(req.initiator_depth);
+        // The kernel's CM hands a connect request's depths over from the
+        // receiver's point of view (the peer's responder resources arrive
+        // as `initiator_depth`: how many RDMA Reads we may issue), as
+        // LIO's isert reads them too. The Linux initiator offers its
+        // device's maximum there and 1 as its own initiator depth.
+        let init_depth = (dev.attr.max_qp_init_rd_atom.min(255) as u8).min(req.initiator_depth);
+        let resp_res = (dev.attr.max_qp_rd_atom.min(255) as u8).min(req.responder_resources);
         id.accept(&rdma::ConnParam {
             private_data: &reply,
             initiator_depth: init_depth.max(1),
@@ -430,6 +436,7 @@ impl IserLink {
             peer = ?id.peer_addr(),
             qp_num,
             rdma_read_depth = init_depth,
+            offered = ?(req_depths),
             send_queue = caps.max_send_wr,
             "iSER connection accepted"
         );
