@@ -5,7 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in build-essential pkg-config; do
+# libclang-dev for rdma-sys's bindgen; libibverbs-dev and librdmacm-dev for
+# the iSER transport (the binary links libibverbs1 and librdmacm1, and
+# serves TCP alone when the machine has no RDMA device).
+for pkg in build-essential pkg-config libclang-dev libibverbs-dev librdmacm-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
