@@ -9,7 +9,8 @@
 # fsck, logout, login, fsck and checksums again), with the target writing its
 # stats file; then the counters: data moved by RDMA Write and RDMA Read, no
 # failed work request, and no memory registered since the device was set up
-# (registration stays off the I/O path). Last, the target is stopped with an
+# (registration stays off the I/O path), and no heap allocation by the
+# reactors during fio on a warmed-up session. Last, the target is stopped with an
 # iSER session still logged in and must exit cleanly on SIGTERM.
 set -euo pipefail
 # shellcheck source=hw-tests/guest/common.sh
@@ -48,6 +49,30 @@ counters() {
     if [ "$errs" = 0 ]; then pass "$label: no failed work request"; else fail "$label: $errs failed work requests"; fi
 }
 
+# The I/O path allocates nothing: reactor heap allocation counts before and
+# after fio jobs on a warmed-up session (reads by RDMA Write, writes by
+# RDMA Read with immediate and unsolicited data).
+no_alloc() {
+    local label=target-rdma:iser a0 a1 pass
+    fio_base
+    # The same jobs twice: the first pass warms the caches (buffer classes
+    # first seen, queues reaching their depth), the second is measured.
+    for pass in warm-up measured; do
+        [ "$pass" = measured ] && { sleep 1.5; a0=$(stat_of heap_allocs); }
+        check "$label: fio randrw bs=4k QD16 ($pass)" timeout 300 "${FIO[@]}" \
+            --rw=randrw --bs=4k --size=8M --iodepth=16 || return 1
+        check "$label: fio randrw bs=1m QD4 ($pass)" timeout 300 "${FIO[@]}" \
+            --rw=randrw --bs=1m --size=32M --iodepth=4 || return 1
+    done
+    sleep 1.5
+    a1=$(stat_of heap_allocs)
+    if [ "$a1" = "$a0" ]; then
+        pass "$label: no heap allocation on the I/O path (reactors: $a0 allocations before and after)"
+    else
+        fail "$label: reactors allocated $((a1 - a0)) times during I/O ($a0 -> $a1)"
+    fi
+}
+
 run() {
     target_start target-rdma iser || return 1
     login iser || return 1
@@ -56,6 +81,7 @@ run() {
     logout || return 1
     login iser || return 1
     fs_verify target-rdma:iser || return 1
+    no_alloc || return 1
     counters
     logout || return 1
     # A session left logged in when the target stops: the target must
