@@ -92,8 +92,10 @@ impl Default for ConnConfig {
 /// What an iSER header (RFC 7145 9.2) says about the initiator's buffers
 /// for one SCSI Command: the STag and base virtual address the target
 /// RDMA-Reads solicited write data from, and those it RDMA-Writes read
-/// data to. Byte N of the transfer is at `va + N` (the Linux initiator
-/// does not use zero-based addressing).
+/// data to. For reads, byte N of the transfer is at `va + N`; for writes
+/// the write VA addresses the first solicited byte, so byte N is at
+/// `va + N - unsolicited length` (the Linux initiator advertises it so
+/// and does not use zero-based addressing).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RdmaTags {
     pub write: Option<(u32, u64)>,
@@ -322,6 +324,9 @@ struct Task {
     unsolicited_datasn: u32,
     /// Offset from which no R2T has been sent yet.
     r2t_next_offset: u32,
+    /// Where solicited data starts (the unsolicited data's end): the iSER
+    /// write VA addresses this byte.
+    solicited_base: u32,
     r2ts: R2tList,
     r2tsn: u32,
     /// iSER: the initiator's buffers (none on TCP).
@@ -891,6 +896,7 @@ impl Connection {
             unsolicited_done: true,
             unsolicited_datasn: 0,
             r2t_next_offset: 0,
+            solicited_base: 0,
             r2ts: R2tList::default(),
             r2tsn: 0,
             rdma,
@@ -916,6 +922,7 @@ impl Connection {
                 || self.session.initial_r2t
                 || imm_len >= self.session.first_burst_length.min(edtl);
             task.r2t_next_offset = imm_len;
+            task.solicited_base = imm_len;
         }
         if !bhs.immediate() {
             self.window_used += 1;
@@ -961,6 +968,7 @@ impl Connection {
             t.r2t_next_offset += len;
         }
         let write_tag = t.rdma.write;
+        let solicited_base = t.solicited_base;
         if iser && n_new > 0 && write_tag.is_none() {
             // Solicited data on iSER moves only by RDMA Read, which needs
             // the initiator's write STag.
@@ -992,7 +1000,11 @@ impl Connection {
                     offset,
                     len,
                     stag,
-                    va: va.wrapping_add(offset as u64),
+                    // The initiator's write VA addresses the first byte
+                    // it did not send unsolicited (Linux ib_iser
+                    // advertises its buffer's address plus the
+                    // unsolicited length; LIO's isert reads from there).
+                    va: va.wrapping_add(offset.saturating_sub(solicited_base) as u64),
                 });
                 continue;
             }
@@ -1154,6 +1166,7 @@ impl Connection {
                 if final_bit {
                     t.unsolicited_done = true;
                     t.r2t_next_offset = t.received;
+                    t.solicited_base = t.received;
                 }
             }
             DataOutTo::R2t(ttt) => {
@@ -1910,8 +1923,8 @@ mod tests {
                     assert_eq!(stag, 0x77);
                     assert_eq!(
                         va,
-                        base + offset as u64,
-                        "remote address follows BufferOffset"
+                        base + (offset - 8192) as u64,
+                        "the write VA addresses the first solicited byte"
                     );
                     assert!(len <= 16384);
                     // One outstanding at a time (MaxOutstandingR2T 1).
@@ -1930,6 +1943,58 @@ mod tests {
         }
         assert_eq!(reads, vec![(8192, 16384), (24576, 15424)]);
         assert!(drain(&mut c).is_empty(), "no R2T PDUs on iSER");
+    }
+
+    #[test]
+    fn iser_write_va_starts_after_immediate_and_unsolicited_data() {
+        let mut s = session();
+        s.immediate_data = true;
+        s.initial_r2t = false;
+        s.first_burst_length = 16384;
+        s.max_burst_length = 1 << 20;
+        let mut c = ffp_iser(s);
+        let edtl = 40_000u32;
+        let data: Vec<u8> = (0..edtl).map(|i| (i * 7 + 1) as u8).collect();
+        let base = 0x20_0000u64;
+        let tags = RdmaTags {
+            write: Some((0x55, base)),
+            read: None,
+        };
+        // 4096 bytes immediate, F clear: unsolicited Data-Out follows.
+        c.handle_pdu_rdma(
+            &mut Ctx,
+            cmd(1, 9, flags::WRITE, edtl, &data[..4096]),
+            tags,
+            0,
+        );
+        assert!(c.poll_event().is_none(), "waits for the unsolicited data");
+        let mut d = Pdu::new(opcode::DATA_OUT);
+        d.bhs.set_itt(9);
+        d.bhs.set_ttt(RESERVED_TAG);
+        d.bhs.set_buffer_offset(4096);
+        d.bhs.set_flags(flags::FINAL);
+        d.data = data[4096..12288].to_vec();
+        c.handle_pdu(&mut Ctx, d, 0);
+        let Some(Event::RdmaRead {
+            task,
+            ttt,
+            offset,
+            len,
+            va,
+            ..
+        }) = c.poll_event()
+        else {
+            panic!("an RDMA Read of the rest");
+        };
+        // The initiator's write VA names its first unsent byte.
+        assert_eq!((offset, len, va), (12288, edtl - 12288, base));
+        let dst = c.rdma_read_target(task, offset, len).expect("task waits");
+        dst.copy_from_slice(&data[offset as usize..]);
+        c.rdma_read_done(task, ttt, true);
+        match c.poll_event() {
+            Some(Event::Scsi(r)) => assert_eq!(r.data_out, data),
+            other => panic!("unexpected {other:?}"),
+        }
     }
 
     #[test]

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::PollMode;
 use crossbeam_queue::ArrayQueue;
-use iscsi::conn::{BufferSource, CloseReason, ConnConfig, Connection, Event};
+use iscsi::conn::{BufferSource, CloseReason, ConnConfig, Connection, Event, TxSink};
 use iscsi::login::{ChapConfig, LoginContext, LoginStatus, SessionRequest};
 use iscsi::params::{SessionType, TargetLimits};
 use iscsi::textreq::{TargetRecord, TextContext};
@@ -45,8 +45,11 @@ use mempool::{BufPool, CoreCache, DataBuf, Pool, PoolConfig};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use rand::RngCore;
+use rdma::{CmEventKind, Completion, WcStatus};
 use scsi::{Nexus, NexusId, ScsiCompletion, ScsiTask, TaskAttr};
 use transport_tcp::{Fill, TcpConn, TX_BACKLOG_MAX_BYTES};
+
+use crate::iser::{IserLink, IserPortals, Op, PendingRead};
 
 /// One exported iSCSI target: its name, access rules and SCSI device.
 pub struct ExportedTarget {
@@ -58,6 +61,7 @@ pub struct ExportedTarget {
 }
 
 /// A listening portal.
+#[derive(Debug, Clone)]
 pub struct Portal {
     pub addr: SocketAddr,
     pub tpgt: u16,
@@ -79,6 +83,9 @@ pub struct EngineConfig {
     pub pin: bool,
     /// Where to write the counters as JSON every second.
     pub stats_file: Option<std::path::PathBuf>,
+    /// iSER portals (RDMA CM listeners on reactor 0). Without an RDMA
+    /// device they are skipped with one log line.
+    pub iser_portals: Vec<Portal>,
 }
 
 /// One reactor's counters. Plain integers: only the reactor's own thread
@@ -116,6 +123,24 @@ pub struct CoreStats {
     /// hugepage pool (a transfer above the largest class, or the class
     /// exhausted on this core).
     pub data_pool_misses: u64,
+    /// iSER connections served by this reactor now.
+    pub iser_connections: u64,
+    /// Memory registrations (ibv_reg_mr) of the iSER device's protection
+    /// domain: at device setup (each pool arena once, plus the send and
+    /// receive slabs), and since then (stays zero: nothing is registered
+    /// on the I/O path).
+    pub rdma_registrations_at_setup: u64,
+    pub rdma_registrations_since_setup: u64,
+    pub iser_sends: u64,
+    pub iser_recvs: u64,
+    pub iser_rdma_writes: u64,
+    pub iser_rdma_reads: u64,
+    pub iser_rdma_write_bytes: u64,
+    pub iser_rdma_read_bytes: u64,
+    /// Read data copied into a registered pool buffer because the device
+    /// server returned it in a heap buffer.
+    pub iser_bounce_copies: u64,
+    pub iser_completion_errors: u64,
     /// Completions of this reactor's connections, counted as their LUN
     /// counted them (kind, bytes, errors, latency).
     #[serde(skip)]
@@ -136,6 +161,9 @@ const WAKER_TOKEN: Token = Token(usize::MAX - 2);
 /// eventfd; its readiness only wakes the reactor, which polls its devices
 /// on every loop iteration anyway.
 const COMPLETION_TOKEN: Token = Token(usize::MAX - 3);
+/// Reactor 0: the iSER RDMA CM event channel and the device's CQ channel.
+const ISER_CM_TOKEN: Token = Token(usize::MAX - 4);
+const ISER_CQ_TOKEN: Token = Token(usize::MAX - 5);
 /// Listener tokens are 0..portals; connection tokens start here.
 const CONN_TOKEN_BASE: usize = 1 << 20;
 const TICK: Duration = Duration::from_millis(500);
@@ -320,8 +348,16 @@ impl Shared {
     }
 }
 
+/// How a connection's bytes move.
+enum Link {
+    Tcp(TcpConn),
+    Iser(Box<IserLink>),
+}
+
 struct ConnEntry {
-    tcp: TcpConn,
+    // First, so dropped first: an iSER queue pair is destroyed before the
+    // protocol's task buffers it may still point at.
+    link: Link,
     proto: Connection,
     portal: usize,
     /// Unique for the process lifetime; names the connection in the
@@ -429,6 +465,7 @@ impl Engine {
             ..PoolConfig::default()
         })
         .map_err(io::Error::other)?;
+        let mut iser = open_iser(&cfg, &portals, &polls[0], &data_pool);
         let sh = Arc::new(Shared {
             data_pool: data_pool.clone(),
             published_luns,
@@ -474,6 +511,7 @@ impl Engine {
                     Vec::new()
                 },
                 conns: HashMap::new(),
+                iser: if me == 0 { iser.take() } else { None },
                 next_local: 0,
                 devices,
                 pool: Buffers {
@@ -662,6 +700,59 @@ fn stats_writer(sh: &Shared, path: &std::path::Path) {
     write();
 }
 
+/// Opens the iSER portals on reactor 0's poller. Never fails: without
+/// RDMA (no device, no rdma_cm) one line says so and TCP goes on.
+fn open_iser(
+    cfg: &EngineConfig,
+    portals: &[Portal],
+    poll: &Poll,
+    pool: &Pool,
+) -> Option<Box<IserPortals>> {
+    if cfg.iser_portals.is_empty() {
+        return None;
+    }
+    let addrs: Vec<(SocketAddr, usize)> = cfg
+        .iser_portals
+        .iter()
+        .map(|p| {
+            let tcp = portals.iter().position(|t| t.tpgt == p.tpgt).unwrap_or(0);
+            (p.addr, tcp)
+        })
+        .collect();
+    let mut ip = match IserPortals::open(&addrs) {
+        Ok(ip) => ip,
+        Err(e) => {
+            let list: Vec<String> = addrs.iter().map(|a| a.0.to_string()).collect();
+            tracing::warn!(
+                "iSER portal(s) {} not served: {e}; serving TCP only",
+                list.join(", ")
+            );
+            return None;
+        }
+    };
+    ip.try_device_from_listeners(pool);
+    use std::os::fd::AsRawFd;
+    let fd = ip.cm.as_raw_fd();
+    if let Err(e) = poll.registry().register(
+        &mut mio::unix::SourceFd(&fd),
+        ISER_CM_TOKEN,
+        Interest::READABLE,
+    ) {
+        tracing::warn!("iSER: cannot poll the RDMA CM channel: {e}; serving TCP only");
+        return None;
+    }
+    if let Some(d) = &ip.dev {
+        if let Some(fd) = d.cq.event_fd() {
+            let _ = poll.registry().register(
+                &mut mio::unix::SourceFd(&fd),
+                ISER_CQ_TOKEN,
+                Interest::READABLE,
+            );
+        }
+    }
+    Some(Box::new(ip))
+}
+
 struct Reactor {
     me: usize,
     sh: Arc<Shared>,
@@ -669,6 +760,9 @@ struct Reactor {
     /// Only reactor 0 listens.
     listeners: Vec<TcpListener>,
     conns: HashMap<u32, ConnEntry>,
+    /// Reactor 0: the iSER listeners and device (its connections stay on
+    /// reactor 0 for now).
+    iser: Option<Box<IserPortals>>,
     next_local: u32,
     /// Indexed by target; `Some` for targets whose home is this core.
     devices: Vec<Option<scsi::Target>>,
@@ -773,6 +867,11 @@ impl Reactor {
                 if !self.link().inbox.is_empty() {
                     timeout = Duration::ZERO;
                 }
+                // The CQ's channel wakes us only once armed; a completion
+                // that raced the arm is found by the poll after it.
+                if self.iser_arm() {
+                    timeout = Duration::ZERO;
+                }
             }
             let r = self.poll.poll(&mut events, Some(timeout));
             self.link().parked.store(false, Ordering::Relaxed);
@@ -813,6 +912,13 @@ impl Reactor {
                         }
                     }
                     WAKER_TOKEN | COMPLETION_TOKEN => {}
+                    ISER_CM_TOKEN => self.iser_cm_events(),
+                    ISER_CQ_TOKEN => {
+                        if let Some(d) = self.iser.as_mut().and_then(|i| i.dev.as_mut()) {
+                            let _ = d.cq.take_events();
+                            d.armed = false;
+                        }
+                    }
                     Token(i) if i < self.listeners.len() => {
                         if !self.stopping {
                             self.accept(i);
@@ -831,7 +937,8 @@ impl Reactor {
                     }
                 }
             }
-            let completed = self.run_until_idle();
+            let mut completed = self.iser_poll();
+            completed += self.run_until_idle();
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
                 self.tick();
@@ -848,6 +955,22 @@ impl Reactor {
         self.stats.connections = self.conns.len() as u64;
         self.stats.heap_allocs = mempool::thread_heap_allocs();
         self.stats.data_pool_misses = self.pool.data_misses;
+        if let Some(ip) = &self.iser {
+            let k = ip.counters;
+            self.stats.iser_connections = ip.by_cm.len() as u64;
+            self.stats.iser_sends = k.sends;
+            self.stats.iser_recvs = k.recvs;
+            self.stats.iser_rdma_writes = k.rdma_writes;
+            self.stats.iser_rdma_reads = k.rdma_reads;
+            self.stats.iser_rdma_write_bytes = k.rdma_write_bytes;
+            self.stats.iser_rdma_read_bytes = k.rdma_read_bytes;
+            self.stats.iser_bounce_copies = k.bounce_copies;
+            self.stats.iser_completion_errors = k.completion_errors;
+            if let Some(d) = &ip.dev {
+                self.stats.rdma_registrations_at_setup = d.regs_at_setup;
+                self.stats.rdma_registrations_since_setup = d.registrations_since_setup();
+            }
+        }
         lock(&self.sh.published[self.me]).clone_from(&self.stats);
         let mut luns = lock(&self.sh.published_luns[self.me]);
         let mut slots = luns.iter_mut();
@@ -870,6 +993,11 @@ impl Reactor {
         for &id in &ids {
             if let Some(c) = self.conns.get_mut(&id) {
                 c.proto.tick(now);
+                if matches!(c.link, Link::Iser(_)) {
+                    // Reads waiting for bounce chunks another connection
+                    // held.
+                    self.iser_retry_reads(id);
+                }
             }
             self.process_events(id);
             self.flush_conn(id);
@@ -1054,6 +1182,34 @@ impl Reactor {
         if let Some(sample) = &c.sample {
             self.stats.io.add(sample);
         }
+        let tcp = match &mut conn.link {
+            Link::Tcp(tcp) => tcp,
+            Link::Iser(link) => {
+                let (dev, counters) = match self.iser.as_deref_mut() {
+                    Some(ip) => (ip.dev.as_mut(), Some(&mut ip.counters)),
+                    None => (None, None),
+                };
+                let mut sink = IserSink {
+                    link,
+                    dev,
+                    counters,
+                    pool: &mut self.pool,
+                    local: id,
+                };
+                if let Some(b) = conn.proto.scsi_complete_owned(
+                    c.tag as u32,
+                    c.status,
+                    &c.sense,
+                    c.data_in,
+                    c.data_out_len,
+                    &mut sink,
+                ) {
+                    self.pool.give_data(b);
+                }
+                self.pool.give_data(c.data_out);
+                return;
+            }
+        };
         // The read data goes out from this buffer, not a copy; the socket
         // layer gives it back once written (`take_sent`).
         if let Some(b) = conn.proto.scsi_complete_owned(
@@ -1062,7 +1218,7 @@ impl Reactor {
             &c.sense,
             c.data_in,
             c.data_out_len,
-            &mut conn.tcp,
+            tcp,
         ) {
             self.pool.give_data(b);
         }
@@ -1071,7 +1227,7 @@ impl Reactor {
             // what the socket layer keeps for reuse; the flush still
             // writes all queued buffers in one writev.
             conn.proto.take_tx(&mut conn.spare_tx);
-            conn.tcp.queue(&mut conn.spare_tx);
+            tcp.queue(&mut conn.spare_tx);
         }
         self.pool.give_data(c.data_out);
     }
@@ -1129,8 +1285,11 @@ impl Reactor {
     }
 
     fn register(&mut self, id: u32, c: &mut ConnEntry) -> io::Result<()> {
+        let Link::Tcp(tcp) = &mut c.link else {
+            return Ok(());
+        };
         self.poll.registry().register(
-            &mut c.tcp.stream,
+            &mut tcp.stream,
             Token(CONN_TOKEN_BASE + id as usize),
             Interest::READABLE | Interest::WRITABLE,
         )
@@ -1160,7 +1319,7 @@ impl Reactor {
                         login_timeout_ms: 30_000,
                     };
                     let mut entry = ConnEntry {
-                        tcp: TcpConn::new(stream),
+                        link: Link::Tcp(TcpConn::new(stream)),
                         proto: Connection::new(cc, self.now_ms()),
                         portal,
                         global: self.sh.next_conn.fetch_add(1, Ordering::Relaxed),
@@ -1230,11 +1389,14 @@ impl Reactor {
             if c.closing {
                 return;
             }
-            if c.tcp.tx_pending() > TX_BACKLOG_MAX_BYTES {
+            let Link::Tcp(tcp) = &mut c.link else {
+                return;
+            };
+            if tcp.tx_pending() > TX_BACKLOG_MAX_BYTES {
                 c.read_paused = true;
                 return;
             }
-            let fill = c.tcp.fill(c.proto.decoder());
+            let fill = tcp.fill(c.proto.decoder());
             let got = match fill {
                 Ok(Fill::Read(n)) => n,
                 Ok(Fill::Eof) | Err(_) => {
@@ -1260,12 +1422,15 @@ impl Reactor {
             if c.closing || c.proto.is_closing() {
                 break;
             }
+            let Link::Tcp(tcp) = &mut c.link else {
+                break;
+            };
             let pool = &mut self.pool;
             let decoder = c.proto.decoder().clone();
             let proto = &mut c.proto;
             // Data-Out data goes from the receive buffer straight into its
             // command's buffer; other data segments into pool buffers.
-            let pdu = match c.tcp.next_pdu_placing(
+            let pdu = match tcp.next_pdu_placing(
                 &decoder,
                 &mut |bhs, data| proto.place_data_out(bhs, data),
                 &mut |n| pool.take(n),
@@ -1362,12 +1527,30 @@ impl Reactor {
             };
             let (session, global) = (c.session, c.global);
             match ev {
-                Event::RdmaRead { .. } => {
-                    // Only iSER connections move data by RDMA; the engine
-                    // serves TCP ones so far.
-                    tracing::error!(id, "RDMA Read requested on a TCP connection");
-                    self.mark_closed(id, "RDMA Read on a TCP connection");
-                    return;
+                Event::RdmaRead {
+                    task,
+                    ttt,
+                    offset,
+                    len,
+                    stag,
+                    va,
+                } => {
+                    if !matches!(c.link, Link::Iser(_)) {
+                        tracing::error!(id, "RDMA Read requested on a TCP connection");
+                        self.mark_closed(id, "RDMA Read on a TCP connection");
+                        return;
+                    }
+                    self.iser_rdma_read(
+                        id,
+                        PendingRead {
+                            task,
+                            ttt,
+                            offset,
+                            len,
+                            stag,
+                            va,
+                        },
+                    );
                 }
                 Event::LoggedIn(o) => {
                     if let Some(target) = self.logged_in(id, &o) {
@@ -1543,6 +1726,15 @@ impl Reactor {
     /// Put a full-feature connection on the least-loaded core, preferring
     /// the home of its target. Returns whether it left this core.
     fn place(&mut self, id: u32, target: usize) -> bool {
+        if let Some(c) = self.conns.get_mut(&id) {
+            if matches!(c.link, Link::Iser(_)) {
+                // iSER connections stay on the core that owns the device's
+                // CQ and SRQ (reactor 0) for now.
+                c.placed = true;
+                self.link().load.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+        }
         let home = self.sh.targets[target].home;
         let n = self.sh.cores.len();
         let best = (0..n)
@@ -1566,12 +1758,15 @@ impl Reactor {
         };
         // Bytes already queued for the socket (the final login response)
         // go out now, in order, before anything the new core writes.
+        let Link::Tcp(tcp) = &mut entry.link else {
+            return true;
+        };
         if entry.proto.has_tx() {
             entry.proto.take_tx(&mut entry.spare_tx);
-            entry.tcp.queue(&mut entry.spare_tx);
+            tcp.queue(&mut entry.spare_tx);
         }
-        let _ = entry.tcp.flush();
-        let _ = self.poll.registry().deregister(&mut entry.tcp.stream);
+        let _ = tcp.flush();
+        let _ = self.poll.registry().deregister(&mut tcp.stream);
         entry.placed = true;
         tracing::debug!(
             global = entry.global,
@@ -1587,22 +1782,26 @@ impl Reactor {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
+        let tcp = match &mut c.link {
+            Link::Tcp(tcp) => tcp,
+            Link::Iser(_) => return self.iser_flush(id),
+        };
         if c.proto.has_tx() {
             // Three buffers cycle between the connection, this spare and the
             // socket, each keeping its capacity, so a large response does
             // not allocate (and map) a fresh buffer every time.
             c.proto.take_tx(&mut c.spare_tx);
-            c.tcp.queue(&mut c.spare_tx);
+            tcp.queue(&mut c.spare_tx);
         }
-        let flushed = c.tcp.flush();
-        for b in c.tcp.take_sent() {
+        let flushed = tcp.flush();
+        for b in tcp.take_sent() {
             self.pool.give_data(b);
         }
         if flushed.is_err() {
             self.mark_closed(id, "write failed");
             return;
         }
-        if c.read_paused && c.tcp.tx_pending() <= TX_BACKLOG_MAX_BYTES / 2 {
+        if c.read_paused && tcp.tx_pending() <= TX_BACKLOG_MAX_BYTES / 2 {
             c.read_paused = false;
             // Edge-triggered readiness will not fire again for bytes that
             // are already waiting.
@@ -1630,19 +1829,59 @@ impl Reactor {
         done.extend(
             self.conns
                 .iter()
-                .filter(|(_, c)| c.closing && (c.tcp.tx_pending() == 0 || c.proto.is_closing()))
+                .filter(|(_, c)| {
+                    c.closing
+                        && match &c.link {
+                            Link::Tcp(tcp) => tcp.tx_pending() == 0 || c.proto.is_closing(),
+                            Link::Iser(l) => iser_done(l),
+                        }
+                })
                 .map(|(&id, _)| id),
         );
+        // iSER connections still sending: disconnect once their queue is
+        // empty (or at once when the peer left or the QP broke).
+        for (&id, c) in self.conns.iter_mut() {
+            if let (true, Link::Iser(l)) = (c.closing, &mut c.link) {
+                let since = *l.closing_since.get_or_insert_with(Instant::now);
+                let drained = l.stream.is_empty() && l.idle();
+                if !l.disconnected && (drained || l.broken || since.elapsed() > ISER_DRAIN_MAX) {
+                    tracing::debug!(id, "iSER: disconnecting");
+                    let _ = l.id.disconnect();
+                    l.disconnected = true;
+                }
+            }
+        }
         for &id in &done {
             let Some(mut c) = self.conns.remove(&id) else {
                 continue;
             };
-            let _ = c.tcp.flush();
-            for b in c.tcp.take_all_data() {
+            let tcp = match c.link {
+                Link::Tcp(ref mut tcp) => tcp,
+                Link::Iser(l) => {
+                    if let Some(ip) = self.iser.as_mut() {
+                        ip.by_qp.remove(&l.qp_num);
+                        ip.by_cm.remove(&l.id.handle());
+                    }
+                    let dev = self.iser.as_mut().and_then(|i| i.dev.as_mut());
+                    for b in l.release(dev) {
+                        self.pool.give_data(b);
+                    }
+                    tracing::debug!(id, "iSER connection released");
+                    if c.placed {
+                        self.link().load.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    if let Some(tsih) = c.tsih {
+                        self.end_session(tsih, c.global);
+                    }
+                    continue;
+                }
+            };
+            let _ = tcp.flush();
+            for b in tcp.take_all_data() {
                 self.pool.give_data(b);
             }
-            let _ = self.poll.registry().deregister(&mut c.tcp.stream);
-            let _ = c.tcp.stream.shutdown(std::net::Shutdown::Both);
+            let _ = self.poll.registry().deregister(&mut tcp.stream);
+            let _ = tcp.stream.shutdown(std::net::Shutdown::Both);
             if c.placed {
                 self.link().load.fetch_sub(1, Ordering::Relaxed);
             }
@@ -1702,6 +1941,587 @@ impl Reactor {
         }
         tracing::debug!(reactor = self.me, "reactor stopped");
         result
+    }
+}
+
+/// How long a closing iSER connection may take to send what it queued
+/// before it is disconnected anyway (and as long again for the flushed
+/// requests to come back before its queue pair is destroyed).
+const ISER_DRAIN_MAX: Duration = Duration::from_secs(2);
+
+fn iser_done(l: &IserLink) -> bool {
+    l.disconnected
+        && (l.idle()
+            || l.closing_since
+                .is_some_and(|t| t.elapsed() > ISER_DRAIN_MAX * 2))
+}
+
+/// Where an iSER connection's completion output goes: PDU bytes to the
+/// link's send stream, read data by RDMA Write straight from its buffer.
+struct IserSink<'a> {
+    link: &'a mut IserLink,
+    dev: Option<&'a mut crate::iser::IserDevice>,
+    counters: Option<&'a mut crate::iser::IserCounters>,
+    pool: &'a mut Buffers,
+    local: u32,
+}
+
+impl TxSink for IserSink<'_> {
+    fn put_bytes(&mut self, bytes: &[u8]) {
+        self.link.stream.extend_from_slice(bytes);
+    }
+
+    fn put_vec(&mut self, bytes: &mut Vec<u8>) {
+        self.link.stream.extend_from_slice(bytes);
+        bytes.clear();
+    }
+
+    // iSER never sends Data-In PDUs: the protocol core does not call these.
+    fn put_data(&mut self, buf: DataBuf) {
+        self.pool.give_data(buf);
+    }
+
+    fn put_range(&mut self, _start: usize, _end: usize) {}
+
+    fn last_range(&self) -> &[u8] {
+        &[]
+    }
+
+    fn put_rdma_write(&mut self, buf: DataBuf, len: usize, stag: u32, va: u64) -> Option<DataBuf> {
+        let Some(dev) = self.dev.as_deref_mut() else {
+            return Some(buf);
+        };
+        let len = len.min(buf.len());
+        let Some(lkey) = dev.lkey_for(buf.as_ptr() as usize, len) else {
+            // A heap buffer (pool miss): copy into registered bounce
+            // chunks rather than register memory on the I/O path.
+            let mut sges = [rdma::Sge::default(); crate::iser::MAX_CHUNKS];
+            let Some(b) = dev.bounce_alloc(len, &mut sges) else {
+                tracing::warn!(len, "iSER: no bounce chunks free for read data");
+                return Some(buf);
+            };
+            dev.bounce_fill(&b, &buf[..len]);
+            let n = b.n as usize;
+            let op = Op::BounceWrite {
+                bounce: b,
+                wrs: n as u32,
+            };
+            return match self
+                .link
+                .post_rdma_sges(self.local, true, &sges[..n], stag, va, op)
+            {
+                Ok(()) => {
+                    if let Some(k) = self.counters.as_deref_mut() {
+                        k.rdma_writes += 1;
+                        k.rdma_write_bytes += len as u64;
+                        k.bounce_copies += 1;
+                    }
+                    self.pool.give_data(buf);
+                    None
+                }
+                Err(Some(_)) => {
+                    dev.bounce_free(&b);
+                    Some(buf)
+                }
+                Err(None) => {
+                    self.pool.give_data(buf);
+                    None
+                }
+            };
+        };
+        let addr = buf.as_ptr() as u64;
+        let wrs = crate::iser::chunks(len) as u32;
+        match self.link.post_rdma(
+            self.local,
+            true,
+            addr,
+            lkey,
+            len,
+            stag,
+            va,
+            Op::Write { buf, wrs },
+        ) {
+            Ok(()) => {
+                if let Some(k) = self.counters.as_deref_mut() {
+                    k.rdma_writes += 1;
+                    k.rdma_write_bytes += len as u64;
+                }
+                None
+            }
+            Err(Some(Op::Write { buf, .. })) => Some(buf),
+            // Posting failed: the link is broken and the connection ends;
+            // the buffer stays with the op until teardown.
+            Err(_) => None,
+        }
+    }
+}
+
+impl Reactor {
+    fn iser_dev(&mut self) -> Option<&mut crate::iser::IserDevice> {
+        self.iser.as_mut().and_then(|i| i.dev.as_mut())
+    }
+
+    /// Queue the connection's output and Send whole PDUs while send slots
+    /// last (the rest goes as send completions free slots).
+    fn iser_flush(&mut self, id: u32) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let Link::Iser(l) = &mut c.link else {
+            return;
+        };
+        if c.proto.has_tx() {
+            c.proto.take_tx(&mut l.stream);
+        }
+        let Some(ip) = self.iser.as_mut() else {
+            return;
+        };
+        let Some(dev) = ip.dev.as_mut() else {
+            return;
+        };
+        if !l.post_sends(id, dev, &mut ip.counters.sends) {
+            self.mark_closed(id, "iSER send failed");
+        }
+    }
+
+    /// Arm the CQ's channel before sleeping; true when the poll after the
+    /// arm found work (then do not sleep).
+    fn iser_arm(&mut self) -> bool {
+        let Some(d) = self.iser_dev() else {
+            return false;
+        };
+        if d.armed || d.cq.req_notify(false).is_err() {
+            return false;
+        }
+        d.armed = true;
+        self.iser_poll() > 0
+    }
+
+    /// Handle every completion waiting in the iSER CQ.
+    fn iser_poll(&mut self) -> usize {
+        let mut total = 0;
+        let mut batch = [Completion::EMPTY; 32];
+        loop {
+            let n = match self.iser_dev() {
+                Some(d) => d.cq.poll(&mut batch).unwrap_or(0),
+                None => return total,
+            };
+            if n == 0 {
+                return total;
+            }
+            total += n;
+            for wc in &batch[..n] {
+                if wc.wr_id & crate::iser::RECV_BIT != 0 {
+                    self.iser_recv(wc);
+                } else {
+                    self.iser_send_done(wc);
+                }
+            }
+        }
+    }
+
+    fn iser_send_done(&mut self, wc: &Completion) {
+        let id = crate::iser::wr_local(wc.wr_id);
+        let Some(ip) = self.iser.as_mut() else {
+            return;
+        };
+        // A connection already gone: its slots went back at teardown.
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let Link::Iser(l) = &mut c.link else {
+            return;
+        };
+        if l.qp_num != wc.qp_num {
+            return;
+        }
+        let op = l.op_take(crate::iser::wr_op(wc.wr_id));
+        let ok = wc.is_success();
+        if !ok {
+            if wc.status != WcStatus::WR_FLUSH_ERR {
+                ip.counters.completion_errors += 1;
+                tracing::warn!(
+                    id,
+                    status = wc.status.as_str(),
+                    vendor = wc.vendor_err,
+                    opcode = ?wc.opcode,
+                    "iSER work request failed; ending the connection"
+                );
+            }
+            l.broken = true;
+        }
+        match op {
+            None => {}
+            Some(Op::Send { slot }) => {
+                if let Some(dev) = ip.dev.as_mut() {
+                    crate::iser::free_send_slot(dev, slot);
+                }
+            }
+            Some(Op::Write { buf, .. }) => self.pool.give_data(buf),
+            Some(Op::Read { task, ttt, .. }) => c.proto.rdma_read_done(task, ttt, ok),
+            Some(Op::BounceWrite { bounce, .. }) => {
+                if let Some(dev) = ip.dev.as_mut() {
+                    dev.bounce_free(&bounce);
+                }
+            }
+            Some(Op::BounceRead {
+                task,
+                ttt,
+                offset,
+                len,
+                bounce,
+                ..
+            }) => {
+                if let Some(dev) = ip.dev.as_mut() {
+                    if ok {
+                        if let Some(dst) = c.proto.rdma_read_target(task, offset, len) {
+                            dev.bounce_drain(&bounce, dst);
+                        }
+                    }
+                    dev.bounce_free(&bounce);
+                }
+                c.proto.rdma_read_done(task, ttt, ok);
+            }
+        }
+        if !ok {
+            self.mark_closed(id, "iSER work request failed");
+            self.process_events(id);
+            return;
+        }
+        self.iser_retry_reads(id);
+        self.process_events(id);
+        self.iser_flush(id);
+    }
+
+    /// Reads that waited for send-queue room or bounce chunks, in order.
+    fn iser_retry_reads(&mut self, id: u32) {
+        loop {
+            let Some(c) = self.conns.get_mut(&id) else {
+                return;
+            };
+            let Link::Iser(l) = &mut c.link else {
+                return;
+            };
+            let Some(pr) = l.pending_reads.pop_front() else {
+                break;
+            };
+            if !self.iser_post_read(id, pr) {
+                break;
+            }
+        }
+    }
+
+    /// A received message: iSER header and PDU into the protocol core.
+    fn iser_recv(&mut self, wc: &Completion) {
+        let slot = (wc.wr_id & !crate::iser::RECV_BIT) as usize;
+        let now = self.now_ms();
+        let Some(ip) = self.iser.as_mut() else {
+            return;
+        };
+        let Some(dev) = ip.dev.as_mut() else {
+            return;
+        };
+        if !wc.is_success() {
+            if wc.status != WcStatus::WR_FLUSH_ERR {
+                ip.counters.completion_errors += 1;
+                tracing::warn!(status = wc.status.as_str(), "iSER receive failed");
+            }
+            let _ = dev.repost(slot);
+            return;
+        }
+        ip.counters.recvs += 1;
+        let conn = ip.by_qp.get(&wc.qp_num).copied();
+        let Some((id, c)) = conn.and_then(|id| Some((id, self.conns.get_mut(&id)?))) else {
+            let _ = dev.repost(slot);
+            return;
+        };
+        if c.closing || c.proto.is_closing() {
+            let _ = dev.repost(slot);
+            return;
+        }
+        let decoded = {
+            let msg = dev.received(slot, wc.byte_len as usize).unwrap_or(&[]);
+            let decoder = c.proto.decoder().clone();
+            let proto = &mut c.proto;
+            let pool = &mut self.pool;
+            transport_iser::framing::decode_message(
+                msg,
+                &decoder,
+                &mut |bhs, data| proto.place_data_out(bhs, data),
+                &mut |n| pool.take(n),
+            )
+        };
+        if let Err(e) = dev.repost(slot) {
+            tracing::error!("iSER: cannot repost a receive: {e}");
+        }
+        let (hdr, pdu) = match decoded {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(id, "malformed iSER message: {e}; ending the connection");
+                self.mark_closed(id, "malformed iSER message");
+                return;
+            }
+        };
+        let mut ctx = Ctx {
+            sh: &self.sh,
+            conn_global: c.global,
+            portal: c.portal,
+            instated: None,
+            kills: &mut self.kills,
+            ended: &mut self.ended,
+            pool: &mut self.pool,
+        };
+        c.proto.handle_pdu_rdma(&mut ctx, pdu, hdr.rdma_tags(), now);
+        self.stats.pdus_rx += 1;
+        if let Some(tsih) = ctx.instated {
+            c.tsih = Some(tsih);
+        }
+        if !self.kills.is_empty() || !self.ended.is_empty() {
+            self.login_side_effects();
+        }
+        self.process_events(id);
+        self.iser_flush(id);
+    }
+
+    /// Event::RdmaRead: fetch solicited write data into the task's buffer.
+    fn iser_rdma_read(&mut self, id: u32, pr: PendingRead) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let Link::Iser(l) = &mut c.link else {
+            return;
+        };
+        if !l.pending_reads.is_empty() {
+            // Keep the order of reads waiting for send-queue room.
+            l.pending_reads.push_back(pr);
+            return;
+        }
+        self.iser_post_read(id, pr);
+    }
+
+    /// Posts one read; false when it had to wait for send-queue room.
+    fn iser_post_read(&mut self, id: u32, pr: PendingRead) -> bool {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return true;
+        };
+        let Some(ip) = self.iser.as_mut() else {
+            return true;
+        };
+        let Some(dev) = ip.dev.as_mut() else {
+            return true;
+        };
+        let Link::Iser(l) = &mut c.link else {
+            return true;
+        };
+        let Some(dst) = c.proto.rdma_read_target(pr.task, pr.offset, pr.len) else {
+            // The task is gone (aborted): nothing to fetch.
+            c.proto.rdma_read_done(pr.task, pr.ttt, true);
+            return true;
+        };
+        let (addr, len) = (dst.as_mut_ptr() as usize, dst.len());
+        let Some(lkey) = dev.lkey_for(addr, len) else {
+            // The write buffer is on the heap (pool exhausted): read into
+            // registered bounce chunks, copied over on completion.
+            let mut sges = [rdma::Sge::default(); crate::iser::MAX_CHUNKS];
+            let Some(b) = dev.bounce_alloc(len, &mut sges) else {
+                if len > crate::iser::BOUNCE_CHUNK * crate::iser::MAX_CHUNKS {
+                    tracing::warn!(id, len, "iSER: write burst too large for bounce chunks");
+                    c.proto.rdma_read_done(pr.task, pr.ttt, false);
+                    return true;
+                }
+                l.pending_reads.push_back(pr);
+                return false;
+            };
+            let n = b.n as usize;
+            let op = Op::BounceRead {
+                task: pr.task,
+                ttt: pr.ttt,
+                offset: pr.offset,
+                len: pr.len,
+                bounce: b,
+                wrs: n as u32,
+            };
+            return match l.post_rdma_sges(id, false, &sges[..n], pr.stag, pr.va, op) {
+                Ok(()) => {
+                    ip.counters.rdma_reads += 1;
+                    ip.counters.rdma_read_bytes += len as u64;
+                    ip.counters.bounce_copies += 1;
+                    true
+                }
+                Err(Some(_)) if !l.broken && !l.disconnected => {
+                    dev.bounce_free(&b);
+                    l.pending_reads.push_back(pr);
+                    false
+                }
+                Err(_) => {
+                    c.proto.rdma_read_done(pr.task, pr.ttt, false);
+                    true
+                }
+            };
+        };
+        let op = Op::Read {
+            task: pr.task,
+            ttt: pr.ttt,
+            wrs: crate::iser::chunks(len) as u32,
+        };
+        match l.post_rdma(id, false, addr as u64, lkey, len, pr.stag, pr.va, op) {
+            Ok(()) => {
+                ip.counters.rdma_reads += 1;
+                ip.counters.rdma_read_bytes += len as u64;
+                true
+            }
+            Err(Some(_)) if !l.broken && !l.disconnected => {
+                l.pending_reads.push_back(pr);
+                false
+            }
+            Err(_) => {
+                c.proto.rdma_read_done(pr.task, pr.ttt, false);
+                true
+            }
+        }
+    }
+
+    /// RDMA CM events of the iSER listeners and connections.
+    fn iser_cm_events(&mut self) {
+        loop {
+            let ev = match self.iser.as_ref().map(|i| i.cm.get_event()) {
+                Some(Ok(Some(ev))) => ev,
+                Some(Ok(None)) | None => return,
+                Some(Err(e)) => {
+                    tracing::warn!("iSER: reading RDMA CM events: {e}");
+                    return;
+                }
+            };
+            let conn = self
+                .iser
+                .as_ref()
+                .and_then(|i| i.by_cm.get(&ev.id).copied());
+            match ev.kind {
+                CmEventKind::ConnectRequest(req) => self.iser_connect(req),
+                CmEventKind::Established { .. } => {
+                    if let Some(Link::Iser(l)) = conn
+                        .and_then(|id| self.conns.get_mut(&id))
+                        .map(|c| &mut c.link)
+                    {
+                        l.established = true;
+                    }
+                }
+                CmEventKind::Disconnected => {
+                    if let Some(id) = conn {
+                        if let Some(Link::Iser(l)) = self.conns.get_mut(&id).map(|c| &mut c.link) {
+                            if !l.disconnected {
+                                // Answer with our own disconnect, so the
+                                // peer gets its DISCONNECTED now.
+                                let _ = l.id.disconnect();
+                                l.disconnected = true;
+                            }
+                        }
+                        self.mark_closed(id, "iSER peer disconnected");
+                    }
+                }
+                CmEventKind::DeviceRemoval => {
+                    tracing::warn!("iSER: RDMA device removal; ending its connections");
+                    let ids: Vec<u32> = self
+                        .iser
+                        .as_ref()
+                        .map(|i| i.by_cm.values().copied().collect())
+                        .unwrap_or_default();
+                    for id in ids {
+                        if let Some(Link::Iser(l)) = self.conns.get_mut(&id).map(|c| &mut c.link) {
+                            l.broken = true;
+                            l.disconnected = true;
+                        }
+                        self.mark_closed(id, "RDMA device removed");
+                    }
+                }
+                CmEventKind::ConnectError { .. }
+                | CmEventKind::Unreachable { .. }
+                | CmEventKind::Rejected { .. } => {
+                    if let Some(id) = conn {
+                        if let Some(Link::Iser(l)) = self.conns.get_mut(&id).map(|c| &mut c.link) {
+                            l.broken = true;
+                            l.disconnected = true;
+                        }
+                        self.mark_closed(id, "iSER connection failed");
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A connect request on an iSER portal: QP on this core's CQ and SRQ,
+    /// accept with the iSER CM reply, and a login-phase connection.
+    fn iser_connect(&mut self, req: rdma::ConnectRequest) {
+        if self.stopping {
+            return;
+        }
+        let Some(ip) = self.iser.as_mut() else {
+            return;
+        };
+        if ip.dev.is_none() {
+            match req
+                .id
+                .context()
+                .map_err(|e| e.to_string())
+                .and_then(|ctx| crate::iser::IserDevice::new(ctx, &self.sh.data_pool))
+            {
+                Ok(d) => {
+                    if let Some(fd) = d.cq.event_fd() {
+                        let _ = self.poll.registry().register(
+                            &mut mio::unix::SourceFd(&fd),
+                            ISER_CQ_TOKEN,
+                            Interest::READABLE,
+                        );
+                    }
+                    ip.dev = Some(d);
+                }
+                Err(e) => {
+                    tracing::warn!("iSER device setup failed: {e}; refusing the connection");
+                    ip.counters.connect_rejects += 1;
+                    return;
+                }
+            }
+        }
+        let portal = ip.portal_of(req.listener);
+        let dev = ip.dev.as_ref().expect("set above");
+        let link = match IserLink::accept(req, dev) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!("iSER connect request refused: {e}");
+                ip.counters.connect_rejects += 1;
+                return;
+            }
+        };
+        ip.counters.connections_accepted += 1;
+        let (qp, handle) = (link.qp_num, link.id.handle());
+        let mut limits = self.sh.cfg.limits.clone();
+        limits.max_recv_data_segment_length = crate::iser::RECV_DATA_MAX;
+        let cc = ConnConfig {
+            limits,
+            transport: iscsi::params::Transport::Iser,
+            nop_interval_ms: self.sh.cfg.nop_interval_ms,
+            nop_timeout_ms: self.sh.cfg.nop_timeout_ms,
+            login_timeout_ms: 30_000,
+        };
+        let entry = ConnEntry {
+            link: Link::Iser(Box::new(link)),
+            proto: Connection::new(cc, self.now_ms()),
+            portal,
+            global: self.sh.next_conn.fetch_add(1, Ordering::Relaxed),
+            tsih: None,
+            session: None,
+            read_paused: false,
+            spare_tx: Vec::new(),
+            closing: false,
+            placed: false,
+        };
+        let id = self.alloc_local();
+        if let Some(ip) = self.iser.as_mut() {
+            ip.by_qp.insert(qp, id);
+            ip.by_cm.insert(handle, id);
+        }
+        self.conns.insert(id, entry);
     }
 }
 

@@ -7,6 +7,7 @@
 
 mod config;
 mod engine;
+mod iser;
 
 /// Counts heap allocations per thread, so each reactor can report that
 /// its I/O path allocates nothing (see `engine::CoreStats`).
@@ -132,14 +133,16 @@ fn run(cfg: Config) -> Result<(), String> {
     let portals: Vec<Portal> = cfg
         .portals
         .iter()
-        .filter(|p| {
-            if p.transport == config::Transport::Iser {
-                tracing::warn!(addr = %p.addr, "iSER portals are not available yet; skipping");
-                false
-            } else {
-                true
-            }
+        .filter(|p| p.transport != config::Transport::Iser)
+        .map(|p| Portal {
+            addr: p.addr,
+            tpgt: p.tpgt,
         })
+        .collect();
+    let iser_portals: Vec<Portal> = cfg
+        .portals
+        .iter()
+        .filter(|p| p.transport == config::Transport::Iser)
         .map(|p| Portal {
             addr: p.addr,
             tpgt: p.tpgt,
@@ -162,6 +165,7 @@ fn run(cfg: Config) -> Result<(), String> {
         cores: reactor_cores(cfg.cores.as_deref()),
         pin: true,
         stats_file: cfg.stats_file.clone(),
+        iser_portals,
         discovery_chap: ChapConfig {
             initiator: cfg
                 .discovery_chap
