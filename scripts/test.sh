@@ -23,7 +23,7 @@
 #   KEEP_TMP=1                      keep the temporary images
 #   ISCSI_TEST_CU_ARGS=...          extra iscsi-test-cu options (e.g. --allow-sanitize)
 #   E2E_BUDGET=1500                 seconds after which no further conformance variant starts
-#   HW_VM=0                         skip the hw-vm-tcp step (the kernel initiator in a VM)
+#   HW_VM=0                         skip the hw-vm-* steps (the kernel initiator and soft-RoCE in a VM)
 #
 # Exit status is non-zero if any step failed. Summary lines have the form
 # `name: N passed, N failed[, N skipped]`; the last line sums up the steps.
@@ -1073,6 +1073,17 @@ run_hw_vm() {
         hw-tests/vm.sh --timeout 660 --log "$TEST_LOG_DIR/hw-vm-tcp.serial.log" \
         hw-tests/guest/check.sh target-rdma tcp
     log "hw-vm-tcp took $((SECONDS - t0)) s (serial log $TEST_LOG_DIR/hw-vm-tcp.serial.log)"
+
+    # hw-vm-iser: the same suite over iSER on soft-RoCE (the kernel logs
+    # "iSCSI Initiator over iSER"), then the counters: data moved by RDMA
+    # Write and Read, no failed work request, no memory registered after
+    # device setup, no reactor heap allocation during fio on a warm
+    # session, a clean exit with a session logged in. About 5 minutes.
+    t0=$SECONDS
+    step "hw-vm-iser" env TARGET_RDMA_BIN="$TARGET_RDMA_BIN" timeout -k 20 900 \
+        hw-tests/vm.sh --timeout 840 --log "$TEST_LOG_DIR/hw-vm-iser.serial.log" \
+        hw-tests/guest/iser-check.sh
+    log "hw-vm-iser took $((SECONDS - t0)) s (serial log $TEST_LOG_DIR/hw-vm-iser.serial.log)"
 
     # hw-vm-rdma: the rdma crate's loopback self-test on soft-RoCE (CM
     # private data, SRQ receives, Send/Recv, RDMA Write and Read of 16 and
