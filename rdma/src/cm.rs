@@ -374,10 +374,13 @@ pub struct ConnectRequest {
     pub listener: CmIdRef,
     pub id: CmId,
     pub private_data: PrivateData,
-    /// RDMA Reads the peer will serve for us at once (bounds our
-    /// initiator depth).
+    /// As the CM reports them, from the receiver's point of view (the
+    /// kernel swaps the peer's values, and LIO's isert reads them so):
+    /// RDMA Reads the peer wants to issue at once, which we serve as
+    /// responder.
     pub responder_resources: u8,
-    /// RDMA Reads the peer wants to issue at once.
+    /// RDMA Reads we may issue at once: the peer's responder resources
+    /// (bounds our initiator depth).
     pub initiator_depth: u8,
 }
 
