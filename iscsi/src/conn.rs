@@ -401,6 +401,11 @@ pub struct Connection {
     /// The Data-Out whose data `place_data_out` put in place (ITT,
     /// BufferOffset, length), until `handle_pdu` gets that PDU.
     placed: Option<(u32, u32, u32)>,
+    /// iSER: write buffers of tasks that ended (aborted, failed) while
+    /// RDMA Reads into them were still posted: (task, reads outstanding,
+    /// buffer). The device may still write into them, so they are freed
+    /// only when `rdma_read_done` has been called for each read.
+    rdma_held: Vec<(TaskId, u32, DataBuf)>,
 
     text: TextMachine,
     /// CID of this connection, from login.
@@ -486,6 +491,7 @@ impl Connection {
             window_used: 0,
             next_ttt: 1,
             placed: None,
+            rdma_held: Vec::new(),
             text: TextMachine::default(),
             cid: 0,
             created_ms: now_ms,
@@ -1371,6 +1377,12 @@ impl Connection {
         self.push_scsi_response(t.itt, status, sense, res_flag, datasn, residual);
     }
 
+    /// iSER: write buffers kept for RDMA Reads still posted into them
+    /// after their task ended.
+    pub fn rdma_buffers_held(&self) -> usize {
+        self.rdma_held.len()
+    }
+
     /// iSER: where the RDMA Read of `Event::RdmaRead` puts its bytes, the
     /// task's write buffer at `offset`; `None` once the task is gone
     /// (aborted): then skip the read and report it done anyway.
@@ -1388,6 +1400,14 @@ impl Connection {
     pub fn rdma_read_done(&mut self, task: TaskId, ttt: u32, ok: bool) {
         if !ok {
             return self.fatal("RDMA Read of write data failed".into());
+        }
+        if let Some(i) = self.rdma_held.iter().position(|h| h.0 == task) {
+            // The task ended while this read was posted.
+            self.rdma_held[i].1 -= 1;
+            if self.rdma_held[i].1 == 0 {
+                self.rdma_held.swap_remove(i);
+            }
+            return;
         }
         let Some(t) = self.task_mut(task) else {
             return;
@@ -1600,7 +1620,16 @@ impl Connection {
 
     fn take_task(&mut self, id: TaskId) -> Option<Task> {
         let s = self.slot_of(id)?;
-        let t = self.slots[s].take()?;
+        let mut t = self.slots[s].take()?;
+        if self.params.transport == Transport::Iser
+            && matches!(t.state, TaskState::DataOut)
+            && t.r2ts.len() > 0
+        {
+            // RDMA Reads are still posted into this buffer: keep it until
+            // each has completed, so no other command can get it first.
+            let buf = std::mem::take(&mut t.data_out);
+            self.rdma_held.push((id, t.r2ts.len() as u32, buf));
+        }
         self.generations[s] = self.generations[s].wrapping_add(1);
         self.free.push(s as u32);
         self.by_itt.remove(&t.itt);
@@ -2013,6 +2042,48 @@ mod tests {
         assert_eq!(out[0].bhs.opcode(), opcode::SCSI_RESP);
         assert_eq!(out[0].bhs.0[3], 0x02);
         assert_eq!(c.tasks_in_flight(), 0);
+    }
+
+    #[test]
+    fn iser_write_buffer_outlives_its_aborted_task_until_the_reads_complete() {
+        let mut s = session();
+        s.immediate_data = false;
+        s.max_burst_length = 4096;
+        s.max_outstanding_r2t = 2;
+        let mut c = ffp_iser(s);
+        let tags = RdmaTags {
+            write: Some((1, 0x1000)),
+            read: None,
+        };
+        c.handle_pdu_rdma(
+            &mut Ctx,
+            cmd(1, 3, flags::FINAL | flags::WRITE, 8192, &[]),
+            tags,
+            0,
+        );
+        let mut reads = Vec::new();
+        while let Some(ev) = c.poll_event() {
+            if let Event::RdmaRead { task, ttt, .. } = ev {
+                reads.push((task, ttt));
+            }
+        }
+        assert_eq!(reads.len(), 2);
+        // ABORT TASK for ITT 3 while both reads are posted.
+        let mut tmf = Pdu::new(opcode::TASK_MGMT_REQ);
+        tmf.bhs.set_immediate(true);
+        tmf.bhs.set_flags(flags::FINAL | tmf::ABORT_TASK);
+        tmf.bhs.set_itt(50);
+        tmf.bhs.set_u32_at(20, 3);
+        tmf.bhs.set_u32_at(24, 2);
+        c.handle_pdu(&mut Ctx, tmf, 0);
+        assert_eq!(c.tasks_in_flight(), 0, "the task is gone");
+        assert_eq!(c.rdma_buffers_held(), 1, "its buffer is not");
+        assert!(c.rdma_read_target(reads[0].0, 0, 4096).is_none());
+        c.rdma_read_done(reads[0].0, reads[0].1, true);
+        assert_eq!(c.rdma_buffers_held(), 1);
+        c.rdma_read_done(reads[1].0, reads[1].1, true);
+        assert_eq!(c.rdma_buffers_held(), 0, "freed after the last read");
+        assert!(!c.is_closing());
     }
 
     #[test]
