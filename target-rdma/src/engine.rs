@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::PollMode;
 use crossbeam_queue::ArrayQueue;
-use iscsi::conn::{BufferSource, CloseReason, ConnConfig, Connection, Event, TxSink};
+use iscsi::conn::{BufferSource, CloseReason, ConnConfig, Connection, Event, RdmaTags, TxSink};
 use iscsi::login::{ChapConfig, LoginContext, LoginStatus, SessionRequest};
 use iscsi::params::{SessionType, TargetLimits};
 use iscsi::textreq::{TargetRecord, TextContext};
@@ -1444,26 +1444,37 @@ impl Reactor {
                     continue;
                 }
             };
-            let mut ctx = Ctx {
-                sh: &self.sh,
-                conn_global: c.global,
-                portal: c.portal,
-                instated: None,
-                kills: &mut self.kills,
-                ended: &mut self.ended,
-                pool: &mut self.pool,
-            };
-            c.proto.handle_pdu(&mut ctx, pdu, now);
-            self.stats.pdus_rx += 1;
-            if let Some(tsih) = ctx.instated {
-                c.tsih = Some(tsih);
-            }
-            if !self.kills.is_empty() || !self.ended.is_empty() {
-                self.login_side_effects();
-            }
-            self.process_events(id);
+            self.feed_pdu(id, pdu, RdmaTags::default(), now);
         }
         self.flush_conn(id);
+    }
+
+    /// One decoded PDU (with what an iSER header said, on iSER) into a
+    /// connection's protocol core, then what it caused: a login's effects
+    /// on other sessions and the connection's events. Shared by TCP and
+    /// iSER.
+    fn feed_pdu(&mut self, id: u32, pdu: iscsi::Pdu, rdma: RdmaTags, now: u64) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let mut ctx = Ctx {
+            sh: &self.sh,
+            conn_global: c.global,
+            portal: c.portal,
+            instated: None,
+            kills: &mut self.kills,
+            ended: &mut self.ended,
+            pool: &mut self.pool,
+        };
+        c.proto.handle_pdu_rdma(&mut ctx, pdu, rdma, now);
+        self.stats.pdus_rx += 1;
+        if let Some(tsih) = ctx.instated {
+            c.tsih = Some(tsih);
+        }
+        if !self.kills.is_empty() || !self.ended.is_empty() {
+            self.login_side_effects();
+        }
+        self.process_events(id);
     }
 
     /// Carry out what a login decided about other sessions: close the
@@ -2262,24 +2273,7 @@ impl Reactor {
                 return;
             }
         };
-        let mut ctx = Ctx {
-            sh: &self.sh,
-            conn_global: c.global,
-            portal: c.portal,
-            instated: None,
-            kills: &mut self.kills,
-            ended: &mut self.ended,
-            pool: &mut self.pool,
-        };
-        c.proto.handle_pdu_rdma(&mut ctx, pdu, hdr.rdma_tags(), now);
-        self.stats.pdus_rx += 1;
-        if let Some(tsih) = ctx.instated {
-            c.tsih = Some(tsih);
-        }
-        if !self.kills.is_empty() || !self.ended.is_empty() {
-            self.login_side_effects();
-        }
-        self.process_events(id);
+        self.feed_pdu(id, pdu, hdr.rdma_tags(), now);
         self.iser_flush(id);
     }
 
