@@ -1272,16 +1272,11 @@ impl Connection {
                     sink.put_data(b);
                 }
             }
-            let seg_max = self.params.max_xmit_data_segment_length.max(512) as usize;
-            let burst_max = self.session.max_burst_length.max(512) as usize;
-            let mut off = 0usize;
-            while off < send_len {
-                let burst_left = burst_max - (off % burst_max);
-                let n = seg_max.min(send_len - off).min(burst_left);
+            for (off, n, burst_end) in self.data_in_pdus(send_len) {
                 let last = off + n == send_len;
                 let mut b = Bhs::new(opcode::DATA_IN);
                 let mut fl = 0u8;
-                if last || n == burst_left {
+                if burst_end {
                     fl |= flags::FINAL;
                 }
                 b.set_lun(t.lun);
@@ -1314,12 +1309,31 @@ impl Connection {
                     }
                 }
                 datasn += 1;
-                off += n;
             }
         }
         if !collapse {
             self.push_scsi_response(t.itt, status, sense, res_flag, datasn, residual);
         }
+    }
+
+    /// The Data-In PDUs that carry `len` bytes of read data: (BufferOffset,
+    /// length, ends a burst or the data). Segments are at most the
+    /// initiator's MaxRecvDataSegmentLength and never cross a
+    /// MaxBurstLength boundary.
+    fn data_in_pdus(&self, len: usize) -> impl Iterator<Item = (usize, usize, bool)> {
+        let seg_max = self.params.max_xmit_data_segment_length.max(512) as usize;
+        let burst_max = self.session.max_burst_length.max(512) as usize;
+        let mut off = 0usize;
+        std::iter::from_fn(move || {
+            if off >= len {
+                return None;
+            }
+            let burst_left = burst_max - (off % burst_max);
+            let n = seg_max.min(len - off).min(burst_left);
+            let at = off;
+            off += n;
+            Some((at, n, off == len || n == burst_left))
+        })
     }
 
     /// iSER's data phase of a completion (RFC 7145 7.3.5): no Data-In
@@ -1365,14 +1379,7 @@ impl Connection {
                 let sense = fixed_sense(0x0b, 0x44, 0x00, [0; 3]);
                 return self.respond_status_only(t.itt, 0x02, &sense);
             }
-            let seg_max = self.params.max_xmit_data_segment_length.max(512) as usize;
-            let burst_max = self.session.max_burst_length.max(512) as usize;
-            let mut off = 0usize;
-            while off < send_len {
-                let burst_left = burst_max - (off % burst_max);
-                off += seg_max.min(send_len - off).min(burst_left);
-                datasn += 1;
-            }
+            datasn += self.data_in_pdus(send_len).count() as u32;
         }
         self.push_scsi_response(t.itt, status, sense, res_flag, datasn, residual);
     }
