@@ -42,8 +42,8 @@ impl DataBuf {
     /// heap buffer, returned as `Err`).
     pub(crate) fn into_pool(self) -> Result<(Buf, DataHome), Vec<u8>> {
         let mut me = std::mem::ManuallyDrop::new(self);
-        // SAFETY-free take: replace the representation so the
-        // ManuallyDrop'd value owns nothing afterwards.
+        // Take the representation out, leaving an empty vector: `Drop`
+        // (which would send a pool buffer home) must not run on it.
         match std::mem::replace(&mut me.0, Repr::Heap(Vec::new())) {
             Repr::Heap(v) => Err(v),
             Repr::Pool { buf, home } => Ok((buf, home)),

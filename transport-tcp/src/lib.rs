@@ -440,14 +440,18 @@ impl TxSink for TcpConn {
 mod tests {
     use super::*;
 
-    #[test]
-    fn queued_buffers_arrive_in_order_and_are_recycled() {
+    /// A connection over loopback and the blocking socket at its far end.
+    fn connected() -> (TcpConn, std::net::TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let client = std::net::TcpStream::connect(addr).unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
         server.set_nonblocking(true).unwrap();
-        let mut conn = TcpConn::new(TcpStream::from_std(server));
+        (TcpConn::new(TcpStream::from_std(server)), client)
+    }
+
+    #[test]
+    fn queued_buffers_arrive_in_order_and_are_recycled() {
+        let (mut conn, client) = connected();
         let mut expect = Vec::new();
         let mut buf = Vec::new();
         // More data than a socket buffer holds, in buffers of odd sizes.
@@ -485,12 +489,7 @@ mod tests {
 
     #[test]
     fn headers_and_data_ranges_arrive_in_order_and_buffers_come_back() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let client = std::net::TcpStream::connect(addr).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        server.set_nonblocking(true).unwrap();
-        let mut conn = TcpConn::new(TcpStream::from_std(server));
+        let (mut conn, client) = connected();
         let mut expect = Vec::new();
         let mut owned = Vec::new();
         let buffers = 300usize;
