@@ -193,18 +193,22 @@ impl Lun {
             backstore,
             caps,
             spc,
-            slots: Vec::new(),
-            free: Vec::new(),
+            // Every per-task queue sized for MAX_TASKS now (a task holds at
+            // most one slot, one queue entry and one backstore operation),
+            // so reaching a new high-water mark under load never grows
+            // one on the I/O path.
+            slots: Vec::with_capacity(MAX_TASKS),
+            free: Vec::with_capacity(MAX_TASKS),
             generation: 0,
-            waiting: VecDeque::new(),
+            waiting: VecDeque::with_capacity(MAX_TASKS),
             recheck: false,
-            done: VecDeque::new(),
-            io_done: Vec::new(),
+            done: VecDeque::with_capacity(MAX_TASKS),
+            io_done: Vec::with_capacity(MAX_TASKS),
             sanitize: None,
             sanitize_failed: None,
             sanitize_rate: sanitize::DEFAULT_RATE,
             copy_cmds: Vec::new(),
-            blocked: Vec::new(),
+            blocked: Vec::with_capacity(MAX_TASKS),
             exclusive_held: 0,
             stats: IoCounters::new(),
         })

@@ -407,7 +407,9 @@ impl Uring {
             ring,
             ops: (0..MAX_IN_FLIGHT).map(|_| None).collect(),
             free: (0..MAX_IN_FLIGHT).rev().collect(),
-            backlog: VecDeque::new(),
+            // Operations past the ring's MAX_IN_FLIGHT wait here: at most
+            // the LUN's MAX_TASKS, sized now so a burst does not grow it.
+            backlog: VecDeque::with_capacity(crate::lun::MAX_TASKS),
             free_bounce: (0..bounce.len()).rev().collect(),
             bounce,
             eventfd: OnceCell::new(),
@@ -897,7 +899,7 @@ impl FileBackstore {
         Ok(FileBackstore {
             sh,
             uring,
-            done: VecDeque::new(),
+            done: VecDeque::with_capacity(crate::lun::MAX_TASKS),
         })
     }
 

@@ -31,7 +31,7 @@ impl MemBackstore {
         MemBackstore {
             size: size_bytes,
             chunks,
-            done: VecDeque::new(),
+            done: VecDeque::with_capacity(crate::lun::MAX_TASKS),
         }
     }
 

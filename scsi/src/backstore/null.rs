@@ -15,7 +15,7 @@ impl NullBackstore {
     pub fn new(size_bytes: u64) -> NullBackstore {
         NullBackstore {
             size: size_bytes,
-            done: VecDeque::new(),
+            done: VecDeque::with_capacity(crate::lun::MAX_TASKS),
         }
     }
 }
