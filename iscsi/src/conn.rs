@@ -1435,7 +1435,7 @@ impl Connection {
     /// Move the wire bytes queued so far into `sink`: small amounts by
     /// copy (the common case, a few headers), large ones by handing over
     /// the buffer.
-    fn hand_tx(&mut self, sink: &mut dyn TxSink) {
+    pub fn hand_tx(&mut self, sink: &mut dyn TxSink) {
         if self.tx.is_empty() {
             return;
         }

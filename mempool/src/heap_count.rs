@@ -15,6 +15,11 @@ thread_local! {
     // `const` initialisation: reading it never allocates nor registers a
     // destructor, so it is safe to touch from inside the allocator.
     static ALLOCS: Cell<u64> = const { Cell::new(0) };
+    // Backtraces still to print (see `trace_thread_allocs`), and whether
+    // this thread is printing one now: the tracer's own allocations are
+    // neither traced nor counted.
+    static TRACE_LEFT: Cell<u32> = const { Cell::new(0) };
+    static IN_TRACE: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Counting wrapper around [`System`]; install with
@@ -24,7 +29,35 @@ pub struct HeapCount;
 fn bump() {
     // `try_with`: during thread teardown the slot may be gone; such late
     // allocations are not the I/O path's and are simply not counted.
+    if IN_TRACE.try_with(|t| t.get()).unwrap_or(true) {
+        return;
+    }
     let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+    let left = TRACE_LEFT.try_with(|c| c.get()).unwrap_or(0);
+    if left > 0 {
+        TRACE_LEFT.set(left - 1);
+        IN_TRACE.set(true);
+        let bt = std::backtrace::Backtrace::force_capture();
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("?");
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "heap allocation traced on thread {name} ({} more to trace):\n{bt}",
+            left - 1
+        );
+        IN_TRACE.set(false);
+    }
+}
+
+/// Prints a backtrace to stderr for each of the next `n` heap allocations
+/// made by the calling thread (0 stops). Counts only when [`HeapCount`]
+/// is the global allocator. A debugging aid: when the no-allocation check
+/// fails on a rare path, the trace names the allocation instead of a bare
+/// count. Expensive (unwinding and symbolising run inside the allocation),
+/// so only armed on request.
+pub fn trace_thread_allocs(n: u32) {
+    let _ = TRACE_LEFT.try_with(|c| c.set(n));
 }
 
 // SAFETY: every method forwards to `System` with the caller's arguments
@@ -85,5 +118,22 @@ mod tests {
         assert_eq!(thread_heap_allocs() - before, 2);
         let other = std::thread::spawn(thread_heap_allocs).join().unwrap();
         assert_eq!(other, 0, "another thread has its own count");
+    }
+
+    #[test]
+    fn traced_allocations_are_counted_once_and_the_budget_runs_out() {
+        let a = HeapCount;
+        let layout = Layout::from_size_align(32, 8).unwrap();
+        trace_thread_allocs(2);
+        let before = thread_heap_allocs();
+        for _ in 0..3 {
+            // SAFETY: a non-zero-sized layout, freed with the same layout.
+            unsafe { a.dealloc(a.alloc(layout), layout) };
+        }
+        // The backtraces' own allocations (through the system allocator
+        // here, through `HeapCount` in the binary) are not counted.
+        assert_eq!(thread_heap_allocs() - before, 3);
+        assert_eq!(TRACE_LEFT.with(|c| c.get()), 0);
+        assert!(!IN_TRACE.with(|t| t.get()));
     }
 }

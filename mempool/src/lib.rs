@@ -74,7 +74,7 @@ pub use buf::leaked_buffers;
 pub use buf::{Buf, OutOfRange, RdmaSegment, Segment, SgList};
 pub use config::{Backing, ClassConfig, PoolConfig};
 pub use databuf::DataBuf;
-pub use heap_count::{thread_heap_allocs, HeapCount};
+pub use heap_count::{thread_heap_allocs, trace_thread_allocs, HeapCount};
 pub use legacy::{BufPool, PoolStats};
 pub use pool::{
     Alloc, AllocError, AllocPlan, ArenaId, ArenaInfo, ClassId, ClassStats, CoreCache, KeyTable,

@@ -86,6 +86,11 @@ pub struct EngineConfig {
     /// iSER portals (RDMA CM listeners on reactor 0). Without an RDMA
     /// device they are skipped with one log line.
     pub iser_portals: Vec<Portal>,
+    /// A debugging aid for the no-allocation check: once a reactor is in
+    /// steady state (commands completing, no connection arriving, logging
+    /// in or leaving for a tick), print a backtrace for each of its next
+    /// this many heap allocations. 0: off.
+    pub trace_allocs: u32,
 }
 
 /// One reactor's counters. Plain integers: only the reactor's own thread
@@ -370,8 +375,6 @@ struct ConnEntry {
     session: Option<(usize, NexusId)>,
     /// Stopped reading because too much output is queued.
     read_paused: bool,
-    /// Empty buffer (with capacity) passed between connection and socket.
-    spare_tx: Vec<u8>,
     closing: bool,
     /// Counted in its core's `load`.
     placed: bool,
@@ -530,6 +533,8 @@ impl Engine {
                 scratch: Vec::new(),
                 reaped: Vec::new(),
                 stopping: false,
+                trace_mark: (0, 0),
+                trace_armed: false,
                 stats: CoreStats {
                     reactor: me,
                     cpu: sh.cfg.pin.then(|| sh.cfg.cores.get(me).copied()).flatten(),
@@ -788,6 +793,10 @@ struct Reactor {
     reaped: Vec<u32>,
     stopping: bool,
     stats: CoreStats,
+    /// `EngineConfig::trace_allocs`: connections and commands at the last
+    /// tick, and whether tracing is armed.
+    trace_mark: (usize, u64),
+    trace_armed: bool,
 }
 
 impl Reactor {
@@ -950,6 +959,34 @@ impl Reactor {
         }
     }
 
+    /// Arms allocation tracing (`EngineConfig::trace_allocs`) once a tick
+    /// passed in steady state: commands completed, the same connections,
+    /// all in full feature phase. Logins, placement and logouts allocate
+    /// by design; they disarm it (`trace_disarm`).
+    fn trace_allocs_when_steady(&mut self) {
+        let commands = self.stats.commands + self.stats.commands_served_remote;
+        let steady = self.conns.len() == self.trace_mark.0
+            && commands > self.trace_mark.1
+            && self
+                .conns
+                .values()
+                .all(|c| c.proto.is_full_feature() && !c.closing);
+        self.trace_mark = (self.conns.len(), commands);
+        if steady && !self.trace_armed {
+            self.trace_armed = true;
+            // No log line here: it would allocate inside the window the
+            // no-allocation check measures.
+            mempool::trace_thread_allocs(self.sh.cfg.trace_allocs);
+        }
+    }
+
+    fn trace_disarm(&mut self) {
+        if self.trace_armed {
+            self.trace_armed = false;
+            mempool::trace_thread_allocs(0);
+        }
+    }
+
     /// Copy this reactor's counters where the stats writer reads them.
     fn publish(&mut self) {
         self.stats.connections = self.conns.len() as u64;
@@ -986,6 +1023,9 @@ impl Reactor {
     fn tick(&mut self) {
         self.pool.data.maintain();
         self.publish();
+        if self.sh.cfg.trace_allocs > 0 {
+            self.trace_allocs_when_steady();
+        }
         let now = self.now_ms();
         let mut ids = std::mem::take(&mut self.scratch);
         ids.clear();
@@ -1226,8 +1266,7 @@ impl Reactor {
             // Queue large output now rather than let one buffer grow past
             // what the socket layer keeps for reuse; the flush still
             // writes all queued buffers in one writev.
-            conn.proto.take_tx(&mut conn.spare_tx);
-            tcp.queue(&mut conn.spare_tx);
+            conn.proto.hand_tx(tcp);
         }
         self.pool.give_data(c.data_out);
     }
@@ -1296,6 +1335,7 @@ impl Reactor {
     }
 
     fn accept(&mut self, portal: usize) {
+        self.trace_disarm();
         loop {
             match self.listeners[portal].accept() {
                 Ok((stream, peer)) => {
@@ -1326,7 +1366,6 @@ impl Reactor {
                         tsih: None,
                         session: None,
                         read_paused: false,
-                        spare_tx: Vec::new(),
                         closing: false,
                         placed: false,
                     };
@@ -1349,6 +1388,7 @@ impl Reactor {
 
     /// Take over a connection placed on this core by the login core.
     fn adopt(&mut self, mut entry: ConnEntry) {
+        self.trace_disarm();
         let id = self.alloc_local();
         if let Err(e) = self.register(id, &mut entry) {
             tracing::warn!(global = entry.global, "register failed: {e}");
@@ -1454,6 +1494,14 @@ impl Reactor {
     /// on other sessions and the connection's events. Shared by TCP and
     /// iSER.
     fn feed_pdu(&mut self, id: u32, pdu: iscsi::Pdu, rdma: RdmaTags, now: u64) {
+        if self.trace_armed
+            && self
+                .conns
+                .get(&id)
+                .is_some_and(|c| !c.proto.is_full_feature())
+        {
+            self.trace_disarm();
+        }
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
@@ -1772,10 +1820,7 @@ impl Reactor {
         let Link::Tcp(tcp) = &mut entry.link else {
             return true;
         };
-        if entry.proto.has_tx() {
-            entry.proto.take_tx(&mut entry.spare_tx);
-            tcp.queue(&mut entry.spare_tx);
-        }
+        entry.proto.hand_tx(tcp);
         let _ = tcp.flush();
         let _ = self.poll.registry().deregister(&mut tcp.stream);
         entry.placed = true;
@@ -1797,13 +1842,10 @@ impl Reactor {
             Link::Tcp(tcp) => tcp,
             Link::Iser(_) => return self.iser_flush(id),
         };
-        if c.proto.has_tx() {
-            // Three buffers cycle between the connection, this spare and the
-            // socket, each keeping its capacity, so a large response does
-            // not allocate (and map) a fresh buffer every time.
-            c.proto.take_tx(&mut c.spare_tx);
-            tcp.queue(&mut c.spare_tx);
-        }
+        // Small batches are copied into the socket's queue; a large one
+        // swaps buffers with it, each keeping its capacity (see
+        // `TcpConn::queue`).
+        c.proto.hand_tx(tcp);
         let flushed = tcp.flush();
         for b in tcp.take_sent() {
             self.pool.give_data(b);
@@ -1835,6 +1877,7 @@ impl Reactor {
         if !self.reap_needed {
             return;
         }
+        self.trace_disarm();
         let mut done = std::mem::take(&mut self.reaped);
         done.clear();
         done.extend(
@@ -2447,6 +2490,7 @@ impl Reactor {
     /// A connect request on an iSER portal: QP on this core's CQ and SRQ,
     /// accept with the iSER CM reply, and a login-phase connection.
     fn iser_connect(&mut self, req: rdma::ConnectRequest) {
+        self.trace_disarm();
         if self.stopping {
             return;
         }
@@ -2506,7 +2550,6 @@ impl Reactor {
             tsih: None,
             session: None,
             read_paused: false,
-            spare_tx: Vec::new(),
             closing: false,
             placed: false,
         };

@@ -166,6 +166,12 @@ fn run(cfg: Config) -> Result<(), String> {
         pin: true,
         stats_file: cfg.stats_file.clone(),
         iser_portals,
+        // Read from the environment, not the command line: a developer's
+        // tool, used by tests/perf/no_alloc.sh.
+        trace_allocs: std::env::var("TARGET_RDMA_TRACE_ALLOCS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
         discovery_chap: ChapConfig {
             initiator: cfg
                 .discovery_chap

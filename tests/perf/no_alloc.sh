@@ -21,8 +21,13 @@ mkdir -p "$LOGS"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 stats=$LOGS/no-alloc-stats.json
 iqn=iqn.2026-11.io.target-rdma:no-alloc
+# A reactor in steady state prints a backtrace for each of its next few
+# heap allocations (TARGET_RDMA_TRACE_ALLOCS), so a failure names the
+# allocation; the lines the log gained during a failed window are shown.
+log=$LOGS/no-alloc-target.log
+TARGET_RDMA_TRACE_ALLOCS=${TARGET_RDMA_TRACE_ALLOCS:-4} \
 timeout -k 5 600 "$BIN" --portal "127.0.0.1:$port" --target "$iqn" --lun "$LUN" "${EXTRA[@]}" \
-    --cores 0-1 --stats-file "$stats" --log-level warn >"$LOGS/no-alloc-target.log" 2>&1 &
+    --cores 0-1 --stats-file "$stats" --log-level warn >"$log" 2>&1 &
 wrap=$!
 trap 'kill -TERM $wrap 2>/dev/null; pkill -TERM -f "127.0.0.1:$port --target $iqn" 2>/dev/null || true; wait $wrap 2>/dev/null || true' EXIT
 for _ in $(seq 100); do
@@ -47,8 +52,10 @@ while read -r name args; do
     client=$!
     sleep "$WARM_S"
     before=$(snapshot)
+    log_from=$(wc -l <"$log")
     sleep "$WINDOW_S"
     after=$(snapshot)
+    log_to=$(wc -l <"$log")
     if ! wait "$client"; then
         echo "FAIL  no-alloc$TAG $name: the client failed (see $LOGS/no-alloc-$name.log)"
         fail=1
@@ -61,7 +68,21 @@ while read -r name args; do
             printf "%s  no-alloc%s %s:%s\n", (ok ? "PASS" : "FAIL"), tag, n, detail
         }')
     echo "$verdict"
-    [[ $verdict == PASS* ]] || fail=1
+    if [[ $verdict != PASS* ]]; then
+        fail=1
+        # The stats file lags by up to a second: widen the window by the
+        # lines written just before it.
+        echo "  target log during the window (lines $((log_from > 20 ? log_from - 20 : 0))-$log_to of $log):"
+        # Backtraces without the allocator's and the standard library's
+        # frames, at most 10 frames each.
+        sed -n "$((log_from > 20 ? log_from - 20 : 1)),${log_to}p" "$log" | awk '
+            /^ +[0-9]+: / { frame = $0; next }
+            /^ +at / {
+                if ($0 !~ /\/rustc\// && $0 !~ /heap_count\.rs/ && n < 10) { print frame; print; n++ }
+                next
+            }
+            { print; n = 0 }' | head -200 | sed 's/^/  | /'
+    fi
 done <<'W'
 4k-randread-qd32-2sess -m read -p rand -b 4096 -q 32 -s 2
 4k-randwrite-qd32-2sess -m write -p rand -b 4096 -q 32 -s 2

@@ -102,6 +102,9 @@ const INLINE_BYTES: usize = 88;
 const DATA_SLOTS: usize = 1024;
 /// Empty buffers kept for reuse per connection.
 const TX_FREE_MAX: usize = 8;
+/// `queue` copies up to this many bytes into inline segments (a batch of
+/// responses and R2Ts) rather than take the caller's buffer.
+const QUEUE_COPY_MAX_BYTES: usize = 16 * 1024;
 /// A recycled buffer larger than this is dropped instead of kept.
 const TX_KEEP_CAPACITY_MAX: usize = 4 * 1024 * 1024;
 
@@ -234,8 +237,24 @@ impl TcpConn {
         if bytes.is_empty() {
             return;
         }
+        if bytes.len() <= QUEUE_COPY_MAX_BYTES {
+            // The caller keeps its buffer and its capacity: swapping in a
+            // smaller spare would make the caller's next PDUs grow it, an
+            // allocation on the I/O path whenever a batch sets a new
+            // high-water mark.
+            self.put_bytes(bytes);
+            bytes.clear();
+            return;
+        }
         self.tx_pending += bytes.len();
-        let spare = self.tx_free.pop().unwrap_or_default();
+        // A spare at least as large, so the caller's buffer never shrinks;
+        // none (more large batches queued than ever before): a new one,
+        // off the steady path (text responses, copied data).
+        let need = bytes.capacity();
+        let spare = match self.tx_free.iter().position(|b| b.capacity() >= need) {
+            Some(i) => self.tx_free.swap_remove(i),
+            None => Vec::with_capacity(need),
+        };
         self.txq
             .push_back(Seg::Owned(std::mem::replace(bytes, spare)));
     }
@@ -447,6 +466,43 @@ mod tests {
         let (server, _) = listener.accept().unwrap();
         server.set_nonblocking(true).unwrap();
         (TcpConn::new(TcpStream::from_std(server)), client)
+    }
+
+    #[test]
+    fn queue_never_leaves_the_caller_a_smaller_buffer() {
+        let (mut conn, client) = connected();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut c = client;
+            c.read_to_end(&mut got).unwrap();
+            got
+        });
+        let cap = 64 * 1024;
+        let mut tx = Vec::with_capacity(cap);
+        let mut expect = Vec::new();
+        // Small batches are copied; large ones swap buffers, always for
+        // one at least as large, so the caller's next PDUs never grow it.
+        for (i, len) in [300usize, 20_000, 40, 16 * 1024, 60_000, 5]
+            .into_iter()
+            .enumerate()
+        {
+            tx.extend((0..len).map(|j| (i * 31 + j) as u8));
+            expect.extend_from_slice(&tx);
+            let before = tx.capacity();
+            conn.queue(&mut tx);
+            assert!(tx.is_empty());
+            assert!(
+                tx.capacity() >= before,
+                "batch {i}: {} < {before}",
+                tx.capacity()
+            );
+            while conn.tx_pending() > 0 {
+                conn.flush().unwrap();
+                std::thread::yield_now();
+            }
+        }
+        drop(conn);
+        assert_eq!(reader.join().unwrap(), expect);
     }
 
     #[test]
