@@ -47,6 +47,16 @@ counters() {
         fail "$label: RDMA Writes $w, RDMA Reads $r"
     fi
     if [ "$errs" = 0 ]; then pass "$label: no failed work request"; else fail "$label: $errs failed work requests"; fi
+    # Every command's data came from the registered pool, so no read was
+    # copied into bounce chunks: the kernel's largest command (2044 KiB
+    # here) fits the 2 MiB class.
+    local bounce misses
+    bounce=$(stat_of iser_bounce_copies) misses=$(stat_of data_pool_misses)
+    if [ "$bounce" = 0 ] && [ "$misses" = 0 ]; then
+        pass "$label: all data in registered pool buffers (0 bounce copies, 0 pool misses)"
+    else
+        fail "$label: $bounce bounce copies, $misses data buffers from the heap"
+    fi
 }
 
 # The I/O path allocates nothing: reactor heap allocation counts before and

@@ -84,15 +84,23 @@ impl PoolConfig {
 
     /// Classes for a negotiated MaxBurstLength (or the largest transfer a
     /// command may need in one piece): 4 KiB for PDUs and small I/O, 64 KiB
-    /// and 256 KiB, 1 MiB, and the burst rounded up to a power of two if
-    /// larger, each no larger than that. Commands bigger than the largest
-    /// class span several buffers.
+    /// and 256 KiB, 1 MiB, 2 MiB, and the burst rounded up to a power of
+    /// two if larger, each no larger than that. 2 MiB because Linux's
+    /// initiators cap a command just under it (iSER over soft-RoCE sends
+    /// 2044 KiB), which would otherwise take a buffer of the top class.
+    /// Commands bigger than the largest class span several buffers.
     pub fn classes_for_burst(max_burst_bytes: usize) -> Vec<ClassConfig> {
         let top = max_burst_bytes
             .clamp(MIN_BUF_BYTES, MAX_BUF_BYTES)
             .next_power_of_two();
         let mut v = Vec::new();
-        for (buf_bytes, weight) in [(4 << 10, 1), (64 << 10, 3), (256 << 10, 6), (1 << 20, 6)] {
+        for (buf_bytes, weight) in [
+            (4 << 10, 1),
+            (64 << 10, 3),
+            (256 << 10, 6),
+            (1 << 20, 6),
+            (2 << 20, 4),
+        ] {
             if buf_bytes <= top {
                 v.push(ClassConfig { buf_bytes, weight });
             }
@@ -214,8 +222,10 @@ mod tests {
         assert_eq!(sizes(262144), [4, 64, 256]);
         assert_eq!(sizes(300_000), [4, 64, 256, 512]);
         assert_eq!(sizes(1 << 20), [4, 64, 256, 1024]);
-        assert_eq!(sizes(16 << 20), [4, 64, 256, 1024, 16384]);
-        assert_eq!(sizes(1 << 30), [4, 64, 256, 1024, 16384]);
+        assert_eq!(sizes(2 << 20), [4, 64, 256, 1024, 2048]);
+        assert_eq!(sizes(3 << 20), [4, 64, 256, 1024, 2048, 4096]);
+        assert_eq!(sizes(16 << 20), [4, 64, 256, 1024, 2048, 16384]);
+        assert_eq!(sizes(1 << 30), [4, 64, 256, 1024, 2048, 16384]);
     }
 
     #[test]
