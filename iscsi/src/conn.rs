@@ -401,6 +401,12 @@ pub struct Connection {
     /// The Data-Out whose data `place_data_out` put in place (ITT,
     /// BufferOffset, length), until `handle_pdu` gets that PDU.
     placed: Option<(u32, u32, u32)>,
+    /// Immediate data that `stage_immediate` copied from the receive
+    /// buffer into a data buffer sized for the whole write: (ITT, CmdSN,
+    /// bytes of immediate data, buffer). Taken by the command when it
+    /// runs; at most one per command waiting for a CmdSN gap, plus the
+    /// one being decoded.
+    staged: Vec<(u32, u32, u32, DataBuf)>,
     /// iSER: write buffers of tasks that ended (aborted, failed) while
     /// RDMA Reads into them were still posted: (task, reads outstanding,
     /// buffer). The device may still write into them, so they are freed
@@ -483,7 +489,8 @@ impl Connection {
             statsn: 0,
             exp_cmdsn: 0,
             max_cmdsn: 0,
-            pending: Vec::new(),
+            pending: Vec::with_capacity(PENDING_CMDS_MAX),
+            staged: Vec::with_capacity(PENDING_CMDS_MAX + 1),
             slots: (0..slots).map(|_| None).collect(),
             generations: vec![0; slots],
             free: (0..slots as u32).rev().collect(),
@@ -590,6 +597,54 @@ impl Connection {
             Phase::Login => self.handle_login(ctx, pdu),
             Phase::FullFeature => self.handle_ffp(ctx, pdu, rdma),
         }
+        if !self.staged.is_empty() {
+            // Staged data whose command neither ran nor waits for a CmdSN
+            // gap (rejected, ignored): its buffer goes back to the pool.
+            let pending = &self.pending;
+            self.staged.retain(|&(itt, sn, _, _)| {
+                pending
+                    .iter()
+                    .any(|(p, _)| p.bhs.itt() == itt && p.bhs.cmdsn() == sn)
+            });
+        }
+    }
+
+    /// Offered each data segment before the PDU is decoded into a `Pdu`:
+    /// the immediate data of a write goes from the receive buffer into a
+    /// buffer from `alloc`, sized for the whole write, which the command
+    /// then keeps (one copy, into the pool, as for Data-Out). Returns
+    /// false (the data then comes in the PDU as usual) for anything the
+    /// command's checks would refuse, and when `alloc` has no buffer.
+    pub fn stage_immediate(
+        &mut self,
+        bhs: &Bhs,
+        data: &[u8],
+        alloc: &mut dyn FnMut(usize) -> Option<DataBuf>,
+    ) -> bool {
+        let edtl = bhs.edtl();
+        let imm = data.len() as u32;
+        if self.phase != Phase::FullFeature
+            || bhs.opcode() != opcode::SCSI_CMD
+            || data.is_empty()
+            || data.len() != bhs.data_segment_len() as usize
+            || bhs.flags() & flags::WRITE == 0
+            || !self.session.immediate_data
+            || imm > edtl
+            || imm > self.session.first_burst_length
+            || edtl > self.cfg.limits.max_cmd_data_len
+            || self.staged.len() == self.staged.capacity()
+        {
+            return false;
+        }
+        let Some(mut buf) = alloc(edtl as usize) else {
+            return false;
+        };
+        if buf.len() != edtl as usize {
+            return false;
+        }
+        buf[..data.len()].copy_from_slice(data);
+        self.staged.push((bhs.itt(), bhs.cmdsn(), imm, buf));
+        true
     }
 
     /// Drive timers: NOP-In pings, ping and login timeouts.
@@ -861,7 +916,15 @@ impl Connection {
         let read = f & flags::READ != 0;
         let write = f & flags::WRITE != 0;
         let edtl = bhs.edtl();
-        let imm_len = pdu.data.len() as u32;
+        let staged = self
+            .staged
+            .iter()
+            .position(|s| s.0 == itt && s.1 == bhs.cmdsn())
+            .map(|i| self.staged.swap_remove(i));
+        let imm_len = match &staged {
+            Some(s) => s.2,
+            None => pdu.data.len() as u32,
+        };
         // Immediate data is allowed only when negotiated, only for writes,
         // and never beyond FirstBurstLength or EDTL.
         if imm_len > 0
@@ -908,7 +971,10 @@ impl Connection {
             rdma,
         };
         if want_data {
-            if imm_len == edtl {
+            if let Some((_, _, _, buf)) = staged {
+                // Already in its buffer (`stage_immediate`).
+                task.data_out = buf;
+            } else if imm_len == edtl {
                 // All the data came with the command: its buffer is the
                 // task's, no copy.
                 task.data_out = pdu.data.into();
@@ -2306,6 +2372,90 @@ mod tests {
         assert_eq!(out[0].bhs.0[3], 2);
         assert_eq!(&out[0].data[..2], &[0, 18]);
         assert_eq!(&out[0].data[2..], &sense);
+    }
+
+    /// What the engine does while decoding: offer the immediate data to
+    /// `stage_immediate`, and hand on the PDU without it when taken.
+    fn staged(c: &mut Connection, mut p: Pdu) -> Pdu {
+        p.bhs.set_data_segment_len(p.data.len() as u32);
+        if c.stage_immediate(&p.bhs, &p.data, &mut |n| Some(vec![0xee; n].into())) {
+            p.data.clear();
+        }
+        p
+    }
+
+    #[test]
+    fn staged_immediate_data_lands_in_the_write_buffer() {
+        let mut s = session();
+        s.initial_r2t = true;
+        s.immediate_data = true;
+        s.first_burst_length = 65536;
+        s.max_burst_length = 65536;
+        let mut c = ffp(s, 8192);
+        let data: Vec<u8> = (0..20000u32).map(|i| (i * 13) as u8).collect();
+        let p = staged(
+            &mut c,
+            cmd(1, 9, flags::FINAL | flags::WRITE, 20000, &data[..8192]),
+        );
+        assert!(p.data.is_empty(), "taken by stage_immediate");
+        c.handle_pdu(&mut Ctx, p, 0);
+        assert!(c.staged.is_empty());
+        let r2t = drain(&mut c);
+        assert_eq!(r2t.len(), 1);
+        assert_eq!(r2t[0].bhs.buffer_offset(), 8192);
+        let mut d = Pdu::new(opcode::DATA_OUT);
+        d.bhs.set_itt(9);
+        d.bhs.set_ttt(r2t[0].bhs.ttt());
+        d.bhs.set_buffer_offset(8192);
+        d.bhs.set_flags(flags::FINAL);
+        d.data = data[8192..].to_vec();
+        c.handle_pdu(&mut Ctx, d, 0);
+        assert_eq!(scsi_event(&mut c).data_out, data);
+    }
+
+    #[test]
+    fn staged_immediate_data_waits_with_its_command_across_a_cmdsn_gap() {
+        let mut s = session();
+        s.immediate_data = true;
+        s.first_burst_length = 65536;
+        let mut c = ffp(s, 8192);
+        let a = vec![0xa1u8; 4096];
+        let b = vec![0xb2u8; 4096];
+        // CmdSN 2 first: held for the gap, its data staged meanwhile.
+        let p2 = staged(&mut c, cmd(2, 11, flags::FINAL | flags::WRITE, 4096, &b));
+        c.handle_pdu(&mut Ctx, p2, 0);
+        assert_eq!(c.staged.len(), 1);
+        assert!(c.poll_event().is_none());
+        let p1 = staged(&mut c, cmd(1, 10, flags::FINAL | flags::WRITE, 4096, &a));
+        c.handle_pdu(&mut Ctx, p1, 0);
+        assert!(c.staged.is_empty());
+        let r1 = scsi_event(&mut c);
+        let r2 = scsi_event(&mut c);
+        assert_eq!((r1.data_out.to_vec(), r2.data_out.to_vec()), (a, b));
+    }
+
+    #[test]
+    fn staged_data_of_a_refused_command_is_given_back() {
+        let mut s = session();
+        s.immediate_data = true;
+        s.first_burst_length = 65536;
+        let mut c = ffp(s, 8192);
+        let p = staged(&mut c, cmd(1, 9, flags::WRITE, 65536, &[1u8; 4096]));
+        c.handle_pdu(&mut Ctx, p, 0);
+        // The same ITT again while the first is in progress: rejected.
+        let p = staged(
+            &mut c,
+            cmd(2, 9, flags::FINAL | flags::WRITE, 4096, &[2u8; 4096]),
+        );
+        c.handle_pdu(&mut Ctx, p, 0);
+        assert!(c.staged.is_empty());
+        assert!(drain(&mut c)
+            .iter()
+            .any(|p| p.bhs.opcode() == opcode::REJECT));
+        // Refused before staging: not a write.
+        let mut p = cmd(3, 12, flags::FINAL | flags::READ, 4096, &[3u8; 512]);
+        p.bhs.set_data_segment_len(512);
+        assert!(!c.stage_immediate(&p.bhs, &p.data, &mut |n| Some(vec![0; n].into())));
     }
 
     #[test]

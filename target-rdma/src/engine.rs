@@ -1465,15 +1465,19 @@ impl Reactor {
             let Link::Tcp(tcp) = &mut c.link else {
                 break;
             };
-            let pool = &mut self.pool;
+            let (heap, data) = (&mut self.pool.heap, &mut self.pool.data);
             let decoder = c.proto.decoder().clone();
             let proto = &mut c.proto;
-            // Data-Out data goes from the receive buffer straight into its
-            // command's buffer; other data segments into pool buffers.
+            // Write data (Data-Out and immediate) goes from the receive
+            // buffer straight into its command's buffer; other data
+            // segments into heap buffers kept for reuse.
             let pdu = match tcp.next_pdu_placing(
                 &decoder,
-                &mut |bhs, data| proto.place_data_out(bhs, data),
-                &mut |n| pool.take(n),
+                &mut |bhs, d| {
+                    proto.place_data_out(bhs, d)
+                        || proto.stage_immediate(bhs, d, &mut |n| data.alloc_data(n))
+                },
+                &mut |n| heap.take(n),
             ) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
@@ -2297,12 +2301,15 @@ impl Reactor {
             let msg = dev.received(slot, wc.byte_len as usize).unwrap_or(&[]);
             let decoder = c.proto.decoder().clone();
             let proto = &mut c.proto;
-            let pool = &mut self.pool;
+            let (heap, data) = (&mut self.pool.heap, &mut self.pool.data);
             transport_iser::framing::decode_message(
                 msg,
                 &decoder,
-                &mut |bhs, data| proto.place_data_out(bhs, data),
-                &mut |n| pool.take(n),
+                &mut |bhs, d| {
+                    proto.place_data_out(bhs, d)
+                        || proto.stage_immediate(bhs, d, &mut |n| data.alloc_data(n))
+                },
+                &mut |n| heap.take(n),
             )
         };
         if let Err(e) = dev.repost(slot) {
