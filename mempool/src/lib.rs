@@ -93,8 +93,10 @@ pub const MAX_CLASSES: usize = 8;
 pub const MAX_CORES: usize = 64;
 /// Arenas per pool at most, including arenas added after start-up.
 pub const MAX_ARENAS: usize = 256;
-/// Registrars (RDMA devices / protection domains) per pool at most.
-pub const MAX_REGISTRARS: usize = 4;
+/// Registrars (RDMA devices / protection domains) per pool at most, over
+/// the process's life: ids are not reused, so a device removed and added
+/// back takes a new one.
+pub const MAX_REGISTRARS: usize = 8;
 /// Buffers per scatter-gather list at most.
 pub const MAX_SEGMENTS: usize = 64;
 /// Mapped bytes per pool at most (arena_limit_bytes).

@@ -317,7 +317,9 @@ struct ArenaSlot {
 struct Control {
     arena_count: usize,
     mapped_bytes: Vec<usize>,
-    registrars: Vec<Box<dyn Registrar>>,
+    /// Indexed by `RegistrarId`; `None` once removed (ids are not reused,
+    /// since keys are written once).
+    registrars: Vec<Option<Box<dyn Registrar>>>,
 }
 
 struct Shared {
@@ -423,6 +425,7 @@ impl Drop for Shared {
         for id in 0..arena_count {
             let Some(info) = self.info(id) else { continue };
             for (r, reg) in registrars.iter_mut().enumerate() {
+                let Some(reg) = reg else { continue };
                 if let Some(key) = self.keys.get(info.id, RegistrarId(r as u8)) {
                     reg.deregister(&info, key);
                 }
@@ -640,11 +643,16 @@ impl Pool {
         let mut keys = [RegistrationKey::default(); MAX_REGISTRARS];
         let nreg = ctl.registrars.len();
         for r in 0..nreg {
-            match ctl.registrars[r].register(&info) {
+            let Some(reg) = ctl.registrars[r].as_mut() else {
+                continue;
+            };
+            match reg.register(&info) {
                 Ok(k) => keys[r] = k,
                 Err(source) => {
                     for (done, key) in keys.iter().enumerate().take(r) {
-                        ctl.registrars[done].deregister(&info, *key);
+                        if let Some(reg) = ctl.registrars[done].as_mut() {
+                            reg.deregister(&info, *key);
+                        }
                     }
                     return Err(PoolError::Register {
                         arena: id,
@@ -655,6 +663,9 @@ impl Pool {
             }
         }
         for (r, key) in keys.iter().enumerate().take(nreg) {
+            if ctl.registrars[r].is_none() {
+                continue;
+            }
             let set = sh.keys.slots[KeyTable::slot(id, RegistrarId(r as u8))].set(*key);
             assert!(set.is_ok(), "arena {} registered twice", id.0);
         }
@@ -733,8 +744,29 @@ impl Pool {
             let set = sh.keys.slots[KeyTable::slot(ArenaId(id as u16), rid)].set(key);
             assert!(set.is_ok(), "registrar slot {} reused", rid.0);
         }
-        ctl.registrars.push(registrar);
+        ctl.registrars.push(Some(registrar));
         Ok(rid)
+    }
+
+    /// Deregisters every arena from registrar `rid` and drops it (an RDMA
+    /// device going away must get its memory registrations back before
+    /// it can be released). Its keys stay readable but name nothing; the
+    /// id is not reused. Control plane only; false if `rid` is unknown or
+    /// already removed.
+    pub fn remove_registrar(&self, rid: RegistrarId) -> bool {
+        let sh = &*self.shared;
+        let mut ctl = sh.control.lock().unwrap_or_else(|e| e.into_inner());
+        let count = ctl.arena_count;
+        let Some(mut reg) = ctl.registrars.get_mut(rid.index()).and_then(Option::take) else {
+            return false;
+        };
+        for id in 0..count {
+            let Some(info) = sh.info(id) else { continue };
+            if let Some(key) = sh.keys.get(info.id, rid) {
+                reg.deregister(&info, key);
+            }
+        }
+        true
     }
 
     /// Every arena mapped so far.

@@ -292,6 +292,39 @@ impl Registrar for MockReg {
 }
 
 #[test]
+fn a_removed_registrar_gets_every_registration_back_and_no_new_ones() {
+    let log = Arc::new(Mutex::new(Log::default()));
+    let pool = Pool::new(small(1)).unwrap();
+    let r = pool
+        .add_registrar(Box::new(MockReg {
+            log: log.clone(),
+            tag: 100,
+            fail_at: None,
+        }))
+        .unwrap();
+    assert_eq!(log.lock().unwrap().registered.len(), 2);
+    assert!(pool.remove_registrar(r));
+    assert_eq!(log.lock().unwrap().deregistered.len(), 2);
+    assert!(!pool.remove_registrar(r), "removed once only");
+    // Arenas added afterwards are not offered to it, and a new registrar
+    // (the device back) gets a new id and every arena.
+    pool.add_arena(C64K, 2 << 20).unwrap();
+    assert_eq!(log.lock().unwrap().registered.len(), 2);
+    let r2 = pool
+        .add_registrar(Box::new(MockReg {
+            log: log.clone(),
+            tag: 200,
+            fail_at: None,
+        }))
+        .unwrap();
+    assert_ne!(r, r2);
+    assert_eq!(log.lock().unwrap().registered.len(), 5);
+    drop(pool);
+    // At drop only the live registrar deregisters (3 arenas).
+    assert_eq!(log.lock().unwrap().deregistered.len(), 5);
+}
+
+#[test]
 fn registrars_see_every_arena_once() {
     let log = Arc::new(Mutex::new(Log::default()));
     let pool = Pool::new(small(1)).unwrap();
