@@ -49,7 +49,7 @@ use rdma::{CmEventKind, Completion, WcStatus};
 use scsi::{Nexus, NexusId, ScsiCompletion, ScsiTask, TaskAttr};
 use transport_tcp::{Fill, TcpConn, TX_BACKLOG_MAX_BYTES};
 
-use crate::iser::{IserLink, IserPortals, Op, PendingRead};
+use crate::iser::{IserDevice, IserLink, IserPortals, Op, PendingRead};
 
 /// One exported iSCSI target: its name, access rules and SCSI device.
 pub struct ExportedTarget {
@@ -145,6 +145,8 @@ pub struct CoreStats {
     /// Read data copied into a registered pool buffer because the device
     /// server returned it in a heap buffer.
     pub iser_bounce_copies: u64,
+    pub iser_send_invalidates: u64,
+    pub iser_responses_without_invalidate: u64,
     pub iser_completion_errors: u64,
     /// Completions of this reactor's connections, counted as their LUN
     /// counted them (kind, bytes, errors, latency).
@@ -227,6 +229,15 @@ fn tag_local(tag: u64) -> u32 {
 enum Msg {
     /// A connection placed on this core: register its socket and serve it.
     Adopt(Box<ConnEntry>),
+    /// This core's part of an RDMA device set up at a first connect
+    /// request (sent before any connection placed here).
+    IserDevice(Box<IserDevice>),
+    /// An iSER connect request placed on this core (with its portal
+    /// index): its queue pair goes on this core's CQ and SRQ, its CM id
+    /// on this core's event channel, and it stays here.
+    IserConnect(Box<(rdma::ConnectRequest, usize)>),
+    /// Reactor 0 saw the RDMA device removed: release this core's part.
+    IserDeviceGone,
     /// Execute a task on a target whose home is this core.
     Submit {
         target: usize,
@@ -468,7 +479,7 @@ impl Engine {
             ..PoolConfig::default()
         })
         .map_err(io::Error::other)?;
-        let mut iser = open_iser(&cfg, &portals, &polls[0], &data_pool);
+        let mut iser = open_iser(&cfg, &portals, &polls, &data_pool);
         let sh = Arc::new(Shared {
             data_pool: data_pool.clone(),
             published_luns,
@@ -514,7 +525,7 @@ impl Engine {
                     Vec::new()
                 },
                 conns: HashMap::new(),
-                iser: if me == 0 { iser.take() } else { None },
+                iser: iser.get_mut(me).and_then(Option::take),
                 next_local: 0,
                 devices,
                 pool: Buffers {
@@ -705,16 +716,21 @@ fn stats_writer(sh: &Shared, path: &std::path::Path) {
     write();
 }
 
-/// Opens the iSER portals on reactor 0's poller. Never fails: without
-/// RDMA (no device, no rdma_cm) one line says so and TCP goes on.
+/// Opens the iSER side of every reactor: reactor 0's event channel holds
+/// the listeners, the others' take the connections placed on them. When a
+/// listener is bound to a device's address, the device (a CQ and SRQ per
+/// core) is set up now; otherwise at the first connect request. Never
+/// fails: without RDMA (no device, no rdma_cm) one line says so and TCP
+/// goes on.
 fn open_iser(
     cfg: &EngineConfig,
     portals: &[Portal],
-    poll: &Poll,
+    polls: &[Poll],
     pool: &Pool,
-) -> Option<Box<IserPortals>> {
+) -> Vec<Option<Box<IserPortals>>> {
+    let mut out: Vec<Option<Box<IserPortals>>> = polls.iter().map(|_| None).collect();
     if cfg.iser_portals.is_empty() {
-        return None;
+        return out;
     }
     let addrs: Vec<(SocketAddr, usize)> = cfg
         .iser_portals
@@ -724,38 +740,70 @@ fn open_iser(
             (p.addr, tcp)
         })
         .collect();
-    let mut ip = match IserPortals::open(&addrs) {
-        Ok(ip) => ip,
-        Err(e) => {
-            let list: Vec<String> = addrs.iter().map(|a| a.0.to_string()).collect();
-            tracing::warn!(
-                "iSER portal(s) {} not served: {e}; serving TCP only",
-                list.join(", ")
-            );
-            return None;
-        }
+    let not_served = |e: &str| {
+        let list: Vec<String> = addrs.iter().map(|a| a.0.to_string()).collect();
+        tracing::warn!(
+            "iSER portal(s) {} not served: {e}; serving TCP only",
+            list.join(", ")
+        );
     };
-    ip.try_device_from_listeners(pool);
-    use std::os::fd::AsRawFd;
-    let fd = ip.cm.as_raw_fd();
-    if let Err(e) = poll.registry().register(
-        &mut mio::unix::SourceFd(&fd),
-        ISER_CM_TOKEN,
-        Interest::READABLE,
-    ) {
-        tracing::warn!("iSER: cannot poll the RDMA CM channel: {e}; serving TCP only");
-        return None;
-    }
-    if let Some(d) = &ip.dev {
-        if let Some(fd) = d.cq.event_fd() {
-            let _ = poll.registry().register(
-                &mut mio::unix::SourceFd(&fd),
-                ISER_CQ_TOKEN,
-                Interest::READABLE,
-            );
+    let mut sides = Vec::with_capacity(polls.len());
+    match IserPortals::open(&addrs) {
+        Ok(ip) => sides.push(ip),
+        Err(e) => {
+            not_served(&e);
+            return out;
         }
     }
-    Some(Box::new(ip))
+    for _ in 1..polls.len() {
+        match IserPortals::for_core() {
+            Ok(ip) => sides.push(ip),
+            Err(e) => {
+                not_served(&e);
+                return out;
+            }
+        }
+    }
+    use std::os::fd::AsRawFd;
+    for (ip, poll) in sides.iter().zip(polls) {
+        let fd = ip.cm.as_raw_fd();
+        if let Err(e) = poll.registry().register(
+            &mut mio::unix::SourceFd(&fd),
+            ISER_CM_TOKEN,
+            Interest::READABLE,
+        ) {
+            not_served(&format!("cannot poll an RDMA CM channel: {e}"));
+            return out;
+        }
+    }
+    if let Some(ctx) = sides[0].listener_context() {
+        match IserDevice::open_all(ctx, pool, polls.len()) {
+            Ok(devs) => {
+                for ((ip, poll), d) in sides.iter_mut().zip(polls).zip(devs) {
+                    poll_cq(poll.registry(), &d);
+                    ip.dev = Some(d);
+                }
+            }
+            Err(e) => tracing::warn!("iSER device setup failed: {e}"),
+        }
+    }
+    for (slot, ip) in out.iter_mut().zip(sides) {
+        *slot = Some(Box::new(ip));
+    }
+    out
+}
+
+/// Puts a core's CQ completion channel in its reactor's poller.
+fn poll_cq(registry: &mio::Registry, d: &IserDevice) {
+    if let Some(fd) = d.cq.event_fd() {
+        if let Err(e) = registry.register(
+            &mut mio::unix::SourceFd(&fd),
+            ISER_CQ_TOKEN,
+            Interest::READABLE,
+        ) {
+            tracing::warn!("iSER: cannot poll a CQ's completion channel: {e}");
+        }
+    }
 }
 
 struct Reactor {
@@ -765,8 +813,8 @@ struct Reactor {
     /// Only reactor 0 listens.
     listeners: Vec<TcpListener>,
     conns: HashMap<u32, ConnEntry>,
-    /// Reactor 0: the iSER listeners and device (its connections stay on
-    /// reactor 0 for now).
+    /// This core's iSER side (reactor 0's holds the listeners): its CM
+    /// channel, CQ, SRQ and slabs, for the connections placed here.
     iser: Option<Box<IserPortals>>,
     next_local: u32,
     /// Indexed by target; `Some` for targets whose home is this core.
@@ -1002,10 +1050,14 @@ impl Reactor {
             self.stats.iser_rdma_write_bytes = k.rdma_write_bytes;
             self.stats.iser_rdma_read_bytes = k.rdma_read_bytes;
             self.stats.iser_bounce_copies = k.bounce_copies;
+            self.stats.iser_send_invalidates = k.send_invalidates;
+            self.stats.iser_responses_without_invalidate = k.responses_without_invalidate;
             self.stats.iser_completion_errors = k.completion_errors;
-            if let Some(d) = &ip.dev {
-                self.stats.rdma_registrations_at_setup = d.regs_at_setup;
-                self.stats.rdma_registrations_since_setup = d.registrations_since_setup();
+            // The device's PD is shared: reactor 0 (which always has a
+            // part of it once there is one) speaks for it.
+            if let (0, Some(d)) = (self.me, &ip.dev) {
+                self.stats.rdma_registrations_at_setup = d.shared.regs_at_setup();
+                self.stats.rdma_registrations_since_setup = d.shared.registrations_since_setup();
             }
         }
         lock(&self.sh.published[self.me]).clone_from(&self.stats);
@@ -1044,6 +1096,9 @@ impl Reactor {
         }
         self.scratch = ids;
         self.reap();
+        if self.me == 0 {
+            self.iser_relisten();
+        }
     }
 
     /// Queue a message for another core; a full inbox keeps it here until
@@ -1105,6 +1160,12 @@ impl Reactor {
     fn handle_msg(&mut self, msg: Msg) {
         match msg {
             Msg::Adopt(entry) => self.adopt(*entry),
+            Msg::IserDevice(d) => self.iser_take_device(*d),
+            Msg::IserDeviceGone => self.iser_device_removed(),
+            Msg::IserConnect(b) => {
+                let (req, portal) = *b;
+                self.iser_connect_here(req, portal);
+            }
             Msg::Submit { target, lun, task } => match self.devices[target].as_mut() {
                 Some(d) => d.submit(lun, task),
                 None => debug_assert!(false, "task sent to a core that is not its home"),
@@ -1791,10 +1852,12 @@ impl Reactor {
     fn place(&mut self, id: u32, target: usize) -> bool {
         if let Some(c) = self.conns.get_mut(&id) {
             if matches!(c.link, Link::Iser(_)) {
-                // iSER connections stay on the core that owns the device's
-                // CQ and SRQ (reactor 0) for now.
-                c.placed = true;
-                self.link().load.fetch_add(1, Ordering::Relaxed);
+                // An iSER connection was placed at its connect request (its
+                // queue pair cannot change CQ), and counted then.
+                if !c.placed {
+                    c.placed = true;
+                    self.link().load.fetch_add(1, Ordering::Relaxed);
+                }
                 return false;
             }
         }
@@ -2008,10 +2071,11 @@ impl Reactor {
 const ISER_DRAIN_MAX: Duration = Duration::from_secs(2);
 
 fn iser_done(l: &IserLink) -> bool {
-    l.disconnected
-        && (l.idle()
-            || l.closing_since
-                .is_some_and(|t| t.elapsed() > ISER_DRAIN_MAX * 2))
+    l.device_gone
+        || l.disconnected
+            && (l.idle()
+                || l.closing_since
+                    .is_some_and(|t| t.elapsed() > ISER_DRAIN_MAX * 2))
 }
 
 /// Where an iSER connection's completion output goes: PDU bytes to the
@@ -2137,7 +2201,7 @@ impl Reactor {
         let Some(dev) = ip.dev.as_mut() else {
             return;
         };
-        if !l.post_sends(id, dev, &mut ip.counters.sends) {
+        if !l.post_sends(id, dev, &mut ip.counters) {
             self.mark_closed(id, "iSER send failed");
         }
     }
@@ -2323,6 +2387,11 @@ impl Reactor {
                 return;
             }
         };
+        if pdu.bhs.opcode() == iscsi::pdu::opcode::SCSI_CMD {
+            if let Link::Iser(l) = &mut c.link {
+                l.inv.note_command(pdu.bhs.itt(), hdr.rdma_tags());
+            }
+        }
         self.feed_pdu(id, pdu, hdr.rdma_tags(), now);
         self.iser_flush(id);
     }
@@ -2441,7 +2510,7 @@ impl Reactor {
                 .as_ref()
                 .and_then(|i| i.by_cm.get(&ev.id).copied());
             match ev.kind {
-                CmEventKind::ConnectRequest(req) => self.iser_connect(req),
+                CmEventKind::ConnectRequest(req) => self.iser_place(req),
                 CmEventKind::Established { .. } => {
                     if let Some(Link::Iser(l)) = conn
                         .and_then(|id| self.conns.get_mut(&id))
@@ -2464,18 +2533,15 @@ impl Reactor {
                     }
                 }
                 CmEventKind::DeviceRemoval => {
-                    tracing::warn!("iSER: RDMA device removal; ending its connections");
-                    let ids: Vec<u32> = self
+                    // Only for ids of the current device: a late event of
+                    // a connection already released (device gone and
+                    // maybe back) finds nothing here.
+                    let listener = self
                         .iser
                         .as_ref()
-                        .map(|i| i.by_cm.values().copied().collect())
-                        .unwrap_or_default();
-                    for id in ids {
-                        if let Some(Link::Iser(l)) = self.conns.get_mut(&id).map(|c| &mut c.link) {
-                            l.broken = true;
-                            l.disconnected = true;
-                        }
-                        self.mark_closed(id, "RDMA device removed");
+                        .is_some_and(|i| i.listeners.iter().any(|(l, _)| l.handle() == ev.id));
+                    if conn.is_some() || listener {
+                        self.iser_device_removed();
                     }
                 }
                 CmEventKind::ConnectError { .. }
@@ -2494,49 +2560,184 @@ impl Reactor {
         }
     }
 
-    /// A connect request on an iSER portal: QP on this core's CQ and SRQ,
-    /// accept with the iSER CM reply, and a login-phase connection.
-    fn iser_connect(&mut self, req: rdma::ConnectRequest) {
+    /// A connect request on an iSER portal (reactor 0): place it on the
+    /// least-loaded core now, since its queue pair is bound to one core's
+    /// CQ and SRQ for life. Ties go to cores other than reactor 0, which
+    /// also runs the TCP logins and the listeners. The session's target is
+    /// not known yet (login has not begun), so unlike TCP the target's
+    /// home core cannot break ties.
+    fn iser_place(&mut self, req: rdma::ConnectRequest) {
         self.trace_disarm();
         if self.stopping {
             return;
         }
+        let n = self.sh.cores.len();
         let Some(ip) = self.iser.as_mut() else {
             return;
         };
         if ip.dev.is_none() {
-            match req
-                .id
-                .context()
-                .map_err(|e| e.to_string())
-                .and_then(|ctx| crate::iser::IserDevice::new(ctx, &self.sh.data_pool))
-            {
-                Ok(d) => {
-                    if let Some(fd) = d.cq.event_fd() {
-                        let _ = self.poll.registry().register(
-                            &mut mio::unix::SourceFd(&fd),
-                            ISER_CQ_TOKEN,
-                            Interest::READABLE,
-                        );
-                    }
-                    ip.dev = Some(d);
-                }
-                Err(e) => {
-                    tracing::warn!("iSER device setup failed: {e}; refusing the connection");
+            let ctx = req.id.context().map_err(|e| e.to_string());
+            if let Err(e) = ctx.and_then(|ctx| self.iser_setup_device(ctx)) {
+                tracing::warn!("iSER device setup failed: {e}; refusing the connection");
+                if let Some(ip) = self.iser.as_mut() {
                     ip.counters.connect_rejects += 1;
-                    return;
+                }
+                return;
+            }
+        }
+        let Some(ip) = self.iser.as_ref() else {
+            return;
+        };
+        let portal = ip.portal_of(req.listener);
+        let best = (0..n)
+            .min_by_key(|&core| {
+                (
+                    self.sh.cores[core].load.load(Ordering::Relaxed),
+                    core == 0 && n > 1,
+                    core,
+                )
+            })
+            .expect("at least one core");
+        self.sh.cores[best].load.fetch_add(1, Ordering::Relaxed);
+        if best == self.me {
+            self.iser_connect(req, portal);
+        } else {
+            tracing::debug!(to = best, "placing iSER connection");
+            self.send(best, Msg::IserConnect(Box::new((req, portal))));
+        }
+    }
+
+    /// Reactor 0: sets up `ctx` for every core, keeps its own part and
+    /// sends the others theirs (ahead of any connection placed there).
+    fn iser_setup_device(&mut self, ctx: rdma::Context) -> Result<(), String> {
+        let devs = IserDevice::open_all(ctx, &self.sh.data_pool, self.sh.cores.len())?;
+        for (core, d) in devs.into_iter().enumerate() {
+            if core == self.me {
+                self.iser_take_device(d);
+            } else {
+                self.send(core, Msg::IserDevice(Box::new(d)));
+            }
+        }
+        Ok(())
+    }
+
+    /// The RDMA device went away (DEVICE_REMOVAL on one of this core's CM
+    /// ids, or reactor 0 passing it on): end this core's iSER connections
+    /// at once (their requests will not complete), and drop everything
+    /// built on the device, so the kernel can finish removing it.
+    /// Reactor 0 also drops its listeners, tells every other core, and
+    /// listens again from its tick until the address has a device again.
+    fn iser_device_removed(&mut self) {
+        let Some(ip) = self.iser.as_mut() else {
+            return;
+        };
+        if ip.dev.is_none() && ip.listeners.is_empty() {
+            return;
+        }
+        let ids: Vec<u32> = ip.by_cm.values().copied().collect();
+        tracing::warn!(
+            core = self.me,
+            connections = ids.len(),
+            "iSER: RDMA device removed; ending its connections and releasing it"
+        );
+        for id in ids {
+            if let Some(Link::Iser(l)) = self.conns.get_mut(&id).map(|c| &mut c.link) {
+                l.broken = true;
+                l.disconnected = true;
+                l.device_gone = true;
+            }
+            self.mark_closed(id, "RDMA device removed");
+        }
+        self.reap();
+        let Some(ip) = self.iser.as_mut() else {
+            return;
+        };
+        if let Some(d) = ip.dev.take() {
+            if let Some(fd) = d.cq.event_fd() {
+                let _ = self
+                    .poll
+                    .registry()
+                    .deregister(&mut mio::unix::SourceFd(&fd));
+            }
+        }
+        if self.me == 0 {
+            ip.listeners.clear();
+            for core in 1..self.sh.cores.len() {
+                self.send(core, Msg::IserDeviceGone);
+            }
+        }
+        // librdmacm closes its own context on a removed device only when
+        // it re-reads the device list.
+        rdma::release_removed_devices();
+    }
+
+    /// Reactor 0, from its tick: listen again on the iSER portals after a
+    /// device removal (the device comes up at the next connect request).
+    fn iser_relisten(&mut self) {
+        let Some(ip) = self.iser.as_mut() else {
+            return;
+        };
+        if self.me != 0 || !ip.listeners.is_empty() || ip.addrs.is_empty() {
+            return;
+        }
+        if ip.listen(false) {
+            tracing::info!("iSER portals listening again");
+            if let Some(ctx) = ip.listener_context() {
+                if let Err(e) = self.iser_setup_device(ctx) {
+                    tracing::warn!("iSER device setup failed: {e}");
                 }
             }
         }
-        let portal = ip.portal_of(req.listener);
-        let dev = ip.dev.as_ref().expect("set above");
+    }
+
+    /// This core's part of the device, set up by reactor 0.
+    fn iser_take_device(&mut self, d: IserDevice) {
+        if let Some(ip) = self.iser.as_mut() {
+            poll_cq(self.poll.registry(), &d);
+            ip.dev = Some(d);
+        }
+    }
+
+    /// A connect request placed here by reactor 0: its CM id moves to this
+    /// core's event channel before the accept, so every later event of the
+    /// connection arrives here.
+    fn iser_connect_here(&mut self, mut req: rdma::ConnectRequest, portal: usize) {
+        self.trace_disarm();
+        let migrated = match self.iser.as_ref() {
+            Some(ip) => req.id.migrate(&ip.cm).map_err(|e| e.to_string()),
+            None => Err("no iSER side on this core".into()),
+        };
+        if let Err(e) = migrated {
+            tracing::warn!(core = self.me, "iSER: cannot take a connection: {e}");
+            self.link().load.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        self.iser_connect(req, portal);
+    }
+
+    /// Creates the connection placed here (and counted in this core's
+    /// load): QP on this core's CQ and SRQ, accept with the iSER CM reply,
+    /// and a login-phase connection, which stays on this core.
+    fn iser_connect(&mut self, req: rdma::ConnectRequest, portal: usize) {
+        let refuse = |r: &mut Reactor, why: &str| {
+            tracing::warn!("iSER connect request refused: {why}");
+            r.link().load.fetch_sub(1, Ordering::Relaxed);
+            if let Some(ip) = r.iser.as_mut() {
+                ip.counters.connect_rejects += 1;
+            }
+        };
+        if self.stopping {
+            return refuse(self, "stopping");
+        }
+        let Some(ip) = self.iser.as_mut() else {
+            return refuse(self, "no iSER side on this core");
+        };
+        let Some(dev) = ip.dev.as_ref() else {
+            return refuse(self, "no device set up on this core");
+        };
         let link = match IserLink::accept(req, dev) {
             Ok(l) => l,
-            Err(e) => {
-                tracing::warn!("iSER connect request refused: {e}");
-                ip.counters.connect_rejects += 1;
-                return;
-            }
+            Err(e) => return refuse(self, &e),
         };
         ip.counters.connections_accepted += 1;
         let (qp, handle) = (link.qp_num, link.id.handle());
@@ -2558,7 +2759,7 @@ impl Reactor {
             session: None,
             read_paused: false,
             closing: false,
-            placed: false,
+            placed: true,
         };
         let id = self.alloc_local();
         if let Some(ip) = self.iser.as_mut() {

@@ -59,6 +59,96 @@ pub fn chunks(len: usize) -> usize {
     len.div_ceil(chunk_len(len)).max(1)
 }
 
+/// Entries of a connection's ITT -> STag table for Send with Invalidate
+/// (a power of two; commands in flight on a connection are far fewer).
+pub const INV_SLOTS: usize = 256;
+/// Slots an ITT may take, from its hashed start.
+pub const INV_PROBE: usize = 8;
+
+/// The STag a command advertised, kept until its SCSI Response.
+#[derive(Clone, Copy, Default)]
+struct InvEntry {
+    itt: u32,
+    stag: u32,
+    valid: bool,
+}
+
+/// Send with Invalidate (RFC 7145 5.1.3) for one connection: the STag
+/// each command advertised, by ITT, until its SCSI Response invalidates
+/// it. A hashed table with a short probe window and no allocation: when a
+/// window is full one invalidation is lost (the initiator then does it
+/// itself), and a lookup matches the whole ITT, so a wrong STag is never
+/// invalidated.
+pub struct InvTable {
+    /// Both sides agreed on Send with Invalidate at connect time.
+    pub on: bool,
+    e: [InvEntry; INV_SLOTS],
+}
+
+impl InvTable {
+    pub fn new(on: bool) -> InvTable {
+        InvTable {
+            on,
+            e: [InvEntry::default(); INV_SLOTS],
+        }
+    }
+
+    /// The slots an ITT may occupy: a hashed start and the few after it.
+    /// Linux takes ITTs from block-layer tags, which two CPUs hand out
+    /// from hints far apart, so the ITTs in flight are not a compact range:
+    /// an ITT taken modulo the table size collided systematically (in the
+    /// VM test three responses in four lost their invalidation).
+    fn window(itt: u32) -> impl Iterator<Item = usize> {
+        let start = (itt.wrapping_mul(0x9e37_79b1) >> 24) as usize;
+        (0..INV_PROBE).map(move |i| (start + i) % INV_SLOTS)
+    }
+
+    /// A SCSI Command arrived with `tags`: remember the STag its response
+    /// will invalidate (the read buffer's, else the write buffer's).
+    pub fn note_command(&mut self, itt: u32, tags: iscsi::conn::RdmaTags) {
+        if !self.on {
+            return;
+        }
+        // A stale entry of the same ITT (its task ended without a
+        // response) goes first, whatever this command brings.
+        if let Some(k) = Self::window(itt).find(|&k| self.e[k].valid && self.e[k].itt == itt) {
+            self.e[k].valid = false;
+        }
+        let Some((stag, _)) = tags.read.or(tags.write) else {
+            return;
+        };
+        // A full window (stale entries of aborted tasks, or many commands
+        // hashing alike) gives up its first slot: that command's response
+        // then goes as a plain Send and the initiator invalidates itself.
+        let k = Self::window(itt)
+            .find(|&k| !self.e[k].valid)
+            .unwrap_or_else(|| Self::window(itt).next().expect("INV_PROBE > 0"));
+        self.e[k] = InvEntry {
+            itt,
+            stag,
+            valid: true,
+        };
+    }
+
+    /// How PDU `pdu` goes out: a SCSI Response whose command advertised
+    /// an STag invalidates it, once.
+    pub fn send_op(&mut self, pdu: &[u8]) -> SendOp {
+        if !self.on || !is_scsi_response(pdu) {
+            return SendOp::Send;
+        }
+        let itt = u32::from_be_bytes([pdu[16], pdu[17], pdu[18], pdu[19]]);
+        match Self::window(itt).find(|&k| self.e[k].valid && self.e[k].itt == itt) {
+            Some(k) => {
+                self.e[k].valid = false;
+                SendOp::SendWithInv {
+                    invalidate_rkey: self.e[k].stag,
+                }
+            }
+            None => SendOp::Send,
+        }
+    }
+}
+
 pub fn op_wr_id(local: u32, op: u32) -> u64 {
     (local as u64) << 32 | op as u64
 }
@@ -84,14 +174,24 @@ pub struct IserCounters {
     pub rdma_read_bytes: u64,
     /// Read data copied into a pool buffer because it sat on the heap.
     pub bounce_copies: u64,
+    /// SCSI Responses sent with Send with Invalidate.
+    pub send_invalidates: u64,
+    /// SCSI Responses sent as plain Sends on connections that agreed on
+    /// Send with Invalidate (no STag advertised, or its entry lost).
+    pub responses_without_invalidate: u64,
     pub completion_errors: u64,
 }
 
-/// The listeners and, once a device is known, everything built on it.
+/// One reactor's iSER side: its RDMA CM event channel (reactor 0's also
+/// holds the listeners), its part of the device once one is known, and
+/// the maps from queue pair and CM id to its connections.
 pub struct IserPortals {
     pub cm: EventChannel,
-    /// Listener ids and the engine portal index each maps to (for TPGT).
+    /// Listener ids and the engine portal index each maps to (for TPGT);
+    /// empty except on reactor 0.
     pub listeners: Vec<(CmId, usize)>,
+    /// Reactor 0: the portals to listen on again after a device removal.
+    pub addrs: Vec<(SocketAddr, usize)>,
     pub dev: Option<IserDevice>,
     pub by_qp: HashMap<u32, u32>,
     pub by_cm: HashMap<CmIdRef, u32>,
@@ -102,23 +202,40 @@ impl IserPortals {
     /// Opens the event channel and listens on `addrs` (address, portal
     /// index). `Err` with a message when there is no RDMA at all.
     pub fn open(addrs: &[(SocketAddr, usize)]) -> Result<IserPortals, String> {
-        let cm = EventChannel::new().map_err(|e| e.to_string())?;
-        let mut listeners = Vec::new();
-        for &(addr, portal) in addrs {
-            match cm.listen(addr, 128) {
-                Ok(l) => {
-                    tracing::info!(%addr, "iSER portal listening");
-                    listeners.push((l, portal));
-                }
-                Err(e) => tracing::warn!(%addr, "iSER portal cannot listen: {e}; skipping it"),
-            }
-        }
-        if listeners.is_empty() {
+        let mut ip = IserPortals::for_core()?;
+        ip.addrs = addrs.to_vec();
+        if !ip.listen(true) {
             return Err("no iSER portal could listen".into());
         }
+        Ok(ip)
+    }
+
+    /// Listens on every portal; true if any listens. `loud` logs each
+    /// failure (at start-up; retries after a device removal stay quiet).
+    pub fn listen(&mut self, loud: bool) -> bool {
+        for &(addr, portal) in &self.addrs {
+            match self.cm.listen(addr, 128) {
+                Ok(l) => {
+                    tracing::info!(%addr, "iSER portal listening");
+                    self.listeners.push((l, portal));
+                }
+                Err(e) if loud => {
+                    tracing::warn!(%addr, "iSER portal cannot listen: {e}; skipping it")
+                }
+                Err(e) => tracing::debug!(%addr, "iSER portal cannot listen yet: {e}"),
+            }
+        }
+        !self.listeners.is_empty()
+    }
+
+    /// A reactor's side without listeners: connections placed on it are
+    /// migrated to its event channel.
+    pub fn for_core() -> Result<IserPortals, String> {
+        let cm = EventChannel::new().map_err(|e| e.to_string())?;
         Ok(IserPortals {
             cm,
-            listeners,
+            listeners: Vec::new(),
+            addrs: Vec::new(),
             dev: None,
             by_qp: HashMap::new(),
             by_cm: HashMap::new(),
@@ -126,18 +243,9 @@ impl IserPortals {
         })
     }
 
-    /// Builds the device side from the first listener bound to one.
-    pub fn try_device_from_listeners(&mut self, pool: &Pool) {
-        if self.dev.is_some() {
-            return;
-        }
-        let ctx = self.listeners.iter().find_map(|(l, _)| l.context().ok());
-        if let Some(ctx) = ctx {
-            match IserDevice::new(ctx, pool) {
-                Ok(d) => self.dev = Some(d),
-                Err(e) => tracing::warn!("iSER device setup failed: {e}"),
-            }
-        }
+    /// The device of the first listener bound to one, if any.
+    pub fn listener_context(&self) -> Option<Context> {
+        self.listeners.iter().find_map(|(l, _)| l.context().ok())
     }
 
     pub fn portal_of(&self, listener: CmIdRef) -> usize {
@@ -148,7 +256,48 @@ impl IserPortals {
     }
 }
 
-/// One RDMA device as the target uses it.
+/// What every core's part of one RDMA device shares: the context, the one
+/// protection domain, and the data pool's registration in it.
+pub struct DeviceShared {
+    /// (base, len, lkey) of every pool arena.
+    arenas: Vec<(usize, usize, u32)>,
+    pub attr: DeviceAttr,
+    /// ibv_reg_mr calls once every core's part was set up (pool arenas,
+    /// slabs): the counter that must stay flat under load.
+    pub regs_at_setup: std::sync::atomic::AtomicU64,
+    rid: RegistrarId,
+    pool: Pool,
+    pub pd: ProtectionDomain,
+    pub ctx: Context,
+}
+
+impl Drop for DeviceShared {
+    /// The last core's part is gone: the pool's arenas are deregistered
+    /// from the PD (before the PD and context fields drop), so nothing of
+    /// ours holds the device any more.
+    fn drop(&mut self) {
+        self.pool.remove_registrar(self.rid);
+    }
+}
+
+impl DeviceShared {
+    /// Registrations made since the device was set up (zero when no
+    /// memory is registered on the I/O path).
+    pub fn registrations_since_setup(&self) -> u64 {
+        self.pd.registrations() - self.regs_at_setup()
+    }
+
+    pub fn regs_at_setup(&self) -> u64 {
+        self.regs_at_setup
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// One reactor core's part of an RDMA device: its completion queue (with
+/// a completion channel the reactor polls), its shared receive queue kept
+/// full of receive slots, its send slots and bounce chunks. Queue pairs of
+/// the connections placed on the core use this CQ and SRQ, so a core's
+/// completions never touch another core.
 pub struct IserDevice {
     // Field order is drop order: queues before the PD and context.
     pub srq: SharedReceiveQueue,
@@ -160,20 +309,16 @@ pub struct IserDevice {
     /// fallback when the pool is exhausted): copied, never registered.
     bounce: OwnedRegion,
     bounce_free_list: Vec<u16>,
-    /// (base, len, lkey) of every pool arena.
-    arenas: Vec<(usize, usize, u32)>,
-    pub attr: DeviceAttr,
-    /// ibv_reg_mr calls once the device was set up (pool arenas, slabs):
-    /// the counter that must stay flat under load.
-    pub regs_at_setup: u64,
+    recv_slots: usize,
     pub armed: bool,
-    pub _rid: RegistrarId,
-    pub pd: ProtectionDomain,
-    pub ctx: Context,
+    pub shared: std::sync::Arc<DeviceShared>,
 }
 
 impl IserDevice {
-    pub fn new(ctx: Context, pool: &Pool) -> Result<IserDevice, String> {
+    /// Sets up `ctx` for `cores` reactors: one PD with the data pool
+    /// registered in it once per arena, and one [`IserDevice`] per core
+    /// (index = reactor), its receives posted.
+    pub fn open_all(ctx: Context, pool: &Pool, cores: usize) -> Result<Vec<IserDevice>, String> {
         let attr = ctx.query().map_err(|e| e.to_string())?;
         let pd = ctx.alloc_pd().map_err(|e| e.to_string())?;
         let rid = pool
@@ -187,15 +332,45 @@ impl IserDevice {
                 Some((a.base as usize, a.len_bytes, k.lkey))
             })
             .collect();
+        let shared = std::sync::Arc::new(DeviceShared {
+            arenas,
+            attr,
+            regs_at_setup: Default::default(),
+            rid,
+            pool: pool.clone(),
+            pd,
+            ctx,
+        });
+        let devs = (0..cores.max(1))
+            .map(|_| IserDevice::new_core(shared.clone()))
+            .collect::<Result<Vec<_>, String>>()?;
+        shared.regs_at_setup.store(
+            shared.pd.registrations(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        tracing::info!(
+            device = %shared.ctx.name(),
+            cores = devs.len(),
+            max_sge = shared.attr.max_sge,
+            max_qp_init_rd_atom = shared.attr.max_qp_init_rd_atom,
+            registrations = shared.regs_at_setup(),
+            recv_slots_per_core = devs[0].recv_slots,
+            "iSER device ready: data pool registered once per arena, a CQ and SRQ per core, receives posted"
+        );
+        Ok(devs)
+    }
+
+    fn new_core(shared: std::sync::Arc<DeviceShared>) -> Result<IserDevice, String> {
+        let (ctx, pd, attr) = (&shared.ctx, &shared.pd, &shared.attr);
         let cqe = (RECV_SLOTS as u32 + 8 * SQ_DEPTH).min(attr.max_cqe.max(1024));
-        let cq = CompletionQueue::new(&ctx, cqe, true).map_err(|e| e.to_string())?;
+        let cq = CompletionQueue::new(ctx, cqe, true).map_err(|e| e.to_string())?;
         let nrecv = RECV_SLOTS.min(attr.max_srq_wr.max(64) as usize);
-        let srq = SharedReceiveQueue::new(&pd, nrecv as u32, 1).map_err(|e| e.to_string())?;
-        let recv = OwnedRegion::new(&pd, RECV_SLOT * nrecv, AccessFlags::LOCAL_WRITE)
+        let srq = SharedReceiveQueue::new(pd, nrecv as u32, 1).map_err(|e| e.to_string())?;
+        let recv = OwnedRegion::new(pd, RECV_SLOT * nrecv, AccessFlags::LOCAL_WRITE)
             .map_err(|e| e.to_string())?;
-        let send = OwnedRegion::new(&pd, SEND_SLOT * SEND_SLOTS, AccessFlags::LOCAL_WRITE)
+        let send = OwnedRegion::new(pd, SEND_SLOT * SEND_SLOTS, AccessFlags::LOCAL_WRITE)
             .map_err(|e| e.to_string())?;
-        let bounce = OwnedRegion::new(&pd, BOUNCE_CHUNK * BOUNCE_CHUNKS, AccessFlags::LOCAL_WRITE)
+        let bounce = OwnedRegion::new(pd, BOUNCE_CHUNK * BOUNCE_CHUNKS, AccessFlags::LOCAL_WRITE)
             .map_err(|e| e.to_string())?;
         let dev = IserDevice {
             srq,
@@ -205,27 +380,13 @@ impl IserDevice {
             send_free: (0..SEND_SLOTS as u32).rev().collect(),
             bounce,
             bounce_free_list: (0..BOUNCE_CHUNKS as u16).rev().collect(),
-            arenas,
-            regs_at_setup: 0,
+            recv_slots: nrecv,
             armed: false,
-            _rid: rid,
-            attr,
-            pd,
-            ctx,
+            shared,
         };
         for slot in 0..nrecv {
             dev.repost(slot).map_err(|e| e.to_string())?;
         }
-        let mut dev = dev;
-        dev.regs_at_setup = dev.pd.registrations();
-        tracing::info!(
-            device = %dev.ctx.name(),
-            max_sge = dev.attr.max_sge,
-            max_qp_init_rd_atom = dev.attr.max_qp_init_rd_atom,
-            registrations = dev.regs_at_setup,
-            recv_slots = nrecv,
-            "iSER device ready: data pool registered once per arena, receives posted"
-        );
         Ok(dev)
     }
 
@@ -253,7 +414,8 @@ impl IserDevice {
     /// The lkey covering `len` bytes at `addr`, when they lie in one
     /// registered pool arena.
     pub fn lkey_for(&self, addr: usize, len: usize) -> Option<u32> {
-        self.arenas
+        self.shared
+            .arenas
             .iter()
             .find(|(b, l, _)| addr >= *b && addr + len <= b + l)
             .map(|a| a.2)
@@ -303,12 +465,6 @@ impl IserDevice {
             let at = b.chunks[i] as usize * BOUNCE_CHUNK;
             piece.copy_from_slice(&region[at..at + piece.len()]);
         }
-    }
-
-    /// Registrations made since the device was set up (zero when no
-    /// memory is registered on the I/O path).
-    pub fn registrations_since_setup(&self) -> u64 {
-        self.pd.registrations() - self.regs_at_setup
     }
 }
 
@@ -373,6 +529,8 @@ pub struct IserLink {
     pub disconnected: bool,
     /// A work request failed: the queue pair is in error.
     pub broken: bool,
+    /// The device was removed: nothing posted will complete; release now.
+    pub device_gone: bool,
     /// When closing began (for the teardown timeout).
     pub closing_since: Option<std::time::Instant>,
     /// Whole PDUs waiting for a send slot.
@@ -382,6 +540,9 @@ pub struct IserLink {
     pub sq_used: u32,
     pub sq_max: u32,
     pub pending_reads: VecDeque<PendingRead>,
+    /// Send with Invalidate: saves the initiator a local invalidation of
+    /// its memory registration per command.
+    pub inv: InvTable,
 }
 
 impl IserLink {
@@ -396,13 +557,14 @@ impl IserLink {
         };
         let req_depths = (req.initiator_depth, req.responder_resources);
         let mut id = req.id;
-        if !id.is_on(&dev.ctx) {
+        let sh = &dev.shared;
+        if !id.is_on(&sh.ctx) {
             return Err("connect request on another RDMA device".into());
         }
-        let sq = SQ_DEPTH.min(dev.attr.max_qp_wr.max(64));
+        let sq = SQ_DEPTH.min(sh.attr.max_qp_wr.max(64));
         let caps = id
             .create_qp(
-                &dev.pd,
+                &sh.pd,
                 &QpInit {
                     send_cq: &dev.cq,
                     recv_cq: &dev.cq,
@@ -415,15 +577,16 @@ impl IserLink {
                 },
             )
             .map_err(|e| format!("create_qp: {e}"))?;
-        // Send with Invalidate is not used yet: plain Sends.
-        let reply = IserCmHeader::target_reply(&hdr, false).encode();
+        let reply_hdr = IserCmHeader::target_reply(&hdr, true);
+        let send_inv = IserCmHeader::send_w_inv_agreed(&hdr, &reply_hdr);
+        let reply = reply_hdr.encode();
         // The kernel's CM hands a connect request's depths over from the
         // receiver's point of view (the peer's responder resources arrive
         // as `initiator_depth`: how many RDMA Reads we may issue), as
         // LIO's isert reads them too. The Linux initiator offers its
         // device's maximum there and 1 as its own initiator depth.
-        let init_depth = (dev.attr.max_qp_init_rd_atom.min(255) as u8).min(req.initiator_depth);
-        let resp_res = (dev.attr.max_qp_rd_atom.min(255) as u8).min(req.responder_resources);
+        let init_depth = (sh.attr.max_qp_init_rd_atom.min(255) as u8).min(req.initiator_depth);
+        let resp_res = (sh.attr.max_qp_rd_atom.min(255) as u8).min(req.responder_resources);
         id.accept(&rdma::ConnParam {
             private_data: &reply,
             initiator_depth: init_depth.max(1),
@@ -438,6 +601,7 @@ impl IserLink {
             rdma_read_depth = init_depth,
             offered = ?(req_depths),
             send_queue = caps.max_send_wr,
+            send_with_invalidate = send_inv,
             "iSER connection accepted"
         );
         Ok(IserLink {
@@ -446,6 +610,7 @@ impl IserLink {
             established: false,
             disconnected: false,
             broken: false,
+            device_gone: false,
             closing_since: None,
             stream: Vec::with_capacity(16 << 10),
             ops: Vec::with_capacity(512),
@@ -453,6 +618,7 @@ impl IserLink {
             sq_used: 0,
             sq_max: caps.max_send_wr.min(sq),
             pending_reads: VecDeque::with_capacity(64),
+            inv: InvTable::new(send_inv),
         })
     }
 
@@ -491,7 +657,12 @@ impl IserLink {
     /// Posts Sends for the whole PDUs in `stream` while send slots and
     /// send-queue room last. Returns false when the connection must end
     /// (a PDU larger than a slot, or a post failed).
-    pub fn post_sends(&mut self, local: u32, dev: &mut IserDevice, sends: &mut u64) -> bool {
+    pub fn post_sends(
+        &mut self,
+        local: u32,
+        dev: &mut IserDevice,
+        counters: &mut IserCounters,
+    ) -> bool {
         if self.broken || self.disconnected {
             self.stream.clear();
             return true;
@@ -501,6 +672,7 @@ impl IserLink {
         loop {
             let mut sges = [Sge::default(); 16];
             let mut ids = [0u64; 16];
+            let mut ops = [SendOp::Send; 16];
             let mut n = 0;
             while n < 16 {
                 let Some(len) = pdu_len(&self.stream[pos..]) else {
@@ -523,6 +695,11 @@ impl IserLink {
                 let Some(slot) = dev.send_free.pop() else {
                     break;
                 };
+                let pdu = &self.stream[pos..pos + len];
+                ops[n] = self.inv.send_op(pdu);
+                if self.inv.on && matches!(ops[n], SendOp::Send) && is_scsi_response(pdu) {
+                    counters.responses_without_invalidate += 1;
+                }
                 let off = slot as usize * SEND_SLOT;
                 let dst = &mut dev.send.as_mut_slice()[off..off + ISER_HDR_LEN + len];
                 dst[..ISER_HDR_LEN].copy_from_slice(&hdr);
@@ -547,6 +724,7 @@ impl IserLink {
             }; 16];
             for i in 0..n {
                 wrs[i].wr_id = ids[i];
+                wrs[i].op = ops[i];
                 wrs[i].sges = std::slice::from_ref(&sges[i]);
             }
             if let Err(e) = self.id.post_send(&wrs[..n]) {
@@ -554,7 +732,11 @@ impl IserLink {
                 self.broken = true;
                 return false;
             }
-            *sends += n as u64;
+            counters.sends += n as u64;
+            counters.send_invalidates += ops[..n]
+                .iter()
+                .filter(|o| matches!(o, SendOp::SendWithInv { .. }))
+                .count() as u64;
         }
         self.stream.drain(..pos);
         true
@@ -679,6 +861,11 @@ impl IserLink {
     }
 }
 
+fn is_scsi_response(pdu: &[u8]) -> bool {
+    const SCSI_RESPONSE: u8 = 0x21;
+    pdu.len() >= 48 && pdu[0] & 0x3f == SCSI_RESPONSE
+}
+
 /// Hands a completed Send's slot back.
 pub fn free_send_slot(dev: &mut IserDevice, slot: u32) {
     dev.send_free.push(slot);
@@ -707,6 +894,115 @@ mod tests {
         }
         assert_eq!(chunks(8 << 20), 8);
         assert_eq!(chunks(64 << 20), MAX_CHUNKS);
+    }
+
+    fn response(itt: u32) -> [u8; 48] {
+        let mut p = [0u8; 48];
+        p[0] = 0x21;
+        p[16..20].copy_from_slice(&itt.to_be_bytes());
+        p
+    }
+
+    fn tags(read: Option<u32>, write: Option<u32>) -> iscsi::conn::RdmaTags {
+        iscsi::conn::RdmaTags {
+            read: read.map(|s| (s, 0x1000)),
+            write: write.map(|s| (s, 0x2000)),
+        }
+    }
+
+    #[test]
+    fn a_response_invalidates_its_commands_stag_once() {
+        let mut t = InvTable::new(true);
+        t.note_command(7, tags(Some(0x11), None));
+        t.note_command(8, tags(None, Some(0x22)));
+        assert!(matches!(
+            t.send_op(&response(8)),
+            SendOp::SendWithInv {
+                invalidate_rkey: 0x22
+            }
+        ));
+        assert!(matches!(
+            t.send_op(&response(7)),
+            SendOp::SendWithInv {
+                invalidate_rkey: 0x11
+            }
+        ));
+        // Once only, and never for other PDUs or unknown ITTs.
+        assert!(matches!(t.send_op(&response(7)), SendOp::Send));
+        assert!(matches!(t.send_op(&response(9)), SendOp::Send));
+        t.note_command(10, tags(Some(0x33), None));
+        let mut nop_in = response(10);
+        nop_in[0] = 0x20;
+        assert!(matches!(t.send_op(&nop_in), SendOp::Send));
+        assert!(matches!(t.send_op(&response(10)[..40]), SendOp::Send));
+    }
+
+    #[test]
+    fn itts_far_apart_keep_their_entries() {
+        // Block-layer tags from two CPUs: ITTs a table size apart, the
+        // pattern that a table indexed by ITT modulo its size lost.
+        let mut t = InvTable::new(true);
+        let itts: Vec<u32> = (0..16u32)
+            .flat_map(|i| [i, i + INV_SLOTS as u32, i + 2 * INV_SLOTS as u32])
+            .collect();
+        for (n, &itt) in itts.iter().enumerate() {
+            t.note_command(itt, tags(Some(0x1000 + n as u32), None));
+        }
+        let mut invalidated = 0;
+        for (n, &itt) in itts.iter().enumerate() {
+            if let SendOp::SendWithInv { invalidate_rkey } = t.send_op(&response(itt)) {
+                assert_eq!(invalidate_rkey, 0x1000 + n as u32, "itt {itt:#x}");
+                invalidated += 1;
+            }
+        }
+        assert!(
+            invalidated >= itts.len() - 2,
+            "{invalidated} of {}",
+            itts.len()
+        );
+    }
+
+    #[test]
+    fn a_full_window_and_stale_entries_never_invalidate_a_wrong_stag() {
+        let mut t = InvTable::new(true);
+        // Far more commands than slots, as when aborted tasks leave stale
+        // entries behind: every invalidation that happens names the STag
+        // of its own command.
+        let n = 4 * INV_SLOTS as u32;
+        for itt in 0..n {
+            t.note_command(itt.wrapping_mul(7919), tags(None, Some(itt ^ 0xabcd)));
+        }
+        let mut invalidated = 0;
+        for itt in 0..n {
+            if let SendOp::SendWithInv { invalidate_rkey } =
+                t.send_op(&response(itt.wrapping_mul(7919)))
+            {
+                assert_eq!(invalidate_rkey, itt ^ 0xabcd);
+                invalidated += 1;
+            }
+        }
+        assert!(invalidated > 0 && invalidated <= INV_SLOTS);
+        // A command reusing the ITT of a task that ended without a
+        // response drops the stale entry, with or without buffers.
+        t.note_command(9, tags(Some(0x44), None));
+        t.note_command(9, tags(None, None));
+        assert!(matches!(t.send_op(&response(9)), SendOp::Send));
+        t.note_command(9, tags(Some(0x44), None));
+        t.note_command(9, tags(Some(0x55), None));
+        assert!(matches!(
+            t.send_op(&response(9)),
+            SendOp::SendWithInv {
+                invalidate_rkey: 0x55
+            }
+        ));
+        assert!(matches!(t.send_op(&response(9)), SendOp::Send));
+    }
+
+    #[test]
+    fn without_agreement_every_pdu_is_a_plain_send() {
+        let mut t = InvTable::new(false);
+        t.note_command(1, tags(Some(0x11), None));
+        assert!(matches!(t.send_op(&response(1)), SendOp::Send));
     }
 
     #[test]
