@@ -344,6 +344,10 @@ enum DataOutTo {
 enum DataOutError {
     /// No task with that ITT (aborted, refused or finished).
     NoTask,
+    /// Solicited data on iSER, where solicited data only moves by RDMA
+    /// Read (RFC 7145): the PDU is rejected and dropped, and the task goes
+    /// on with its RDMA Reads.
+    NotOnIser,
     /// The task's data sequence is broken: ASC, ASCQ and why.
     Sequence(u8, u8, String),
 }
@@ -1144,6 +1148,11 @@ impl Connection {
             } else {
                 Ok((id, DataOutTo::Unsolicited))
             }
+        } else if self.params.transport == Transport::Iser {
+            // The TTTs in `r2ts` name RDMA Reads under way into this very
+            // buffer: taking such data as theirs would end the task while
+            // a read may still write into it.
+            Err(DataOutError::NotOnIser)
         } else if let Some(r) = t.r2ts.items[..t.r2ts.len].iter().find(|r| r.ttt == ttt) {
             if datasn != r.next_datasn {
                 let e = r.next_datasn;
@@ -1208,6 +1217,14 @@ impl Connection {
                 // to go.
                 tracing::debug!(itt = bhs.itt(), "Data-Out for unknown task dropped");
                 return;
+            }
+            Err(DataOutError::NotOnIser) => {
+                tracing::info!(
+                    itt = bhs.itt(),
+                    ttt = bhs.ttt(),
+                    "solicited Data-Out on an iSER connection rejected"
+                );
+                return self.send_reject(reject::PROTOCOL_ERROR, &bhs);
             }
             Err(DataOutError::Sequence(asc, ascq, why)) => {
                 // A broken data sequence ends the command, not the
