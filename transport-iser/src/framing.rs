@@ -17,6 +17,13 @@ pub fn pdu_len(stream: &[u8]) -> Option<usize> {
     Some(BHS_LEN + ahs + data.div_ceil(4) * 4)
 }
 
+/// Length of the PDU at the front of `stream` without its pad bytes.
+fn unpadded_len(stream: &[u8]) -> Option<usize> {
+    let bhs = stream.get(..BHS_LEN)?;
+    let data = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]) as usize;
+    Some(BHS_LEN + bhs[4] as usize * 4 + data)
+}
+
 /// The whole PDUs of `stream`, in order; a partial PDU at the end (which
 /// the core never leaves) is returned as the remainder.
 pub fn split_pdus(stream: &[u8]) -> (impl Iterator<Item = &[u8]>, &[u8]) {
@@ -67,6 +74,11 @@ impl std::fmt::Display for FrameError {
 
 impl std::error::Error for FrameError {}
 
+/// The largest PDU a message may carry without its data segment's pad
+/// bytes (BHS, the largest AHS, an 8 KiB data segment, as this target's
+/// receive slots allow).
+pub const UNPADDED_MAX: usize = BHS_LEN + 1020 + 8192;
+
 /// A received message: its iSER header and its PDU. `decoder` is the
 /// connection's (data segment limit = TargetRecvDataSegmentLength during
 /// full feature phase, 8 KiB during login; digests off); the data segment
@@ -81,6 +93,23 @@ pub fn decode_message(
     let hdr = IserHeader::decode(msg).map_err(FrameError::Header)?;
     let body = &msg[ISER_HDR_LEN..];
     let want = pdu_len(body).unwrap_or(BHS_LEN);
+    // RFC 7143 pads a data segment to 4 bytes and Linux's iSER sends the
+    // pad, but libiscsi's iSER leaves it out of the message. A message
+    // short by its pad alone is taken with the pad added here (on the
+    // stack: such PDUs are login and text requests, a few KiB).
+    if unpadded_len(body) == Some(body.len()) && body.len() < want && want <= UNPADDED_MAX {
+        let mut padded = [0u8; UNPADDED_MAX];
+        padded[..body.len()].copy_from_slice(body);
+        return match decoder.decode_placing(&padded[..want], place, data_buf) {
+            Ok(Some((pdu, used))) if used == want => Ok((hdr, pdu)),
+            Ok(Some((_, used))) => Err(FrameError::Trailing(want - used)),
+            Ok(None) => Err(FrameError::Truncated {
+                have: body.len(),
+                want,
+            }),
+            Err(e) => Err(FrameError::Pdu(e)),
+        };
+    }
     match decoder.decode_placing(body, place, data_buf) {
         Ok(Some((pdu, used))) if used == body.len() => Ok((hdr, pdu)),
         Ok(Some((_, used))) => Err(FrameError::Trailing(body.len() - used)),
@@ -171,6 +200,32 @@ mod tests {
             decode_message(&msg[..10], &d, &mut |_, _| false, &mut Vec::with_capacity),
             Err(FrameError::Header(_))
         ));
+        // A data segment without its pad bytes (libiscsi's iSER sends
+        // them so) is taken as if padded; missing data bytes are not.
+        let mut odd = pdu(opcode::TEXT_REQ, 0, 13);
+        odd.bhs.set_itt(9);
+        let mut m = IserHeader::default().encode().to_vec();
+        m[0] = flags::ISCSI_CTRL;
+        m.extend_from_slice(&wire(std::slice::from_ref(&odd)));
+        let (_, q) = decode_message(
+            &m[..m.len() - 3],
+            &d,
+            &mut |_, _| false,
+            &mut Vec::with_capacity,
+        )
+        .unwrap();
+        assert_eq!((q.bhs.itt(), &q.data), (9, &odd.data));
+        for cut in [4, 5] {
+            assert!(matches!(
+                decode_message(
+                    &m[..m.len() - cut],
+                    &d,
+                    &mut |_, _| false,
+                    &mut Vec::with_capacity
+                ),
+                Err(FrameError::Truncated { .. })
+            ));
+        }
         let small = Decoder::new(256);
         assert!(matches!(
             decode_message(&msg, &small, &mut |_, _| false, &mut Vec::with_capacity),
