@@ -1157,6 +1157,20 @@ impl Reactor {
         n
     }
 
+    /// Every message already in the inbox, before input that may have been
+    /// sent after them is handled (`drain_inbox` stops after a batch; the
+    /// inbox never holds more than its capacity, which bounds the loop).
+    fn drain_inbox_before_input(&mut self) {
+        let mut left = INBOX_CAPACITY;
+        loop {
+            let n = self.drain_inbox();
+            left = left.saturating_sub(n);
+            if n < INBOX_BATCH_MAX || left == 0 {
+                break;
+            }
+        }
+    }
+
     fn handle_msg(&mut self, msg: Msg) {
         match msg {
             Msg::Adopt(entry) => self.adopt(*entry),
@@ -1505,6 +1519,15 @@ impl Reactor {
                     return;
                 }
             };
+            if got > 0 {
+                // Bytes read now may answer something another core did
+                // before it pushed a message here (a session ended before
+                // its Logout Response left: its SPC-2 reservation must be
+                // gone before the initiator's next command runs). The
+                // drain at the top of the loop may be long past: a
+                // preempted reactor reads bytes sent after it.
+                self.drain_inbox_before_input();
+            }
             self.handle_buffered(id);
             self.run_until_idle();
             if got == 0 {
@@ -2232,6 +2255,9 @@ impl Reactor {
                 return total;
             }
             total += n;
+            // As in service_read: messages pushed before these receives
+            // arrived are handled before the PDUs they carry.
+            self.drain_inbox_before_input();
             for wc in &batch[..n] {
                 if wc.wr_id & crate::iser::RECV_BIT != 0 {
                     self.iser_recv(wc);
@@ -2979,6 +3005,86 @@ impl TextContext for Ctx<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A message another core pushed into a reactor's inbox before the
+    /// initiator sent some bytes is handled before the PDUs in those
+    /// bytes, even when the reactor's drain at the top of its loop ran
+    /// before they arrived (a reactor preempted inside `service_read`
+    /// reads, in the same call, bytes sent long after its drain). The
+    /// real case: a session ends on another core (Logout), the initiator
+    /// gets the Logout Response and sends a command on a connection of
+    /// the target's home core, which must not see that session's SPC-2
+    /// reservation any more. Here the message is a `Kill` of the reading
+    /// connection itself, so the PDU behind it must go unanswered.
+    #[test]
+    fn inbox_message_sent_before_the_bytes_is_handled_before_their_pdu() {
+        use std::io::{Read, Write};
+        let cfg = EngineConfig {
+            limits: TargetLimits::default(),
+            nop_interval_ms: 0,
+            nop_timeout_ms: 0,
+            max_sessions: 16,
+            max_login_connections: 16,
+            discovery_chap: ChapConfig::default(),
+            poll: PollMode::Interrupt,
+            cores: vec![0, 1],
+            pin: false,
+            stats_file: None,
+            iser_portals: Vec::new(),
+            trace_allocs: 0,
+        };
+        let portal = Portal {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            tpgt: 1,
+        };
+        let mut engine = Engine::new(cfg, Vec::new(), vec![portal]).unwrap();
+        let addr = engine.local_addrs()[0];
+        let mut r0 = engine.reactors.remove(0);
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let id = loop {
+            r0.accept(0);
+            if let Some(&id) = r0.conns.keys().next() {
+                break id;
+            }
+            assert!(Instant::now() < deadline, "connection not accepted");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        // Reactor 0 drained its inbox (top of its loop) before this.
+        assert_eq!(r0.drain_inbox(), 0);
+        // Another core ends the connection's session, then the initiator
+        // sends a Login Request.
+        let global = r0.conns[&id].global;
+        assert!(r0.sh.cores[0].inbox.push(Msg::Kill(global)).is_ok());
+        let mut pdu = iscsi::Pdu::new(iscsi::pdu::opcode::LOGIN_REQ);
+        pdu.bhs.set_immediate(true);
+        pdu.data = b"InitiatorName=iqn.2026-11.test:i\0SessionType=Discovery\0".to_vec();
+        let mut wire = Vec::new();
+        iscsi::pdu::Encoder::default().encode(&pdu, &mut wire);
+        client.write_all(&wire).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        // The reactor reads them without going round its loop again.
+        r0.service_read(id);
+        r0.flush_conn(id);
+        assert!(
+            r0.conns.get(&id).is_none_or(|c| c.closing),
+            "the Kill was not handled"
+        );
+        client
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; 512];
+        match client.read(&mut buf) {
+            Ok(n) => assert_eq!(n, 0, "the PDU read after the Kill was answered"),
+            Err(e) => assert!(
+                matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ),
+                "{e}"
+            ),
+        }
+    }
 
     #[test]
     fn task_tag_round_trip() {
