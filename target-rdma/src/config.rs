@@ -441,8 +441,8 @@ struct Cli {
     nop_timeout_s: Option<u32>,
 
     /// How reactors wait for work: busy (always spin), adaptive (spin while
-    /// work arrives, then sleep), interrupt (always sleep) [default:
-    /// adaptive; interrupt when a LUN is on Gluster]
+    /// commands come one at a time, else sleep), interrupt (always sleep)
+    /// [default: adaptive; interrupt when a LUN is on Gluster]
     #[arg(long, value_name = "MODE", value_parser = ["busy", "adaptive", "interrupt"])]
     poll: Option<String>,
 

@@ -182,6 +182,21 @@ const TICK: Duration = Duration::from_millis(500);
 /// 155 us of target CPU per I/O); 250 us catches them (72 us, 63 us CPU
 /// per I/O: sleeping and waking cost more than the spin).
 const POLL_IDLE_BUDGET: Duration = Duration::from_micros(250);
+/// Adaptive polling spins only while commands come one at a time. Every
+/// `SPIN_PROBE_EVERY` a spinning reactor blocks in epoll for
+/// `SPIN_PROBE_FOR` and counts the commands each wake-up brings; it keeps
+/// blocking while that average is at least `SPIN_BATCH_MIN_X4 / 4` (an initiator
+/// with many commands in flight: a wake-up serves a batch, and a spin
+/// between batches is CPU taken from the initiator sharing the cores),
+/// and spins again when it falls below. Measured here, 4k random I/O at
+/// QD32 over loopback, one reactor: blocking served the same IOPS (-2 to
+/// -3%) for 30% less target CPU on reads and 16% less on writes, while at
+/// QD1 spinning gave 2.6x the IOPS (36 against 94 us latency).
+const SPIN_PROBE_EVERY: Duration = Duration::from_millis(200);
+const SPIN_PROBE_FOR: Duration = Duration::from_millis(20);
+/// Four times the average commands per wake-up below which spinning pays
+/// (1.25: an initiator at queue depth 1 brings exactly one).
+const SPIN_BATCH_MIN_X4: u64 = 5;
 /// Messages one inbox holds. Bounds the memory of a core's inbox; more
 /// than this in flight towards one core waits in the sender's overflow.
 const INBOX_CAPACITY: usize = 16 * 1024;
@@ -546,6 +561,7 @@ impl Engine {
                 stopping: false,
                 trace_mark: (0, 0),
                 trace_armed: false,
+                spin: SpinPolicy::new(started),
                 stats: CoreStats {
                     reactor: me,
                     cpu: sh.cfg.pin.then(|| sh.cfg.cores.get(me).copied()).flatten(),
@@ -845,6 +861,63 @@ struct Reactor {
     /// tick, and whether tracing is armed.
     trace_mark: (usize, u64),
     trace_armed: bool,
+    spin: SpinPolicy,
+}
+
+/// Whether adaptive polling spins (see `SPIN_PROBE_EVERY`).
+struct SpinPolicy {
+    spin: bool,
+    /// While blocking: when the current measurement window ends.
+    window_end: Instant,
+    /// While spinning: when the next probe (a blocking window) starts.
+    next_probe: Instant,
+    /// Wake-ups from a blocking poll that brought commands, and the
+    /// commands they brought, in this window.
+    wakes: u64,
+    commands: u64,
+}
+
+impl SpinPolicy {
+    fn new(now: Instant) -> SpinPolicy {
+        SpinPolicy {
+            spin: true,
+            window_end: now,
+            next_probe: now + SPIN_PROBE_EVERY,
+            wakes: 0,
+            commands: 0,
+        }
+    }
+
+    /// After a loop iteration: `blocked` if its poll could sleep, and the
+    /// commands it handled.
+    fn observe(&mut self, now: Instant, blocked: bool, commands: u64) {
+        if self.spin {
+            if now >= self.next_probe {
+                self.spin = false;
+                self.window_end = now + SPIN_PROBE_FOR;
+                self.wakes = 0;
+                self.commands = 0;
+            }
+            return;
+        }
+        if blocked && commands > 0 {
+            self.wakes += 1;
+            self.commands += commands;
+        }
+        if now >= self.window_end {
+            // Commands arriving one per wake-up: spinning catches them
+            // sooner and for less CPU than a sleep and wake-up each. No
+            // command at all: idle, and sleeping is right.
+            if self.wakes > 0 && self.commands * 4 < self.wakes * SPIN_BATCH_MIN_X4 {
+                self.spin = true;
+                self.next_probe = now + SPIN_PROBE_EVERY;
+            } else {
+                self.window_end = now + SPIN_PROBE_EVERY;
+                self.wakes = 0;
+                self.commands = 0;
+            }
+        }
+    }
 }
 
 impl Reactor {
@@ -905,7 +978,9 @@ impl Reactor {
             let mut timeout = match self.sh.cfg.poll {
                 PollMode::Busy => Duration::ZERO,
                 PollMode::Interrupt => TICK,
-                PollMode::Adaptive if last_work.elapsed() < POLL_IDLE_BUDGET => Duration::ZERO,
+                PollMode::Adaptive if self.spin.spin && last_work.elapsed() < POLL_IDLE_BUDGET => {
+                    Duration::ZERO
+                }
                 PollMode::Adaptive => TICK,
             };
             if self.stopping {
@@ -930,6 +1005,7 @@ impl Reactor {
                     timeout = Duration::ZERO;
                 }
             }
+            let cmds_before = self.stats.commands + self.stats.commands_served_remote;
             let r = self.poll.poll(&mut events, Some(timeout));
             self.link().parked.store(false, Ordering::Relaxed);
             let woke = Instant::now();
@@ -1003,6 +1079,10 @@ impl Reactor {
             self.flush_outbox();
             if got > 0 || completed > 0 || !events.is_empty() {
                 self.stats.busy_ns += woke.elapsed().as_nanos() as u64;
+            }
+            if self.sh.cfg.poll == PollMode::Adaptive {
+                let cmds = self.stats.commands + self.stats.commands_served_remote - cmds_before;
+                self.spin.observe(Instant::now(), !timeout.is_zero(), cmds);
             }
         }
     }
@@ -3084,6 +3164,46 @@ mod tests {
                 "{e}"
             ),
         }
+    }
+
+    /// Drives the policy through one probe window with `per_wake` commands
+    /// per blocking wake-up; returns whether it spins afterwards.
+    fn probe(per_wake: u64) -> bool {
+        let t0 = Instant::now();
+        let mut p = SpinPolicy::new(t0);
+        assert!(p.spin);
+        // Spinning until the probe starts.
+        p.observe(t0 + SPIN_PROBE_EVERY / 2, false, 1);
+        assert!(p.spin);
+        let start = t0 + SPIN_PROBE_EVERY;
+        p.observe(start, false, 1);
+        assert!(!p.spin, "the probe blocks");
+        for i in 1..=10 {
+            p.observe(start + Duration::from_millis(i), true, per_wake);
+        }
+        p.observe(start + SPIN_PROBE_FOR, true, 0);
+        p.spin
+    }
+
+    #[test]
+    fn adaptive_polling_spins_for_one_command_per_wake_and_blocks_for_batches() {
+        assert!(probe(1), "queue depth 1: spin");
+        assert!(!probe(2), "batches of two: block");
+        assert!(!probe(8), "batches: block");
+        // Idle (no command in the window): keep sleeping.
+        assert!(!probe(0));
+        // Blocking, a window of single commands turns spinning back on.
+        let t0 = Instant::now();
+        let mut p = SpinPolicy::new(t0);
+        p.observe(t0 + SPIN_PROBE_EVERY, false, 0);
+        p.observe(t0 + SPIN_PROBE_EVERY + SPIN_PROBE_FOR, true, 4);
+        assert!(!p.spin);
+        let w = t0 + SPIN_PROBE_EVERY + SPIN_PROBE_FOR;
+        for i in 1..=5 {
+            p.observe(w + Duration::from_millis(i), true, 1);
+        }
+        p.observe(w + SPIN_PROBE_EVERY, true, 0);
+        assert!(p.spin);
     }
 
     #[test]
