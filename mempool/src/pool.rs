@@ -338,6 +338,17 @@ impl Shared {
         &self.core_stats[(core * self.classes.len() + class) * S_FIELDS + field]
     }
 
+    /// Gives registrar `rid` back its key of each of the first
+    /// `arena_count` arenas.
+    fn deregister_arenas(&self, arena_count: usize, rid: RegistrarId, reg: &mut dyn Registrar) {
+        for id in 0..arena_count {
+            let Some(info) = self.info(id) else { continue };
+            if let Some(key) = self.keys.get(info.id, rid) {
+                reg.deregister(&info, key);
+            }
+        }
+    }
+
     fn info(&self, id: usize) -> Option<ArenaInfo> {
         let slot = self.arenas[id].get()?;
         Some(ArenaInfo {
@@ -421,17 +432,12 @@ impl Drop for Shared {
             .sum();
         let ctl = self.control.get_mut().unwrap_or_else(|e| e.into_inner());
         let arena_count = ctl.arena_count;
-        let mut registrars = std::mem::take(&mut ctl.registrars);
-        for id in 0..arena_count {
-            let Some(info) = self.info(id) else { continue };
-            for (r, reg) in registrars.iter_mut().enumerate() {
-                let Some(reg) = reg else { continue };
-                if let Some(key) = self.keys.get(info.id, RegistrarId(r as u8)) {
-                    reg.deregister(&info, key);
-                }
+        let registrars = std::mem::take(&mut ctl.registrars);
+        for (r, reg) in registrars.into_iter().enumerate() {
+            if let Some(mut reg) = reg {
+                self.deregister_arenas(arena_count, RegistrarId(r as u8), reg.as_mut());
             }
         }
-        drop(registrars);
         if outstanding > 0 {
             tracing::warn!(
                 outstanding,
@@ -760,12 +766,7 @@ impl Pool {
         let Some(mut reg) = ctl.registrars.get_mut(rid.index()).and_then(Option::take) else {
             return false;
         };
-        for id in 0..count {
-            let Some(info) = sh.info(id) else { continue };
-            if let Some(key) = sh.keys.get(info.id, rid) {
-                reg.deregister(&info, key);
-            }
-        }
+        sh.deregister_arenas(count, rid, reg.as_mut());
         true
     }
 

@@ -1176,9 +1176,7 @@ impl Reactor {
         }
         self.scratch = ids;
         self.reap();
-        if self.me == 0 {
-            self.iser_relisten();
-        }
+        self.iser_relisten();
     }
 
     /// Queue a message for another core; a full inbox keeps it here until
@@ -1950,32 +1948,37 @@ impl Reactor {
         Some(result)
     }
 
+    /// The core with the fewest placed connections, ties going to cores
+    /// `preferred` says yes to, then to the lowest index; counted in its
+    /// load at once, so placements racing on other cores see it.
+    fn claim_least_loaded(&self, preferred: impl Fn(usize) -> bool) -> usize {
+        let cores = &self.sh.cores;
+        let best = (0..cores.len())
+            .min_by_key(|&core| {
+                (
+                    cores[core].load.load(Ordering::Relaxed),
+                    !preferred(core),
+                    core,
+                )
+            })
+            .expect("at least one core");
+        cores[best].load.fetch_add(1, Ordering::Relaxed);
+        best
+    }
+
     /// Put a full-feature connection on the least-loaded core, preferring
     /// the home of its target. Returns whether it left this core.
     fn place(&mut self, id: u32, target: usize) -> bool {
         if let Some(c) = self.conns.get_mut(&id) {
             if matches!(c.link, Link::Iser(_)) {
-                // An iSER connection was placed at its connect request (its
-                // queue pair cannot change CQ), and counted then.
-                if !c.placed {
-                    c.placed = true;
-                    self.link().load.fetch_add(1, Ordering::Relaxed);
-                }
+                // An iSER connection was placed, and counted, at its
+                // connect request: its queue pair cannot change CQ.
+                debug_assert!(c.placed);
                 return false;
             }
         }
         let home = self.sh.targets[target].home;
-        let n = self.sh.cores.len();
-        let best = (0..n)
-            .min_by_key(|&core| {
-                (
-                    self.sh.cores[core].load.load(Ordering::Relaxed),
-                    core != home,
-                    core,
-                )
-            })
-            .expect("at least one core");
-        self.sh.cores[best].load.fetch_add(1, Ordering::Relaxed);
+        let best = self.claim_least_loaded(|core| core == home);
         if best == self.me {
             if let Some(c) = self.conns.get_mut(&id) {
                 c.placed = true;
@@ -2695,16 +2698,7 @@ impl Reactor {
             return;
         };
         let portal = ip.portal_of(req.listener);
-        let best = (0..n)
-            .min_by_key(|&core| {
-                (
-                    self.sh.cores[core].load.load(Ordering::Relaxed),
-                    core == 0 && n > 1,
-                    core,
-                )
-            })
-            .expect("at least one core");
-        self.sh.cores[best].load.fetch_add(1, Ordering::Relaxed);
+        let best = self.claim_least_loaded(|core| core != 0 || n == 1);
         if best == self.me {
             self.iser_connect(req, portal);
         } else {
@@ -2777,8 +2771,8 @@ impl Reactor {
         rdma::release_removed_devices();
     }
 
-    /// Reactor 0, from its tick: listen again on the iSER portals after a
-    /// device removal (the device comes up at the next connect request).
+    /// From the tick, on reactor 0 (the others have no portals): listen
+    /// again on the iSER portals after a device removal.
     fn iser_relisten(&mut self) {
         let Some(ip) = self.iser.as_mut() else {
             return;

@@ -256,6 +256,12 @@ impl IserPortals {
     }
 }
 
+/// Receive slots in one core's SRQ: `RECV_SLOTS`, or what the device
+/// allows.
+fn recv_slots(attr: &DeviceAttr) -> usize {
+    RECV_SLOTS.min(attr.max_srq_wr.max(64) as usize)
+}
+
 /// What every core's part of one RDMA device shares: the context, the one
 /// protection domain, and the data pool's registration in it.
 pub struct DeviceShared {
@@ -309,7 +315,6 @@ pub struct IserDevice {
     /// fallback when the pool is exhausted): copied, never registered.
     bounce: OwnedRegion,
     bounce_free_list: Vec<u16>,
-    recv_slots: usize,
     pub armed: bool,
     pub shared: std::sync::Arc<DeviceShared>,
 }
@@ -354,7 +359,7 @@ impl IserDevice {
             max_sge = shared.attr.max_sge,
             max_qp_init_rd_atom = shared.attr.max_qp_init_rd_atom,
             registrations = shared.regs_at_setup(),
-            recv_slots_per_core = devs[0].recv_slots,
+            recv_slots_per_core = recv_slots(&shared.attr),
             "iSER device ready: data pool registered once per arena, a CQ and SRQ per core, receives posted"
         );
         Ok(devs)
@@ -364,7 +369,7 @@ impl IserDevice {
         let (ctx, pd, attr) = (&shared.ctx, &shared.pd, &shared.attr);
         let cqe = (RECV_SLOTS as u32 + 8 * SQ_DEPTH).min(attr.max_cqe.max(1024));
         let cq = CompletionQueue::new(ctx, cqe, true).map_err(|e| e.to_string())?;
-        let nrecv = RECV_SLOTS.min(attr.max_srq_wr.max(64) as usize);
+        let nrecv = recv_slots(attr);
         let srq = SharedReceiveQueue::new(pd, nrecv as u32, 1).map_err(|e| e.to_string())?;
         let recv = OwnedRegion::new(pd, RECV_SLOT * nrecv, AccessFlags::LOCAL_WRITE)
             .map_err(|e| e.to_string())?;
@@ -380,7 +385,6 @@ impl IserDevice {
             send_free: (0..SEND_SLOTS as u32).rev().collect(),
             bounce,
             bounce_free_list: (0..BOUNCE_CHUNKS as u16).rev().collect(),
-            recv_slots: nrecv,
             armed: false,
             shared,
         };
@@ -862,8 +866,7 @@ impl IserLink {
 }
 
 fn is_scsi_response(pdu: &[u8]) -> bool {
-    const SCSI_RESPONSE: u8 = 0x21;
-    pdu.len() >= 48 && pdu[0] & 0x3f == SCSI_RESPONSE
+    pdu.len() >= iscsi::pdu::BHS_LEN && pdu[0] & 0x3f == iscsi::pdu::opcode::SCSI_RESP
 }
 
 /// Hands a completed Send's slot back.

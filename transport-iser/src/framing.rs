@@ -11,17 +11,16 @@ use crate::header::{HeaderError, IserHeader, ISER_HDR_LEN};
 /// Length on the wire of the PDU at the front of `stream`, once its BHS is
 /// there: BHS, AHS, data segment padded to 4 bytes.
 pub fn pdu_len(stream: &[u8]) -> Option<usize> {
+    pdu_lens(stream).map(|(_, padded)| padded)
+}
+
+/// Length of the PDU at the front of `stream` without and with the pad
+/// bytes of its data segment.
+fn pdu_lens(stream: &[u8]) -> Option<(usize, usize)> {
     let bhs = stream.get(..BHS_LEN)?;
     let ahs = bhs[4] as usize * 4;
     let data = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]) as usize;
-    Some(BHS_LEN + ahs + data.div_ceil(4) * 4)
-}
-
-/// Length of the PDU at the front of `stream` without its pad bytes.
-fn unpadded_len(stream: &[u8]) -> Option<usize> {
-    let bhs = stream.get(..BHS_LEN)?;
-    let data = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]) as usize;
-    Some(BHS_LEN + bhs[4] as usize * 4 + data)
+    Some((BHS_LEN + ahs + data, BHS_LEN + ahs + data.div_ceil(4) * 4))
 }
 
 /// The whole PDUs of `stream`, in order; a partial PDU at the end (which
@@ -92,27 +91,24 @@ pub fn decode_message(
 ) -> Result<(IserHeader, Pdu), FrameError> {
     let hdr = IserHeader::decode(msg).map_err(FrameError::Header)?;
     let body = &msg[ISER_HDR_LEN..];
-    let want = pdu_len(body).unwrap_or(BHS_LEN);
+    let (unpadded, want) = pdu_lens(body).unwrap_or((BHS_LEN, BHS_LEN));
     // RFC 7143 pads a data segment to 4 bytes and Linux's iSER sends the
     // pad, but libiscsi's iSER leaves it out of the message. A message
     // short by its pad alone is taken with the pad added here (on the
-    // stack: such PDUs are login and text requests, a few KiB).
-    if unpadded_len(body) == Some(body.len()) && body.len() < want && want <= UNPADDED_MAX {
-        let mut padded = [0u8; UNPADDED_MAX];
-        padded[..body.len()].copy_from_slice(body);
-        return match decoder.decode_placing(&padded[..want], place, data_buf) {
-            Ok(Some((pdu, used))) if used == want => Ok((hdr, pdu)),
-            Ok(Some((_, used))) => Err(FrameError::Trailing(want - used)),
-            Ok(None) => Err(FrameError::Truncated {
-                have: body.len(),
-                want,
-            }),
-            Err(e) => Err(FrameError::Pdu(e)),
-        };
-    }
-    match decoder.decode_placing(body, place, data_buf) {
-        Ok(Some((pdu, used))) if used == body.len() => Ok((hdr, pdu)),
-        Ok(Some((_, used))) => Err(FrameError::Trailing(body.len() - used)),
+    // stack, and only then: such PDUs are login and text requests, a few
+    // KiB).
+    let padded: [u8; UNPADDED_MAX];
+    let wire = if body.len() == unpadded && unpadded < want && want <= UNPADDED_MAX {
+        let mut p = [0u8; UNPADDED_MAX];
+        p[..body.len()].copy_from_slice(body);
+        padded = p;
+        &padded[..want]
+    } else {
+        body
+    };
+    match decoder.decode_placing(wire, place, data_buf) {
+        Ok(Some((pdu, used))) if used == wire.len() => Ok((hdr, pdu)),
+        Ok(Some((_, used))) => Err(FrameError::Trailing(wire.len() - used)),
         Ok(None) => Err(FrameError::Truncated {
             have: body.len(),
             want,
