@@ -107,6 +107,15 @@ if [ "${SETUP_SKIP_BUILD_DEPS:-0}" != 1 ]; then
     fi
 fi
 
+# A package installed above can remove one installed before (a machine
+# with a backported qemu-utils loses it to qemu-block-extra's
+# dependencies): install again what is missing now.
+read -r -a need_test <<<"$(missing "${TEST_PKGS[@]}")"
+if [ "${#need_test[@]}" -gt 0 ]; then
+    echo "setup-test-deps: installing again ${need_test[*]}"
+    apt_install "${need_test[@]}"
+fi
+
 # verify the tools are really there
 for tool in iscsi-test-cu iscsi-inq qemu-img qemu-io python3 glusterd gluster; do
     command -v "$tool" >/dev/null 2>&1 || { echo "setup-test-deps: $tool still missing" >&2; exit 1; }

@@ -341,6 +341,15 @@ enum DataOutTo {
     R2t(u32),
 }
 
+/// Where a data segment received straight into place goes.
+#[derive(Debug, Clone, Copy)]
+enum RxInto {
+    /// A Data-Out's, into its task's buffer at BufferOffset.
+    DataOut { itt: u32, offset: u32, len: u32 },
+    /// A write command's immediate data, into the buffer staged for it.
+    Staged { itt: u32, cmdsn: u32, len: u32 },
+}
+
 enum DataOutError {
     /// No task with that ITT (aborted, refused or finished).
     NoTask,
@@ -411,6 +420,9 @@ pub struct Connection {
     /// runs; at most one per command waiting for a CmdSN gap, plus the
     /// one being decoded.
     staged: Vec<(u32, u32, u32, DataBuf)>,
+    /// The PDU whose data segment the transport is receiving straight
+    /// into its place (`rx_direct_begin` .. `rx_direct_end`).
+    rx_into: Option<RxInto>,
     /// iSER: write buffers of tasks that ended (aborted, failed) while
     /// RDMA Reads into them were still posted: (task, reads outstanding,
     /// buffer). The device may still write into them, so they are freed
@@ -502,6 +514,7 @@ impl Connection {
             window_used: 0,
             next_ttt: 1,
             placed: None,
+            rx_into: None,
             rdma_held: Vec::new(),
             text: TextMachine::default(),
             cid: 0,
@@ -625,30 +638,124 @@ impl Connection {
         data: &[u8],
         alloc: &mut dyn FnMut(usize) -> Option<DataBuf>,
     ) -> bool {
+        if data.is_empty() || data.len() != bhs.data_segment_len() as usize {
+            return false;
+        }
+        let Some(buf) = self.stage_buffer(bhs, alloc) else {
+            return false;
+        };
+        buf[..data.len()].copy_from_slice(data);
+        true
+    }
+
+    /// A buffer staged for the write command `bhs`, sized for all its
+    /// data, whose first DataSegmentLength bytes are for its immediate
+    /// data; none for what the command's checks would refuse.
+    fn stage_buffer(
+        &mut self,
+        bhs: &Bhs,
+        alloc: &mut dyn FnMut(usize) -> Option<DataBuf>,
+    ) -> Option<&mut [u8]> {
         let edtl = bhs.edtl();
-        let imm = data.len() as u32;
+        let imm = bhs.data_segment_len();
+        let (itt, cmdsn) = (bhs.itt(), bhs.cmdsn());
         if self.phase != Phase::FullFeature
             || bhs.opcode() != opcode::SCSI_CMD
-            || data.is_empty()
-            || data.len() != bhs.data_segment_len() as usize
+            || imm == 0
             || bhs.flags() & flags::WRITE == 0
             || !self.session.immediate_data
             || imm > edtl
             || imm > self.session.first_burst_length
             || edtl > self.cfg.limits.max_cmd_data_len
             || self.staged.len() == self.staged.capacity()
+            // A command with these very numbers already holds a buffer
+            // (it waits for a CmdSN gap): this one is a duplicate, which
+            // `handle_pdu` answers, and must not write into that buffer.
+            || self.staged.iter().any(|s| s.0 == itt && s.1 == cmdsn)
         {
-            return false;
+            return None;
         }
-        let Some(mut buf) = alloc(edtl as usize) else {
-            return false;
-        };
+        let buf = alloc(edtl as usize)?;
         if buf.len() != edtl as usize {
-            return false;
+            return None;
         }
-        buf[..data.len()].copy_from_slice(data);
-        self.staged.push((bhs.itt(), bhs.cmdsn(), imm, buf));
-        true
+        self.staged.push((itt, cmdsn, imm, buf));
+        self.staged.last_mut().map(|s| &mut s.3[..imm as usize])
+    }
+
+    /// A transport that has a PDU's header (its digest checked) but not
+    /// yet its data segment may have the segment received straight into
+    /// the place it belongs, so the payload is copied by the kernel's
+    /// socket read alone: a Data-Out's data into its task's buffer at
+    /// BufferOffset, a write command's immediate data into a buffer from
+    /// `alloc` staged for the command. Returns where the segment goes
+    /// (DataSegmentLength bytes), or None for a PDU whose data must come
+    /// the usual way (other opcodes, and anything `handle_pdu` would
+    /// refuse, which it then answers). Once the segment is in, the
+    /// transport calls `rx_direct_end` and gives the PDU to `handle_pdu`
+    /// with empty data.
+    pub fn rx_direct_begin(
+        &mut self,
+        bhs: &Bhs,
+        alloc: &mut dyn FnMut(usize) -> Option<DataBuf>,
+    ) -> Option<&mut [u8]> {
+        self.rx_into = None;
+        let len = bhs.data_segment_len();
+        if self.phase != Phase::FullFeature || len == 0 || bhs.total_ahs_len() != 0 {
+            return None;
+        }
+        let into = match bhs.opcode() {
+            opcode::DATA_OUT => {
+                self.data_out_check(bhs, len).ok()?;
+                RxInto::DataOut {
+                    itt: bhs.itt(),
+                    offset: bhs.buffer_offset(),
+                    len,
+                }
+            }
+            opcode::SCSI_CMD => {
+                self.stage_buffer(bhs, alloc)?;
+                RxInto::Staged {
+                    itt: bhs.itt(),
+                    cmdsn: bhs.cmdsn(),
+                    len,
+                }
+            }
+            _ => return None,
+        };
+        self.rx_into = Some(into);
+        self.rx_direct_dest()
+    }
+
+    /// Where the rest of the segment `rx_direct_begin` accepted goes.
+    /// None once that place is gone (the task was aborted meanwhile by
+    /// another connection's task management): the transport then reads
+    /// the rest of the segment and drops it.
+    pub fn rx_direct_dest(&mut self) -> Option<&mut [u8]> {
+        match self.rx_into? {
+            RxInto::DataOut { itt, offset, len } => {
+                let id = *self.by_itt.get(&itt)?;
+                let t = self.task_mut(id)?;
+                if !matches!(t.state, TaskState::DataOut) {
+                    return None;
+                }
+                t.data_out
+                    .get_mut(offset as usize..offset as usize + len as usize)
+            }
+            RxInto::Staged { itt, cmdsn, len } => self
+                .staged
+                .iter_mut()
+                .find(|s| s.0 == itt && s.1 == cmdsn)
+                .map(|s| &mut s.3[..len as usize]),
+        }
+    }
+
+    /// The segment `rx_direct_begin` accepted is all in place; its PDU
+    /// comes next, with empty data.
+    pub fn rx_direct_end(&mut self) {
+        if let Some(RxInto::DataOut { itt, offset, len }) = self.rx_into.take() {
+            self.placed = Some((itt, offset, len));
+        }
     }
 
     /// Drive timers: NOP-In pings, ping and login timeouts.
@@ -2594,6 +2701,131 @@ mod tests {
             let r = scsi_event(&mut c);
             assert_eq!(r.data_out, data, "placing {placing}");
         }
+    }
+
+    /// What the TCP transport does for a segment it receives into place:
+    /// ask where it goes, write it there, end, and hand on the PDU empty.
+    fn received_into_place(c: &mut Connection, mut p: Pdu) -> Option<Pdu> {
+        p.bhs.set_data_segment_len(p.data.len() as u32);
+        let dst = c.rx_direct_begin(&p.bhs, &mut |n| Some(vec![0xee; n].into()))?;
+        assert_eq!(dst.len(), p.data.len());
+        dst.copy_from_slice(&p.data);
+        assert!(c.rx_direct_dest().is_some());
+        c.rx_direct_end();
+        p.data.clear();
+        Some(p)
+    }
+
+    #[test]
+    fn write_data_received_into_place_completes_the_write() {
+        let mut s = session();
+        s.immediate_data = true;
+        s.initial_r2t = true;
+        s.first_burst_length = 65536;
+        let mut c = ffp(s, 65536);
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 31 + i / 977) as u8).collect();
+        let p = received_into_place(
+            &mut c,
+            cmd(1, 9, flags::FINAL | flags::WRITE, 200_000, &data[..65536]),
+        )
+        .expect("immediate data has a place");
+        c.handle_pdu(&mut Ctx, p, 0);
+        let r2t = drain(&mut c);
+        assert_eq!(r2t.len(), 1);
+        assert_eq!(r2t[0].bhs.buffer_offset(), 65536);
+        let mut off = 65536;
+        for (i, chunk) in data[65536..].chunks(65536).enumerate() {
+            let mut d = Pdu::new(opcode::DATA_OUT);
+            d.bhs.set_itt(9);
+            d.bhs.set_ttt(r2t[0].bhs.ttt());
+            d.bhs.set_datasn(i as u32);
+            d.bhs.set_buffer_offset(off);
+            if off as usize + chunk.len() == data.len() {
+                d.bhs.set_flags(flags::FINAL);
+            }
+            d.data = chunk.to_vec();
+            off += chunk.len() as u32;
+            let d = received_into_place(&mut c, d).expect("Data-Out has a place");
+            c.handle_pdu(&mut Ctx, d, 0);
+        }
+        assert!(scsi_event(&mut c).data_out == data);
+    }
+
+    #[test]
+    fn data_the_connection_would_refuse_gets_no_place() {
+        let mut s = session();
+        s.immediate_data = true;
+        s.initial_r2t = true;
+        let mut c = ffp(s, 65536);
+        let alloc = &mut |n| Some(DataBuf::from(vec![0u8; n]));
+        // Not write data.
+        let mut nop = Pdu::new(opcode::NOP_OUT);
+        nop.bhs.set_data_segment_len(100);
+        assert!(c.rx_direct_begin(&nop.bhs, alloc).is_none());
+        // A command with an AHS (its data would follow the AHS).
+        let mut w = cmd(1, 9, flags::FINAL | flags::WRITE, 8192, &[0; 4096]);
+        w.bhs.set_data_segment_len(4096);
+        w.bhs.set_total_ahs_len(20);
+        assert!(c.rx_direct_begin(&w.bhs, alloc).is_none());
+        // A Data-Out for no task, and one with a wrong TTT.
+        c.handle_pdu(
+            &mut Ctx,
+            cmd(1, 4, flags::FINAL | flags::WRITE, 8192, &[]),
+            0,
+        );
+        let r2t = drain(&mut c);
+        let mut d = Pdu::new(opcode::DATA_OUT);
+        d.bhs.set_itt(5);
+        d.bhs.set_ttt(r2t[0].bhs.ttt());
+        d.bhs.set_data_segment_len(4096);
+        assert!(c.rx_direct_begin(&d.bhs, alloc).is_none());
+        d.bhs.set_itt(4);
+        d.bhs.set_ttt(0x1234);
+        assert!(c.rx_direct_begin(&d.bhs, alloc).is_none());
+        // A command whose ITT and CmdSN a staged command already holds.
+        let mut w = cmd(3, 20, flags::FINAL | flags::WRITE, 8192, &[]);
+        w.bhs.set_data_segment_len(4096);
+        assert!(c.rx_direct_begin(&w.bhs, alloc).is_some());
+        assert!(c.rx_direct_begin(&w.bhs, alloc).is_none());
+    }
+
+    #[test]
+    fn a_data_out_whose_task_was_aborted_loses_its_place() {
+        let mut s = session();
+        s.immediate_data = false;
+        let mut c = ffp(s, 65536);
+        c.handle_pdu(
+            &mut Ctx,
+            cmd(1, 4, flags::FINAL | flags::WRITE, 65536, &[]),
+            0,
+        );
+        let r2t = drain(&mut c);
+        let mut d = Pdu::new(opcode::DATA_OUT);
+        d.bhs.set_itt(4);
+        d.bhs.set_ttt(r2t[0].bhs.ttt());
+        d.bhs.set_flags(flags::FINAL);
+        d.bhs.set_data_segment_len(65536);
+        assert!(c.rx_direct_begin(&d.bhs, &mut |_| unreachable!()).is_some());
+        // The segment is on its way when the task is aborted.
+        let mut tmf = Pdu::new(opcode::TASK_MGMT_REQ);
+        tmf.bhs.set_immediate(true);
+        tmf.bhs.set_flags(flags::FINAL | tmf::ABORT_TASK);
+        tmf.bhs.set_itt(50);
+        tmf.bhs.set_u32_at(20, 4);
+        tmf.bhs.set_u32_at(24, 2);
+        c.handle_pdu(&mut Ctx, tmf, 0);
+        assert_eq!(c.tasks_in_flight(), 0);
+        assert!(
+            c.rx_direct_dest().is_none(),
+            "no place once the task is gone"
+        );
+        c.rx_direct_end();
+        // The PDU, its data dropped by the transport, is then ignored.
+        c.handle_pdu(&mut Ctx, d, 0);
+        assert!(!c.is_closing());
+        assert!(drain(&mut c)
+            .iter()
+            .all(|p| p.bhs.opcode() != opcode::SCSI_RESP));
     }
 
     #[test]

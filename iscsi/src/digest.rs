@@ -11,6 +11,12 @@ pub fn crc32c_parts(parts: &[&[u8]]) -> u32 {
     crc
 }
 
+/// CRC32C of what `crc` covered followed by `data`, for a digest
+/// computed as the data arrives.
+pub fn crc32c_append(crc: u32, data: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc, data)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

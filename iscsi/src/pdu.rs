@@ -491,6 +491,31 @@ impl Decoder {
         })
     }
 
+    /// The header of the PDU at the front of `buf` once its BHS, AHS and
+    /// header digest have all arrived, the digest checked: the BHS, the
+    /// PDU's sizes, and where its data segment starts. A transport learns
+    /// from it where a data segment belongs before the segment arrives.
+    pub fn header(&self, buf: &[u8]) -> Result<Option<(Bhs, Framing, usize)>, PduError> {
+        if buf.len() < BHS_LEN {
+            return Ok(None);
+        }
+        let bhs_bytes: [u8; BHS_LEN] = buf[..BHS_LEN].try_into().unwrap();
+        let fr = self.framing(&bhs_bytes)?;
+        let mut pos = BHS_LEN + fr.ahs_len;
+        if buf.len() < pos + if self.header_digest { 4 } else { 0 } {
+            return Ok(None);
+        }
+        if self.header_digest {
+            let got = u32::from_le_bytes(buf[pos..pos + 4].try_into().unwrap());
+            let expected = digest::crc32c_parts(&[&buf[..pos]]);
+            if got != expected {
+                return Err(PduError::HeaderDigest { expected, got });
+            }
+            pos += 4;
+        }
+        Ok(Some((Bhs(bhs_bytes), fr, pos)))
+    }
+
     /// Decode one PDU from the front of `buf`. Returns `Ok(None)` when more
     /// bytes are needed, else the PDU and the number of bytes it used.
     pub fn decode(&self, buf: &[u8]) -> Result<Option<(Pdu, usize)>, PduError> {
@@ -518,29 +543,19 @@ impl Decoder {
         place: &mut dyn FnMut(&Bhs, &[u8]) -> bool,
         data_buf: &mut dyn FnMut(usize) -> Vec<u8>,
     ) -> Result<Option<(Pdu, usize)>, PduError> {
-        if buf.len() < BHS_LEN {
+        let Some((bhs, fr, pos)) = self.header(buf)? else {
             return Ok(None);
-        }
-        let bhs_bytes: [u8; BHS_LEN] = buf[..BHS_LEN].try_into().unwrap();
-        let fr = self.framing(&bhs_bytes)?;
+        };
         if buf.len() < fr.wire_len {
             return Ok(None);
         }
         let mut pdu = Pdu {
-            bhs: Bhs(bhs_bytes),
+            bhs,
             ahs: Vec::new(),
             data: Vec::new(),
         };
-        let mut pos = BHS_LEN + fr.ahs_len;
-        pdu.ahs.extend_from_slice(&buf[BHS_LEN..pos]);
-        if self.header_digest {
-            let got = u32::from_le_bytes(buf[pos..pos + 4].try_into().unwrap());
-            let expected = digest::crc32c_parts(&[&buf[..pos]]);
-            if got != expected {
-                return Err(PduError::HeaderDigest { expected, got });
-            }
-            pos += 4;
-        }
+        pdu.ahs
+            .extend_from_slice(&buf[BHS_LEN..BHS_LEN + fr.ahs_len]);
         if fr.data_len > 0 {
             let data = &buf[pos..pos + fr.data_len];
             let padded = fr.data_len + pad_len(fr.data_len);

@@ -114,6 +114,12 @@ pub struct CoreStats {
     pub completions: u64,
     pub data_in_bytes: u64,
     pub data_out_bytes: u64,
+    /// TCP write data (immediate and Data-Out) read by the socket
+    /// straight into its command's buffer, and copied there from the
+    /// receive ring (PDUs with little data, which one read brings many
+    /// of; see `transport_tcp::direct`).
+    pub rx_data_direct_bytes: u64,
+    pub rx_data_copied_bytes: u64,
     /// Messages taken from this reactor's inbox.
     pub messages_in: u64,
     /// Wake-ups sent to parked reactors.
@@ -381,7 +387,7 @@ impl Shared {
 
 /// How a connection's bytes move.
 enum Link {
-    Tcp(TcpConn),
+    Tcp(Box<TcpConn>),
     Iser(Box<IserLink>),
 }
 
@@ -1376,7 +1382,7 @@ impl Reactor {
             self.stats.io.add(sample);
         }
         let tcp = match &mut conn.link {
-            Link::Tcp(tcp) => tcp,
+            Link::Tcp(tcp) => &mut **tcp,
             Link::Iser(link) => {
                 let (dev, counters) = match self.iser.as_deref_mut() {
                     Some(ip) => (ip.dev.as_mut(), Some(&mut ip.counters)),
@@ -1512,7 +1518,7 @@ impl Reactor {
                         login_timeout_ms: 30_000,
                     };
                     let mut entry = ConnEntry {
-                        link: Link::Tcp(TcpConn::new(stream)),
+                        link: Link::Tcp(Box::new(TcpConn::new(stream))),
                         proto: Connection::new(cc, self.now_ms()),
                         portal,
                         global: self.sh.next_conn.fetch_add(1, Ordering::Relaxed),
@@ -1589,7 +1595,11 @@ impl Reactor {
                 c.read_paused = true;
                 return;
             }
-            let fill = tcp.fill(c.proto.decoder());
+            let fill = if tcp.in_direct() {
+                tcp.fill_direct(c.proto.rx_direct_dest())
+            } else {
+                tcp.fill(c.proto.decoder())
+            };
             let got = match fill {
                 Ok(Fill::Read(n)) => n,
                 Ok(Fill::Eof) | Err(_) => {
@@ -1630,19 +1640,43 @@ impl Reactor {
             let (heap, data) = (&mut self.pool.heap, &mut self.pool.data);
             let decoder = c.proto.decoder().clone();
             let proto = &mut c.proto;
-            // Write data (Data-Out and immediate) goes from the receive
-            // buffer straight into its command's buffer; other data
-            // segments into heap buffers kept for reuse.
-            let pdu = match tcp.next_pdu_placing(
-                &decoder,
-                &mut |bhs, d| {
-                    proto.place_data_out(bhs, d)
-                        || proto.stage_immediate(bhs, d, &mut |n| data.alloc_data(n))
-                },
-                &mut |n| heap.take(n),
-            ) {
+            // A segment received into place (`transport_tcp::direct`)
+            // comes before anything else in the ring.
+            let next = match tcp.take_direct() {
+                Some(r) => {
+                    proto.rx_direct_end();
+                    r.map(Some)
+                }
+                None if tcp.in_direct() => Ok(None),
+                // Write data (Data-Out and immediate) goes from the receive
+                // buffer straight into its command's buffer; other data
+                // segments into heap buffers kept for reuse.
+                None => tcp.next_pdu_placing(
+                    &decoder,
+                    &mut |bhs, d| {
+                        proto.place_data_out(bhs, d)
+                            || proto.stage_immediate(bhs, d, &mut |n| data.alloc_data(n))
+                    },
+                    &mut |n| heap.take(n),
+                ),
+            };
+            let pdu = match next {
                 Ok(Some(p)) => p,
-                Ok(None) => break,
+                Ok(None) => {
+                    // The PDU at the front is incomplete: if most of its
+                    // write data is still to come, have the socket read it
+                    // straight into the command's buffer.
+                    if let Some(bhs) = tcp.direct_candidate(&decoder) {
+                        if let Some(dst) = proto.rx_direct_begin(&bhs, &mut |n| data.alloc_data(n))
+                        {
+                            tcp.begin_direct(&decoder, dst);
+                        }
+                    }
+                    let counts = tcp.take_rx_counts();
+                    self.stats.rx_data_direct_bytes += counts.direct;
+                    self.stats.rx_data_copied_bytes += counts.copied;
+                    break;
+                }
                 Err(e) => {
                     tracing::warn!(id, "bad PDU: {e}");
                     c.proto.handle_decode_error(e);
@@ -1993,7 +2027,7 @@ impl Reactor {
         let Link::Tcp(tcp) = &mut entry.link else {
             return true;
         };
-        entry.proto.hand_tx(tcp);
+        entry.proto.hand_tx(&mut **tcp);
         let _ = tcp.flush();
         let _ = self.poll.registry().deregister(&mut tcp.stream);
         entry.placed = true;
@@ -2012,7 +2046,7 @@ impl Reactor {
             return;
         };
         let tcp = match &mut c.link {
-            Link::Tcp(tcp) => tcp,
+            Link::Tcp(tcp) => &mut **tcp,
             Link::Iser(_) => return self.iser_flush(id),
         };
         // Small batches are copied into the socket's queue; a large one

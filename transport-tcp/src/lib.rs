@@ -12,6 +12,10 @@
 //! between ranges of it, and one writev sends headers and data from where
 //! they lie. Sent buffers wait in `take_sent` for the engine to reuse.
 
+mod direct;
+
+pub use direct::{RxCounts, DIRECT_MIN_BYTES};
+
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 
@@ -59,6 +63,14 @@ pub struct TcpConn {
     data_current: Option<u16>,
     /// Data buffers whose ranges are all written, for `take_sent`.
     sent: Vec<DataBuf>,
+    /// A data segment being received into place, and the PDU of one
+    /// completed (see `direct`).
+    direct: Option<direct::Direct>,
+    direct_done: Option<Result<Pdu, PduError>>,
+    /// The next read takes only a PDU header (a large segment was just
+    /// received into place; another may follow).
+    header_next: bool,
+    rx_counts: RxCounts,
 }
 
 /// The bytes `seg` sends (free function so `flush` can borrow the
@@ -126,6 +138,10 @@ impl TcpConn {
             data_free: Vec::with_capacity(DATA_SLOTS),
             data_current: None,
             sent: Vec::with_capacity(64),
+            direct: None,
+            direct_done: None,
+            header_next: false,
+            rx_counts: RxCounts::default(),
         }
     }
 
@@ -144,13 +160,28 @@ impl TcpConn {
             self.rx_end -= self.rx_pos;
             self.rx_pos = 0;
         }
+        // After a segment received into place, read just the next header
+        // (the rest of it), so that a large segment behind it can go
+        // into place too.
+        let header_len = BHS_LEN + if decoder.header_digest { 4 } else { 0 };
+        // The flag holds until the header is complete: a read that finds
+        // the socket empty, or brings part of a header, must not let the
+        // next one take a window of data into the ring.
+        let mut limit = self.rx.len();
+        if self.header_next {
+            if self.rx_buffered() < header_len {
+                limit = (self.rx_end + header_len - self.rx_buffered()).min(self.rx.len());
+            } else {
+                self.header_next = false;
+            }
+        }
         let mut total = 0;
         loop {
-            if self.rx_end == self.rx.len() || total >= READ_BUDGET_BYTES {
+            if self.rx_end == limit || total >= READ_BUDGET_BYTES {
                 return Ok(Fill::Read(total));
             }
-            let space = self.rx.len() - self.rx_end;
-            match self.stream.read(&mut self.rx[self.rx_end..]) {
+            let space = limit - self.rx_end;
+            match self.stream.read(&mut self.rx[self.rx_end..limit]) {
                 Ok(0) => {
                     return if total == 0 {
                         Ok(Fill::Eof)
@@ -161,6 +192,9 @@ impl TcpConn {
                 Ok(n) => {
                     self.rx_end += n;
                     total += n;
+                    if self.rx_buffered() >= header_len {
+                        self.header_next = false;
+                    }
                     // A short read from a stream socket means its receive
                     // queue is empty (epoll(7)); asking again would only
                     // return EAGAIN. New data raises a new edge.
@@ -207,6 +241,10 @@ impl TcpConn {
         let buf = &self.rx[self.rx_pos..self.rx_end];
         match decoder.decode_placing(buf, place, data_buf) {
             Ok(Some((pdu, used))) => {
+                if pdu.data.is_empty() {
+                    // Placed from the ring.
+                    self.rx_counts.copied += pdu.bhs.data_segment_len() as u64;
+                }
                 self.rx_pos += used;
                 if self.rx_pos == self.rx_end {
                     self.rx_pos = 0;
@@ -597,5 +635,172 @@ mod tests {
         assert_eq!(conn.take_all_data().count(), 0);
         drop(conn);
         assert_eq!(reader.join().unwrap(), expect);
+    }
+
+    /// The wire bytes of a Data-Out with `data` and, behind it, a NOP-Out.
+    fn data_out_then_nop(enc: &iscsi::pdu::Encoder, data: &[u8]) -> (Vec<u8>, usize) {
+        let mut b = iscsi::Bhs::new(iscsi::pdu::opcode::DATA_OUT);
+        b.set_itt(7);
+        b.set_buffer_offset(4096);
+        let mut wire = Vec::new();
+        enc.encode(
+            &Pdu {
+                bhs: b,
+                ahs: Vec::new(),
+                data: data.to_vec(),
+            },
+            &mut wire,
+        );
+        let first = wire.len();
+        let mut nop = iscsi::Bhs::new(iscsi::pdu::opcode::NOP_OUT);
+        nop.set_itt(8);
+        enc.encode(
+            &Pdu {
+                bhs: nop,
+                ahs: Vec::new(),
+                data: Vec::new(),
+            },
+            &mut wire,
+        );
+        (wire, first)
+    }
+
+    /// Read until `take_direct` has the PDU, the client writing `rest`
+    /// in pieces meanwhile.
+    fn receive_direct(
+        conn: &mut TcpConn,
+        client: &mut std::net::TcpStream,
+        rest: &[u8],
+        mut dst: Option<&mut [u8]>,
+    ) -> Result<Pdu, PduError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut sent = 0;
+        loop {
+            if sent < rest.len() {
+                let n = (rest.len() - sent).min(7001);
+                client.write_all(&rest[sent..sent + n]).unwrap();
+                sent += n;
+            }
+            assert!(conn.in_direct() || conn.direct_done.is_some());
+            conn.fill_direct(dst.as_deref_mut()).unwrap();
+            if let Some(r) = conn.take_direct() {
+                assert_eq!(sent, rest.len(), "the PDU ended before its bytes did");
+                return r;
+            }
+            assert!(std::time::Instant::now() < deadline, "no progress");
+        }
+    }
+
+    fn fill_until_pdu(conn: &mut TcpConn, decoder: &Decoder) -> Pdu {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            conn.fill(decoder).unwrap();
+            if let Some(p) = conn.next_pdu(decoder).unwrap() {
+                return p;
+            }
+            assert!(std::time::Instant::now() < deadline, "no PDU");
+        }
+    }
+
+    #[test]
+    fn a_large_segment_is_read_into_place_and_the_next_pdu_follows() {
+        for digests in [false, true] {
+            let (mut conn, mut client) = connected();
+            let mut decoder = Decoder::new(256 * 1024);
+            decoder.header_digest = digests;
+            decoder.data_digest = digests;
+            let enc = iscsi::pdu::Encoder {
+                header_digest: digests,
+                data_digest: digests,
+            };
+            // An odd length, so the segment has padding.
+            let data: Vec<u8> = (0..100_003u32).map(|i| (i * 7 + i / 251) as u8).collect();
+            let (wire, first) = data_out_then_nop(&enc, &data);
+            let head = 48 + if digests { 4 } else { 0 } + 1000;
+            client.write_all(&wire[..head]).unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while conn.rx_buffered() < head {
+                conn.fill(&decoder).unwrap();
+                assert!(std::time::Instant::now() < deadline);
+            }
+            assert!(conn.next_pdu(&decoder).unwrap().is_none());
+            let bhs = conn.direct_candidate(&decoder).expect("a candidate");
+            assert_eq!(bhs.itt(), 7);
+            let mut dst = vec![0u8; data.len()];
+            conn.begin_direct(&decoder, &mut dst);
+            let pdu = receive_direct(&mut conn, &mut client, &wire[head..], Some(&mut dst))
+                .expect("digest matches");
+            assert_eq!(pdu.bhs.itt(), 7);
+            assert!(pdu.data.is_empty());
+            assert!(dst == data, "the segment landed byte for byte");
+            let counts = conn.take_rx_counts();
+            assert_eq!(counts.copied, 1000);
+            assert_eq!(counts.direct, data.len() as u64 - 1000);
+            // Only a header was read behind the segment.
+            assert!(conn.rx_buffered() <= wire.len() - first);
+            let nop = fill_until_pdu(&mut conn, &decoder);
+            assert_eq!(nop.bhs.opcode(), iscsi::pdu::opcode::NOP_OUT);
+            assert_eq!(nop.bhs.itt(), 8);
+            // Small PDUs after it come many per read again.
+            let nops: Vec<u8> = wire[first..].repeat(50);
+            client.write_all(&nops).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            conn.fill(&decoder).unwrap();
+            assert_eq!(conn.rx_buffered(), nops.len(), "one read took them all");
+        }
+    }
+
+    #[test]
+    fn a_segment_received_into_place_has_its_digest_checked() {
+        let (mut conn, mut client) = connected();
+        let mut decoder = Decoder::new(256 * 1024);
+        decoder.data_digest = true;
+        let enc = iscsi::pdu::Encoder {
+            header_digest: false,
+            data_digest: true,
+        };
+        let data = vec![0x5au8; 65_536];
+        let (mut wire, first) = data_out_then_nop(&enc, &data);
+        wire[48 + 30_000] ^= 1;
+        client.write_all(&wire[..48]).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while conn.direct_candidate(&decoder).is_none() {
+            conn.fill(&decoder).unwrap();
+            assert!(std::time::Instant::now() < deadline);
+        }
+        let mut dst = vec![0u8; data.len()];
+        conn.begin_direct(&decoder, &mut dst);
+        let r = receive_direct(&mut conn, &mut client, &wire[48..], Some(&mut dst));
+        assert!(matches!(r, Err(PduError::DataDigest { .. })), "{r:?}");
+        // The framing is intact: the next PDU decodes.
+        let nop = fill_until_pdu(&mut conn, &decoder);
+        assert_eq!(nop.bhs.itt(), 8);
+        assert!(wire.len() > first);
+    }
+
+    #[test]
+    fn a_segment_whose_place_is_gone_is_read_and_dropped() {
+        let (mut conn, mut client) = connected();
+        let decoder = Decoder::new(256 * 1024);
+        let enc = iscsi::pdu::Encoder::default();
+        let data = vec![0x11u8; 200_000];
+        let (wire, _) = data_out_then_nop(&enc, &data);
+        client.write_all(&wire[..48 + 5000]).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while conn.direct_candidate(&decoder).is_none() || conn.rx_buffered() < 48 + 5000 {
+            conn.fill(&decoder).unwrap();
+            assert!(std::time::Instant::now() < deadline);
+        }
+        let mut dst = vec![0u8; data.len()];
+        conn.begin_direct(&decoder, &mut dst);
+        let pdu = receive_direct(&mut conn, &mut client, &wire[48 + 5000..], None).unwrap();
+        assert_eq!(pdu.bhs.itt(), 7);
+        assert!(
+            dst[5000..].iter().all(|&b| b == 0),
+            "nothing written once gone"
+        );
+        assert_eq!(conn.take_rx_counts().direct, 0);
+        let nop = fill_until_pdu(&mut conn, &decoder);
+        assert_eq!(nop.bhs.itt(), 8);
     }
 }
