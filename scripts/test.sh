@@ -543,6 +543,19 @@ e2e_no_alloc() {
     local out rc=0
     out=$(timeout -k 5 300 bash "$ROOT/tests/perf/no_alloc.sh" "$TARGET_RDMA_BIN" "$iobench" \
         "$TEST_LOG_DIR") || rc=$?
+    # A 64 MiB pool that two sessions of 1 MiB commands (32 in flight
+    # each) and of 256 KiB reads (64 each) exhaust: commands wait for
+    # buffers (never a heap buffer, never an allocation), and the reads
+    # check what the writes stamped.
+    local out2 rc2=0
+    out2=$(NO_ALLOC_TAG="(pool 64 MiB)" NO_ALLOC_FLAGS="--buffer-pool-mib 64" NO_ALLOC_EXPECT_WAITS=1 \
+        NO_ALLOC_WORKLOADS="1m-randwrite-qd32-2sess -m write -p rand -b 1048576 -q 32 -s 2
+1m-randread-qd32-2sess -m read -p rand -b 1048576 -q 32 -s 2
+256k-randread-qd64-2sess -m read -p rand -b 262144 -q 64 -s 2" \
+        timeout -k 5 300 bash "$ROOT/tests/perf/no_alloc.sh" "$TARGET_RDMA_BIN" "$iobench" \
+        "$TEST_LOG_DIR/pool-64m") || rc2=$?
+    out=$out$'\n'$out2
+    [ "$rc" != 0 ] || rc=$rc2
     echo "$out"
     while read -r verdict rest; do
         case "$verdict" in

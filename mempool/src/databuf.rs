@@ -374,6 +374,50 @@ mod tests {
     }
 
     #[test]
+    fn an_exhausted_class_queues_the_request_and_grants_it_a_buffer_freed_anywhere() {
+        let p = pool(2);
+        let mut c0 = p.core_cache(0).unwrap();
+        let mut c1 = p.core_cache(1).unwrap();
+        let total = p.stats()[1].total_bufs;
+        let mut held: Vec<DataBuf> = (0..total)
+            .map(|_| c0.alloc_data_or_wait(60_000, 0).unwrap().unwrap())
+            .collect();
+        // Exhausted: two requests queue, in order; nothing is allocated.
+        assert!(c0.alloc_data_or_wait(50_000, 7).unwrap().is_none());
+        assert!(c0.alloc_data_or_wait(40_000, 8).unwrap().is_none());
+        assert_eq!(c0.waiting(), 2);
+        assert!(c0.next_grant().is_none(), "nothing free yet");
+        // A later request does not overtake the queue, even when a buffer
+        // is back.
+        c1.free_data(held.pop().unwrap());
+        c1.maintain();
+        c1.flush();
+        let mut granted = None;
+        for _ in 0..100 {
+            c0.maintain();
+            if let Some(g) = c0.next_grant() {
+                granted = Some(g);
+                break;
+            }
+        }
+        let (token, sg) = granted.expect("the buffer freed on core 1 reaches core 0's waiter");
+        assert_eq!(token, 7);
+        let d = c0.data_from_grant(sg);
+        assert!(d.is_pool());
+        assert_eq!(d.len(), 50_000);
+        // The second waiter is cancelled (its command aborted).
+        assert!(c0.cancel_wait(8));
+        assert_eq!(c0.waiting(), 0);
+        // Too large for any class: an error, not a wait.
+        assert!(matches!(
+            c0.alloc_data_or_wait(1 << 30, 9),
+            Err(crate::AllocError::TooLarge { .. })
+        ));
+        drop(d);
+        drop(held);
+    }
+
+    #[test]
     fn stale_length_keeps_bytes_and_never_reads_past_initialized_memory() {
         let p = pool(1);
         let mut cache = p.core_cache(0).unwrap();

@@ -1154,6 +1154,56 @@ impl CoreCache {
         let class = self.class_for(len.max(1))?;
         let mut buf = self.try_alloc(class)?;
         buf.set_len(len);
+        Some(self.wrap_data(buf))
+    }
+
+    /// `alloc_data`, or, when the class has nothing free on this core
+    /// now, `token` queued behind the class's earlier waiters: a later
+    /// [`CoreCache::next_grant`] returns it with a one-buffer list, which
+    /// [`CoreCache::data_from_grant`] makes the `DataBuf`. `Ok(None)`:
+    /// queued. The errors are requests a wait cannot serve (no class
+    /// holds `len` in one buffer) or the class's wait queue full. Never
+    /// allocates memory.
+    pub fn alloc_data_or_wait(
+        &mut self,
+        len: usize,
+        token: u64,
+    ) -> Result<Option<DataBuf>, AllocError> {
+        let Some(class) = self.class_for(len.max(1)) else {
+            return Err(AllocError::TooLarge {
+                bytes: len,
+                max_bytes: self.classes().last().map_or(0, |(_, b)| b),
+            });
+        };
+        if let Some(d) = self.alloc_data(len) {
+            return Ok(Some(d));
+        }
+        let c = class.index();
+        let lc = &mut self.classes[c];
+        if lc.waiters.len() == lc.waiters.capacity() {
+            return Err(AllocError::WaitQueueFull { class });
+        }
+        lc.waiters.push_back(Waiter {
+            token,
+            bytes: len,
+            segments: 1,
+        });
+        lc.stats.waits += 1;
+        self.waiting += 1;
+        self.dirty = true;
+        self.set_hungry(c, true);
+        Ok(None)
+    }
+
+    /// The `DataBuf` of a grant that `alloc_data_or_wait` queued (a list of
+    /// one buffer, its length the request's).
+    pub fn data_from_grant(&mut self, mut sg: SgList) -> DataBuf {
+        let buf = sg.pop().expect("a data grant holds one buffer");
+        assert!(sg.is_empty(), "a data grant holds one buffer");
+        self.wrap_data(buf)
+    }
+
+    fn wrap_data(&mut self, buf: Buf) -> DataBuf {
         let home = match self.home {
             Some(h) => h,
             None => {
@@ -1165,7 +1215,7 @@ impl CoreCache {
                 h
             }
         };
-        Some(DataBuf::from_pool(buf, home))
+        DataBuf::from_pool(buf, home)
     }
 
     /// Takes a [`DataBuf`] back: a buffer of this pool into this core's

@@ -104,6 +104,10 @@ pub struct Config {
     pub cores: Option<Vec<usize>>,
     /// Per-session command window (MaxCmdSN - ExpCmdSN + 1).
     pub queue_depth: u32,
+    /// MiB of hugepage memory for command data, mapped at start-up and
+    /// shared by every reactor; a command finding its buffer class empty
+    /// waits for a buffer.
+    pub buffer_pool_mib: u32,
     pub max_sessions: u32,
     /// Directory for persistent reservation APTPL state (may not exist yet).
     pub pr_dir: PathBuf,
@@ -421,6 +425,11 @@ struct Cli {
     #[arg(long, value_name = "N")]
     queue_depth: Option<u32>,
 
+    /// MiB of (huge page) memory for command data buffers, mapped and
+    /// locked at start-up, 64..=65536 [default: 256]
+    #[arg(long, value_name = "MIB")]
+    buffer_pool_mib: Option<u32>,
+
     /// Most sessions at once, 1..=65535 [default: 64]
     #[arg(long, value_name = "N")]
     max_sessions: Option<u32>,
@@ -502,6 +511,7 @@ struct FileConfig {
     log_level: Option<String>,
     cores: Option<toml::Value>,
     queue_depth: Option<i64>,
+    buffer_pool_mib: Option<i64>,
     max_sessions: Option<i64>,
     pr_dir: Option<PathBuf>,
     nop_interval_s: Option<i64>,
@@ -576,6 +586,10 @@ log_level = "info"
 cores = "0-1"
 # Commands each session may have outstanding (1..=4096).
 queue_depth = 128
+# MiB of memory for command data buffers (64..=65536), on 2 MiB huge pages
+# when reserved (vm.nr_hugepages), else transparent huge pages; a command
+# finding none free waits for one.
+buffer_pool_mib = 256
 # Most sessions at once (1..=65535).
 max_sessions = 64
 # Persistent reservation (APTPL) state; relative paths are relative to
@@ -765,6 +779,15 @@ fn build(cli: &Cli, file: Option<(&Path, &FileConfig)>) -> Result<Config, Config
         1,
         MAX_QUEUE_DEPTH,
         DEFAULT_QUEUE_DEPTH,
+    )?;
+    let buffer_pool_mib = num(
+        "--buffer-pool-mib",
+        cli.buffer_pool_mib,
+        "buffer_pool_mib",
+        fc.buffer_pool_mib,
+        64,
+        65536,
+        (crate::engine::DATA_POOL_BYTES >> 20) as u32,
     )?;
     let max_sessions = num(
         "--max-sessions",
@@ -1022,6 +1045,7 @@ fn build(cli: &Cli, file: Option<(&Path, &FileConfig)>) -> Result<Config, Config
         log_level,
         cores,
         queue_depth,
+        buffer_pool_mib,
         max_sessions,
         pr_dir,
         nop_interval_s,
@@ -2784,6 +2808,7 @@ size = 1048576
             ("[[targets]]\nname = \"iqn.2026-11.io.x:a\"\n".to_string(), "config /etc/x.toml: targets[0].luns: a target needs at least one LUN"),
             ("log_level = \"loud\"".into(), "config /etc/x.toml: log_level: \"loud\" is not a log level (expected error, warn, info, debug, trace)"),
             ("queue_depth = 0".into(), "config /etc/x.toml: queue_depth: 0 is out of range (expected 1..=4096)"),
+            ("buffer_pool_mib = 8".into(), "config /etc/x.toml: buffer_pool_mib: 8 is out of range (expected 64..=65536)"),
             ("max_sessions = 70000".into(), "config /etc/x.toml: max_sessions: 70000 is out of range"),
             ("nop_interval_s = -1".into(), "config /etc/x.toml: nop_interval_s: -1 is out of range"),
             ("nop_timeout_s = 0".into(), "config /etc/x.toml: nop_timeout_s: 0 is out of range"),

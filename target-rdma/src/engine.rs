@@ -78,6 +78,8 @@ pub struct EngineConfig {
     pub max_login_connections: usize,
     pub discovery_chap: ChapConfig,
     pub poll: PollMode,
+    /// Bytes of the command data pool (`DATA_POOL_BYTES` by default).
+    pub data_pool_bytes: usize,
     /// One reactor per entry, pinned to that CPU when `pin` is set.
     pub cores: Vec<usize>,
     pub pin: bool,
@@ -134,6 +136,8 @@ pub struct CoreStats {
     /// hugepage pool (a transfer above the largest class, or the class
     /// exhausted on this core).
     pub data_pool_misses: u64,
+    /// Commands that waited for a data buffer (their class exhausted).
+    pub data_pool_waits: u64,
     /// iSER connections served by this reactor now.
     pub iser_connections: u64,
     /// Memory registrations (ibv_reg_mr) of the iSER device's protection
@@ -219,11 +223,20 @@ const LOCAL_ID_MASK: u32 = (1 << 24) - 1;
 const BUF_POOL_PER_CLASS_MAX: usize = 1024;
 const BUF_POOL_CACHED_BYTES_MAX: usize = 256 << 20;
 /// The data buffer pool (hugepage arenas shared by all reactors): bytes
-/// mapped at start-up, and the largest buffer class. Commands above the
-/// largest class, and any while the pool is exhausted, use heap buffers
+/// mapped at start-up by default (`--buffer-pool-mib`), and the largest
+/// buffer class. A command whose class is exhausted waits for a buffer
+/// (`BufWait`); commands above the largest class use heap buffers
 /// (counted as `data_pool_misses`).
-const DATA_POOL_BYTES: usize = 256 << 20;
+pub const DATA_POOL_BYTES: usize = 256 << 20;
 const DATA_POOL_CLASS_MAX: usize = 16 << 20;
+/// Commands a reactor holds waiting for a data buffer, at most (beyond
+/// it, and beyond the pool's own wait queue, a heap buffer serves).
+const BUF_WAITS_MAX: usize = 4096;
+/// PDUs a connection keeps behind a held write command (`ConnEntry::
+/// stash`): enough for a default command window (128) and the
+/// unsolicited Data-Outs of the held command; a fuller stash pauses
+/// reading.
+const STASH_MAX: usize = 512;
 /// A connection's pending output is handed to the socket layer in pieces
 /// of about this size (below transport_tcp's reuse cap of 4 MiB, with
 /// room for one more 1 MiB response).
@@ -385,6 +398,13 @@ impl Shared {
     }
 }
 
+impl ConnEntry {
+    /// Reading pauses while a held command's stash is full.
+    fn stash_full(&self) -> bool {
+        self.held.is_some() && self.stash.len() >= STASH_MAX
+    }
+}
+
 /// How a connection's bytes move.
 enum Link {
     Tcp(Box<TcpConn>),
@@ -407,6 +427,14 @@ struct ConnEntry {
     session: Option<(usize, NexusId)>,
     /// Stopped reading because too much output is queued.
     read_paused: bool,
+    /// A write command held until the data pool grants its buffer
+    /// (`BufWait::Write`), and the PDUs that came after it, in order.
+    /// Data-Outs for other tasks still go through at once: those tasks
+    /// hold buffers that only their data frees, and a hold that stopped
+    /// them could wait for ever. At most `STASH_MAX`; when full, the
+    /// connection reads nothing more until the hold ends.
+    held: Option<iscsi::Pdu>,
+    stash: VecDeque<iscsi::Pdu>,
     closing: bool,
     /// Counted in its core's `load`.
     placed: bool,
@@ -493,8 +521,8 @@ impl Engine {
         // One pool for every reactor: buffers move with completions from
         // core to core and go back to whichever core frees them.
         let data_pool = Pool::new(PoolConfig {
-            arena_bytes: DATA_POOL_BYTES,
-            arena_limit_bytes: DATA_POOL_BYTES,
+            arena_bytes: cfg.data_pool_bytes,
+            arena_limit_bytes: cfg.data_pool_bytes,
             classes: PoolConfig::classes_for_burst(DATA_POOL_CLASS_MAX),
             cores: n,
             ..PoolConfig::default()
@@ -553,7 +581,9 @@ impl Engine {
                     heap: BufPool::new(BUF_POOL_PER_CLASS_MAX, BUF_POOL_CACHED_BYTES_MAX),
                     data: data_pool.core_cache(me).map_err(io::Error::other)?,
                     data_misses: 0,
+                    reserved: None,
                 },
+                buf_waits: HashMap::with_capacity(BUF_WAITS_MAX),
                 completions: Vec::with_capacity(1024),
                 touched: Vec::with_capacity(1024),
                 reap_needed: false,
@@ -842,6 +872,9 @@ struct Reactor {
     /// Indexed by target; `Some` for targets whose home is this core.
     devices: Vec<Option<scsi::Target>>,
     pool: Buffers,
+    /// Commands waiting for a data buffer, by the token the pool grants
+    /// them with (at most `BUF_WAITS_MAX`).
+    buf_waits: HashMap<u64, BufWait>,
     completions: Vec<ScsiCompletion>,
     /// Connections that got completions in one round (reused buffer).
     touched: Vec<u32>,
@@ -989,9 +1022,10 @@ impl Reactor {
                 }
                 PollMode::Adaptive => TICK,
             };
-            if self.stopping {
-                // Keep the loop turning for the in-flight work, but do not
-                // burn the CPU while waiting for it.
+            if self.stopping || (self.pool.data.waiting() > 0 && !timeout.is_zero()) {
+                // Keep the loop turning for the in-flight work (and for
+                // buffers other cores free for commands waiting here), but
+                // do not burn the CPU while waiting for it.
                 timeout = Duration::from_millis(1);
             } else if !timeout.is_zero() {
                 // Idle buffers go back to the shared queues before we
@@ -1078,6 +1112,7 @@ impl Reactor {
             }
             let mut completed = self.iser_poll();
             completed += self.run_until_idle();
+            self.serve_buffer_waits();
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
                 self.tick();
@@ -1525,6 +1560,8 @@ impl Reactor {
                         tsih: None,
                         session: None,
                         read_paused: false,
+                        held: None,
+                        stash: VecDeque::new(),
                         closing: false,
                         placed: false,
                     };
@@ -1585,7 +1622,7 @@ impl Reactor {
             let Some(c) = self.conns.get_mut(&id) else {
                 return;
             };
-            if c.closing {
+            if c.closing || c.stash_full() {
                 return;
             }
             let Link::Tcp(tcp) = &mut c.link else {
@@ -1631,9 +1668,14 @@ impl Reactor {
             let Some(c) = self.conns.get_mut(&id) else {
                 return;
             };
-            if c.closing || c.proto.is_closing() {
+            if c.closing || c.proto.is_closing() || c.stash_full() {
                 break;
             }
+            // Behind a held command only Data-Outs of other tasks run
+            // now; nothing else may be staged meanwhile (a staged buffer
+            // whose command is neither running nor pending in the core
+            // is given back by the next PDU the core handles).
+            let holding = c.held.is_some();
             let Link::Tcp(tcp) = &mut c.link else {
                 break;
             };
@@ -1655,7 +1697,8 @@ impl Reactor {
                     &decoder,
                     &mut |bhs, d| {
                         proto.place_data_out(bhs, d)
-                            || proto.stage_immediate(bhs, d, &mut |n| data.alloc_data(n))
+                            || (!holding
+                                && proto.stage_immediate(bhs, d, &mut |n| data.alloc_data(n)))
                     },
                     &mut |n| heap.take(n),
                 ),
@@ -1667,7 +1710,10 @@ impl Reactor {
                     // write data is still to come, have the socket read it
                     // straight into the command's buffer.
                     if let Some(bhs) = tcp.direct_candidate(&decoder) {
-                        if let Some(dst) = proto.rx_direct_begin(&bhs, &mut |n| data.alloc_data(n))
+                        let may = !holding || bhs.opcode() == iscsi::pdu::opcode::DATA_OUT;
+                        if let Some(dst) = may
+                            .then(|| proto.rx_direct_begin(&bhs, &mut |n| data.alloc_data(n)))
+                            .flatten()
                         {
                             tcp.begin_direct(&decoder, dst);
                         }
@@ -1684,9 +1730,140 @@ impl Reactor {
                     continue;
                 }
             };
-            self.feed_pdu(id, pdu, RdmaTags::default(), now);
+            if let Some(h) = &c.held {
+                let other_data_out = pdu.bhs.opcode() == iscsi::pdu::opcode::DATA_OUT
+                    && pdu.bhs.itt() != h.bhs.itt();
+                if !other_data_out {
+                    c.stash.push_back(pdu);
+                    continue;
+                }
+            }
+            self.dispatch_pdu(id, pdu, now);
         }
         self.flush_conn(id);
+    }
+
+    /// Feed a TCP connection's next PDU in order, first reserving the
+    /// buffer of a write command; when the pool has none now, the command
+    /// is held (and the PDUs after it stashed) until one is granted.
+    fn dispatch_pdu(&mut self, id: u32, pdu: iscsi::Pdu, now: u64) {
+        if let Some(len) = write_buffer_wanted(&pdu) {
+            if !self.reserve_write(id, len) {
+                if let Some(c) = self.conns.get_mut(&id) {
+                    // Sized once per connection, at its first hold.
+                    c.stash.reserve_exact(STASH_MAX);
+                    c.held = Some(pdu);
+                }
+                return;
+            }
+        }
+        self.feed_pdu(id, pdu, RdmaTags::default(), now);
+        if let Some(r) = self.pool.reserved.take() {
+            self.pool.give_data(r);
+        }
+    }
+
+    /// Reserve the data buffer of a write command about to be fed to
+    /// connection `id` (`Buffers::reserved`). False: the pool queued the
+    /// request; the command waits in `held` for `serve_buffer_waits`.
+    /// True also when the pool cannot queue it (too large for a class,
+    /// queues full): the command then takes its chances as before.
+    fn reserve_write(&mut self, id: u32, len: usize) -> bool {
+        if self.buf_waits.len() >= BUF_WAITS_MAX {
+            return true;
+        }
+        let token = write_wait_token(self.me, id);
+        match self.pool.data.alloc_data_or_wait(len, token) {
+            Ok(Some(b)) => {
+                self.pool.reserved = Some(b);
+                true
+            }
+            Ok(None) => {
+                self.buf_waits.insert(token, BufWait::Write { id });
+                self.stats.data_pool_waits += 1;
+                false
+            }
+            Err(_) => true,
+        }
+    }
+
+    /// A read's Data-In buffer, or None when the pool queued the request
+    /// under `tag` (the caller parks the task in `buf_waits`).
+    fn read_buffer(&mut self, len: usize, tag: u64) -> Option<DataBuf> {
+        if len == 0 || self.buf_waits.len() >= BUF_WAITS_MAX {
+            return Some(self.pool.data(len));
+        }
+        match self.pool.data.alloc_data_or_wait(len, tag) {
+            Ok(Some(b)) => Some(b),
+            Ok(None) => {
+                self.stats.data_pool_waits += 1;
+                None
+            }
+            Err(_) => Some(self.pool.data(len)),
+        }
+    }
+
+    /// Give the buffers the pool granted to the commands waiting for
+    /// them: a read goes to its device, a held write command to its
+    /// connection, whose input then resumes.
+    fn serve_buffer_waits(&mut self) {
+        while self.pool.data.waiting() > 0 {
+            let Some((token, sg)) = self.pool.data.next_grant() else {
+                return;
+            };
+            let buf = self.pool.data.data_from_grant(sg);
+            match self.buf_waits.remove(&token) {
+                Some(BufWait::Read {
+                    target,
+                    lun,
+                    mut task,
+                }) => {
+                    task.data_in = buf;
+                    self.run_at_home(target, Msg::Submit { target, lun, task });
+                }
+                Some(BufWait::Write { id }) => {
+                    let Some(pdu) = self.conns.get_mut(&id).and_then(|c| c.held.take()) else {
+                        self.pool.give_data(buf);
+                        continue;
+                    };
+                    self.pool.reserved = Some(buf);
+                    let now = self.now_ms();
+                    self.feed_pdu(id, pdu, RdmaTags::default(), now);
+                    if let Some(r) = self.pool.reserved.take() {
+                        self.pool.give_data(r);
+                    }
+                    // Then what came after it, in order, until another
+                    // write command has to wait.
+                    while let Some(p) = self
+                        .conns
+                        .get_mut(&id)
+                        .filter(|c| c.held.is_none() && !c.closing && !c.proto.is_closing())
+                        .and_then(|c| c.stash.pop_front())
+                    {
+                        self.dispatch_pdu(id, p, now);
+                    }
+                    // And what is still in the ring and in the socket (a
+                    // full stash paused reading; the readiness edge has
+                    // passed).
+                    self.handle_buffered(id);
+                    self.service_read(id);
+                }
+                None => self.pool.give_data(buf),
+            }
+        }
+    }
+
+    /// A connection is going away: the commands it has waiting for
+    /// buffers go too (its local id may be reused, and tags with it).
+    fn drop_buffer_waits(&mut self, id: u32) {
+        let data = &mut self.pool.data;
+        self.buf_waits.retain(|&token, _| {
+            let keep = tag_local(token) != id;
+            if !keep {
+                data.cancel_wait(token);
+            }
+            keep
+        });
     }
 
     /// One decoded PDU (with what an iSER header said, on iSER) into a
@@ -1824,27 +2001,34 @@ impl Reactor {
                     let Some((target, nexus)) = session else {
                         continue;
                     };
-                    // The read buffer, sized by the device server; from the
-                    // pool when the transfer fits a class.
-                    let data_in = if req.read {
-                        self.pool.data(req.edtl as usize)
-                    } else {
-                        DataBuf::new()
-                    };
-                    let task = ScsiTask {
-                        tag: task_tag(self.me, id, req.task),
+                    let tag = task_tag(self.me, id, req.task);
+                    let mut task = ScsiTask {
+                        tag,
                         nexus,
                         cdb: scsi::Cdb::from_parts(&req.cdb, &req.cdb_ext),
                         attr: TaskAttr::from_iscsi(req.attr),
                         edtl: req.edtl,
                         data_out: req.data_out,
-                        data_in,
+                        data_in: DataBuf::new(),
                     };
                     self.stats.commands += 1;
                     if self.sh.targets[target].home != self.me {
                         self.stats.commands_forwarded += 1;
                     }
                     let lun = req.lun;
+                    // The read buffer, sized by the device server, from the
+                    // pool; when its class is exhausted the command waits
+                    // for a buffer (`serve_buffer_waits`).
+                    if req.read {
+                        match self.read_buffer(req.edtl as usize, tag) {
+                            Some(b) => task.data_in = b,
+                            None => {
+                                self.buf_waits
+                                    .insert(tag, BufWait::Read { target, lun, task });
+                                continue;
+                            }
+                        }
+                    }
                     self.run_at_home(target, Msg::Submit { target, lun, task });
                 }
                 Event::Abort { task, lun } => {
@@ -1852,6 +2036,14 @@ impl Reactor {
                         continue;
                     };
                     let tag = task_tag(self.me, id, task);
+                    if matches!(self.buf_waits.get(&tag), Some(BufWait::Read { .. })) {
+                        // Never given to the device: end it here.
+                        self.buf_waits.remove(&tag);
+                        self.pool.data.cancel_wait(tag);
+                        c.proto
+                            .scsi_complete(task, scsi::status::TASK_ABORTED, &[], &[], 0);
+                        continue;
+                    }
                     self.run_at_home(
                         target,
                         Msg::Abort {
@@ -2116,6 +2308,7 @@ impl Reactor {
             let Some(mut c) = self.conns.remove(&id) else {
                 continue;
             };
+            self.drop_buffer_waits(id);
             let tcp = match c.link {
                 Link::Tcp(ref mut tcp) => tcp,
                 Link::Iser(l) => {
@@ -2892,6 +3085,8 @@ impl Reactor {
             tsih: None,
             session: None,
             read_paused: false,
+            held: None,
+            stash: VecDeque::new(),
             closing: false,
             placed: true,
         };
@@ -2940,8 +3135,12 @@ struct Buffers {
     heap: BufPool,
     data: CoreCache,
     /// Data buffers served from the heap: larger than the largest class,
-    /// or the class was exhausted on this core.
+    /// or the class was exhausted and its wait queue full.
     data_misses: u64,
+    /// The buffer reserved for the write command being fed to its
+    /// connection (`Reactor::reserve_write`), taken by `data` when the
+    /// command asks for a buffer of its size.
+    reserved: Option<DataBuf>,
 }
 
 impl Buffers {
@@ -2959,6 +3158,12 @@ impl Buffers {
         if len == 0 {
             return DataBuf::new();
         }
+        if let Some(r) = self.reserved.take() {
+            if r.len() == len {
+                return r;
+            }
+            self.give_data(r);
+        }
         match self.data.alloc_data(len) {
             Some(d) => d,
             None => {
@@ -2973,6 +3178,40 @@ impl Buffers {
             self.heap.give(v);
         }
     }
+}
+
+/// A command waiting for the data pool to grant its buffer.
+enum BufWait {
+    /// A read, ready to run but for its Data-In buffer; its token is its
+    /// task tag, so an abort finds it.
+    Read {
+        target: usize,
+        lun: u64,
+        task: ScsiTask,
+    },
+    /// The write command held in connection `id`'s `held`; its token is
+    /// `write_wait_token`.
+    Write { id: u32 },
+}
+
+/// The token of a connection's held write command (one at a time): a
+/// task tag no task has (task ids keep their slot in the low 16 bits,
+/// and slots stay far below 0xffff).
+fn write_wait_token(core: usize, id: u32) -> u64 {
+    task_tag(core, id, u32::MAX)
+}
+
+/// The buffer a write command will ask its connection's `BufferSource`
+/// for: all its data when not all of it came with the command, and the
+/// command's immediate data was not already staged into a buffer.
+fn write_buffer_wanted(pdu: &iscsi::Pdu) -> Option<usize> {
+    let b = &pdu.bhs;
+    let staged = pdu.data.is_empty() && b.data_segment_len() > 0;
+    (b.opcode() == iscsi::pdu::opcode::SCSI_CMD
+        && b.flags() & iscsi::pdu::flags::WRITE != 0
+        && !staged
+        && (pdu.data.len() as u32) < b.edtl())
+    .then_some(b.edtl() as usize)
 }
 
 impl Ctx<'_> {
@@ -3135,6 +3374,7 @@ mod tests {
             max_login_connections: 16,
             discovery_chap: ChapConfig::default(),
             poll: PollMode::Interrupt,
+            data_pool_bytes: DATA_POOL_BYTES,
             cores: vec![0, 1],
             pin: false,
             stats_file: None,

@@ -161,6 +161,7 @@ fn run(cfg: Config) -> Result<(), String> {
         nop_timeout_ms: cfg.nop_timeout_s as u64 * 1000,
         max_sessions: cfg.max_sessions as usize,
         max_login_connections: 1024,
+        data_pool_bytes: (cfg.buffer_pool_mib as usize) << 20,
         poll: cfg.poll,
         cores: reactor_cores(cfg.cores.as_deref()),
         pin: true,
