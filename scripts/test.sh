@@ -566,6 +566,28 @@ e2e_no_alloc() {
     if [ "$rc" != 0 ] && ! grep -q '^FAIL' <<<"$out"; then
         fail "no-alloc" "exit $rc"
     fi
+    buffer_waits_test
+}
+
+buffer_waits_test() {
+    # tests/conformance/buffer_waits.py: on a 64 MiB pool, reads that find
+    # no buffer wait for one (no heap buffer), ABORT TASK ends one still
+    # waiting without the device running it, and the rest complete.
+    local port iqn=$IQN_PREFIX:harness-e stats=$TEST_LOG_DIR/buffer-waits-stats.json
+    port=$(free_port)
+    if ! start_target E "$port" "$iqn" --lun mem:128MiB --buffer-pool-mib 64 --cores 0-1 \
+            --stats-file "$stats"; then
+        fail "buffer-waits" "target E did not start"
+        return 0
+    fi
+    sleep 1.2  # the first stats file
+    if timeout -k 5 120 python3 "$CONF_DIR/buffer_waits.py" --port "$port" --target "$iqn" \
+            --stats "$stats" 2>&1 | tee "$TEST_LOG_DIR/buffer-waits.log"; then
+        pass "buffer-waits"
+    else
+        fail "buffer-waits" "see $TEST_LOG_DIR/buffer-waits.log"
+    fi
+    stop_pid "$TARGET_PID_E"
 }
 
 e2e_target_d() {

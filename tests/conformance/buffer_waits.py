@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Commands waiting for data buffers, checked with the minimal initiator of
+sessions.py against a target started with a small pool (--buffer-pool-mib
+64) and --stats-file:
+
+- 64 READ(10)s of 1 MiB are sent while the initiator reads nothing, so the
+  pool's 1 MiB class runs dry (buffers stay with responses the socket
+  cannot take) and the later reads wait for buffers;
+- ABORT TASK for the last read, which is still waiting, is answered with
+  FUNCTION COMPLETE, that read gets no response, and the LUN never runs it;
+- every other read completes with GOOD and its 1 MiB of data;
+- the connection still answers a NOP-Out afterwards, and the target's
+  counters show commands waited (data_pool_waits > 0) and none took a heap
+  buffer (data_pool_misses == 0).
+
+Prints `buffer-waits: N passed, N failed` and exits non-zero on a failure.
+"""
+import argparse
+import json
+import socket
+import struct
+import sys
+import time
+
+from sessions import login, nop, pdu, recv_pdu
+
+READS = 64
+BLOCKS = 2048  # of 512 bytes: 1 MiB
+FIRST_ITT = 100
+TMF_ITT = 500
+
+
+def stats_sum(path, field):
+    with open(path) as f:
+        return sum(r[field] for r in json.load(f)["reactors"])
+
+
+def lun_reads(path):
+    with open(path) as f:
+        return sum(lun["io"]["reads"] for lun in json.load(f)["luns"])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--stats", required=True)
+    a = ap.parse_args()
+    results = []
+
+    def check(name, ok, detail=""):
+        results.append(ok)
+        print(f"case {name}: {'ok' if ok else 'FAILED'} {detail}".rstrip(), flush=True)
+
+    s, st, _, statsn = login(a.port, a.target, 0x800000005555, timeout=30)
+    check("login", st == (0, 0), f"status={st}")
+    if st != (0, 0):
+        return 1
+    waits_before = stats_sum(a.stats, "data_pool_waits")
+    misses_before = stats_sum(a.stats, "data_pool_misses")
+    reads_before = lun_reads(a.stats)
+    last = FIRST_ITT + READS - 1
+    # TEST UNIT READY first: it takes the unit attention a new nexus
+    # reports (power on), which would otherwise fail the first read.
+    tur = bytearray(pdu(0x01, 0x81, 50, {20: 0, 24: 1, 28: statsn + 1}, imm=False))
+    s.sendall(tur)
+    while True:
+        bhs, _ = recv_pdu(s)
+        if bhs[0] & 0x3F == 0x21 and struct.unpack_from(">I", bhs, 16)[0] == 50:
+            statsn = struct.unpack_from(">I", bhs, 24)[0]
+            break
+    for i in range(READS):
+        cdb = struct.pack(">BBIBHB", 0x28, 0, i * BLOCKS, 0, BLOCKS, 0) + b"\0" * 6
+        # FINAL, READ, SIMPLE; EDTL, CmdSN, ExpStatSN; the CDB.
+        cmd = bytearray(pdu(0x01, 0xC1, FIRST_ITT + i,
+                            {20: BLOCKS * 512, 24: i + 2, 28: statsn + 1}, imm=False))
+        cmd[32:48] = cdb
+        s.sendall(cmd)
+    # Let the target take the commands in and run dry.
+    time.sleep(1.0)
+    # ABORT TASK (immediate) for the last read: Referenced Task Tag,
+    # CmdSN, ExpStatSN, RefCmdSN.
+    s.sendall(pdu(0x02, 0x81, TMF_ITT, {20: last, 24: READS + 2, 28: statsn + 1, 32: READS + 1}))
+    got = {}
+    data = {}
+    tmf_response = None
+    s.settimeout(20)
+    deadline = time.time() + 60
+    try:
+        while time.time() < deadline:
+            if tmf_response is not None and len(got) >= READS - 1:
+                break
+            bhs, seg = recv_pdu(s)
+            op = bhs[0] & 0x3F
+            itt = struct.unpack_from(">I", bhs, 16)[0]
+            if op == 0x25:  # Data-In
+                data[itt] = data.get(itt, 0) + len(seg)
+                if bhs[1] & 0x01:
+                    got[itt] = bhs[3]
+            elif op == 0x21:  # SCSI Response
+                got[itt] = bhs[3]
+            elif op == 0x22:  # Task Management Function Response
+                tmf_response = bhs[2]
+    except (socket.timeout, EOFError) as e:
+        print(f"reading responses stopped: {e!r}")
+    check("abort-of-a-waiting-read-complete", tmf_response == 0, f"response={tmf_response}")
+    check("aborted-read-has-no-response", last not in got)
+    others = [FIRST_ITT + i for i in range(READS - 1)]
+    good = [i for i in others if got.get(i) == 0 and data.get(i) == BLOCKS * 512]
+    bad = [(i, got.get(i), data.get(i)) for i in others if i not in good]
+    check("other-reads-complete-with-their-data", len(good) == len(others),
+          f"{len(good)} of {len(others)}; not: {bad[:5]} (ITT, status, bytes)")
+    check("connection-still-works", nop(s, 600, cmdsn=READS + 2) == b"hi")
+    s.close()
+    time.sleep(1.5)  # the stats file is rewritten every second
+    waits = stats_sum(a.stats, "data_pool_waits") - waits_before
+    misses = stats_sum(a.stats, "data_pool_misses") - misses_before
+    check("reads-waited-for-buffers", waits > 0, f"waits={waits}")
+    check("no-heap-buffers", misses == 0, f"misses={misses}")
+    # The aborted read was ended while it waited: the device never ran it.
+    ran = lun_reads(a.stats) - reads_before
+    check("aborted-read-never-ran", ran == READS - 1, f"reads run by the LUN: {ran}")
+    failed = results.count(False)
+    print(f"buffer-waits: {len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
