@@ -64,12 +64,23 @@ counters() {
     # Every command's data came from the registered pool, so no read was
     # copied into bounce chunks: the kernel's largest command (2044 KiB
     # here) fits the 2 MiB class.
-    local bounce misses
+    # With a pool made small on purpose (VMTEST_EXPECT_WAITS=1, the target
+    # run with --buffer-pool-mib 64), commands must have waited for buffers
+    # instead.
+    local bounce misses waits
     bounce=$(stat_of iser_bounce_copies) misses=$(stat_of data_pool_misses)
+    waits=$(stat_of data_pool_waits)
     if [ "$bounce" = 0 ] && [ "$misses" = 0 ]; then
-        pass "$label: all data in registered pool buffers (0 bounce copies, 0 pool misses)"
+        pass "$label: all data in registered pool buffers (0 bounce copies, 0 pool misses, $waits waits for a buffer)"
     else
         fail "$label: $bounce bounce copies, $misses data buffers from the heap"
+    fi
+    if [ "${VMTEST_EXPECT_WAITS:-0}" = 1 ]; then
+        if [ "$waits" -gt 0 ]; then
+            pass "$label: commands waited for buffers of the small pool ($waits waits)"
+        else
+            fail "$label: no command waited for a buffer, though the pool is small"
+        fi
     fi
 }
 

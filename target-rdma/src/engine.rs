@@ -403,6 +403,26 @@ impl ConnEntry {
     fn stash_full(&self) -> bool {
         self.held.is_some() && self.stash.len() >= STASH_MAX
     }
+
+    /// Whether a PDU behind the held command may run before it: only a
+    /// Data-Out whose command the core already has, not the held one nor
+    /// one in the stash (`stashed_before`: how many of the stash's
+    /// entries, from the back, came before this PDU).
+    fn data_out_may_pass(&self, bhs: &iscsi::Bhs, stashed_before: usize) -> bool {
+        use iscsi::pdu::opcode;
+        if bhs.opcode() != opcode::DATA_OUT {
+            return false;
+        }
+        let itt = bhs.itt();
+        let held = self.held.as_ref().is_some_and(|(h, _)| h.bhs.itt() == itt);
+        let skip = self.stash.len() - stashed_before;
+        !held
+            && !self
+                .stash
+                .iter()
+                .skip(skip)
+                .any(|(p, _)| p.bhs.opcode() == opcode::SCSI_CMD && p.bhs.itt() == itt)
+    }
 }
 
 /// How a connection's bytes move.
@@ -1736,36 +1756,35 @@ impl Reactor {
     }
 
     /// A connection's next PDU, in order: stashed behind a held write
-    /// command unless it is a Data-Out of another task, else dispatched.
+    /// command unless it is a Data-Out of a task the core already has,
+    /// else dispatched.
     fn offer_pdu(&mut self, id: u32, pdu: iscsi::Pdu, rdma: RdmaTags, now: u64) {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
-        if let Some((h, _)) = &c.held {
-            let other_data_out =
-                pdu.bhs.opcode() == iscsi::pdu::opcode::DATA_OUT && pdu.bhs.itt() != h.bhs.itt();
-            if !other_data_out {
-                // `handle_buffered` stops reading at the limit.
-                debug_assert!(c.stash.len() < STASH_MAX);
-                c.stash.push_back((pdu, rdma));
-                return;
+        if c.held.is_some() && !c.data_out_may_pass(&pdu.bhs, c.stash.len()) {
+            c.stash.push_back((pdu, rdma));
+            if c.stash.len() > STASH_MAX {
+                // Only iSER gets here (TCP stops reading at the limit): its
+                // receives cannot wait. The held command takes a heap
+                // buffer (counted) rather than lose the order.
+                self.release_held(id, None, now);
             }
+            return;
         }
         self.dispatch_pdu(id, pdu, rdma, now);
     }
 
-    /// Feed a TCP connection's next PDU in order, first reserving the
-    /// buffer of a write command; when the pool has none now, the command
-    /// is held (and the PDUs after it stashed) until one is granted. (Not
-    /// iSER: holding write commands there stalled the kernel initiator's
-    /// 8 MiB writes for minutes in the VM test on a 64 MiB pool, not yet
-    /// understood; its write commands take a heap buffer, counted.)
+    /// Feed a connection's next PDU in order, first reserving the buffer
+    /// of a write command; when the pool has none now, the command is
+    /// held (and the PDUs after it stashed) until one is granted.
     fn dispatch_pdu(&mut self, id: u32, pdu: iscsi::Pdu, rdma: RdmaTags, now: u64) {
         if let Some(len) = write_buffer_wanted(&pdu) {
             if !self.reserve_write(id, len) {
                 if let Some(c) = self.conns.get_mut(&id) {
-                    // Sized once per connection, at its first hold.
-                    c.stash.reserve_exact(STASH_MAX);
+                    // Sized once per connection, at its first hold (one
+                    // more than the limit: see `offer_pdu`).
+                    c.stash.reserve_exact(STASH_MAX + 1);
                     c.held = Some((pdu, rdma));
                 }
                 return;
@@ -1777,15 +1796,23 @@ impl Reactor {
         }
     }
 
-    /// End connection `id`'s hold: feed the held command with `buf`, the
-    /// pool's grant, then the stash in order until another write command
-    /// has to wait.
-    fn release_held(&mut self, id: u32, buf: DataBuf, now: u64) {
+    /// End connection `id`'s hold: feed the held command with `buf` (the
+    /// pool's grant; None: its wait is cancelled and it takes what its
+    /// `BufferSource` finds), then the stash in order until another write
+    /// command has to wait.
+    fn release_held(&mut self, id: u32, buf: Option<DataBuf>, now: u64) {
         let Some((pdu, rdma)) = self.conns.get_mut(&id).and_then(|c| c.held.take()) else {
-            self.pool.give_data(buf);
+            if let Some(b) = buf {
+                self.pool.give_data(b);
+            }
             return;
         };
-        self.pool.reserved = Some(buf);
+        if buf.is_none() {
+            let token = write_wait_token(self.me, id);
+            self.buf_waits.remove(&token);
+            self.pool.data.cancel_wait(token);
+        }
+        self.pool.reserved = buf;
         self.feed_pdu(id, pdu, rdma, now);
         if let Some(r) = self.pool.reserved.take() {
             self.pool.give_data(r);
@@ -1797,6 +1824,31 @@ impl Reactor {
             .and_then(|c| c.stash.pop_front())
         {
             self.dispatch_pdu(id, p, rdma, now);
+        }
+        // Another command is held now: Data-Outs further back in the
+        // stash for tasks the core already has go on, or those tasks
+        // (holding buffers) would wait for data that waits for a buffer
+        // they hold. (An initiator may send several commands before their
+        // unsolicited data: Linux over iSER does.)
+        let kept = self.conns.get(&id).map_or(0, |c| c.stash.len());
+        for i in 0..kept {
+            let Some(c) = self
+                .conns
+                .get_mut(&id)
+                .filter(|c| !c.closing && !c.proto.is_closing())
+            else {
+                return;
+            };
+            let Some((p, rdma)) = c.stash.pop_front() else {
+                return;
+            };
+            // Everything before this one that stayed is at the back now.
+            let before = c.stash.len() - (kept - 1 - i);
+            if c.data_out_may_pass(&p.bhs, before) {
+                self.feed_pdu(id, p, rdma, now);
+            } else {
+                c.stash.push_back((p, rdma));
+            }
         }
     }
 
@@ -1860,12 +1912,13 @@ impl Reactor {
                 }
                 Some(BufWait::Write { id }) => {
                     let now = self.now_ms();
-                    self.release_held(id, buf, now);
+                    self.release_held(id, Some(buf), now);
                     // Then what is still in the ring and in the socket (a
                     // full stash paused reading; the readiness edge has
-                    // passed).
+                    // passed); on iSER, what the released PDUs caused.
                     self.handle_buffered(id);
                     self.service_read(id);
+                    self.iser_flush(id);
                 }
                 None => self.pool.give_data(buf),
             }
@@ -2719,6 +2772,9 @@ impl Reactor {
         let decoded = {
             let msg = dev.received(slot, wc.byte_len as usize).unwrap_or(&[]);
             let decoder = c.proto.decoder().clone();
+            // Nothing is staged behind a held command (see
+            // `handle_buffered`).
+            let holding = c.held.is_some();
             let proto = &mut c.proto;
             let (heap, data) = (&mut self.pool.heap, &mut self.pool.data);
             transport_iser::framing::decode_message(
@@ -2726,7 +2782,7 @@ impl Reactor {
                 &decoder,
                 &mut |bhs, d| {
                     proto.place_data_out(bhs, d)
-                        || proto.stage_immediate(bhs, d, &mut |n| data.alloc_data(n))
+                        || (!holding && proto.stage_immediate(bhs, d, &mut |n| data.alloc_data(n)))
                 },
                 &mut |n| heap.take(n),
             )
@@ -2747,7 +2803,7 @@ impl Reactor {
                 l.inv.note_command(pdu.bhs.itt(), hdr.rdma_tags());
             }
         }
-        self.feed_pdu(id, pdu, hdr.rdma_tags(), now);
+        self.offer_pdu(id, pdu, hdr.rdma_tags(), now);
         self.iser_flush(id);
     }
 

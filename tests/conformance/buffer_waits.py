@@ -11,7 +11,14 @@ sessions.py against a target started with a small pool (--buffer-pool-mib
 - every other read completes with GOOD and its 1 MiB of data;
 - the connection still answers a NOP-Out afterwards, and the target's
   counters show commands waited (data_pool_waits > 0) and none took a heap
-  buffer (data_pool_misses == 0).
+  buffer (data_pool_misses == 0);
+- with InitialR2T=No and ImmediateData=No, 40 WRITE(10)s of 1 MiB are sent
+  before any of their unsolicited Data-Outs (as Linux's iSER initiator
+  does): the later writes wait for buffers, and the Data-Outs of earlier
+  ones, queued behind a waiting write, must still reach their tasks (a
+  first version let them wait behind it, and the tasks holding every
+  buffer waited for them for ever); every write completes with GOOD, the
+  R2Ts answered, and what was written reads back.
 
 Prints `buffer-waits: N passed, N failed` and exits non-zero on a failure.
 """
@@ -40,6 +47,17 @@ def lun_reads(path):
         return sum(lun["io"]["reads"] for lun in json.load(f)["luns"])
 
 
+def take_unit_attention(s, statsn, cmdsn):
+    """TEST UNIT READY, which takes the unit attention a new nexus reports
+    (power on) that would otherwise fail the first real command. Returns
+    the StatSN of its response."""
+    s.sendall(pdu(0x01, 0x81, 50, {20: 0, 24: cmdsn, 28: statsn + 1}, imm=False))
+    while True:
+        bhs, _ = recv_pdu(s)
+        if bhs[0] & 0x3F == 0x21 and struct.unpack_from(">I", bhs, 16)[0] == 50:
+            return struct.unpack_from(">I", bhs, 24)[0]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
@@ -60,15 +78,7 @@ def main():
     misses_before = stats_sum(a.stats, "data_pool_misses")
     reads_before = lun_reads(a.stats)
     last = FIRST_ITT + READS - 1
-    # TEST UNIT READY first: it takes the unit attention a new nexus
-    # reports (power on), which would otherwise fail the first read.
-    tur = bytearray(pdu(0x01, 0x81, 50, {20: 0, 24: 1, 28: statsn + 1}, imm=False))
-    s.sendall(tur)
-    while True:
-        bhs, _ = recv_pdu(s)
-        if bhs[0] & 0x3F == 0x21 and struct.unpack_from(">I", bhs, 16)[0] == 50:
-            statsn = struct.unpack_from(">I", bhs, 24)[0]
-            break
+    statsn = take_unit_attention(s, statsn, cmdsn=1)
     for i in range(READS):
         cdb = struct.pack(">BBIBHB", 0x28, 0, i * BLOCKS, 0, BLOCKS, 0) + b"\0" * 6
         # FINAL, READ, SIMPLE; EDTL, CmdSN, ExpStatSN; the CDB.
@@ -120,9 +130,91 @@ def main():
     # The aborted read was ended while it waited: the device never ran it.
     ran = lun_reads(a.stats) - reads_before
     check("aborted-read-never-ran", ran == READS - 1, f"reads run by the LUN: {ran}")
+    unsolicited_data_behind_waiting_writes(a, check)
     failed = results.count(False)
     print(f"buffer-waits: {len(results) - failed} passed, {failed} failed")
     return 1 if failed else 0
+
+
+WRITES = 40
+FIRST_BURST = 65536
+SEG = 65536
+
+
+def data_out(itt, ttt, datasn, offset, data, final, statsn):
+    return pdu(0x05, 0x80 if final else 0, itt,
+               {20: ttt, 28: statsn, 36: datasn, 40: offset}, data, imm=False)
+
+
+def unsolicited_data_behind_waiting_writes(a, check):
+    keys = (b"InitialR2T=No\0ImmediateData=No\0FirstBurstLength=65536\0"
+            b"MaxBurstLength=262144\0")
+    s, st, _, statsn = login(a.port, a.target, 0x800000006666, timeout=30, keys=keys)
+    check("login-initialr2t-no", st == (0, 0), f"status={st}")
+    if st != (0, 0):
+        return
+    statsn = take_unit_attention(s, statsn, cmdsn=1)
+    waits_before = stats_sum(a.stats, "data_pool_waits")
+    first = 2000
+    pattern = {first + i: bytes([(i * 7 + 1) & 0xFF]) * (BLOCKS * 512) for i in range(WRITES)}
+    # Every command first (F clear: unsolicited data follows), then each
+    # one's first burst. The LBAs lie past the reads' range.
+    for i in range(WRITES):
+        cdb = struct.pack(">BBIBHB", 0x2A, 0, (READS + i) * BLOCKS, 0, BLOCKS, 0) + b"\0" * 6
+        cmd = bytearray(pdu(0x01, 0x21, first + i,
+                            {20: BLOCKS * 512, 24: i + 2, 28: statsn + 1}, imm=False))
+        cmd[32:48] = cdb
+        s.sendall(cmd)
+    for i in range(WRITES):
+        itt = first + i
+        s.sendall(data_out(itt, 0xFFFFFFFF, 0, 0, pattern[itt][:FIRST_BURST], True, statsn + 1))
+    status = {}
+    s.settimeout(30)
+    deadline = time.time() + 90
+    try:
+        while len(status) < WRITES and time.time() < deadline:
+            bhs, _ = recv_pdu(s)
+            op = bhs[0] & 0x3F
+            itt = struct.unpack_from(">I", bhs, 16)[0]
+            if op == 0x31:  # R2T: send what it asks for
+                ttt, off, want = struct.unpack_from(">I", bhs, 20)[0], *struct.unpack_from(">II", bhs, 40)
+                for n, o in enumerate(range(off, off + want, SEG)):
+                    end = min(o + SEG, off + want)
+                    s.sendall(data_out(itt, ttt, n, o, pattern[itt][o:end], end == off + want,
+                                       statsn + 1))
+            elif op == 0x21:
+                status[itt] = bhs[3]
+    except (socket.timeout, EOFError) as e:
+        print(f"reading responses stopped: {e!r}")
+    good = sum(1 for v in status.values() if v == 0)
+    check("writes-with-unsolicited-data-complete", good == WRITES,
+          f"{good} of {WRITES} GOOD, {len(status)} answered")
+    # Three of them read back.
+    same = 0
+    for k, i in enumerate((0, WRITES // 2, WRITES - 1)):
+        itt = 3000 + k
+        cdb = struct.pack(">BBIBHB", 0x28, 0, (READS + i) * BLOCKS, 0, BLOCKS, 0) + b"\0" * 6
+        cmd = bytearray(pdu(0x01, 0xC1, itt, {20: BLOCKS * 512, 24: WRITES + 2 + k,
+                                             28: statsn + 1}, imm=False))
+        cmd[32:48] = cdb
+        s.sendall(cmd)
+        got = b""
+        try:
+            while True:
+                bhs, seg = recv_pdu(s)
+                if struct.unpack_from(">I", bhs, 16)[0] != itt:
+                    continue
+                got += seg
+                if bhs[0] & 0x3F == 0x21 or (bhs[0] & 0x3F == 0x25 and bhs[1] & 0x01):
+                    break
+        except (socket.timeout, EOFError):
+            break
+        same += got == pattern[first + i]
+    check("written-data-reads-back", same == 3, f"{same} of 3")
+    s.close()
+    time.sleep(1.5)
+    waits = stats_sum(a.stats, "data_pool_waits") - waits_before
+    check("writes-waited-for-buffers", waits > 0, f"waits={waits}")
 
 
 if __name__ == "__main__":

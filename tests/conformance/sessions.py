@@ -56,9 +56,10 @@ def recv_pdu(s):
     return bhs, rest[ahs : ahs + dsl]
 
 
-def login(port, target, isid, tsih=0, cid=0, timeout=5.0):
-    """One-PDU login straight to full feature phase. Returns (sock, status,
-    tsih, statsn)."""
+def login(port, target, isid, tsih=0, cid=0, timeout=5.0, keys=b""):
+    """One-PDU login straight to full feature phase, offering `keys` (NUL-
+    terminated KEY=VALUE pairs) besides the digests, MaxRecvDataSegmentLength
+    and ErrorRecoveryLevel. Returns (sock, status, tsih, statsn)."""
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     text = (
         f"InitiatorName={INITIATOR}\0TargetName={target}\0SessionType=Normal\0"
@@ -81,7 +82,7 @@ def login(port, target, isid, tsih=0, cid=0, timeout=5.0):
     statsn = struct.unpack_from(">I", bhs, 24)[0]
     p2 = bytearray(pdu(0x03, 0x87, 1, {20: cid << 16, 24: 1, 28: statsn + 1},
                        b"HeaderDigest=None\0DataDigest=None\0MaxRecvDataSegmentLength=65536\0"
-                       b"ErrorRecoveryLevel=0\0"))
+                       b"ErrorRecoveryLevel=0\0" + keys))
     p2[0] = 0x43
     p2[1] = 0x87  # T, CSG=1, NSG=3
     p2[8:16] = spec[8:16]
