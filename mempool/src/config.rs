@@ -84,10 +84,12 @@ impl PoolConfig {
 
     /// Classes for a negotiated MaxBurstLength (or the largest transfer a
     /// command may need in one piece): 4 KiB for PDUs and small I/O, 64 KiB
-    /// and 256 KiB, 1 MiB, 2 MiB, and the burst rounded up to a power of
-    /// two if larger, each no larger than that. 2 MiB because Linux's
-    /// initiators cap a command just under it (iSER over soft-RoCE sends
-    /// 2044 KiB), which would otherwise take a buffer of the top class.
+    /// and 256 KiB, 1 MiB, 2 MiB, 4 MiB, 8 MiB, and the burst rounded up to
+    /// a power of two if larger, each no larger than that. 2 MiB because
+    /// Linux's initiators cap a command just under it (iSER over soft-RoCE
+    /// sends 2044 KiB); 4 and 8 MiB so that a command of that size does not
+    /// take a buffer of the top class (16 MiB for the engine), four or two
+    /// times what it needs.
     /// Commands bigger than the largest class span several buffers.
     pub fn classes_for_burst(max_burst_bytes: usize) -> Vec<ClassConfig> {
         let top = max_burst_bytes
@@ -100,6 +102,8 @@ impl PoolConfig {
             (256 << 10, 6),
             (1 << 20, 6),
             (2 << 20, 4),
+            (4 << 20, 3),
+            (8 << 20, 3),
         ] {
             if buf_bytes <= top {
                 v.push(ClassConfig { buf_bytes, weight });
@@ -108,7 +112,7 @@ impl PoolConfig {
         if v.last().is_some_and(|c| c.buf_bytes < top) {
             v.push(ClassConfig {
                 buf_bytes: top,
-                weight: 6,
+                weight: 3,
             });
         }
         v
@@ -224,8 +228,10 @@ mod tests {
         assert_eq!(sizes(1 << 20), [4, 64, 256, 1024]);
         assert_eq!(sizes(2 << 20), [4, 64, 256, 1024, 2048]);
         assert_eq!(sizes(3 << 20), [4, 64, 256, 1024, 2048, 4096]);
-        assert_eq!(sizes(16 << 20), [4, 64, 256, 1024, 2048, 16384]);
-        assert_eq!(sizes(1 << 30), [4, 64, 256, 1024, 2048, 16384]);
+        assert_eq!(sizes(8 << 20), [4, 64, 256, 1024, 2048, 4096, 8192]);
+        let all = [4, 64, 256, 1024, 2048, 4096, 8192, 16384];
+        assert_eq!(sizes(16 << 20), all);
+        assert_eq!(sizes(1 << 30), all);
     }
 
     #[test]
