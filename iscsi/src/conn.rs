@@ -411,8 +411,9 @@ pub struct Connection {
     window_used: u32,
     next_ttt: u32,
 
-    /// The Data-Out whose data `place_data_out` put in place (ITT,
-    /// BufferOffset, length), until `handle_pdu` gets that PDU.
+    /// The Data-Out whose data `place_data_out` or a receive into place
+    /// (`rx_direct_end`) put in place (ITT, BufferOffset, length), until
+    /// `handle_pdu` gets that PDU.
     placed: Option<(u32, u32, u32)>,
     /// Immediate data that `stage_immediate` copied from the receive
     /// buffer into a data buffer sized for the whole write: (ITT, CmdSN,
@@ -1278,27 +1279,18 @@ impl Connection {
     /// PDU to `handle_pdu` may put it straight into the task's buffer
     /// here (returns true), and then pass the PDU with empty data. Data the
     /// connection would refuse is not placed (false): the PDU then goes to
-    /// `handle_pdu` with its data as usual, which answers the error.
+    /// `handle_pdu` with its data as usual, which answers the error. It is
+    /// the placement of a segment received into place (`rx_direct_begin`)
+    /// with the data already in hand.
     pub fn place_data_out(&mut self, bhs: &Bhs, data: &[u8]) -> bool {
-        if self.phase != Phase::FullFeature
-            || bhs.opcode() != opcode::DATA_OUT
-            || data.is_empty()
-            || data.len() != bhs.data_segment_len() as usize
-        {
+        if bhs.opcode() != opcode::DATA_OUT || data.len() != bhs.data_segment_len() as usize {
             return false;
         }
-        let Ok((id, _)) = self.data_out_check(bhs, data.len() as u32) else {
-            return false;
-        };
-        let offset = bhs.buffer_offset() as usize;
-        let Some(t) = self.task_mut(id) else {
-            return false;
-        };
-        let Some(dst) = t.data_out.get_mut(offset..offset + data.len()) else {
+        let Some(dst) = self.rx_direct_begin(bhs, &mut |_| None) else {
             return false;
         };
         dst.copy_from_slice(data);
-        self.placed = Some((bhs.itt(), bhs.buffer_offset(), data.len() as u32));
+        self.rx_direct_end();
         true
     }
 

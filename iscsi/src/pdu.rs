@@ -461,6 +461,24 @@ impl Decoder {
         }
     }
 
+    /// Bytes of the header digest on the wire (0 or 4).
+    pub fn header_digest_len(&self) -> usize {
+        if self.header_digest {
+            4
+        } else {
+            0
+        }
+    }
+
+    /// Bytes of the data digest after a data segment (0 or 4).
+    pub fn data_digest_len(&self) -> usize {
+        if self.data_digest {
+            4
+        } else {
+            0
+        }
+    }
+
     /// Sizes of the PDU whose BHS starts `bhs`; checks the declared data
     /// length against our limit before the data arrives.
     pub fn framing(&self, bhs: &[u8; BHS_LEN]) -> Result<Framing, PduError> {
@@ -474,15 +492,9 @@ impl Decoder {
             });
         }
         let data_len = data_len as usize;
-        let mut wire_len = BHS_LEN + ahs_len;
-        if self.header_digest {
-            wire_len += 4;
-        }
+        let mut wire_len = BHS_LEN + ahs_len + self.header_digest_len();
         if data_len > 0 {
-            wire_len += data_len + pad_len(data_len);
-            if self.data_digest {
-                wire_len += 4;
-            }
+            wire_len += data_len + pad_len(data_len) + self.data_digest_len();
         }
         Ok(Framing {
             wire_len,
@@ -502,7 +514,7 @@ impl Decoder {
         let bhs_bytes: [u8; BHS_LEN] = buf[..BHS_LEN].try_into().unwrap();
         let fr = self.framing(&bhs_bytes)?;
         let mut pos = BHS_LEN + fr.ahs_len;
-        if buf.len() < pos + if self.header_digest { 4 } else { 0 } {
+        if buf.len() < pos + self.header_digest_len() {
             return Ok(None);
         }
         if self.header_digest {

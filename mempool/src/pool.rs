@@ -1048,19 +1048,31 @@ impl CoreCache {
             self.fill(plan, sg);
             return Ok(Alloc::Ready);
         }
+        self.queue_waiter(
+            plan.class,
+            Waiter {
+                token,
+                bytes,
+                segments: plan.segments,
+            },
+        )?;
+        Ok(Alloc::Queued)
+    }
+
+    /// `w` behind the earlier waiters of `class`, which is marked hungry
+    /// so that other cores give back its idle buffers.
+    fn queue_waiter(&mut self, class: ClassId, w: Waiter) -> Result<(), AllocError> {
+        let c = class.index();
         let lc = &mut self.classes[c];
         if lc.waiters.len() == lc.waiters.capacity() {
-            return Err(AllocError::WaitQueueFull { class: plan.class });
+            return Err(AllocError::WaitQueueFull { class });
         }
-        lc.waiters.push_back(Waiter {
-            token,
-            bytes,
-            segments: plan.segments,
-        });
+        lc.waiters.push_back(w);
         lc.stats.waits += 1;
         self.waiting += 1;
+        self.dirty = true;
         self.set_hungry(c, true);
-        Ok(Alloc::Queued)
+        Ok(())
     }
 
     /// The next waiting request whose buffers are now free: its token and
@@ -1152,6 +1164,10 @@ impl CoreCache {
     /// allocates memory.
     pub fn alloc_data(&mut self, len: usize) -> Option<DataBuf> {
         let class = self.class_for(len.max(1))?;
+        self.try_alloc_data(class, len)
+    }
+
+    fn try_alloc_data(&mut self, class: ClassId, len: usize) -> Option<DataBuf> {
         let mut buf = self.try_alloc(class)?;
         buf.set_len(len);
         Some(self.wrap_data(buf))
@@ -1175,23 +1191,17 @@ impl CoreCache {
                 max_bytes: self.classes().last().map_or(0, |(_, b)| b),
             });
         };
-        if let Some(d) = self.alloc_data(len) {
+        if let Some(d) = self.try_alloc_data(class, len) {
             return Ok(Some(d));
         }
-        let c = class.index();
-        let lc = &mut self.classes[c];
-        if lc.waiters.len() == lc.waiters.capacity() {
-            return Err(AllocError::WaitQueueFull { class });
-        }
-        lc.waiters.push_back(Waiter {
-            token,
-            bytes: len,
-            segments: 1,
-        });
-        lc.stats.waits += 1;
-        self.waiting += 1;
-        self.dirty = true;
-        self.set_hungry(c, true);
+        self.queue_waiter(
+            class,
+            Waiter {
+                token,
+                bytes: len,
+                segments: 1,
+            },
+        )?;
         Ok(None)
     }
 

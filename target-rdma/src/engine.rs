@@ -1790,6 +1790,12 @@ impl Reactor {
                 return;
             }
         }
+        self.feed_reserved(id, pdu, rdma, now);
+    }
+
+    /// `feed_pdu` with the buffer `reserve_write` reserved for the
+    /// command, if any; one the command did not take goes back.
+    fn feed_reserved(&mut self, id: u32, pdu: iscsi::Pdu, rdma: RdmaTags, now: u64) {
         self.feed_pdu(id, pdu, rdma, now);
         if let Some(r) = self.pool.reserved.take() {
             self.pool.give_data(r);
@@ -1813,10 +1819,7 @@ impl Reactor {
             self.pool.data.cancel_wait(token);
         }
         self.pool.reserved = buf;
-        self.feed_pdu(id, pdu, rdma, now);
-        if let Some(r) = self.pool.reserved.take() {
-            self.pool.give_data(r);
-        }
+        self.feed_reserved(id, pdu, rdma, now);
         while let Some((p, rdma)) = self
             .conns
             .get_mut(&id)
@@ -1858,37 +1861,36 @@ impl Reactor {
     /// True also when the pool cannot queue it (too large for a class,
     /// queues full): the command then takes its chances as before.
     fn reserve_write(&mut self, id: u32, len: usize) -> bool {
-        if self.buf_waits.len() >= BUF_WAITS_MAX {
-            return true;
-        }
         let token = write_wait_token(self.me, id);
-        match self.pool.data.alloc_data_or_wait(len, token) {
-            Ok(Some(b)) => {
+        match self.pool_or_wait(len, token) {
+            PoolWait::Ready(b) => {
                 self.pool.reserved = Some(b);
                 true
             }
-            Ok(None) => {
+            PoolWait::Queued => {
                 self.buf_waits.insert(token, BufWait::Write { id });
-                self.stats.data_pool_waits += 1;
                 false
             }
-            Err(_) => true,
+            PoolWait::Unserved => true,
         }
     }
 
-    /// A read's Data-In buffer, or None when the pool queued the request
-    /// under `tag` (the caller parks the task in `buf_waits`).
-    fn read_buffer(&mut self, len: usize, tag: u64) -> Option<DataBuf> {
+    /// `len` bytes from this core's pool cache, or `token` queued for a
+    /// grant (counted as `data_pool_waits`; the caller keeps the waiting
+    /// command in `buf_waits`). Unserved: nothing to wait for (no length,
+    /// no class that large) or no room to wait (`BUF_WAITS_MAX`, the
+    /// class's wait queue).
+    fn pool_or_wait(&mut self, len: usize, token: u64) -> PoolWait {
         if len == 0 || self.buf_waits.len() >= BUF_WAITS_MAX {
-            return Some(self.pool.data(len));
+            return PoolWait::Unserved;
         }
-        match self.pool.data.alloc_data_or_wait(len, tag) {
-            Ok(Some(b)) => Some(b),
+        match self.pool.data.alloc_data_or_wait(len, token) {
+            Ok(Some(b)) => PoolWait::Ready(b),
             Ok(None) => {
                 self.stats.data_pool_waits += 1;
-                None
+                PoolWait::Queued
             }
-            Err(_) => Some(self.pool.data(len)),
+            Err(_) => PoolWait::Unserved,
         }
     }
 
@@ -2092,14 +2094,17 @@ impl Reactor {
                     // pool; when its class is exhausted the command waits
                     // for a buffer (`serve_buffer_waits`).
                     if req.read {
-                        match self.read_buffer(req.edtl as usize, tag) {
-                            Some(b) => task.data_in = b,
-                            None => {
+                        let len = req.edtl as usize;
+                        task.data_in = match self.pool_or_wait(len, tag) {
+                            PoolWait::Ready(b) => b,
+                            // Heap, counted as a miss.
+                            PoolWait::Unserved => self.pool.data(len),
+                            PoolWait::Queued => {
                                 self.buf_waits
                                     .insert(tag, BufWait::Read { target, lun, task });
                                 continue;
                             }
-                        }
+                        };
                     }
                     self.run_at_home(target, Msg::Submit { target, lun, task });
                 }
@@ -3253,6 +3258,15 @@ impl Buffers {
             self.heap.give(v);
         }
     }
+}
+
+/// What `Reactor::pool_or_wait` got.
+enum PoolWait {
+    Ready(DataBuf),
+    /// Queued for a grant.
+    Queued,
+    /// The pool cannot serve it by waiting.
+    Unserved,
 }
 
 /// A command waiting for the data pool to grant its buffer.

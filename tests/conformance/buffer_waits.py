@@ -47,6 +47,21 @@ def lun_reads(path):
         return sum(lun["io"]["reads"] for lun in json.load(f)["luns"])
 
 
+READ10 = 0x28
+WRITE10 = 0x2A
+
+
+def rw10(op, itt, lba, cmdsn, statsn):
+    """A SCSI Command PDU of READ(10) or WRITE(10) for BLOCKS blocks at
+    `lba`, SIMPLE: a read with F set, a write with F clear (its
+    unsolicited data follows in Data-Out PDUs)."""
+    flags = 0xC1 if op == READ10 else 0x21
+    cmd = bytearray(pdu(0x01, flags, itt, {20: BLOCKS * 512, 24: cmdsn, 28: statsn + 1},
+                        imm=False))
+    cmd[32:48] = struct.pack(">BBIBHB", op, 0, lba, 0, BLOCKS, 0) + b"\0" * 6
+    return bytes(cmd)
+
+
 def take_unit_attention(s, statsn, cmdsn):
     """TEST UNIT READY, which takes the unit attention a new nexus reports
     (power on) that would otherwise fail the first real command. Returns
@@ -80,12 +95,7 @@ def main():
     last = FIRST_ITT + READS - 1
     statsn = take_unit_attention(s, statsn, cmdsn=1)
     for i in range(READS):
-        cdb = struct.pack(">BBIBHB", 0x28, 0, i * BLOCKS, 0, BLOCKS, 0) + b"\0" * 6
-        # FINAL, READ, SIMPLE; EDTL, CmdSN, ExpStatSN; the CDB.
-        cmd = bytearray(pdu(0x01, 0xC1, FIRST_ITT + i,
-                            {20: BLOCKS * 512, 24: i + 2, 28: statsn + 1}, imm=False))
-        cmd[32:48] = cdb
-        s.sendall(cmd)
+        s.sendall(rw10(READ10, FIRST_ITT + i, i * BLOCKS, cmdsn=i + 2, statsn=statsn))
     # Let the target take the commands in and run dry.
     time.sleep(1.0)
     # ABORT TASK (immediate) for the last read: Referenced Task Tag,
@@ -160,11 +170,7 @@ def unsolicited_data_behind_waiting_writes(a, check):
     # Every command first (F clear: unsolicited data follows), then each
     # one's first burst. The LBAs lie past the reads' range.
     for i in range(WRITES):
-        cdb = struct.pack(">BBIBHB", 0x2A, 0, (READS + i) * BLOCKS, 0, BLOCKS, 0) + b"\0" * 6
-        cmd = bytearray(pdu(0x01, 0x21, first + i,
-                            {20: BLOCKS * 512, 24: i + 2, 28: statsn + 1}, imm=False))
-        cmd[32:48] = cdb
-        s.sendall(cmd)
+        s.sendall(rw10(WRITE10, first + i, (READS + i) * BLOCKS, cmdsn=i + 2, statsn=statsn))
     for i in range(WRITES):
         itt = first + i
         s.sendall(data_out(itt, 0xFFFFFFFF, 0, 0, pattern[itt][:FIRST_BURST], True, statsn + 1))
@@ -193,11 +199,7 @@ def unsolicited_data_behind_waiting_writes(a, check):
     same = 0
     for k, i in enumerate((0, WRITES // 2, WRITES - 1)):
         itt = 3000 + k
-        cdb = struct.pack(">BBIBHB", 0x28, 0, (READS + i) * BLOCKS, 0, BLOCKS, 0) + b"\0" * 6
-        cmd = bytearray(pdu(0x01, 0xC1, itt, {20: BLOCKS * 512, 24: WRITES + 2 + k,
-                                             28: statsn + 1}, imm=False))
-        cmd[32:48] = cdb
-        s.sendall(cmd)
+        s.sendall(rw10(READ10, itt, (READS + i) * BLOCKS, cmdsn=WRITES + 2 + k, statsn=statsn))
         got = b""
         try:
             while True:

@@ -82,7 +82,6 @@ impl TcpConn {
             debug_assert!(false, "begin_direct without a candidate");
             return;
         };
-        debug_assert_eq!(dst.len(), fr.data_len);
         // The candidate was the last thing in the ring: its data is not
         // all there, so nothing follows it.
         let present = buf.len() - start;
@@ -101,11 +100,11 @@ impl TcpConn {
             data_len: fr.data_len,
             got: present,
             trailer: [0; 8],
-            trailer_len: pad_len(fr.data_len) + if decoder.data_digest { 4 } else { 0 },
+            trailer_len: pad_len(fr.data_len) + decoder.data_digest_len(),
             trailer_got: 0,
             data_digest: decoder.data_digest,
             crc,
-            header_len: BHS_LEN + if decoder.header_digest { 4 } else { 0 },
+            header_len: BHS_LEN + decoder.header_digest_len(),
         });
     }
 

@@ -163,7 +163,7 @@ impl TcpConn {
         // After a segment received into place, read just the next header
         // (the rest of it), so that a large segment behind it can go
         // into place too.
-        let header_len = BHS_LEN + if decoder.header_digest { 4 } else { 0 };
+        let header_len = BHS_LEN + decoder.header_digest_len();
         // The flag holds until the header is complete: a read that finds
         // the socket empty, or brings part of a header, must not let the
         // next one take a window of data into the ring.
