@@ -12,7 +12,7 @@
 #                                   itself (its 9 known conformance failures are
 #                                   tolerated, see tests/conformance/known-failures-tgt.txt)
 #   TARGET_RDMA_BIN=PATH            binary to test (default $CARGO_TARGET_DIR/release/target-rdma)
-#   CONFORMANCE_VARIANTS="mem file digest chap mutual-chap mem4k removable sanitize readonly gluster"
+#   CONFORMANCE_VARIANTS="mem file digest chap mutual-chap mem4k removable sanitize readonly sg gluster"
 #                                   subset to run (the last five need target-rdma's LUN options;
 #                                   gluster also runs the Gluster data checks and failure test)
 #   GLUSTER=0                       do not start glusterd (scripts/gluster.sh); the
@@ -47,7 +47,7 @@ done
 TARGET_UNDER_TEST=${TARGET_UNDER_TEST:-target-rdma}
 CARGO_TARGET_DIR_EFFECTIVE=${CARGO_TARGET_DIR:-$ROOT/target}
 TARGET_RDMA_BIN=${TARGET_RDMA_BIN:-$CARGO_TARGET_DIR_EFFECTIVE/release/target-rdma}
-CONFORMANCE_VARIANTS=${CONFORMANCE_VARIANTS:-mem file digest chap mutual-chap mem4k removable sanitize readonly gluster}
+CONFORMANCE_VARIANTS=${CONFORMANCE_VARIANTS:-mem file digest chap mutual-chap mem4k removable sanitize readonly sg gluster}
 TEST_LOG_DIR=${TEST_LOG_DIR:-$CARGO_TARGET_DIR_EFFECTIVE/test-logs/$(date +%Y%m%d-%H%M%S)-$$}
 mkdir -p "$TEST_LOG_DIR"
 # A reused log directory must not lend old results to this run's summary.
@@ -524,6 +524,7 @@ run_e2e() {
     stop_pid "$TARGET_PID_A"
     e2e_target_b
     e2e_target_d
+    e2e_target_s
     e2e_gluster
     e2e_no_alloc
 }
@@ -544,11 +545,13 @@ e2e_no_alloc() {
     out=$(timeout -k 5 300 bash "$ROOT/tests/perf/no_alloc.sh" "$TARGET_RDMA_BIN" "$iobench" \
         "$TEST_LOG_DIR") || rc=$?
     # A 64 MiB pool that two sessions of 1 MiB commands (32 in flight
-    # each) and of 256 KiB reads (64 each) exhaust: commands wait for
-    # buffers (never a heap buffer, never an allocation), and the reads
-    # check what the writes stamped.
+    # each) and of 256 KiB reads (64 each) exhaust: commands take their
+    # data in smaller buffers while some are idle, then wait for buffers
+    # (never a heap buffer, never an allocation), and the reads check what
+    # the writes stamped.
     local out2 rc2=0
     out2=$(NO_ALLOC_TAG="(pool 64 MiB)" NO_ALLOC_FLAGS="--buffer-pool-mib 64" NO_ALLOC_EXPECT_WAITS=1 \
+        NO_ALLOC_EXPECT_SG=1 \
         NO_ALLOC_WORKLOADS="1m-randwrite-qd32-2sess -m write -p rand -b 1048576 -q 32 -s 2
 1m-randread-qd32-2sess -m read -p rand -b 1048576 -q 32 -s 2
 256k-randread-qd64-2sess -m read -p rand -b 262144 -q 64 -s 2" \
@@ -567,6 +570,63 @@ e2e_no_alloc() {
         fail "no-alloc" "exit $rc"
     fi
     buffer_waits_test
+}
+
+e2e_target_s() {
+    # --- target S: READ and WRITE data in pieces. With --buffer-sg always,
+    # every READ and WRITE that smaller pool buffers can hold gets several
+    # (a scatter-gather buffer), so the whole path (socket reads into the
+    # pieces, Data-In from them, header digests, the RAM and file
+    # backstores, O_DIRECT) runs on them: the whole suite on each LUN, then
+    # random images through qemu-img byte-exact; the stats must show that
+    # commands took pieces and none took the heap.
+    [ "$TARGET_UNDER_TEST" = target-rdma ] || return 0
+    want_variant sg || return 0
+    local iqn=$IQN_PREFIX:harness-s port stats=$TEST_LOG_DIR/sg-stats.json
+    port=$(free_port)
+    if ! start_target S "$port" "$iqn" --buffer-sg always --stats-file "$stats" \
+            --lun mem:256MiB --lun "file:$TMP/sg.img,size=256MiB" \
+            --lun "file:$TMP/sg-direct.img,size=64MiB,direct"; then
+        fail "start target S"
+        return 0
+    fi
+    pass "start target S"
+    local base=iscsi://127.0.0.1:$port/$iqn
+    if digest_shim && check_digest_negotiated "$base/0"; then
+        conformance sg "$base/0?header_digest=crc32c" "${DIGEST_ENV[@]}"
+    else
+        fail "conformance(sg)" "CRC32C header digest not available"
+    fi
+    conformance sg-file "$base/1"
+    local img=$TMP/sg-random.img back=$TMP/sg-back.img l ok=1
+    head -c $((48 * 1024 * 1024)) /dev/urandom >"$img"
+    for l in 0 1 2; do
+        if ! timeout -k 5 120 qemu-img convert -n -f raw -O raw -t none "$img" "$base/$l" ||
+                ! timeout -k 5 120 qemu-img convert -f raw -O raw "$base/$l" "$back" ||
+                ! cmp -n $((48 * 1024 * 1024)) "$img" "$back"; then
+            ok=0
+            fail "sg: qemu-img round trip on LUN $l"
+        fi
+    done
+    [ "$ok" = 1 ] && pass "sg: 48 MiB random image byte-exact through each LUN (RAM, file, O_DIRECT file)"
+    rm -f "$img" "$back"
+    sleep 1.2  # the stats file of the last second
+    local counts
+    if counts=$(python3 - "$stats" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))["reactors"]
+sg = sum(x["data_pool_sg"] for x in r)
+miss = sum(x["data_pool_misses"] for x in r)
+print(f"{sg} commands with data in pieces, {miss} heap buffers")
+sys.exit(0 if sg >= 1000 and miss == 0 else 1)
+PY
+    ); then
+        pass "sg: $counts"
+    else
+        fail "sg: commands took pieces and no heap buffer" "$counts"
+    fi
+    if target_alive S; then pass "target S alive at end"; else fail "target S alive at end"; fi
+    stop_pid "$TARGET_PID_S"
 }
 
 buffer_waits_test() {

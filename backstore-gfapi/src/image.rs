@@ -18,7 +18,7 @@
 use crate::volume::Volume;
 use crossbeam_queue::ArrayQueue;
 use gfapi_sys as sys;
-use mempool::DataBuf;
+use mempool::{DataBuf, DATA_SEGMENTS_MAX};
 use rustix::event::epoll;
 use rustix::event::{EventfdFlags, PollFd, PollFlags};
 use scsi::backstore::{Backstore, BackstoreCaps, Io, IoDone, IoOp};
@@ -152,7 +152,9 @@ pub struct GlusterBackstore {
     size: u64,
     timeout: Duration,
     slots: Vec<Slot>,
-    /// One iovec per slot, at fixed addresses, for preadv/pwritev.
+    /// `DATA_SEGMENTS_MAX` iovecs per slot, at fixed addresses, for
+    /// preadv/pwritev: one per buffer of a scatter-gather `DataBuf`, so a
+    /// command is one gluster operation however its buffer is made.
     iovs: Box<[libc::iovec]>,
     /// From `Box::into_raw`; freed in drop unless leaked.
     ctxs: NonNull<[CallbackCtx]>,
@@ -336,7 +338,7 @@ impl GlusterBackstore {
                     deadline: now,
                 })
                 .collect(),
-            iovs: (0..SLOTS)
+            iovs: (0..SLOTS * DATA_SEGMENTS_MAX)
                 .map(|_| libc::iovec {
                     iov_base: std::ptr::null_mut(),
                     iov_len: 0,
@@ -453,10 +455,14 @@ impl GlusterBackstore {
         let r = match (s.stage, s.op) {
             (Stage::Transfer, IoOp::Read { offset } | IoOp::Write { offset, .. }) => {
                 let n = (s.buf.len() - s.done).min(MAX_RW);
-                let iov = &mut self.iovs[i];
-                // SAFETY (pointer arithmetic): `done < buf.len()` here.
-                iov.iov_base = unsafe { s.buf.as_mut_ptr().add(s.done) } as *mut c_void;
-                iov.iov_len = n;
+                let iovs = &mut self.iovs[i * DATA_SEGMENTS_MAX..(i + 1) * DATA_SEGMENTS_MAX];
+                let mut count = 0;
+                for (iov, piece) in iovs.iter_mut().zip(s.buf.slices_at_mut(s.done, n)) {
+                    iov.iov_base = piece.as_mut_ptr() as *mut c_void;
+                    iov.iov_len = piece.len();
+                    count += 1;
+                }
+                let iov = iovs.as_ptr();
                 let at = (offset + s.done as u64) as libc::off_t;
                 if matches!(s.op, IoOp::Read { .. }) {
                     // SAFETY: the iovec and the buffer range it names stay
@@ -464,10 +470,10 @@ impl GlusterBackstore {
                     // slot: the buffer is owned by the slot (kept even on
                     // timeout), the iovec sits at a fixed address, and the
                     // context outlives every call (drop waits or leaks).
-                    unsafe { sys::glfs_preadv_async(fd, iov, 1, at, 0, cb, ctx) }
+                    unsafe { sys::glfs_preadv_async(fd, iov, count, at, 0, cb, ctx) }
                 } else {
                     // SAFETY: as for preadv; gfapi only reads the buffer.
-                    unsafe { sys::glfs_pwritev_async(fd, iov, 1, at, 0, cb, ctx) }
+                    unsafe { sys::glfs_pwritev_async(fd, iov, count, at, 0, cb, ctx) }
                 }
             }
             // SAFETY: open fd; the context outlives the call as above.
@@ -576,7 +582,10 @@ impl GlusterBackstore {
                     // Past the end of a file that shrank under us: what is
                     // gone reads as zeros, like a hole.
                     let at = s.done;
-                    s.buf[at..].fill(0);
+                    let rest = s.buf.len() - at;
+                    for piece in s.buf.slices_at_mut(at, rest) {
+                        piece.fill(0);
+                    }
                     s.done = s.buf.len();
                 }
                 if s.done < s.buf.len() {

@@ -337,8 +337,8 @@ impl TxSink for WireSink {
         self.last = (start, end);
         self.wire.extend_from_slice(&self.data[start..end]);
     }
-    fn last_range(&self) -> &[u8] {
-        &self.data[self.last.0..self.last.1]
+    fn last_range_crc32c(&self) -> u32 {
+        iscsi::digest::crc32c_parts(&[&self.data[self.last.0..self.last.1]])
     }
 }
 

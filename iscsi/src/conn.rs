@@ -17,7 +17,7 @@ use crate::login::{LoginContext, LoginMachine, LoginOutcome, LoginStep};
 use crate::params::{ConnParams, SessionParams, SessionType, TargetLimits, Transport};
 use crate::pdu::{flags, opcode, Bhs, Decoder, Encoder, Pdu, PduError, BHS_LEN};
 use crate::textreq::{TextContext, TextMachine};
-pub use mempool::DataBuf;
+pub use mempool::{DataBuf, DataDest};
 
 /// Tag value meaning "no tag" (RFC 7143 11.18, 11.19).
 pub const RESERVED_TAG: u32 = 0xffff_ffff;
@@ -179,8 +179,9 @@ pub trait TxSink {
     fn put_data(&mut self, buf: DataBuf);
     /// Send `start..end` of the last buffer given to `put_data`.
     fn put_range(&mut self, start: usize, end: usize);
-    /// The bytes of the last `put_range` (for the data digest).
-    fn last_range(&self) -> &[u8];
+    /// CRC32C of the bytes of the last `put_range` (the data digest,
+    /// asked for only when it is on).
+    fn last_range_crc32c(&self) -> u32;
     /// iSER: RDMA-Write the first `len` bytes of `buf` to the initiator's
     /// `stag` at `va`, ordered before every Send that follows (the SCSI
     /// Response). Only iSER connections call it; a sink that cannot do
@@ -645,7 +646,7 @@ impl Connection {
         let Some(buf) = self.stage_buffer(bhs, alloc) else {
             return false;
         };
-        buf[..data.len()].copy_from_slice(data);
+        buf.copy_from_at(0, data);
         true
     }
 
@@ -656,7 +657,7 @@ impl Connection {
         &mut self,
         bhs: &Bhs,
         alloc: &mut dyn FnMut(usize) -> Option<DataBuf>,
-    ) -> Option<&mut [u8]> {
+    ) -> Option<&mut DataBuf> {
         let edtl = bhs.edtl();
         let imm = bhs.data_segment_len();
         let (itt, cmdsn) = (bhs.itt(), bhs.cmdsn());
@@ -681,7 +682,7 @@ impl Connection {
             return None;
         }
         self.staged.push((itt, cmdsn, imm, buf));
-        self.staged.last_mut().map(|s| &mut s.3[..imm as usize])
+        self.staged.last_mut().map(|s| &mut s.3)
     }
 
     /// A transport that has a PDU's header (its digest checked) but not
@@ -699,7 +700,7 @@ impl Connection {
         &mut self,
         bhs: &Bhs,
         alloc: &mut dyn FnMut(usize) -> Option<DataBuf>,
-    ) -> Option<&mut [u8]> {
+    ) -> Option<DataDest<'_>> {
         self.rx_into = None;
         let len = bhs.data_segment_len();
         if self.phase != Phase::FullFeature || len == 0 || bhs.total_ahs_len() != 0 {
@@ -732,7 +733,7 @@ impl Connection {
     /// None once that place is gone (the task was aborted meanwhile by
     /// another connection's task management): the transport then reads
     /// the rest of the segment and drops it.
-    pub fn rx_direct_dest(&mut self) -> Option<&mut [u8]> {
+    pub fn rx_direct_dest(&mut self) -> Option<DataDest<'_>> {
         match self.rx_into? {
             RxInto::DataOut { itt, offset, len } => {
                 let id = *self.by_itt.get(&itt)?;
@@ -740,14 +741,13 @@ impl Connection {
                 if !matches!(t.state, TaskState::DataOut) {
                     return None;
                 }
-                t.data_out
-                    .get_mut(offset as usize..offset as usize + len as usize)
+                DataDest::new(&mut t.data_out, offset as usize, len as usize)
             }
             RxInto::Staged { itt, cmdsn, len } => self
                 .staged
                 .iter_mut()
                 .find(|s| s.0 == itt && s.1 == cmdsn)
-                .map(|s| &mut s.3[..len as usize]),
+                .and_then(|s| DataDest::new(&mut s.3, 0, len as usize)),
         }
     }
 
@@ -1095,7 +1095,7 @@ impl Connection {
                 // data sequence checks admit it only once `received`
                 // reaches EDTL with each byte range given exactly once.
                 let mut buf = ctx.data_buffer_sized(edtl as usize);
-                buf[..pdu.data.len()].copy_from_slice(&pdu.data);
+                buf.copy_from_at(0, &pdu.data);
                 task.data_out = buf;
                 ctx.recycle(pdu.data);
             }
@@ -1286,10 +1286,10 @@ impl Connection {
         if bhs.opcode() != opcode::DATA_OUT || data.len() != bhs.data_segment_len() as usize {
             return false;
         }
-        let Some(dst) = self.rx_direct_begin(bhs, &mut |_| None) else {
+        let Some(mut dst) = self.rx_direct_begin(bhs, &mut |_| None) else {
             return false;
         };
-        dst.copy_from_slice(data);
+        dst.copy_from(0, data);
         self.rx_direct_end();
         true
     }
@@ -1345,7 +1345,7 @@ impl Connection {
             return;
         };
         if placed.is_none() {
-            t.data_out[offset as usize..(offset + len) as usize].copy_from_slice(&pdu.data);
+            t.data_out.copy_from_at(offset as usize, &pdu.data);
         }
         t.received += len;
         match to {
@@ -1484,7 +1484,12 @@ impl Connection {
                         self.tx.clear();
                         sink.put_range(off, off + n);
                         let mut trailer = [0u8; 8];
-                        let len = self.encoder.data_trailer(sink.last_range(), &mut trailer);
+                        let crc = if self.encoder.data_digest {
+                            sink.last_range_crc32c()
+                        } else {
+                            0
+                        };
+                        let len = self.encoder.data_trailer_crc(n, crc, &mut trailer);
                         if len > 0 {
                             sink.put_bytes(&trailer[..len]);
                         }
@@ -2029,8 +2034,8 @@ mod tests {
         fn put_range(&mut self, start: usize, end: usize) {
             self.wire.put_range(start, end)
         }
-        fn last_range(&self) -> &[u8] {
-            self.wire.last_range()
+        fn last_range_crc32c(&self) -> u32 {
+            self.wire.last_range_crc32c()
         }
         fn put_rdma_write(
             &mut self,
@@ -2351,8 +2356,9 @@ mod tests {
             let d = self.data.as_ref().expect("range before data");
             self.wire.extend_from_slice(&d[start..end]);
         }
-        fn last_range(&self) -> &[u8] {
-            &self.data.as_ref().expect("range before data")[self.last.0..self.last.1]
+        fn last_range_crc32c(&self) -> u32 {
+            let d = self.data.as_ref().expect("range before data");
+            crate::digest::crc32c_parts(&[&d[self.last.0..self.last.1]])
         }
     }
 
@@ -2699,9 +2705,9 @@ mod tests {
     /// ask where it goes, write it there, end, and hand on the PDU empty.
     fn received_into_place(c: &mut Connection, mut p: Pdu) -> Option<Pdu> {
         p.bhs.set_data_segment_len(p.data.len() as u32);
-        let dst = c.rx_direct_begin(&p.bhs, &mut |n| Some(vec![0xee; n].into()))?;
+        let mut dst = c.rx_direct_begin(&p.bhs, &mut |n| Some(vec![0xee; n].into()))?;
         assert_eq!(dst.len(), p.data.len());
-        dst.copy_from_slice(&p.data);
+        dst.copy_from(0, &p.data);
         assert!(c.rx_direct_dest().is_some());
         c.rx_direct_end();
         p.data.clear();

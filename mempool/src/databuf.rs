@@ -5,6 +5,16 @@
 //! device server and the backstores see one type with the few vector
 //! operations they use; where the bytes live is the engine's business.
 //!
+//! A command too large for any free buffer of its class may instead span
+//! up to [`DATA_SEGMENTS_MAX`] buffers of one smaller class (a
+//! scatter-gather buffer). Its bytes are not one slice: the read and write
+//! path (backstores, transports) walks them with [`DataBuf::segments`],
+//! [`DataBuf::slices_at`] and the copy helpers. Reading one as a slice
+//! (`Deref`) is a bug in the caller and asserts; `DerefMut` and the
+//! growing vector operations first move the bytes into one heap buffer
+//! (a copy and an allocation, as for a pool buffer that outgrows its class),
+//! so emulated commands stay correct if one ever meets such a buffer.
+//!
 //! A pool buffer goes back to its pool when the reactor frees it
 //! ([`crate::CoreCache::free_data`], local and cheap) or, on any other path
 //! that drops it (an error path, a connection torn down), by its `Drop`,
@@ -19,9 +29,32 @@ use crate::pool::DataHome;
 
 pub struct DataBuf(Repr);
 
+// Moved through every queue of the I/O path: a few words, however its
+// bytes are laid out.
+const _: () = assert!(std::mem::size_of::<DataBuf>() <= 32);
+
+/// Buffers one scatter-gather `DataBuf` holds at most (its list is one of
+/// the pool's [`crate::SG_SLOTS`] slots, mapped at start-up): 8 covers a
+/// 16 MiB command with 2 MiB buffers, a 1 MiB one with 256 KiB buffers.
+pub const DATA_SEGMENTS_MAX: usize = 8;
+
 enum Repr {
     Heap(Vec<u8>),
-    Pool { buf: Buf, home: DataHome },
+    Pool {
+        buf: Buf,
+        home: DataHome,
+    },
+    /// `count` buffers of one class, listed in the pool's segment slot
+    /// `slot` (held by this `DataBuf` alone), each `1 << seg_shift`
+    /// long: data byte `i` is in buffer `i >> seg_shift`. The buffers'
+    /// own lengths are not used.
+    Sg {
+        slot: u32,
+        count: u8,
+        seg_shift: u8,
+        len: u32,
+        home: DataHome,
+    },
 }
 
 impl DataBuf {
@@ -38,27 +71,201 @@ impl DataBuf {
         DataBuf(Repr::Pool { buf, home })
     }
 
-    /// The pool buffer inside, for the pool to take back (`None` for a
-    /// heap buffer, returned as `Err`).
-    pub(crate) fn into_pool(self) -> Result<(Buf, DataHome), Vec<u8>> {
+    /// A scatter-gather buffer of `len` bytes over `bufs` (2 to
+    /// `DATA_SEGMENTS_MAX` buffers of one class, enough for `len`), listed
+    /// in segment slot `slot` (taken from `home`, empty).
+    pub(crate) fn from_pool_segments(
+        slot: u32,
+        bufs: impl Iterator<Item = Buf>,
+        len: usize,
+        home: DataHome,
+    ) -> DataBuf {
+        let mut d = DataBuf(Repr::Sg {
+            slot,
+            count: 0,
+            seg_shift: 0,
+            len: u32::try_from(len).expect("segments hold less than 4 GiB"),
+            home,
+        });
+        let mut count = 0;
+        let mut seg_bytes = 0;
+        for b in bufs {
+            assert!(count < DATA_SEGMENTS_MAX, "too many segments");
+            assert!(seg_bytes == 0 || b.capacity() == seg_bytes, "mixed classes");
+            seg_bytes = b.capacity();
+            let list = d.sg_list_mut();
+            assert!(list[count].is_none(), "a taken slot is empty");
+            list[count] = Some(b);
+            count += 1;
+        }
+        assert!(count >= 2 && seg_bytes.is_power_of_two());
+        assert!(len <= count * seg_bytes && len > (count - 1) * seg_bytes);
+        if let Repr::Sg {
+            count: c,
+            seg_shift,
+            ..
+        } = &mut d.0
+        {
+            *c = count as u8;
+            *seg_shift = seg_bytes.trailing_zeros() as u8;
+        }
+        d
+    }
+
+    /// The segment list of a scatter-gather buffer (empty otherwise).
+    fn sg_list(&self) -> &[Option<Buf>] {
+        match &self.0 {
+            // SAFETY: this `DataBuf` holds the slot alone (`SgSlots`), and
+            // the shared borrow of `self` keeps `sg_list_mut` from
+            // running while the result lives.
+            Repr::Sg { slot, home, .. } => unsafe { &*home.sg_bufs(*slot) },
+            _ => &[],
+        }
+    }
+
+    /// `sg_list`, mutable.
+    fn sg_list_mut(&mut self) -> &mut [Option<Buf>] {
+        match &self.0 {
+            // SAFETY: as in `sg_list`; the exclusive borrow of `self` makes
+            // this the only reference into the slot while it lives.
+            Repr::Sg { slot, home, .. } => unsafe { &mut *home.sg_bufs(*slot) },
+            _ => &mut [],
+        }
+    }
+
+    /// Buffers the bytes are in: 1 unless a scatter-gather buffer.
+    pub fn segment_count(&self) -> usize {
+        match &self.0 {
+            Repr::Sg { count, .. } => *count as usize,
+            _ => 1,
+        }
+    }
+
+    /// Whether the bytes are one slice (`Deref` works).
+    pub fn is_contiguous(&self) -> bool {
+        !matches!(self.0, Repr::Sg { .. })
+    }
+
+    /// The data as slices, in order (one for a contiguous buffer, possibly
+    /// empty).
+    pub fn segments(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.slices_at(0, self.len())
+    }
+
+    /// The data as mutable slices, in order.
+    pub fn segments_mut(&mut self) -> impl Iterator<Item = &mut [u8]> + '_ {
+        let len = self.len();
+        self.slices_at_mut(0, len)
+    }
+
+    /// The pieces of data bytes `[offset, offset + len)`, in order, each
+    /// within one buffer. Panics past the data's length, as slicing does.
+    pub fn slices_at(&self, offset: usize, len: usize) -> Slices<'_> {
+        let end = offset.checked_add(len).expect("range overflows");
+        assert!(
+            end <= self.len(),
+            "range {offset}+{len} past {}",
+            self.len()
+        );
+        match &self.0 {
+            Repr::Heap(v) => Slices::one(&v[offset..end]),
+            Repr::Pool { buf, .. } => Slices::one(&buf.data()[offset..end]),
+            Repr::Sg { seg_shift, .. } => Slices {
+                one: None,
+                bufs: self.sg_list(),
+                seg_shift: *seg_shift,
+                pos: offset,
+                end,
+            },
+        }
+    }
+
+    /// `slices_at`, mutable.
+    pub fn slices_at_mut(&mut self, offset: usize, len: usize) -> SlicesMut<'_> {
+        let end = offset.checked_add(len).expect("range overflows");
+        assert!(
+            end <= self.len(),
+            "range {offset}+{len} past {}",
+            self.len()
+        );
+        if let Repr::Sg { seg_shift, .. } = self.0 {
+            let first = offset >> seg_shift;
+            return SlicesMut {
+                one: None,
+                bufs: self.sg_list_mut()[first..].iter_mut(),
+                first_off: offset - (first << seg_shift),
+                left: end - offset,
+                seg_bytes: 1 << seg_shift,
+            };
+        }
+        match &mut self.0 {
+            Repr::Heap(v) => SlicesMut::one(&mut v[offset..end]),
+            Repr::Pool { buf, .. } => SlicesMut::one(&mut buf.data_mut()[offset..end]),
+            Repr::Sg { .. } => unreachable!("handled above"),
+        }
+    }
+
+    /// Makes the bytes one slice: a scatter-gather buffer moves into one
+    /// heap buffer (a copy and an allocation); others are left alone.
+    pub fn make_contiguous(&mut self) {
+        if !self.is_contiguous() {
+            self.move_to_heap(self.len());
+        }
+    }
+
+    /// The contiguous run of data bytes starting at `offset`, at most
+    /// `max_len` long: all of them up to `max_len` for a contiguous
+    /// buffer, the rest of one buffer for a scatter-gather one. For
+    /// transfers that take one pointer (a read or write system call).
+    pub fn piece_at(&self, offset: usize, max_len: usize) -> &[u8] {
+        let n = max_len.min(self.len().saturating_sub(offset));
+        self.slices_at(offset, n).next().unwrap_or(&[])
+    }
+
+    /// `piece_at`, mutable.
+    pub fn piece_at_mut(&mut self, offset: usize, max_len: usize) -> &mut [u8] {
+        let n = max_len.min(self.len().saturating_sub(offset));
+        self.slices_at_mut(offset, n).next().unwrap_or(&mut [])
+    }
+
+    /// Whether every piece starts at an address that is a multiple of
+    /// `align` (a power of two), as O_DIRECT needs.
+    pub fn is_aligned(&self, align: usize) -> bool {
+        self.segments()
+            .all(|p| (p.as_ptr() as usize).is_multiple_of(align))
+    }
+
+    /// The pool buffers inside, for the pool to take back (`Err` for a
+    /// heap buffer).
+    pub(crate) fn into_parts(self) -> Result<(Parts, DataHome), Vec<u8>> {
         let mut me = std::mem::ManuallyDrop::new(self);
         // Take the representation out, leaving an empty vector: `Drop`
         // (which would send a pool buffer home) must not run on it.
         match std::mem::replace(&mut me.0, Repr::Heap(Vec::new())) {
             Repr::Heap(v) => Err(v),
-            Repr::Pool { buf, home } => Ok((buf, home)),
+            Repr::Pool { buf, home } => Ok((Parts::One(Some(buf)), home)),
+            Repr::Sg { slot, home, .. } => {
+                // SAFETY: this `DataBuf` held the slot alone and is gone
+                // (`me` is never used again); the list moves out before
+                // the slot is given back.
+                let list = unsafe { &mut *home.sg_bufs(slot) };
+                let bufs = std::mem::replace(list, [const { None }; DATA_SEGMENTS_MAX]);
+                home.sg_give(slot);
+                Ok((Parts::Many(bufs), home))
+            }
         }
     }
 
-    /// Whether the bytes are in a pool arena (registered for RDMA).
+    /// Whether the bytes are in pool arenas (registered for RDMA).
     pub fn is_pool(&self) -> bool {
-        matches!(self.0, Repr::Pool { .. })
+        !matches!(self.0, Repr::Heap(_))
     }
 
     pub fn len(&self) -> usize {
         match &self.0 {
             Repr::Heap(v) => v.len(),
             Repr::Pool { buf, .. } => buf.len(),
+            Repr::Sg { len, .. } => *len as usize,
         }
     }
 
@@ -70,6 +277,9 @@ impl DataBuf {
         match &self.0 {
             Repr::Heap(v) => v.capacity(),
             Repr::Pool { buf, .. } => buf.capacity(),
+            Repr::Sg {
+                count, seg_shift, ..
+            } => (*count as usize) << *seg_shift,
         }
     }
 
@@ -77,12 +287,17 @@ impl DataBuf {
         self.truncate(0)
     }
 
-    pub fn truncate(&mut self, len: usize) {
+    pub fn truncate(&mut self, new_len: usize) {
         match &mut self.0 {
-            Repr::Heap(v) => v.truncate(len),
+            Repr::Heap(v) => v.truncate(new_len),
             Repr::Pool { buf, .. } => {
-                if len < buf.len() {
-                    buf.set_len(len)
+                if new_len < buf.len() {
+                    buf.set_len(new_len)
+                }
+            }
+            Repr::Sg { len, .. } => {
+                if new_len < *len as usize {
+                    *len = new_len as u32
                 }
             }
         }
@@ -93,17 +308,22 @@ impl DataBuf {
     /// responses larger than their buffer do this).
     pub fn reserve(&mut self, additional: usize) {
         let need = self.len() + additional;
+        let cap = self.capacity();
         match &mut self.0 {
             Repr::Heap(v) => v.reserve(additional),
-            Repr::Pool { buf, .. } if need <= buf.capacity() => {}
-            Repr::Pool { buf, .. } => {
-                let mut v = Vec::with_capacity(need.max(2 * buf.capacity()));
-                v.extend_from_slice(buf.data());
-                if let Repr::Pool { buf, home } = std::mem::replace(&mut self.0, Repr::Heap(v)) {
-                    home.give_back(buf);
-                }
-            }
+            _ if need <= cap => {}
+            _ => self.move_to_heap(need.max(2 * cap)),
         }
+    }
+
+    /// The bytes into one heap vector of at least `capacity`, the pool
+    /// buffers sent home.
+    fn move_to_heap(&mut self, capacity: usize) {
+        let mut v = Vec::with_capacity(capacity.max(self.len()));
+        for piece in self.segments() {
+            v.extend_from_slice(piece);
+        }
+        send_home(std::mem::replace(&mut self.0, Repr::Heap(v)));
     }
 
     /// Sets the length to `len`, filling new bytes with `value`.
@@ -115,9 +335,11 @@ impl DataBuf {
         self.reserve(len - old);
         match &mut self.0 {
             Repr::Heap(v) => v.resize(len, value),
-            Repr::Pool { buf, .. } => {
-                buf.set_len(len);
-                buf.as_mut_slice()[old..len].fill(value);
+            _ => {
+                self.set_len_stale(len);
+                for piece in self.slices_at_mut(old, len - old) {
+                    piece.fill(value);
+                }
             }
         }
     }
@@ -125,10 +347,12 @@ impl DataBuf {
     /// Sets the length to `len` without writing the bytes: they hold
     /// whatever was there (initialized memory: zeros or an earlier use's
     /// data). For buffers the caller overwrites completely before reading.
-    pub fn set_len_stale(&mut self, len: usize) {
+    pub fn set_len_stale(&mut self, new_len: usize) {
+        let cap = self.capacity();
         match &mut self.0 {
-            Repr::Pool { buf, .. } if len <= buf.capacity() => buf.set_len(len),
-            _ => self.resize(len, 0),
+            Repr::Pool { buf, .. } if new_len <= cap => buf.set_len(new_len),
+            Repr::Sg { len, .. } if new_len <= cap => *len = new_len as u32,
+            _ => self.resize(new_len, 0),
         }
     }
 
@@ -140,11 +364,30 @@ impl DataBuf {
         self.reserve(bytes.len());
         match &mut self.0 {
             Repr::Heap(v) => v.extend_from_slice(bytes),
-            Repr::Pool { buf, .. } => {
-                let old = buf.len();
-                buf.set_len(old + bytes.len());
-                buf.as_mut_slice()[old..old + bytes.len()].copy_from_slice(bytes);
+            _ => {
+                let old = self.len();
+                self.set_len_stale(old + bytes.len());
+                self.copy_from_at(old, bytes);
             }
+        }
+    }
+
+    /// Copies `src` into data bytes `[offset, offset + src.len())`, which
+    /// must be within the length.
+    pub fn copy_from_at(&mut self, offset: usize, src: &[u8]) {
+        let mut at = 0;
+        for piece in self.slices_at_mut(offset, src.len()) {
+            piece.copy_from_slice(&src[at..at + piece.len()]);
+            at += piece.len();
+        }
+    }
+
+    /// Copies data bytes `[offset, offset + dst.len())` into `dst`.
+    pub fn copy_to_at(&self, offset: usize, dst: &mut [u8]) {
+        let mut at = 0;
+        for piece in self.slices_at(offset, dst.len()) {
+            dst[at..at + piece.len()].copy_from_slice(piece);
+            at += piece.len();
         }
     }
 
@@ -158,31 +401,82 @@ impl DataBuf {
 
     /// A heap copy of the bytes (tests and tools).
     pub fn to_vec(&self) -> Vec<u8> {
-        self.deref().to_vec()
+        let mut v = Vec::with_capacity(self.len());
+        for piece in self.segments() {
+            v.extend_from_slice(piece);
+        }
+        v
     }
 
     /// The bytes as a heap vector: moved out of a heap buffer, copied out
-    /// of a pool buffer (which then goes home).
+    /// of pool buffers (which then go home).
     pub fn into_vec(self) -> Vec<u8> {
-        match self.into_pool() {
-            Err(v) => v,
-            Ok((buf, home)) => {
-                let v = buf.data().to_vec();
-                home.give_back(buf);
-                v
-            }
+        if self.is_pool() {
+            // Dropping `self` after the copy sends the buffers home.
+            return self.to_vec();
         }
+        match self.into_parts() {
+            Err(v) => v,
+            Ok(_) => unreachable!("not a pool buffer"),
+        }
+    }
+
+    /// Whether the bytes equal `other`'s, whatever either is made of.
+    fn same_bytes(&self, other: &[u8]) -> bool {
+        if self.len() != other.len() {
+            return false;
+        }
+        let mut at = 0;
+        self.segments().all(|piece| {
+            let ok = piece == &other[at..at + piece.len()];
+            at += piece.len();
+            ok
+        })
+    }
+}
+
+/// What a pool-backed `DataBuf` is made of, for the pool to take back.
+pub(crate) enum Parts {
+    One(Option<Buf>),
+    Many([Option<Buf>; DATA_SEGMENTS_MAX]),
+}
+
+impl Parts {
+    pub(crate) fn into_bufs(self) -> impl Iterator<Item = Buf> {
+        let (one, many) = match self {
+            Parts::One(b) => (b, None),
+            Parts::Many(bufs) => (None, Some(bufs)),
+        };
+        one.into_iter()
+            .chain(many.into_iter().flat_map(|bufs| bufs.into_iter().flatten()))
     }
 }
 
 impl Drop for DataBuf {
     fn drop(&mut self) {
-        if let Repr::Pool { .. } = self.0 {
-            if let Repr::Pool { buf, home } = std::mem::replace(&mut self.0, Repr::Heap(Vec::new()))
-            {
-                home.give_back(buf);
-            }
+        if let Repr::Heap(_) = self.0 {
+            return;
         }
+        send_home(std::mem::replace(&mut self.0, Repr::Heap(Vec::new())));
+    }
+}
+
+/// Gives a representation's pool buffers back to their class's shared
+/// queue (a `Buf` dropped instead would leak).
+fn send_home(repr: Repr) {
+    match repr {
+        Repr::Pool { buf, home } => home.give_back(buf),
+        Repr::Sg { slot, home, .. } => {
+            // SAFETY: the representation held the slot alone and has been
+            // taken out of its `DataBuf`; the slot is emptied, then given
+            // back.
+            let list = unsafe { &mut *home.sg_bufs(slot) };
+            for b in list.iter_mut().filter_map(Option::take) {
+                home.give_back(b);
+            }
+            home.sg_give(slot);
+        }
+        Repr::Heap(_) => {}
     }
 }
 
@@ -198,16 +492,148 @@ impl Deref for DataBuf {
         match &self.0 {
             Repr::Heap(v) => v,
             Repr::Pool { buf, .. } => buf.data(),
+            // The read and write path walks segments; anything reading a
+            // scatter-gather buffer as one slice was handed a buffer its
+            // command never gets (see the module comment).
+            Repr::Sg { .. } => panic!(
+                "a scatter-gather DataBuf of {} bytes read as one slice",
+                self.len()
+            ),
         }
     }
 }
 
 impl DerefMut for DataBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
+        if let Repr::Sg { .. } = self.0 {
+            // Correct before fast: one heap copy.
+            self.move_to_heap(self.len());
+        }
         match &mut self.0 {
             Repr::Heap(v) => v,
             Repr::Pool { buf, .. } => buf.data_mut(),
+            Repr::Sg { .. } => unreachable!("moved to the heap above"),
         }
+    }
+}
+
+/// A place for received bytes: `len` bytes of a `DataBuf` from `offset`
+/// (a Data-Out's data at its BufferOffset, a command's immediate data).
+/// A transport reads into its pieces, one or several.
+pub struct DataDest<'a> {
+    buf: &'a mut DataBuf,
+    offset: usize,
+    len: usize,
+}
+
+impl<'a> DataDest<'a> {
+    /// `None` when the range is not within the buffer's data.
+    pub fn new(buf: &'a mut DataBuf, offset: usize, len: usize) -> Option<DataDest<'a>> {
+        let end = offset.checked_add(len)?;
+        (end <= buf.len()).then_some(DataDest { buf, offset, len })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The pieces of the place from byte `skip` of it on.
+    pub fn pieces_from(&mut self, skip: usize) -> SlicesMut<'_> {
+        let skip = skip.min(self.len);
+        self.buf.slices_at_mut(self.offset + skip, self.len - skip)
+    }
+
+    /// The pieces of `len` bytes of the place from byte `skip` of it.
+    pub fn pieces(&self, skip: usize, len: usize) -> Slices<'_> {
+        assert!(skip + len <= self.len, "past the place");
+        self.buf.slices_at(self.offset + skip, len)
+    }
+
+    /// Copies `src` into the place from byte `skip` of it.
+    pub fn copy_from(&mut self, skip: usize, src: &[u8]) {
+        assert!(skip + src.len() <= self.len, "past the place");
+        self.buf.copy_from_at(self.offset + skip, src);
+    }
+}
+
+/// Pieces of a `DataBuf` range (see [`DataBuf::slices_at`]).
+pub struct Slices<'a> {
+    one: Option<&'a [u8]>,
+    bufs: &'a [Option<Buf>],
+    seg_shift: u8,
+    pos: usize,
+    end: usize,
+}
+
+impl<'a> Slices<'a> {
+    fn one(s: &'a [u8]) -> Slices<'a> {
+        Slices {
+            one: Some(s),
+            bufs: &[],
+            seg_shift: 0,
+            pos: 0,
+            end: 0,
+        }
+    }
+}
+
+impl<'a> Iterator for Slices<'a> {
+    type Item = &'a [u8];
+    fn next(&mut self) -> Option<&'a [u8]> {
+        if let Some(s) = self.one.take() {
+            return Some(s);
+        }
+        if self.pos >= self.end {
+            return None;
+        }
+        let i = self.pos >> self.seg_shift;
+        let off = self.pos - (i << self.seg_shift);
+        let n = ((1usize << self.seg_shift) - off).min(self.end - self.pos);
+        self.pos += n;
+        let buf = self.bufs[i].as_ref().expect("segment below count");
+        Some(&buf.as_slice()[off..off + n])
+    }
+}
+
+/// Mutable pieces of a `DataBuf` range (see [`DataBuf::slices_at_mut`]).
+pub struct SlicesMut<'a> {
+    one: Option<&'a mut [u8]>,
+    bufs: std::slice::IterMut<'a, Option<Buf>>,
+    first_off: usize,
+    left: usize,
+    seg_bytes: usize,
+}
+
+impl<'a> SlicesMut<'a> {
+    fn one(s: &'a mut [u8]) -> SlicesMut<'a> {
+        SlicesMut {
+            one: Some(s),
+            bufs: [].iter_mut(),
+            first_off: 0,
+            left: 0,
+            seg_bytes: 0,
+        }
+    }
+}
+
+impl<'a> Iterator for SlicesMut<'a> {
+    type Item = &'a mut [u8];
+    fn next(&mut self) -> Option<&'a mut [u8]> {
+        if let Some(s) = self.one.take() {
+            return Some(s);
+        }
+        if self.left == 0 {
+            return None;
+        }
+        let buf = self.bufs.next()?.as_mut().expect("segment below count");
+        let off = std::mem::take(&mut self.first_off);
+        let n = (self.seg_bytes - off).min(self.left);
+        self.left -= n;
+        Some(&mut buf.as_mut_slice()[off..off + n])
     }
 }
 
@@ -249,13 +675,18 @@ impl fmt::Debug for DataBuf {
         f.debug_struct("DataBuf")
             .field("len", &self.len())
             .field("pool", &self.is_pool())
+            .field("segments", &self.segment_count())
             .finish()
     }
 }
 
 impl PartialEq for DataBuf {
     fn eq(&self, other: &DataBuf) -> bool {
-        **self == **other
+        if other.is_contiguous() {
+            self.same_bytes(other)
+        } else {
+            self.len() == other.len() && other.same_bytes(&self.to_vec())
+        }
     }
 }
 
@@ -263,31 +694,31 @@ impl Eq for DataBuf {}
 
 impl PartialEq<Vec<u8>> for DataBuf {
     fn eq(&self, other: &Vec<u8>) -> bool {
-        **self == other[..]
+        self.same_bytes(other)
     }
 }
 
 impl PartialEq<[u8]> for DataBuf {
     fn eq(&self, other: &[u8]) -> bool {
-        **self == *other
+        self.same_bytes(other)
     }
 }
 
 impl<const N: usize> PartialEq<[u8; N]> for DataBuf {
     fn eq(&self, other: &[u8; N]) -> bool {
-        **self == other[..]
+        self.same_bytes(other)
     }
 }
 
 impl PartialEq<&[u8]> for DataBuf {
     fn eq(&self, other: &&[u8]) -> bool {
-        **self == **other
+        self.same_bytes(other)
     }
 }
 
 impl PartialEq<DataBuf> for Vec<u8> {
     fn eq(&self, other: &DataBuf) -> bool {
-        self[..] == **other
+        other.same_bytes(self)
     }
 }
 
@@ -415,6 +846,137 @@ mod tests {
         ));
         drop(d);
         drop(held);
+    }
+
+    /// A pool with 64 KiB buffers only two of 1 MiB: enough to exhaust.
+    fn sg_pool() -> Pool {
+        Pool::new(PoolConfig {
+            arena_bytes: 8 << 20,
+            arena_limit_bytes: 8 << 20,
+            cores: 1,
+            backing: Backing::Heap,
+            classes: vec![
+                crate::ClassConfig {
+                    buf_bytes: 64 << 10,
+                    weight: 3,
+                },
+                crate::ClassConfig {
+                    buf_bytes: 1 << 20,
+                    weight: 1,
+                },
+            ],
+            ..PoolConfig::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_scatter_gather_buffer_spans_smaller_buffers_and_behaves_like_one() {
+        let p = sg_pool();
+        let mut cache = p.core_cache(0).unwrap();
+        // 300 KiB + 5: five 64 KiB buffers (waste under an eighth).
+        let len = 300 * 1024 + 5;
+        let mut d = cache.alloc_data_sg(len).expect("64 KiB buffers are free");
+        assert_eq!(d.len(), len);
+        assert_eq!(d.segment_count(), 5);
+        assert!(d.is_pool() && !d.is_contiguous());
+        assert_eq!(d.capacity(), 5 * 65536);
+        let pattern: Vec<u8> = (0..len).map(|i| (i * 7 + i / 65536) as u8).collect();
+        d.copy_from_at(0, &pattern);
+        assert_eq!(d, pattern);
+        assert_eq!(d.to_vec(), pattern);
+        // Pieces split at buffer boundaries, whatever the range.
+        let pieces: Vec<usize> = d.slices_at(65530, 70000).map(<[u8]>::len).collect();
+        assert_eq!(pieces, vec![6, 65536, 4458]);
+        let mut out = vec![0u8; 70000];
+        d.copy_to_at(65530, &mut out);
+        assert_eq!(out, pattern[65530..135530]);
+        let mut at = 0;
+        for piece in d.slices_at_mut(1000, 200_000) {
+            piece.fill(0xee);
+            at += piece.len();
+        }
+        assert_eq!(at, 200_000);
+        let mut want = pattern.clone();
+        want[1000..201_000].fill(0xee);
+        assert_eq!(d, want);
+        assert_eq!(d.segments().map(<[u8]>::len).sum::<usize>(), len);
+        // Length changes within the buffers stay in them; growing past
+        // them moves the bytes to the heap and sends the buffers home.
+        d.truncate(100);
+        d.set_len_stale(5 * 65536);
+        assert_eq!(d.segment_count(), 5);
+        d.truncate(70_000);
+        d.extend_from_slice(&[1, 2, 3]);
+        assert_eq!(d.len(), 70_003);
+        assert_eq!(&d.to_vec()[69_999..], &[want[69_999], 1, 2, 3]);
+        d.resize(70_010, 9);
+        assert_eq!(&d.to_vec()[70_003..], &[9; 7]);
+        assert!(!d.is_contiguous());
+        d.resize(6 * 65536, 4);
+        assert!(d.is_contiguous() && !d.is_pool());
+        assert_eq!(&d[69_999..70_004], &[want[69_999], 1, 2, 3, 9]);
+        assert_eq!(cache.free_data(d).map(|v| v.len()), Some(6 * 65536));
+        cache.flush();
+        assert_eq!(p.stats()[0].in_use, 0, "every segment went home");
+    }
+
+    #[test]
+    fn scatter_gather_buffers_go_home_whole_from_anywhere() {
+        let p = sg_pool();
+        let mut cache = p.core_cache(0).unwrap();
+        let total = p.stats()[0].total_bufs;
+        // Freed through the cache, dropped on another thread, linearized
+        // by a write through `DerefMut`: each way every segment returns.
+        assert!(
+            cache.alloc_data_sg(1 << 20).is_none(),
+            "16 segments of 64 KiB are too many"
+        );
+        let a = cache.alloc_data_sg(450_000).unwrap();
+        assert_eq!(a.segment_count(), 7);
+        let b = cache.alloc_data_sg(190_000).unwrap();
+        let mut c = cache.alloc_data_sg(130_000).unwrap();
+        assert_eq!(c.segment_count(), 2);
+        c.copy_from_at(65_530, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        c[65_533] = 0xff;
+        assert!(c.is_contiguous() && !c.is_pool());
+        assert_eq!(&c[65_530..65_538], &[1, 2, 3, 0xff, 5, 6, 7, 8]);
+        cache.free_data(a);
+        std::thread::spawn(move || drop(b)).join().unwrap();
+        drop(c);
+        cache.flush();
+        let s = p.stats()[0];
+        assert_eq!((s.in_use, s.free_bufs), (0, total));
+    }
+
+    #[test]
+    fn scatter_gather_takes_only_idle_smaller_buffers() {
+        let p = sg_pool();
+        let mut cache = p.core_cache(0).unwrap();
+        // Beyond what eight 64 KiB buffers hold: no list.
+        assert!(cache.alloc_data_sg(DATA_SEGMENTS_MAX * 65536 + 1).is_none());
+        // One buffer would do: not a scatter-gather request.
+        assert!(cache.alloc_data_sg(65536).is_none());
+        // Too wasteful: 65537 bytes in two 64 KiB buffers wastes half.
+        assert!(cache.alloc_data_sg(65537).is_none());
+        // Exhaust the 64 KiB class; then nothing, and nothing allocated.
+        let total = p.stats()[0].total_bufs as usize;
+        let held: Vec<DataBuf> = (0..total)
+            .map(|_| cache.alloc_data(60_000).unwrap())
+            .collect();
+        assert!(cache.alloc_data_sg(500_000).is_none());
+        drop(held);
+        cache.flush();
+        assert!(cache.alloc_data_sg(500_000).is_some());
+    }
+
+    #[test]
+    #[should_panic(expected = "read as one slice")]
+    fn reading_a_scatter_gather_buffer_as_one_slice_is_caught() {
+        let p = sg_pool();
+        let mut cache = p.core_cache(0).unwrap();
+        let d = cache.alloc_data_sg(190_000).unwrap();
+        let _ = d[0];
     }
 
     #[test]

@@ -73,12 +73,12 @@ mod pool;
 pub use buf::leaked_buffers;
 pub use buf::{Buf, OutOfRange, RdmaSegment, Segment, SgList};
 pub use config::{Backing, ClassConfig, PoolConfig};
-pub use databuf::DataBuf;
+pub use databuf::{DataBuf, DataDest, Slices, SlicesMut, DATA_SEGMENTS_MAX};
 pub use heap_count::{thread_heap_allocs, trace_thread_allocs, HeapCount};
 pub use legacy::{BufPool, PoolStats};
 pub use pool::{
     Alloc, AllocError, AllocPlan, ArenaId, ArenaInfo, ClassId, ClassStats, CoreCache, KeyTable,
-    Pool, PoolError, RegisterError, Registrar, RegistrarId, RegistrationKey,
+    Pool, PoolError, RegisterError, Registrar, RegistrarId, RegistrationKey, SG_SLOTS,
 };
 
 /// Size of one huge page; arenas are multiples of it.

@@ -18,6 +18,7 @@
 //! keep no partial refills), so waiting cores cannot deadlock each other:
 //! every request is granted once enough granted requests complete.
 
+use std::cell::UnsafeCell;
 use std::collections::VecDeque;
 use std::error::Error;
 use std::fmt;
@@ -30,7 +31,7 @@ use crossbeam_queue::ArrayQueue;
 use crate::arena::{thp_disabled, Arena};
 use crate::buf::{Buf, RawBuf, SgList};
 use crate::config::PoolConfig;
-use crate::databuf::DataBuf;
+use crate::databuf::{DataBuf, DATA_SEGMENTS_MAX};
 use crate::{Backing, HUGE_PAGE_BYTES, MAX_ARENAS, MAX_CORES, MAX_REGISTRARS, MAX_SEGMENTS};
 
 /// A buffer class, by index into the configured classes (ascending size).
@@ -330,7 +331,43 @@ struct Shared {
     core_taken: Box<[AtomicBool]>,
     /// `[core][class][field]`, flattened.
     core_stats: Box<[AtomicU64]>,
+    /// Segment lists of scatter-gather `DataBuf`s.
+    sg: SgSlots,
     cfg: PoolConfig,
+}
+
+/// Scatter-gather `DataBuf`s a pool has out at once, at most. Their
+/// segment lists live here rather than in the `DataBuf`, which then stays
+/// a few words long everywhere it is moved; 128 bytes a slot.
+pub const SG_SLOTS: usize = 4096;
+
+/// The segment lists of scatter-gather `DataBuf`s, mapped at start-up. A
+/// slot belongs to whoever took its index from `free` until the index is
+/// pushed back.
+struct SgSlots {
+    slots: Box<[UnsafeCell<[Option<Buf>; DATA_SEGMENTS_MAX]>]>,
+    free: ArrayQueue<u32>,
+}
+
+// SAFETY: a slot is only reached through the one `DataBuf` holding its
+// index (taken from `free`, a lock-free queue, so at most one holder), and
+// that `DataBuf` lends it out by `&`/`&mut` as it is itself borrowed; the
+// `Buf`s in a slot are `Send`.
+unsafe impl Sync for SgSlots {}
+
+impl SgSlots {
+    fn new(n: usize) -> SgSlots {
+        let free = ArrayQueue::new(n);
+        for i in 0..n {
+            free.push(i as u32).expect("sized for every slot");
+        }
+        SgSlots {
+            slots: (0..n)
+                .map(|_| UnsafeCell::new([const { None }; DATA_SEGMENTS_MAX]))
+                .collect(),
+            free,
+        }
+    }
 }
 
 impl Shared {
@@ -418,6 +455,27 @@ impl DataHome {
     fn is(self, sh: &Shared) -> bool {
         std::ptr::eq(self.0, sh)
     }
+
+    /// A free segment-list slot (empty), if any.
+    pub(crate) fn sg_take(self) -> Option<u32> {
+        self.0.sg.free.pop()
+    }
+
+    /// Gives back slot `slot`, which the caller took and has emptied.
+    pub(crate) fn sg_give(self, slot: u32) {
+        self.0
+            .sg
+            .free
+            .push(slot)
+            .expect("a slot is given back once");
+    }
+
+    /// The segment list in slot `slot`. Reading or writing through the
+    /// pointer is sound only for the slot's holder (see `SgSlots`), and
+    /// only while no other reference it made is in use.
+    pub(crate) fn sg_bufs(self, slot: u32) -> *mut [Option<Buf>; DATA_SEGMENTS_MAX] {
+        self.0.sg.slots[slot as usize].get()
+    }
 }
 
 impl Drop for Shared {
@@ -501,6 +559,7 @@ impl Pool {
             core_stats: (0..cfg.cores * n * S_FIELDS)
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            sg: SgSlots::new(SG_SLOTS),
             cfg,
         };
         if matches!(shared.cfg.backing, Backing::Auto | Backing::TransparentHuge) && thp_disabled()
@@ -1173,6 +1232,48 @@ impl CoreCache {
         Some(self.wrap_data(buf))
     }
 
+    /// A scatter-gather [`DataBuf`] of `len` bytes over 2 to
+    /// [`DATA_SEGMENTS_MAX`] buffers of one class smaller than the one
+    /// `alloc_data` would use, if such a class has them free now and no
+    /// waiters: for a command whose own class is exhausted while smaller
+    /// buffers sit idle. The largest such class goes first (fewest
+    /// segments); one that would waste more than an eighth of its bytes is
+    /// skipped. Never allocates memory.
+    pub fn alloc_data_sg(&mut self, len: usize) -> Option<DataBuf> {
+        let whole = self.class_for(len.max(1))?.index();
+        let home = self.home();
+        let slot = home.sg_take()?;
+        for c in (0..whole).rev() {
+            let seg_bytes = self.shared.classes[c].buf_bytes;
+            let segments = len.div_ceil(seg_bytes);
+            if segments > DATA_SEGMENTS_MAX {
+                break;
+            }
+            if segments < 2 || (segments * seg_bytes - len) * 8 > len {
+                continue;
+            }
+            self.dirty = true;
+            if !self.classes[c].waiters.is_empty() || !self.ensure(c, segments) {
+                self.classes[c].stats.alloc_failed += 1;
+                continue;
+            }
+            let mut sg = SgList::new();
+            self.fill(
+                AllocPlan {
+                    class: ClassId(c as u8),
+                    segments,
+                    bytes: len,
+                },
+                &mut sg,
+            );
+            // Any order: the buffers are interchangeable.
+            let bufs = std::iter::from_fn(|| sg.pop());
+            return Some(DataBuf::from_pool_segments(slot, bufs, len, home));
+        }
+        home.sg_give(slot);
+        None
+    }
+
     /// `alloc_data`, or, when the class has nothing free on this core
     /// now, `token` queued behind the class's earlier waiters: a later
     /// [`CoreCache::next_grant`] returns it with a one-buffer list, which
@@ -1214,7 +1315,12 @@ impl CoreCache {
     }
 
     fn wrap_data(&mut self, buf: Buf) -> DataBuf {
-        let home = match self.home {
+        let home = self.home();
+        DataBuf::from_pool(buf, home)
+    }
+
+    fn home(&mut self) -> DataHome {
+        match self.home {
             Some(h) => h,
             None => {
                 // Leaked once per cache, so buffers can find their way
@@ -1224,22 +1330,25 @@ impl CoreCache {
                 self.home = Some(h);
                 h
             }
-        };
-        DataBuf::from_pool(buf, home)
+        }
     }
 
     /// Takes a [`DataBuf`] back: a buffer of this pool into this core's
     /// cache, one of another pool to its own home; a heap buffer is
     /// returned for the caller to keep or drop.
     pub fn free_data(&mut self, data: DataBuf) -> Option<Vec<u8>> {
-        match data.into_pool() {
+        match data.into_parts() {
             Err(v) => Some(v),
-            Ok((buf, home)) if home.is(&self.shared) => {
-                self.free(buf);
+            Ok((parts, home)) if home.is(&self.shared) => {
+                for buf in parts.into_bufs() {
+                    self.free(buf);
+                }
                 None
             }
-            Ok((buf, home)) => {
-                home.give_back(buf);
+            Ok((parts, home)) => {
+                for buf in parts.into_bufs() {
+                    home.give_back(buf);
+                }
                 None
             }
         }

@@ -162,6 +162,17 @@ pub struct ScsiTask {
     pub data_in: DataBuf,
 }
 
+/// Whether a command's data may come in pieces (a scatter-gather
+/// `DataBuf`): READ and WRITE (6, 10, 12, 16), whose data the device
+/// server hands between transport and backstore untouched. Every other
+/// command reads or builds its data as one slice.
+pub fn data_may_be_in_pieces(opcode: u8) -> bool {
+    matches!(
+        opcode,
+        0x08 | 0x28 | 0xa8 | 0x88 | 0x0a | 0x2a | 0xaa | 0x8a
+    )
+}
+
 /// The device server's answer to a `ScsiTask`.
 #[derive(Debug, Default)]
 pub struct ScsiCompletion {

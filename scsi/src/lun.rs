@@ -287,11 +287,20 @@ impl Lun {
             nexus,
             cdb,
             edtl,
-            data_out,
+            mut data_out,
             mut data_in,
             ..
         } = task;
         data_in.clear();
+        // Data in pieces is for READ and WRITE only; anything else handed
+        // such a buffer gets it as one slice (a copy), never a wrong view.
+        if !cdb
+            .first()
+            .is_some_and(|&op| crate::common::data_may_be_in_pieces(op))
+        {
+            data_out.make_contiguous();
+            data_in.make_contiguous();
+        }
         let sent = data_out.len();
         let stamp = Stamp::new(&cdb, edtl, sent);
         let origin = Origin {
@@ -316,7 +325,13 @@ impl Lun {
             let dol = spc_data_out_len(&cdb, sent);
             return self.finish(origin, Err(e), data_in, data_out, dol);
         }
-        if let Some(r) = self.spc.execute(nexus, &cdb, &data_out, &mut data_in) {
+        // (READ and WRITE data in pieces: not an SPC command, no data read.)
+        let spc_out: &[u8] = if data_out.is_contiguous() {
+            &data_out
+        } else {
+            &[]
+        };
+        if let Some(r) = self.spc.execute(nexus, &cdb, spc_out, &mut data_in) {
             let dol = spc_data_out_len(&cdb, sent);
             let r = r.map(|()| status::GOOD);
             // PREEMPT AND ABORT: the preempted nexuses lose their tasks,

@@ -180,7 +180,9 @@ pub(crate) fn decode(
     info: &LunInfo,
     caps: BackstoreCaps,
     bs: &mut dyn Backstore,
-    data_out: &[u8],
+    // Only its length for READ and WRITE, whose data may be in pieces;
+    // the commands that read it get it as one slice (`Lun::submit`).
+    data_out: &DataBuf,
     data_in: &mut DataBuf,
 ) -> Option<Decoded> {
     let op = b(cdb, 0);

@@ -108,6 +108,8 @@ pub struct Config {
     /// shared by every reactor; a command finding its buffer class empty
     /// waits for a buffer.
     pub buffer_pool_mib: u32,
+    /// When a command's data may span several smaller buffers.
+    pub buffer_sg: BufferSg,
     pub max_sessions: u32,
     /// Directory for persistent reservation APTPL state (may not exist yet).
     pub pr_dir: PathBuf,
@@ -148,6 +150,31 @@ impl PollMode {
             "busy" => Some(PollMode::Busy),
             "adaptive" => Some(PollMode::Adaptive),
             "interrupt" => Some(PollMode::Interrupt),
+            _ => None,
+        }
+    }
+}
+
+/// When a READ or WRITE over TCP may have its data in several buffers of
+/// a smaller class (a scatter-gather buffer) instead of one (`--buffer-sg`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BufferSg {
+    /// Only when the one-buffer class has nothing free: the command runs
+    /// now on idle smaller buffers rather than wait.
+    Fallback,
+    /// Whenever smaller buffers can hold it (testing the path; costs a
+    /// little per command).
+    Always,
+    /// Never: a command waits for a buffer of its class.
+    Off,
+}
+
+impl BufferSg {
+    fn parse(s: &str) -> Option<BufferSg> {
+        match s {
+            "fallback" => Some(BufferSg::Fallback),
+            "always" => Some(BufferSg::Always),
+            "off" => Some(BufferSg::Off),
             _ => None,
         }
     }
@@ -430,6 +457,12 @@ struct Cli {
     #[arg(long, value_name = "MIB")]
     buffer_pool_mib: Option<u32>,
 
+    /// When a READ or WRITE over TCP may take several smaller buffers:
+    /// fallback (when its own class has none free), always, off
+    /// [default: fallback]
+    #[arg(long, value_name = "WHEN", value_parser = ["fallback", "always", "off"])]
+    buffer_sg: Option<String>,
+
     /// Most sessions at once, 1..=65535 [default: 64]
     #[arg(long, value_name = "N")]
     max_sessions: Option<u32>,
@@ -512,6 +545,7 @@ struct FileConfig {
     cores: Option<toml::Value>,
     queue_depth: Option<i64>,
     buffer_pool_mib: Option<i64>,
+    buffer_sg: Option<String>,
     max_sessions: Option<i64>,
     pr_dir: Option<PathBuf>,
     nop_interval_s: Option<i64>,
@@ -590,6 +624,10 @@ queue_depth = 128
 # when reserved (vm.nr_hugepages), else transparent huge pages; a command
 # finding none free waits for one.
 buffer_pool_mib = 256
+# When a READ or WRITE over TCP may have its data in several smaller
+# buffers: "fallback" (default: when its own size has none free), "always"
+# or "off".
+buffer_sg = "fallback"
 # Most sessions at once (1..=65535).
 max_sessions = 64
 # Persistent reservation (APTPL) state; relative paths are relative to
@@ -836,6 +874,21 @@ fn build(cli: &Cli, file: Option<(&Path, &FileConfig)>) -> Result<Config, Config
         (None, Some(f)) => Some(base_dir.join(f)),
         (None, None) => None,
     };
+    let buffer_sg = match (&cli.buffer_sg, &fc.buffer_sg) {
+        (Some(p), _) => BufferSg::parse(p).ok_or_else(|| {
+            ConfigError::invalid(
+                flag_at("--buffer-sg", p),
+                "expected fallback, always or off".to_string(),
+            )
+        })?,
+        (None, Some(p)) => BufferSg::parse(p).ok_or_else(|| {
+            ConfigError::invalid(
+                fat("buffer_sg"),
+                format!("{p:?} is not a buffer_sg setting (expected fallback, always or off)"),
+            )
+        })?,
+        (None, None) => BufferSg::Fallback,
+    };
     let poll_given = match (&cli.poll, &fc.poll) {
         (Some(p), _) => Some(PollMode::parse(p).ok_or_else(|| {
             ConfigError::invalid(
@@ -1046,6 +1099,7 @@ fn build(cli: &Cli, file: Option<(&Path, &FileConfig)>) -> Result<Config, Config
         cores,
         queue_depth,
         buffer_pool_mib,
+        buffer_sg,
         max_sessions,
         pr_dir,
         nop_interval_s,
@@ -1999,6 +2053,25 @@ mod tests {
             run(&["--lun", "mem:1GiB"]).unwrap().poll,
             PollMode::Adaptive
         );
+    }
+
+    #[test]
+    fn buffer_sg_from_flag_file_and_default() {
+        assert_eq!(run(&[]).unwrap().buffer_sg, BufferSg::Fallback);
+        assert_eq!(
+            run(&["--buffer-sg", "always"]).unwrap().buffer_sg,
+            BufferSg::Always
+        );
+        let c = run_file(&[], "buffer_sg = \"off\"\n").unwrap();
+        assert_eq!(c.buffer_sg, BufferSg::Off);
+        let c = run_file(&["--buffer-sg", "always"], "buffer_sg = \"off\"\n").unwrap();
+        assert_eq!(c.buffer_sg, BufferSg::Always, "the flag overrides the file");
+        let e = err(run_file(&[], "buffer_sg = \"sometimes\"\n"));
+        assert!(
+            e.contains("buffer_sg") && e.contains("\"sometimes\""),
+            "{e}"
+        );
+        assert!(run(&["--buffer-sg", "sometimes"]).is_err());
     }
 
     #[test]

@@ -35,7 +35,7 @@ use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::config::PollMode;
+use crate::config::{BufferSg, PollMode};
 use crossbeam_queue::ArrayQueue;
 use iscsi::conn::{BufferSource, CloseReason, ConnConfig, Connection, Event, RdmaTags, TxSink};
 use iscsi::login::{ChapConfig, LoginContext, LoginStatus, SessionRequest};
@@ -80,6 +80,8 @@ pub struct EngineConfig {
     pub poll: PollMode,
     /// Bytes of the command data pool (`DATA_POOL_BYTES` by default).
     pub data_pool_bytes: usize,
+    /// When READ and WRITE data over TCP may span smaller buffers.
+    pub buffer_sg: BufferSg,
     /// One reactor per entry, pinned to that CPU when `pin` is set.
     pub cores: Vec<usize>,
     pub pin: bool,
@@ -138,6 +140,9 @@ pub struct CoreStats {
     pub data_pool_misses: u64,
     /// Commands that waited for a data buffer (their class exhausted).
     pub data_pool_waits: u64,
+    /// Commands whose data spans several smaller pool buffers (a
+    /// scatter-gather buffer, `--buffer-sg`).
+    pub data_pool_sg: u64,
     /// iSER connections served by this reactor now.
     pub iser_connections: u64,
     /// Memory registrations (ibv_reg_mr) of the iSER device's protection
@@ -601,6 +606,7 @@ impl Engine {
                     heap: BufPool::new(BUF_POOL_PER_CLASS_MAX, BUF_POOL_CACHED_BYTES_MAX),
                     data: data_pool.core_cache(me).map_err(io::Error::other)?,
                     data_misses: 0,
+                    data_sg: 0,
                     reserved: None,
                 },
                 buf_waits: HashMap::with_capacity(BUF_WAITS_MAX),
@@ -1181,6 +1187,7 @@ impl Reactor {
         self.stats.connections = self.conns.len() as u64;
         self.stats.heap_allocs = mempool::thread_heap_allocs();
         self.stats.data_pool_misses = self.pool.data_misses;
+        self.stats.data_pool_sg = self.pool.data_sg;
         if let Some(ip) = &self.iser {
             let k = ip.counters;
             self.stats.iser_connections = ip.by_cm.len() as u64;
@@ -1581,7 +1588,9 @@ impl Reactor {
                         session: None,
                         read_paused: false,
                         held: None,
-                        stash: VecDeque::new(),
+                        // Sized at accept, not at the first hold: one more
+                        // than the limit (see `offer_pdu`).
+                        stash: VecDeque::with_capacity(STASH_MAX + 1),
                         closing: false,
                         placed: false,
                     };
@@ -1699,7 +1708,13 @@ impl Reactor {
             let Link::Tcp(tcp) = &mut c.link else {
                 break;
             };
-            let (heap, data) = (&mut self.pool.heap, &mut self.pool.data);
+            let Buffers {
+                heap,
+                data,
+                data_sg,
+                ..
+            } = &mut self.pool;
+            let sg_mode = self.sh.cfg.buffer_sg;
             let decoder = c.proto.decoder().clone();
             let proto = &mut c.proto;
             // A segment received into place (`transport_tcp::direct`)
@@ -1716,9 +1731,12 @@ impl Reactor {
                 None => tcp.next_pdu_placing(
                     &decoder,
                     &mut |bhs, d| {
+                        let sg = sg_for(sg_mode, true, bhs.cdb());
                         proto.place_data_out(bhs, d)
                             || (!holding
-                                && proto.stage_immediate(bhs, d, &mut |n| data.alloc_data(n)))
+                                && proto.stage_immediate(bhs, d, &mut |n| {
+                                    alloc_pool(data, data_sg, n, sg)
+                                }))
                     },
                     &mut |n| heap.take(n),
                 ),
@@ -1731,8 +1749,13 @@ impl Reactor {
                     // straight into the command's buffer.
                     if let Some(bhs) = tcp.direct_candidate(&decoder) {
                         let may = !holding || bhs.opcode() == iscsi::pdu::opcode::DATA_OUT;
+                        let sg = sg_for(sg_mode, true, bhs.cdb());
                         if let Some(dst) = may
-                            .then(|| proto.rx_direct_begin(&bhs, &mut |n| data.alloc_data(n)))
+                            .then(|| {
+                                proto.rx_direct_begin(&bhs, &mut |n| {
+                                    alloc_pool(data, data_sg, n, sg)
+                                })
+                            })
                             .flatten()
                         {
                             tcp.begin_direct(&decoder, dst);
@@ -1780,11 +1803,13 @@ impl Reactor {
     /// held (and the PDUs after it stashed) until one is granted.
     fn dispatch_pdu(&mut self, id: u32, pdu: iscsi::Pdu, rdma: RdmaTags, now: u64) {
         if let Some(len) = write_buffer_wanted(&pdu) {
-            if !self.reserve_write(id, len) {
+            let tcp = self
+                .conns
+                .get(&id)
+                .is_some_and(|c| matches!(c.link, Link::Tcp(_)));
+            let sg = sg_for(self.sh.cfg.buffer_sg, tcp, pdu.bhs.cdb());
+            if !self.reserve_write(id, len, sg) {
                 if let Some(c) = self.conns.get_mut(&id) {
-                    // Sized once per connection, at its first hold (one
-                    // more than the limit: see `offer_pdu`).
-                    c.stash.reserve_exact(STASH_MAX + 1);
                     c.held = Some((pdu, rdma));
                 }
                 return;
@@ -1860,9 +1885,9 @@ impl Reactor {
     /// request; the command waits in `held` for `serve_buffer_waits`.
     /// True also when the pool cannot queue it (too large for a class,
     /// queues full): the command then takes its chances as before.
-    fn reserve_write(&mut self, id: u32, len: usize) -> bool {
+    fn reserve_write(&mut self, id: u32, len: usize, sg: BufferSg) -> bool {
         let token = write_wait_token(self.me, id);
-        match self.pool_or_wait(len, token) {
+        match self.pool_or_wait(len, token, sg) {
             PoolWait::Ready(b) => {
                 self.pool.reserved = Some(b);
                 true
@@ -1880,8 +1905,15 @@ impl Reactor {
     /// command in `buf_waits`). Unserved: nothing to wait for (no length,
     /// no class that large) or no room to wait (`BUF_WAITS_MAX`, the
     /// class's wait queue).
-    fn pool_or_wait(&mut self, len: usize, token: u64) -> PoolWait {
-        if len == 0 || self.buf_waits.len() >= BUF_WAITS_MAX {
+    fn pool_or_wait(&mut self, len: usize, token: u64, sg: BufferSg) -> PoolWait {
+        if len == 0 {
+            return PoolWait::Unserved;
+        }
+        let Buffers { data, data_sg, .. } = &mut self.pool;
+        if let Some(b) = alloc_pool(data, data_sg, len, sg) {
+            return PoolWait::Ready(b);
+        }
+        if self.buf_waits.len() >= BUF_WAITS_MAX {
             return PoolWait::Unserved;
         }
         match self.pool.data.alloc_data_or_wait(len, token) {
@@ -2036,6 +2068,7 @@ impl Reactor {
                 break;
             };
             let (session, global) = (c.session, c.global);
+            let tcp = matches!(c.link, Link::Tcp(_));
             match ev {
                 Event::RdmaRead {
                     task,
@@ -2095,7 +2128,8 @@ impl Reactor {
                     // for a buffer (`serve_buffer_waits`).
                     if req.read {
                         let len = req.edtl as usize;
-                        task.data_in = match self.pool_or_wait(len, tag) {
+                        let sg = sg_for(self.sh.cfg.buffer_sg, tcp, &req.cdb);
+                        task.data_in = match self.pool_or_wait(len, tag, sg) {
                             PoolWait::Ready(b) => b,
                             // Heap, counted as a miss.
                             PoolWait::Unserved => self.pool.data(len),
@@ -2515,8 +2549,8 @@ impl TxSink for IserSink<'_> {
 
     fn put_range(&mut self, _start: usize, _end: usize) {}
 
-    fn last_range(&self) -> &[u8] {
-        &[]
+    fn last_range_crc32c(&self) -> u32 {
+        0
     }
 
     fn put_rdma_write(&mut self, buf: DataBuf, len: usize, stag: u32, va: u64) -> Option<DataBuf> {
@@ -3166,7 +3200,7 @@ impl Reactor {
             session: None,
             read_paused: false,
             held: None,
-            stash: VecDeque::new(),
+            stash: VecDeque::with_capacity(STASH_MAX + 1),
             closing: false,
             placed: true,
         };
@@ -3217,6 +3251,8 @@ struct Buffers {
     /// Data buffers served from the heap: larger than the largest class,
     /// or the class was exhausted and its wait queue full.
     data_misses: u64,
+    /// Scatter-gather data buffers handed out (`alloc_pool`).
+    data_sg: u64,
     /// The buffer reserved for the write command being fed to its
     /// connection (`Reactor::reserve_write`), taken by `data` when the
     /// command asks for a buffer of its size.
@@ -3293,6 +3329,38 @@ fn write_wait_token(core: usize, id: u32) -> u64 {
 /// The buffer a write command will ask its connection's `BufferSource`
 /// for: all its data when not all of it came with the command, and the
 /// command's immediate data was not already staged into a buffer.
+/// How a command's data buffer may be made: several smaller buffers
+/// only for the plain READ and WRITE commands, whose data goes between
+/// transport and backstore in pieces, and only over TCP (the iSER path
+/// RDMA-addresses one buffer).
+fn sg_for(mode: BufferSg, tcp: bool, cdb: &[u8]) -> BufferSg {
+    match cdb.first() {
+        Some(&op) if tcp && scsi::common::data_may_be_in_pieces(op) => mode,
+        _ => BufferSg::Off,
+    }
+}
+
+/// `len` bytes from this core's pool cache now, without waiting: one
+/// buffer of the smallest class that holds it, or (as `sg` allows)
+/// several smaller ones, counted in `sg_count`. Never allocates memory.
+fn alloc_pool(
+    data: &mut CoreCache,
+    sg_count: &mut u64,
+    len: usize,
+    sg: BufferSg,
+) -> Option<DataBuf> {
+    let mut try_sg = |data: &mut CoreCache| {
+        let b = data.alloc_data_sg(len)?;
+        *sg_count += 1;
+        Some(b)
+    };
+    match sg {
+        BufferSg::Off => data.alloc_data(len),
+        BufferSg::Fallback => data.alloc_data(len).or_else(|| try_sg(data)),
+        BufferSg::Always => try_sg(data).or_else(|| data.alloc_data(len)),
+    }
+}
+
 fn write_buffer_wanted(pdu: &iscsi::Pdu) -> Option<usize> {
     let b = &pdu.bhs;
     let staged = pdu.data.is_empty() && b.data_segment_len() > 0;
@@ -3464,6 +3532,7 @@ mod tests {
             discovery_chap: ChapConfig::default(),
             poll: PollMode::Interrupt,
             data_pool_bytes: DATA_POOL_BYTES,
+            buffer_sg: BufferSg::Fallback,
             cores: vec![0, 1],
             pin: false,
             stats_file: None,

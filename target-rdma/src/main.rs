@@ -162,6 +162,7 @@ fn run(cfg: Config) -> Result<(), String> {
         max_sessions: cfg.max_sessions as usize,
         max_login_connections: 1024,
         data_pool_bytes: (cfg.buffer_pool_mib as usize) << 20,
+        buffer_sg: cfg.buffer_sg,
         poll: cfg.poll,
         cores: reactor_cores(cfg.cores.as_deref()),
         pin: true,

@@ -17,10 +17,12 @@ RUN_S=${NO_ALLOC_RUN_S:-9} WARM_S=${NO_ALLOC_WARM_S:-3} WINDOW_S=${NO_ALLOC_WIND
 # the verdict lines; extra target flags in NO_ALLOC_FLAGS. NO_ALLOC_WORKLOADS
 # replaces the workload list (lines "name iobench-args"). With
 # NO_ALLOC_EXPECT_WAITS=1 (a pool made small on purpose) each workload must
-# also have made commands wait for data buffers. In every run no command
-# may take a heap buffer instead of a pool buffer (data_pool_misses).
+# also have made commands wait for data buffers; with NO_ALLOC_EXPECT_SG=1,
+# have given some commands their data in several smaller buffers
+# (data_pool_sg). In every run no command may take a heap buffer instead
+# of a pool buffer (data_pool_misses).
 LUN=${NO_ALLOC_LUN:-mem:256MiB} TAG=${NO_ALLOC_TAG:-}
-EXPECT_WAITS=${NO_ALLOC_EXPECT_WAITS:-0}
+EXPECT_WAITS=${NO_ALLOC_EXPECT_WAITS:-0} EXPECT_SG=${NO_ALLOC_EXPECT_SG:-0}
 read -ra EXTRA <<<"${NO_ALLOC_FLAGS:-}"
 mkdir -p "$LOGS"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -42,13 +44,13 @@ done
 url=iscsi://127.0.0.1:$port/$iqn/0
 timeout 120 "$IOBENCH" -m fill -b 1048576 -q 8 "$url" >"$LOGS/no-alloc-fill.log" 2>&1
 
-snapshot() { # prints "reactor allocs commands direct copied waits misses" per reactor, one line each
+snapshot() { # prints "reactor allocs commands direct copied waits misses sg" per reactor, one line each
     python3 - "$stats" <<'PY'
 import json, sys
 for r in json.load(open(sys.argv[1]))["reactors"]:
     print(r["reactor"], r["heap_allocs"], r["commands"] + r["commands_served_remote"],
           r["rx_data_direct_bytes"], r["rx_data_copied_bytes"],
-          r["data_pool_waits"], r["data_pool_misses"])
+          r["data_pool_waits"], r["data_pool_misses"], r["data_pool_sg"])
 PY
 }
 
@@ -73,15 +75,15 @@ while read -r name args; do
     # at least 90% of it: the ring copy is for small PDUs.
     direct_min=0
     case $name in 64k-*write* | 1m-*write*) direct_min=90 ;; esac
-    verdict=$(paste -d' ' <(echo "$before") <(echo "$after") | awk -v n="$name" -v tag="$TAG" -v dmin="$direct_min" -v ewait="$EXPECT_WAITS" '
-        { allocs += $9 - $2; cmds += $10 - $3; direct += $11 - $4; copied += $12 - $5
-          waits += $13 - $6; misses += $14 - $7
-          detail = detail sprintf(" reactor %s: %d allocations, %d commands;", $1, $9 - $2, $10 - $3) }
+    verdict=$(paste -d' ' <(echo "$before") <(echo "$after") | awk -v n="$name" -v tag="$TAG" -v dmin="$direct_min" -v ewait="$EXPECT_WAITS" -v esg="$EXPECT_SG" '
+        { allocs += $10 - $2; cmds += $11 - $3; direct += $12 - $4; copied += $13 - $5
+          waits += $14 - $6; misses += $15 - $7; sg += $16 - $8
+          detail = detail sprintf(" reactor %s: %d allocations, %d commands;", $1, $10 - $2, $11 - $3) }
         END {
             share = (direct + copied > 0) ? 100 * direct / (direct + copied) : 0
-            ok = (allocs == 0 && cmds > 0 && misses == 0 && (dmin == 0 || share >= dmin) && (ewait == 0 || waits > 0))
+            ok = (allocs == 0 && cmds > 0 && misses == 0 && (dmin == 0 || share >= dmin) && (ewait == 0 || waits > 0) && (esg == 0 || sg > 0))
             if (dmin > 0) detail = detail sprintf(" write data received into place %.1f%% (at least %d%%);", share, dmin)
-            detail = detail sprintf(" %d waits for a data buffer%s, %d heap buffers instead (none allowed);", waits, (ewait ? " (some required)" : ""), misses)
+            detail = detail sprintf(" %d waits for a data buffer%s, %d commands with data in pieces%s, %d heap buffers instead (none allowed);", waits, (ewait ? " (some required)" : ""), sg, (esg ? " (some required)" : ""), misses)
             printf "%s  no-alloc%s %s:%s\n", (ok ? "PASS" : "FAIL"), tag, n, detail
         }')
     echo "$verdict"

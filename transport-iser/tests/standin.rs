@@ -226,8 +226,8 @@ impl TxSink for Sink<'_> {
     fn put_range(&mut self, _: usize, _: usize) {
         panic!("a Data-In range on iSER");
     }
-    fn last_range(&self) -> &[u8] {
-        &[]
+    fn last_range_crc32c(&self) -> u32 {
+        panic!("a Data-In digest on iSER");
     }
     fn put_rdma_write(&mut self, buf: DataBuf, len: usize, stag: u32, va: u64) -> Option<DataBuf> {
         self.1.push_back(Wr::Write(buf, len, stag, va));

@@ -19,6 +19,7 @@ use std::io::{self, IoSliceMut, Read};
 use iscsi::digest::crc32c_append;
 use iscsi::pdu::{pad_len, Decoder, Pdu, PduError, BHS_LEN};
 use iscsi::Bhs;
+use mempool::{DataDest, DATA_SEGMENTS_MAX};
 
 use crate::{Fill, TcpConn, READ_BUDGET_BYTES};
 
@@ -76,7 +77,7 @@ impl TcpConn {
     /// Start receiving the segment of the `direct_candidate` PDU into
     /// `dst` (exactly its DataSegmentLength bytes): what the ring holds
     /// of it is copied now, the rest comes through `fill_direct`.
-    pub fn begin_direct(&mut self, decoder: &Decoder, dst: &mut [u8]) {
+    pub fn begin_direct(&mut self, decoder: &Decoder, mut dst: DataDest<'_>) {
         let buf = &self.rx[self.rx_pos..self.rx_end];
         let Ok(Some((bhs, fr, start))) = decoder.header(buf) else {
             debug_assert!(false, "begin_direct without a candidate");
@@ -86,9 +87,9 @@ impl TcpConn {
         // all there, so nothing follows it.
         let present = buf.len() - start;
         assert!(present < fr.data_len && dst.len() == fr.data_len);
-        dst[..present].copy_from_slice(&buf[start..]);
+        dst.copy_from(0, &buf[start..]);
         let crc = if decoder.data_digest {
-            crc32c_append(0, &dst[..present])
+            crc32c_append(0, &buf[start..])
         } else {
             0
         };
@@ -119,7 +120,7 @@ impl TcpConn {
     /// and dropped), then its trailer and the next header. Stops when the
     /// segment is complete (its PDU is then ready in `take_direct`), the
     /// socket is empty, or the read budget is spent.
-    pub fn fill_direct(&mut self, mut dst: Option<&mut [u8]>) -> io::Result<Fill> {
+    pub fn fill_direct(&mut self, mut dst: Option<DataDest<'_>>) -> io::Result<Fill> {
         let mut total = 0;
         let mut scratch = [0u8; DISCARD_CHUNK_BYTES];
         loop {
@@ -138,23 +139,32 @@ impl TcpConn {
                 return Ok(Fill::Read(total));
             }
             let placing = matches!(dst, Some(ref b) if b.len() == d.data_len);
-            let data: &mut [u8] = match dst.as_deref_mut() {
-                Some(b) if placing => &mut b[d.got..],
+            let header_room = d.header_len.min(rx.len() - *rx_end);
+            // The rest of the segment (in the pieces of a scatter-gather
+            // buffer, or a scratch chunk when dropping it), its trailer,
+            // and room for the next header: one readv.
+            let mut iov: [IoSliceMut<'_>; DATA_SEGMENTS_MAX + 2] =
+                std::array::from_fn(|_| IoSliceMut::new(&mut []));
+            let mut n_iov = 0;
+            let data_room = match dst.as_mut() {
+                Some(b) if placing => {
+                    for piece in b.pieces_from(d.got) {
+                        iov[n_iov] = IoSliceMut::new(piece);
+                        n_iov += 1;
+                    }
+                    d.data_len - d.got
+                }
                 _ => {
                     let n = (d.data_len - d.got).min(DISCARD_CHUNK_BYTES);
-                    &mut scratch[..n]
+                    iov[0] = IoSliceMut::new(&mut scratch[..n]);
+                    n_iov = 1;
+                    n
                 }
             };
-            let header_room = d.header_len.min(rx.len() - *rx_end);
-            let want = data.len() + (d.trailer_len - d.trailer_got) + header_room;
-            let res = {
-                let mut iov = [
-                    IoSliceMut::new(data),
-                    IoSliceMut::new(&mut d.trailer[d.trailer_got..d.trailer_len]),
-                    IoSliceMut::new(&mut rx[*rx_end..*rx_end + header_room]),
-                ];
-                stream.read_vectored(&mut iov)
-            };
+            iov[n_iov] = IoSliceMut::new(&mut d.trailer[d.trailer_got..d.trailer_len]);
+            iov[n_iov + 1] = IoSliceMut::new(&mut rx[*rx_end..*rx_end + header_room]);
+            let want = data_room + (d.trailer_len - d.trailer_got) + header_room;
+            let res = stream.read_vectored(&mut iov[..n_iov + 2]);
             let n = match res {
                 Ok(0) => {
                     return Ok(if total == 0 {
@@ -169,9 +179,16 @@ impl TcpConn {
                 Err(e) => return Err(e),
             };
             total += n;
-            let nd = n.min(data.len());
+            let nd = n.min(data_room);
             if d.data_digest {
-                d.crc = crc32c_append(d.crc, &data[..nd]);
+                match dst.as_ref() {
+                    Some(b) if placing => {
+                        for piece in b.pieces(d.got, nd) {
+                            d.crc = crc32c_append(d.crc, piece);
+                        }
+                    }
+                    _ => d.crc = crc32c_append(d.crc, &scratch[..nd]),
+                }
             }
             d.got += nd;
             let nt = (n - nd).min(d.trailer_len - d.trailer_got);

@@ -61,6 +61,8 @@ pub struct TcpConn {
     data_free: Vec<u16>,
     /// The buffer `put_range` refers to.
     data_current: Option<u16>,
+    /// The last `put_range`: data slot, start, end.
+    last_range: (u16, u32, u32),
     /// Data buffers whose ranges are all written, for `take_sent`.
     sent: Vec<DataBuf>,
     /// A data segment being received into place, and the PDU of one
@@ -79,8 +81,9 @@ fn seg_slice<'a>(data: &'a [Option<(DataBuf, u32)>], seg: &'a Seg) -> &'a [u8] {
     match seg {
         Seg::Owned(v) => v,
         Seg::Inline { bytes, len } => &bytes[..*len as usize],
+        // Within one buffer of a scatter-gather `DataBuf` (`put_range`).
         Seg::Data { slot, start, end } => match &data[*slot as usize] {
-            Some((b, _)) => &b[*start as usize..*end as usize],
+            Some((b, _)) => b.piece_at(*start as usize, (*end - *start) as usize),
             None => &[],
         },
     }
@@ -137,6 +140,7 @@ impl TcpConn {
             data: Vec::with_capacity(DATA_SLOTS),
             data_free: Vec::with_capacity(DATA_SLOTS),
             data_current: None,
+            last_range: (0, 0, 0),
             sent: Vec::with_capacity(64),
             direct: None,
             direct_done: None,
@@ -475,27 +479,84 @@ impl TxSink for TcpConn {
         if let Some((b, refs)) = &mut self.data[slot as usize] {
             let end = end.min(b.len());
             let start = start.min(end);
-            *refs += 1;
             self.tx_pending += end - start;
-            self.txq.push_back(Seg::Data {
-                slot,
-                start: start as u32,
-                end: end as u32,
-            });
+            self.last_range = (slot, start as u32, end as u32);
+            if b.is_contiguous() {
+                *refs += 1;
+                self.txq.push_back(Seg::Data {
+                    slot,
+                    start: start as u32,
+                    end: end as u32,
+                });
+                return;
+            }
+            // A scatter-gather buffer: a segment per piece, so each is
+            // one slice for writev.
+            let mut at = start;
+            for piece in b.slices_at(start, end - start) {
+                *refs += 1;
+                self.txq.push_back(Seg::Data {
+                    slot,
+                    start: at as u32,
+                    end: (at + piece.len()) as u32,
+                });
+                at += piece.len();
+            }
         }
     }
 
-    fn last_range(&self) -> &[u8] {
-        match self.txq.back() {
-            Some(seg @ Seg::Data { .. }) => self.seg_bytes(seg),
-            _ => &[],
+    fn last_range_crc32c(&self) -> u32 {
+        let (slot, start, end) = self.last_range;
+        let mut crc = 0;
+        if let Some(Some((b, _))) = self.data.get(slot as usize) {
+            for piece in b.slices_at(start as usize, (end - start) as usize) {
+                crc = iscsi::digest::crc32c_append(crc, piece);
+            }
         }
+        crc
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `bytes` in a scatter-gather `DataBuf` of 32 KiB buffers.
+    fn sg_buf(bytes: &[u8]) -> mempool::DataBuf {
+        use std::sync::OnceLock;
+        static POOL: OnceLock<std::sync::Mutex<mempool::CoreCache>> = OnceLock::new();
+        let cache = POOL.get_or_init(|| {
+            let pool = mempool::Pool::new(mempool::PoolConfig {
+                arena_bytes: 64 << 20,
+                arena_limit_bytes: 64 << 20,
+                cores: 1,
+                backing: mempool::Backing::Heap,
+                classes: vec![
+                    mempool::ClassConfig {
+                        buf_bytes: 32 << 10,
+                        weight: 1,
+                    },
+                    mempool::ClassConfig {
+                        buf_bytes: 1 << 20,
+                        weight: 1,
+                    },
+                ],
+                ..mempool::PoolConfig::default()
+            })
+            .unwrap();
+            std::sync::Mutex::new(Box::leak(Box::new(pool)).core_cache(0).unwrap())
+        });
+        let whole = bytes.len().div_ceil(32 << 10).max(2) * (32 << 10);
+        let mut d = cache
+            .lock()
+            .unwrap()
+            .alloc_data_sg(whole)
+            .expect("32 KiB buffers free");
+        d.truncate(bytes.len());
+        d.copy_from_at(0, bytes);
+        assert!(!d.is_contiguous());
+        d
+    }
 
     /// A connection over loopback and the blocking socket at its far end.
     fn connected() -> (TcpConn, std::net::TcpStream) {
@@ -596,10 +657,18 @@ mod tests {
             let len = 1 + (i * 7919) % 200_000;
             let buf: Vec<u8> = (0..len).map(|j| (i + j * 31) as u8).collect();
             let cuts = [0, len / 3, len / 2, len];
-            conn.put_data(buf.clone().into());
+            // Every third buffer in pieces (a scatter-gather `DataBuf`).
+            let data = match i % 3 {
+                2 => sg_buf(&buf),
+                _ => buf.clone().into(),
+            };
+            conn.put_data(data);
             for w in cuts.windows(2) {
                 conn.put_range(w[0], w[1]);
-                assert_eq!(conn.last_range(), &buf[w[0]..w[1]]);
+                assert_eq!(
+                    conn.last_range_crc32c(),
+                    iscsi::digest::crc32c_parts(&[&buf[w[0]..w[1]]])
+                );
                 expect.extend_from_slice(&buf[w[0]..w[1]]);
                 conn.put_bytes(&[0xee; 5]);
                 expect.extend_from_slice(&[0xee; 5]);
@@ -671,7 +740,7 @@ mod tests {
         conn: &mut TcpConn,
         client: &mut std::net::TcpStream,
         rest: &[u8],
-        mut dst: Option<&mut [u8]>,
+        mut dst: Option<&mut mempool::DataBuf>,
     ) -> Result<Pdu, PduError> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         let mut sent = 0;
@@ -682,7 +751,11 @@ mod tests {
                 sent += n;
             }
             assert!(conn.in_direct() || conn.direct_done.is_some());
-            conn.fill_direct(dst.as_deref_mut()).unwrap();
+            let place = dst.as_deref_mut().map(|d| {
+                let n = d.len();
+                mempool::DataDest::new(d, 0, n).unwrap()
+            });
+            conn.fill_direct(place).unwrap();
             if let Some(r) = conn.take_direct() {
                 assert_eq!(sent, rest.len(), "the PDU ended before its bytes did");
                 return r;
@@ -704,7 +777,7 @@ mod tests {
 
     #[test]
     fn a_large_segment_is_read_into_place_and_the_next_pdu_follows() {
-        for digests in [false, true] {
+        for (digests, sg) in [(false, false), (true, false), (false, true), (true, true)] {
             let (mut conn, mut client) = connected();
             let mut decoder = Decoder::new(256 * 1024);
             decoder.header_digest = digests;
@@ -726,8 +799,13 @@ mod tests {
             assert!(conn.next_pdu(&decoder).unwrap().is_none());
             let bhs = conn.direct_candidate(&decoder).expect("a candidate");
             assert_eq!(bhs.itt(), 7);
-            let mut dst = vec![0u8; data.len()];
-            conn.begin_direct(&decoder, &mut dst);
+            // Into one buffer, or into four 32 KiB pieces.
+            let mut dst = match sg {
+                false => mempool::DataBuf::from(vec![0u8; data.len()]),
+                true => sg_buf(&vec![0u8; data.len()]),
+            };
+            let n = dst.len();
+            conn.begin_direct(&decoder, mempool::DataDest::new(&mut dst, 0, n).unwrap());
             let pdu = receive_direct(&mut conn, &mut client, &wire[head..], Some(&mut dst))
                 .expect("digest matches");
             assert_eq!(pdu.bhs.itt(), 7);
@@ -768,8 +846,9 @@ mod tests {
             conn.fill(&decoder).unwrap();
             assert!(std::time::Instant::now() < deadline);
         }
-        let mut dst = vec![0u8; data.len()];
-        conn.begin_direct(&decoder, &mut dst);
+        let mut dst = sg_buf(&vec![0u8; data.len()]);
+        let n = dst.len();
+        conn.begin_direct(&decoder, mempool::DataDest::new(&mut dst, 0, n).unwrap());
         let r = receive_direct(&mut conn, &mut client, &wire[48..], Some(&mut dst));
         assert!(matches!(r, Err(PduError::DataDigest { .. })), "{r:?}");
         // The framing is intact: the next PDU decodes.
@@ -791,8 +870,9 @@ mod tests {
             conn.fill(&decoder).unwrap();
             assert!(std::time::Instant::now() < deadline);
         }
-        let mut dst = vec![0u8; data.len()];
-        conn.begin_direct(&decoder, &mut dst);
+        let mut dst = mempool::DataBuf::from(vec![0u8; data.len()]);
+        let n = dst.len();
+        conn.begin_direct(&decoder, mempool::DataDest::new(&mut dst, 0, n).unwrap());
         let pdu = receive_direct(&mut conn, &mut client, &wire[48 + 5000..], None).unwrap();
         assert_eq!(pdu.bhs.itt(), 7);
         assert!(

@@ -115,7 +115,12 @@ impl Backstore for MemBackstore {
         let result = match op {
             IoOp::Read { offset } => {
                 if self.in_range(offset, buf.len() as u64) {
-                    self.read(offset, &mut buf);
+                    // Piece by piece: a scatter-gather buffer is several.
+                    let mut at = offset;
+                    for piece in buf.segments_mut() {
+                        self.read(at, piece);
+                        at += piece.len() as u64;
+                    }
                     Ok(())
                 } else {
                     Err(EINVAL)
@@ -123,7 +128,11 @@ impl Backstore for MemBackstore {
             }
             IoOp::Write { offset, .. } => {
                 if self.in_range(offset, buf.len() as u64) {
-                    self.write(offset, &buf);
+                    let mut at = offset;
+                    for piece in buf.segments() {
+                        self.write(at, piece);
+                        at += piece.len() as u64;
+                    }
                     Ok(())
                 } else {
                     Err(EINVAL)
@@ -175,6 +184,31 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(b.poll(&mut out), 1);
         out.pop().unwrap()
+    }
+
+    #[test]
+    fn data_in_pieces_is_written_and_read_piece_by_piece() {
+        let mut b = MemBackstore::new(MEM_CHUNK * 2);
+        let pattern: Vec<u8> = (0..20480u32).map(|i| (i * 13 + i / 4096) as u8).collect();
+        // Across the chunk boundary, in five 4 KiB pieces.
+        let off = MEM_CHUNK - 6000;
+        let write = IoOp::Write {
+            offset: off,
+            fua: false,
+        };
+        assert_eq!(
+            run(&mut b, write, super::super::test_sg_buf(&pattern)).result,
+            Ok(())
+        );
+        let d = run(
+            &mut b,
+            IoOp::Read { offset: off + 4096 },
+            super::super::test_sg_buf(&[0xff; 12288]),
+        );
+        assert_eq!(d.result, Ok(()));
+        assert_eq!(d.buf, pattern[4096..16384]);
+        let d = run(&mut b, IoOp::Read { offset: off }, vec![0; 20480].into());
+        assert_eq!(d.buf, pattern);
     }
 
     #[test]

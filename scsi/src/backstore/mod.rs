@@ -113,3 +113,37 @@ pub trait Backstore: Send {
         Ok(())
     }
 }
+
+/// `bytes` in a scatter-gather `DataBuf` of 4 KiB pool buffers (whole
+/// buffers: a multiple of 4 KiB, two to eight of them), for tests of
+/// backstores taking data in pieces.
+#[cfg(test)]
+pub(crate) fn test_sg_buf(bytes: &[u8]) -> DataBuf {
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<mempool::CoreCache>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| {
+        let pool = mempool::Pool::new(mempool::PoolConfig {
+            arena_bytes: 8 << 20,
+            arena_limit_bytes: 8 << 20,
+            cores: 1,
+            backing: mempool::Backing::Heap,
+            classes: vec![
+                mempool::ClassConfig {
+                    buf_bytes: 4 << 10,
+                    weight: 1,
+                },
+                mempool::ClassConfig {
+                    buf_bytes: 64 << 10,
+                    weight: 1,
+                },
+            ],
+            ..mempool::PoolConfig::default()
+        })
+        .unwrap();
+        Mutex::new(Box::leak(Box::new(pool)).core_cache(0).unwrap())
+    });
+    let mut d = cache.lock().unwrap().alloc_data_sg(bytes.len()).unwrap();
+    d.copy_from_at(0, bytes);
+    assert!(d.segment_count() >= 2);
+    d
+}

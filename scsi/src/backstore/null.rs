@@ -43,7 +43,9 @@ impl Backstore for NullBackstore {
         let ok = offset.checked_add(len).is_some_and(|e| e <= self.size);
         if ok {
             if let IoOp::Read { .. } = op {
-                buf.fill(0);
+                for piece in buf.segments_mut() {
+                    piece.fill(0);
+                }
             }
         }
         let result = if ok { Ok(()) } else { Err(EINVAL) };
