@@ -67,9 +67,9 @@ counters() {
     # With a pool made small on purpose (VMTEST_EXPECT_WAITS=1, the target
     # run with --buffer-pool-mib 64), commands must have waited for buffers
     # instead.
-    local bounce misses waits
+    local bounce misses waits sg
     bounce=$(stat_of iser_bounce_copies) misses=$(stat_of data_pool_misses)
-    waits=$(stat_of data_pool_waits)
+    waits=$(stat_of data_pool_waits) sg=$(stat_of data_pool_sg)
     if [ "$bounce" = 0 ] && [ "$misses" = 0 ]; then
         pass "$label: all data in registered pool buffers (0 bounce copies, 0 pool misses, $waits waits for a buffer)"
     else
@@ -80,6 +80,17 @@ counters() {
             pass "$label: commands waited for buffers of the small pool ($waits waits)"
         else
             fail "$label: no command waited for a buffer, though the pool is small"
+        fi
+    fi
+    # With --buffer-sg always (VMTEST_EXPECT_SG=1), READ and WRITE data
+    # went in pieces: RDMA Writes and Reads of several work requests. Only
+    # commands of 256 KiB and more can (eight 4 KiB buffers do not hold
+    # 64 KiB): the 1 MiB and 8 MiB fio jobs, about 560 commands.
+    if [ "${VMTEST_EXPECT_SG:-0}" = 1 ]; then
+        if [ "$sg" -gt 100 ]; then
+            pass "$label: $sg commands had their data in pieces (scatter-gather RDMA)"
+        else
+            fail "$label: only $sg commands had their data in pieces, with --buffer-sg always"
         fi
     fi
 }

@@ -1580,13 +1580,17 @@ impl Connection {
     /// iSER: where the RDMA Read of `Event::RdmaRead` puts its bytes, the
     /// task's write buffer at `offset`; `None` once the task is gone
     /// (aborted): then skip the read and report it done anyway.
-    pub fn rdma_read_target(&mut self, task: TaskId, offset: u32, len: u32) -> Option<&mut [u8]> {
+    pub fn rdma_read_target(
+        &mut self,
+        task: TaskId,
+        offset: u32,
+        len: u32,
+    ) -> Option<DataDest<'_>> {
         let t = self.task_mut(task)?;
         if !matches!(t.state, TaskState::DataOut) {
             return None;
         }
-        t.data_out
-            .get_mut(offset as usize..offset as usize + len as usize)
+        DataDest::new(&mut t.data_out, offset as usize, len as usize)
     }
 
     /// iSER: the RDMA Read for R2T `ttt` of `task` finished (`ok`), or
@@ -2152,8 +2156,8 @@ mod tests {
                     assert!(len <= 16384);
                     // One outstanding at a time (MaxOutstandingR2T 1).
                     assert!(c.poll_event().is_none());
-                    let dst = c.rdma_read_target(task, offset, len).expect("task waits");
-                    dst.copy_from_slice(&data[offset as usize..(offset + len) as usize]);
+                    let mut dst = c.rdma_read_target(task, offset, len).expect("task waits");
+                    dst.copy_from(0, &data[offset as usize..(offset + len) as usize]);
                     reads.push((offset, len));
                     c.rdma_read_done(task, ttt, true);
                 }
@@ -2211,8 +2215,8 @@ mod tests {
         };
         // The initiator's write VA names its first unsent byte.
         assert_eq!((offset, len, va), (12288, edtl - 12288, base));
-        let dst = c.rdma_read_target(task, offset, len).expect("task waits");
-        dst.copy_from_slice(&data[offset as usize..]);
+        let mut dst = c.rdma_read_target(task, offset, len).expect("task waits");
+        dst.copy_from(0, &data[offset as usize..]);
         c.rdma_read_done(task, ttt, true);
         match c.poll_event() {
             Some(Event::Scsi(r)) => assert_eq!(r.data_out, data),

@@ -155,8 +155,8 @@ impl PollMode {
     }
 }
 
-/// When a READ or WRITE over TCP may have its data in several buffers of
-/// a smaller class (a scatter-gather buffer) instead of one (`--buffer-sg`).
+/// When a READ or WRITE may have its data in several buffers of a smaller
+/// class (a scatter-gather buffer) instead of one (`--buffer-sg`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BufferSg {
     /// Only when the one-buffer class has nothing free: the command runs
@@ -457,7 +457,7 @@ struct Cli {
     #[arg(long, value_name = "MIB")]
     buffer_pool_mib: Option<u32>,
 
-    /// When a READ or WRITE over TCP may take several smaller buffers:
+    /// When a READ or WRITE may take several smaller buffers:
     /// fallback (when its own class has none free), always, off
     /// [default: fallback]
     #[arg(long, value_name = "WHEN", value_parser = ["fallback", "always", "off"])]
@@ -624,7 +624,7 @@ queue_depth = 128
 # when reserved (vm.nr_hugepages), else transparent huge pages; a command
 # finding none free waits for one.
 buffer_pool_mib = 256
-# When a READ or WRITE over TCP may have its data in several smaller
+# When a READ or WRITE may have its data in several smaller
 # buffers: "fallback" (default: when its own size has none free), "always"
 # or "off".
 buffer_sg = "fallback"

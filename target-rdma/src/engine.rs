@@ -80,7 +80,7 @@ pub struct EngineConfig {
     pub poll: PollMode,
     /// Bytes of the command data pool (`DATA_POOL_BYTES` by default).
     pub data_pool_bytes: usize,
-    /// When READ and WRITE data over TCP may span smaller buffers.
+    /// When READ and WRITE data may span smaller buffers.
     pub buffer_sg: BufferSg,
     /// One reactor per entry, pinned to that CPU when `pin` is set.
     pub cores: Vec<usize>,
@@ -1731,7 +1731,7 @@ impl Reactor {
                 None => tcp.next_pdu_placing(
                     &decoder,
                     &mut |bhs, d| {
-                        let sg = sg_for(sg_mode, true, bhs.cdb());
+                        let sg = sg_for(sg_mode, bhs.cdb());
                         proto.place_data_out(bhs, d)
                             || (!holding
                                 && proto.stage_immediate(bhs, d, &mut |n| {
@@ -1749,7 +1749,7 @@ impl Reactor {
                     // straight into the command's buffer.
                     if let Some(bhs) = tcp.direct_candidate(&decoder) {
                         let may = !holding || bhs.opcode() == iscsi::pdu::opcode::DATA_OUT;
-                        let sg = sg_for(sg_mode, true, bhs.cdb());
+                        let sg = sg_for(sg_mode, bhs.cdb());
                         if let Some(dst) = may
                             .then(|| {
                                 proto.rx_direct_begin(&bhs, &mut |n| {
@@ -1803,11 +1803,7 @@ impl Reactor {
     /// held (and the PDUs after it stashed) until one is granted.
     fn dispatch_pdu(&mut self, id: u32, pdu: iscsi::Pdu, rdma: RdmaTags, now: u64) {
         if let Some(len) = write_buffer_wanted(&pdu) {
-            let tcp = self
-                .conns
-                .get(&id)
-                .is_some_and(|c| matches!(c.link, Link::Tcp(_)));
-            let sg = sg_for(self.sh.cfg.buffer_sg, tcp, pdu.bhs.cdb());
+            let sg = sg_for(self.sh.cfg.buffer_sg, pdu.bhs.cdb());
             if !self.reserve_write(id, len, sg) {
                 if let Some(c) = self.conns.get_mut(&id) {
                     c.held = Some((pdu, rdma));
@@ -2068,7 +2064,6 @@ impl Reactor {
                 break;
             };
             let (session, global) = (c.session, c.global);
-            let tcp = matches!(c.link, Link::Tcp(_));
             match ev {
                 Event::RdmaRead {
                     task,
@@ -2128,7 +2123,7 @@ impl Reactor {
                     // for a buffer (`serve_buffer_waits`).
                     if req.read {
                         let len = req.edtl as usize;
-                        let sg = sg_for(self.sh.cfg.buffer_sg, tcp, &req.cdb);
+                        let sg = sg_for(self.sh.cfg.buffer_sg, &req.cdb);
                         task.data_in = match self.pool_or_wait(len, tag, sg) {
                             PoolWait::Ready(b) => b,
                             // Heap, counted as a miss.
@@ -2558,10 +2553,18 @@ impl TxSink for IserSink<'_> {
             return Some(buf);
         };
         let len = len.min(buf.len());
-        let Some(lkey) = dev.lkey_for(buf.as_ptr() as usize, len) else {
+        let mut sges = [rdma::Sge::default(); crate::iser::MAX_CHUNKS];
+        let pieces = buf
+            .slices_at(0, len)
+            .map(|p| (p.as_ptr() as usize, p.len()));
+        let Some(wrs) = dev.sges_for(pieces, len, &mut sges) else {
+            if !buf.is_contiguous() {
+                // Pool pieces are always registered: never here.
+                tracing::error!(len, "iSER: read data in unregistered pieces");
+                return Some(buf);
+            }
             // A heap buffer (pool miss): copy into registered bounce
             // chunks rather than register memory on the I/O path.
-            let mut sges = [rdma::Sge::default(); crate::iser::MAX_CHUNKS];
             let Some(b) = dev.bounce_alloc(len, &mut sges) else {
                 tracing::warn!(len, "iSER: no bounce chunks free for read data");
                 return Some(buf);
@@ -2595,18 +2598,14 @@ impl TxSink for IserSink<'_> {
                 }
             };
         };
-        let addr = buf.as_ptr() as u64;
-        let wrs = crate::iser::chunks(len) as u32;
-        match self.link.post_rdma(
-            self.local,
-            true,
-            addr,
-            lkey,
-            len,
-            stag,
-            va,
-            Op::Write { buf, wrs },
-        ) {
+        let op = Op::Write {
+            buf,
+            wrs: wrs as u32,
+        };
+        match self
+            .link
+            .post_rdma_sges(self.local, true, &sges[..wrs], stag, va, op)
+        {
             Ok(()) => {
                 if let Some(k) = self.counters.as_deref_mut() {
                     k.rdma_writes += 1;
@@ -2743,8 +2742,8 @@ impl Reactor {
             }) => {
                 if let Some(dev) = ip.dev.as_mut() {
                     if ok {
-                        if let Some(dst) = c.proto.rdma_read_target(task, offset, len) {
-                            dev.bounce_drain(&bounce, dst);
+                        if let Some(mut dst) = c.proto.rdma_read_target(task, offset, len) {
+                            dev.bounce_drain(&bounce, &mut dst);
                         }
                     }
                     dev.bounce_free(&bounce);
@@ -2815,13 +2814,22 @@ impl Reactor {
             // `handle_buffered`).
             let holding = c.held.is_some();
             let proto = &mut c.proto;
-            let (heap, data) = (&mut self.pool.heap, &mut self.pool.data);
+            let Buffers {
+                heap,
+                data,
+                data_sg,
+                ..
+            } = &mut self.pool;
+            let sg_mode = self.sh.cfg.buffer_sg;
             transport_iser::framing::decode_message(
                 msg,
                 &decoder,
                 &mut |bhs, d| {
+                    let sg = sg_for(sg_mode, bhs.cdb());
                     proto.place_data_out(bhs, d)
-                        || (!holding && proto.stage_immediate(bhs, d, &mut |n| data.alloc_data(n)))
+                        || (!holding
+                            && proto
+                                .stage_immediate(bhs, d, &mut |n| alloc_pool(data, data_sg, n, sg)))
                 },
                 &mut |n| heap.take(n),
             )
@@ -2876,13 +2884,17 @@ impl Reactor {
         let Link::Iser(l) = &mut c.link else {
             return true;
         };
-        let Some(dst) = c.proto.rdma_read_target(pr.task, pr.offset, pr.len) else {
+        let Some(mut dst) = c.proto.rdma_read_target(pr.task, pr.offset, pr.len) else {
             // The task is gone (aborted): nothing to fetch.
             c.proto.rdma_read_done(pr.task, pr.ttt, true);
             return true;
         };
-        let (addr, len) = (dst.as_mut_ptr() as usize, dst.len());
-        let Some(lkey) = dev.lkey_for(addr, len) else {
+        let len = dst.len();
+        let mut piece_sges = [rdma::Sge::default(); crate::iser::MAX_CHUNKS];
+        let pieces = dst
+            .pieces_from(0)
+            .map(|p| (p.as_mut_ptr() as usize, p.len()));
+        let Some(wrs) = dev.sges_for(pieces, len, &mut piece_sges) else {
             // The write buffer is on the heap (pool exhausted): read into
             // registered bounce chunks, copied over on completion.
             let mut sges = [rdma::Sge::default(); crate::iser::MAX_CHUNKS];
@@ -2925,9 +2937,9 @@ impl Reactor {
         let op = Op::Read {
             task: pr.task,
             ttt: pr.ttt,
-            wrs: crate::iser::chunks(len) as u32,
+            wrs: wrs as u32,
         };
-        match l.post_rdma(id, false, addr as u64, lkey, len, pr.stag, pr.va, op) {
+        match l.post_rdma_sges(id, false, &piece_sges[..wrs], pr.stag, pr.va, op) {
             Ok(()) => {
                 ip.counters.rdma_reads += 1;
                 ip.counters.rdma_read_bytes += len as u64;
@@ -3331,11 +3343,11 @@ fn write_wait_token(core: usize, id: u32) -> u64 {
 /// command's immediate data was not already staged into a buffer.
 /// How a command's data buffer may be made: several smaller buffers
 /// only for the plain READ and WRITE commands, whose data goes between
-/// transport and backstore in pieces, and only over TCP (the iSER path
-/// RDMA-addresses one buffer).
-fn sg_for(mode: BufferSg, tcp: bool, cdb: &[u8]) -> BufferSg {
+/// transport and backstore in pieces (over TCP a `readv`/`writev` of
+/// them, over iSER one RDMA work request each).
+fn sg_for(mode: BufferSg, cdb: &[u8]) -> BufferSg {
     match cdb.first() {
-        Some(&op) if tcp && scsi::common::data_may_be_in_pieces(op) => mode,
+        Some(&op) if scsi::common::data_may_be_in_pieces(op) => mode,
         _ => BufferSg::Off,
     }
 }

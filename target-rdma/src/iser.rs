@@ -18,7 +18,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 
 use iscsi::conn::TaskId;
-use mempool::{DataBuf, Pool, RegistrarId};
+use mempool::{DataBuf, DataDest, Pool, RegistrarId};
 use rdma::iser::IserCmHeader;
 use rdma::{
     AccessFlags, CmId, CmIdRef, CompletionQueue, ConnectRequest, Context, DeviceAttr, EventChannel,
@@ -54,8 +54,9 @@ fn chunk_len(len: usize) -> usize {
     RDMA_CHUNK.max(len.div_ceil(MAX_CHUNKS))
 }
 
-/// Work requests an RDMA transfer of `len` bytes takes.
-pub fn chunks(len: usize) -> usize {
+/// Work requests an RDMA transfer of `len` bytes in one buffer takes.
+#[cfg(test)]
+fn chunks(len: usize) -> usize {
     len.div_ceil(chunk_len(len)).max(1)
 }
 
@@ -425,6 +426,33 @@ impl IserDevice {
             .map(|a| a.2)
     }
 
+    /// The local scatter-gather list of an RDMA transfer of `len` bytes
+    /// from or into `pieces` (the pieces of a command's `DataBuf`, in
+    /// order, as address and length): each split as `post_rdma` splits
+    /// one buffer, with the lkey of the arena it lies in. `None` when a
+    /// piece is in no registered arena (a heap buffer) or the list would
+    /// exceed `MAX_CHUNKS`.
+    pub fn sges_for(
+        &self,
+        pieces: impl Iterator<Item = (usize, usize)>,
+        len: usize,
+        sges: &mut [Sge; MAX_CHUNKS],
+    ) -> Option<usize> {
+        let chunk = chunk_len(len);
+        let mut n = 0;
+        for (addr, plen) in pieces {
+            let lkey = self.lkey_for(addr, plen)?;
+            let mut off = 0;
+            while off < plen {
+                let l = chunk.min(plen - off);
+                *sges.get_mut(n)? = Sge::new((addr + off) as u64, l as u32, lkey);
+                n += 1;
+                off += l;
+            }
+        }
+        (n > 0).then_some(n)
+    }
+
     /// Bounce chunks for `len` bytes, with their scatter-gather list
     /// (`None` when not enough are free).
     pub fn bounce_alloc(&mut self, len: usize, sges: &mut [Sge; MAX_CHUNKS]) -> Option<Bounce> {
@@ -463,11 +491,14 @@ impl IserDevice {
     }
 
     /// Copies the chunks of `b` into `out`.
-    pub fn bounce_drain(&self, b: &Bounce, out: &mut [u8]) {
+    pub fn bounce_drain(&self, b: &Bounce, out: &mut DataDest<'_>) {
         let region = self.bounce.as_slice();
-        for (i, piece) in out.chunks_mut(BOUNCE_CHUNK).enumerate() {
-            let at = b.chunks[i] as usize * BOUNCE_CHUNK;
-            piece.copy_from_slice(&region[at..at + piece.len()]);
+        let mut done = 0;
+        for &c in &b.chunks[..b.n as usize] {
+            let n = (out.len() - done).min(BOUNCE_CHUNK);
+            let at = c as usize * BOUNCE_CHUNK;
+            out.copy_from(done, &region[at..at + n]);
+            done += n;
         }
     }
 }
@@ -746,40 +777,11 @@ impl IserLink {
         true
     }
 
-    /// Posts an RDMA operation of `len` bytes between local `addr` (lkey)
-    /// and the peer's `stag`/`va`, in pieces of at most RDMA_CHUNK, the
-    /// last one signaled with op `op`. Returns `Err(op)` without posting
-    /// when the send queue has no room (or the post failed).
-    /// `Err(Some(op))`: nothing posted (no room, or the link is down);
-    /// `Err(None)`: the post failed and the link is broken.
-    #[allow(clippy::too_many_arguments)]
-    pub fn post_rdma(
-        &mut self,
-        local: u32,
-        write: bool,
-        addr: u64,
-        lkey: u32,
-        len: usize,
-        stag: u32,
-        va: u64,
-        op: Op,
-    ) -> Result<(), Option<Op>> {
-        if self.broken || self.disconnected || len == 0 {
-            return Err(Some(op));
-        }
-        let chunk = chunk_len(len);
-        let n = len.div_ceil(chunk);
-        let mut sges = [Sge::default(); MAX_CHUNKS];
-        for (i, sge) in sges.iter_mut().enumerate().take(n) {
-            let off = i * chunk;
-            let l = chunk.min(len - off);
-            *sge = Sge::new(addr + off as u64, l as u32, lkey);
-        }
-        self.post_rdma_sges(local, write, &sges[..n], stag, va, op)
-    }
-
-    /// Posts one RDMA request per local piece in `sges`, the remote side
-    /// contiguous from `va`; the last request signaled with `op`.
+    /// Posts one RDMA request per local piece in `sges` (`sges_for`), the
+    /// remote side contiguous from `va`; the last request signaled with
+    /// `op`. `Err(Some(op))`: nothing posted (no room in the send queue,
+    /// or the link is down); `Err(None)`: the post failed and the link is
+    /// broken.
     pub fn post_rdma_sges(
         &mut self,
         local: u32,

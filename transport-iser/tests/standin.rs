@@ -433,11 +433,11 @@ impl Sim {
 
     /// `iser_post_read`.
     fn post_read(&mut self, mut r: Read) {
-        let Some(dst) = self.conn.rdma_read_target(r.task, r.offset, r.len) else {
+        let Some(mut dst) = self.conn.rdma_read_target(r.task, r.offset, r.len) else {
             return self.conn.rdma_read_done(r.task, r.ttt, true);
         };
         assert_eq!(dst.len(), r.len as usize);
-        r.addr = dst.as_ptr() as usize;
+        r.addr = dst.pieces_from(0).next().expect("a piece").as_ptr() as usize;
         let end = r.addr + r.len as usize;
         // The device writes into a posted destination until the read
         // completes: memory handed to another command meanwhile would be
@@ -460,9 +460,10 @@ impl Sim {
         let ok = src.is_some();
         if let Some(src) = src {
             match self.conn.rdma_read_target(r.task, r.offset, r.len) {
-                Some(dst) => {
-                    assert_eq!(dst.as_ptr() as usize, r.addr, "buffer moved under a read");
-                    dst.copy_from_slice(src);
+                Some(mut dst) => {
+                    let at = dst.pieces_from(0).next().expect("a piece").as_ptr() as usize;
+                    assert_eq!(at, r.addr, "buffer moved under a read");
+                    dst.copy_from(0, src);
                 }
                 None => assert!(self.conn.rdma_buffers_held() > 0, "freed under {r:?}"),
             }
