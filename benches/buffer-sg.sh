@@ -42,13 +42,6 @@ trap cleanup EXIT
 IOBENCH=$work/iobench
 cc -O2 -o "$IOBENCH" "$here/iobench.c" -liscsi -lpthread || die "building iobench failed"
 
-cpu_ticks() {
-    local s
-    s=$(<"/proc/$1/stat")
-    s=${s##*) }
-    awk '{print $12 + $13}' <<<"$s"
-}
-
 counters() { # stats-file: "waits sg" summed over reactors
     python3 - "$1" <<'PY'
 import json, sys

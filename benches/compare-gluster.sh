@@ -79,12 +79,6 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-cpu_ticks() { # utime+stime of the whole process (all threads), in clock ticks
-    local s
-    s=$(<"/proc/$1/stat")
-    s=${s##*) }
-    awk '{print $12 + $13}' <<<"$s"
-}
 
 if [[ -n ${BENCH_GLUSTER:-} ]]; then
     HOST=${BENCH_GLUSTER%%/*} VOL=${BENCH_GLUSTER#*/}

@@ -79,12 +79,6 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # --- helpers -----------------------------------------------------------------
-cpu_ticks() { # utime+stime of the whole process (all threads), in clock ticks
-    local s
-    s=$(<"/proc/$1/stat")
-    s=${s##*) }
-    awk '{print $12 + $13}' <<<"$s"
-}
 
 start_ours() { # extra flags...
     local port

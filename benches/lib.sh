@@ -32,3 +32,9 @@ wait_port() {
     done
     return 1
 }
+cpu_ticks() { # utime+stime of the whole process (all threads), in clock ticks
+    local s
+    s=$(<"/proc/$1/stat")
+    s=${s##*) }
+    awk '{print $12 + $13}' <<<"$s"
+}

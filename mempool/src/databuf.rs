@@ -5,9 +5,9 @@
 //! device server and the backstores see one type with the few vector
 //! operations they use; where the bytes live is the engine's business.
 //!
-//! A command too large for any free buffer of its class may instead span
-//! up to [`DATA_SEGMENTS_MAX`] buffers of one smaller class (a
-//! scatter-gather buffer). Its bytes are not one slice: the read and write
+//! A command whose class has no free buffer may instead span up to
+//! [`DATA_SEGMENTS_MAX`] buffers of one smaller class (a scatter-gather
+//! buffer, [`crate::CoreCache::alloc_data_sg`]). Its bytes are not one slice: the read and write
 //! path (backstores, transports) walks them with [`DataBuf::segments`],
 //! [`DataBuf::slices_at`] and the copy helpers. Reading one as a slice
 //! (`Deref`) is a bug in the caller and asserts; `DerefMut` and the

@@ -1730,14 +1730,7 @@ impl Reactor {
                 // segments into heap buffers kept for reuse.
                 None => tcp.next_pdu_placing(
                     &decoder,
-                    &mut |bhs, d| {
-                        let sg = sg_for(sg_mode, bhs.cdb());
-                        proto.place_data_out(bhs, d)
-                            || (!holding
-                                && proto.stage_immediate(bhs, d, &mut |n| {
-                                    alloc_pool(data, data_sg, n, sg)
-                                }))
-                    },
+                    &mut |bhs, d| place_or_stage(proto, holding, data, data_sg, sg_mode, bhs, d),
                     &mut |n| heap.take(n),
                 ),
             };
@@ -2824,13 +2817,7 @@ impl Reactor {
             transport_iser::framing::decode_message(
                 msg,
                 &decoder,
-                &mut |bhs, d| {
-                    let sg = sg_for(sg_mode, bhs.cdb());
-                    proto.place_data_out(bhs, d)
-                        || (!holding
-                            && proto
-                                .stage_immediate(bhs, d, &mut |n| alloc_pool(data, data_sg, n, sg)))
-                },
+                &mut |bhs, d| place_or_stage(proto, holding, data, data_sg, sg_mode, bhs, d),
                 &mut |n| heap.take(n),
             )
         };
@@ -3371,6 +3358,24 @@ fn alloc_pool(
         BufferSg::Fallback => data.alloc_data(len).or_else(|| try_sg(data)),
         BufferSg::Always => try_sg(data).or_else(|| data.alloc_data(len)),
     }
+}
+
+/// A data segment in hand with its PDU's header: a Data-Out's data into
+/// its task's buffer, or (unless a command is held) a write command's
+/// immediate data into a pool buffer staged for it. False: the data comes
+/// in the PDU as usual.
+fn place_or_stage(
+    proto: &mut Connection,
+    holding: bool,
+    data: &mut CoreCache,
+    sg_count: &mut u64,
+    sg_mode: BufferSg,
+    bhs: &iscsi::Bhs,
+    d: &[u8],
+) -> bool {
+    let sg = sg_for(sg_mode, bhs.cdb());
+    proto.place_data_out(bhs, d)
+        || (!holding && proto.stage_immediate(bhs, d, &mut |n| alloc_pool(data, sg_count, n, sg)))
 }
 
 fn write_buffer_wanted(pdu: &iscsi::Pdu) -> Option<usize> {
