@@ -4,10 +4,15 @@
  * Used by benches/compare-tgt.sh to drive target-rdma and tgt with exactly the
  * same client.  Build:  cc -O2 -o iobench benches/iobench.c -liscsi -lpthread
  *
- * usage: iobench [-m read|write|fill] [-p rand|seq] [-b BYTES] [-q QD]
+ * usage: iobench [-m read|write|fill|verify] [-p rand|seq] [-b BYTES] [-q QD]
  *                [-t SECONDS] [-s SESSIONS] [-n] URL [URL...]
  *
- *   -m  read, write, or fill (write the whole LUN once, sequentially, then stop)
+ *   -m  read, write, fill (write the whole LUN once, sequentially, then stop),
+ *       or verify: VERIFY(16) with BYTCHK=11b, which sends one block and has
+ *       the target compare every block of the range with it; the block sent
+ *       is zeros, so run it on a LUN never written (it reads as zeros).  The
+ *       target's work per command grows with the range, the client's does
+ *       not: a load that a target on few cores cannot pass to its client.
  *   -p  rand (offsets uniformly random, aligned to the I/O size) or seq
  *   -b  I/O size in bytes (multiple of the LUN's logical block size)
  *   -q  commands in flight per session
@@ -46,7 +51,7 @@
 
 #define HIST_US 1000000 /* 1 us buckets up to 1 s, then one overflow bucket */
 
-enum mode { M_READ, M_WRITE, M_FILL };
+enum mode { M_READ, M_WRITE, M_FILL, M_VERIFY };
 
 static enum mode g_mode = M_READ;
 static int g_random = 1;
@@ -83,6 +88,7 @@ struct session {
 	int stop;
 	int inflight;
 	struct slot *slots;
+	unsigned char *zero_block; /* verify: the block every block is compared with */
 	/* results */
 	uint64_t ios, bytes, lat_sum_ns, lat_max_ns, errors;
 	uint32_t *hist;
@@ -171,6 +177,18 @@ static int submit(struct slot *sl)
 			fail(s, "add data-in buffer", NULL);
 			return -1;
 		}
+	} else if (g_mode == M_VERIFY) {
+		unsigned char cdb[16] = {0x8f, 3 << 1}; /* VERIFY(16), BYTCHK=11b */
+		struct iscsi_data d = {.size = s->lbsize, .data = s->zero_block};
+		for (int i = 0; i < 8; i++)
+			cdb[2 + i] = (unsigned char)(sl->lba >> (56 - 8 * i));
+		for (int i = 0; i < 4; i++)
+			cdb[10 + i] = (unsigned char)(s->per_io >> (24 - 8 * i));
+		t = scsi_create_task(16, cdb, SCSI_XFER_WRITE, (int)s->lbsize);
+		if (t && iscsi_scsi_command_async(s->iscsi, s->lun, t, cb, &d, sl) != 0) {
+			scsi_free_scsi_task(t);
+			t = NULL;
+		}
 	} else {
 		stamp(s, sl->buf, sl->lba);
 		t = iscsi_write16_task(s->iscsi, s->lun, sl->lba, sl->buf, g_bs, s->lbsize, 0, 0,
@@ -194,7 +212,7 @@ static void cb(struct iscsi_context *iscsi, int status, void *command_data, void
 
 	s->inflight--;
 	if (status != SCSI_STATUS_GOOD) {
-		fail(s, g_mode == M_READ ? "READ(16)" : "WRITE(16)", t);
+		fail(s, g_mode == M_READ ? "READ(16)" : g_mode == M_VERIFY ? "VERIFY(16)" : "WRITE(16)", t);
 	} else if (t->residual_status != SCSI_RESIDUAL_NO_RESIDUAL && t->residual != 0) {
 		fprintf(stderr, "iobench[%d]: residual %zu on LBA %" PRIu64 "\n", s->idx,
 			t->residual, sl->lba);
@@ -286,7 +304,8 @@ static void *run(void *arg)
 
 	s->slots = calloc(g_qd, sizeof *s->slots);
 	s->hist = calloc(HIST_US + 1, sizeof *s->hist);
-	if (!s->slots || !s->hist) {
+	s->zero_block = calloc(1, s->lbsize);
+	if (!s->slots || !s->hist || !s->zero_block) {
 		s->errors++;
 		return NULL;
 	}
@@ -340,7 +359,7 @@ static void *run(void *arg)
 
 static void usage(void)
 {
-	fprintf(stderr, "usage: iobench [-m read|write|fill] [-p rand|seq] [-b BYTES] [-q QD] "
+	fprintf(stderr, "usage: iobench [-m read|write|fill|verify] [-p rand|seq] [-b BYTES] [-q QD] "
 			"[-t SECONDS] [-s SESSIONS] [-n] URL [URL...]\n");
 	exit(2);
 }
@@ -357,6 +376,8 @@ int main(int argc, char **argv)
 				g_mode = M_WRITE;
 			else if (!strcmp(optarg, "fill"))
 				g_mode = M_FILL;
+			else if (!strcmp(optarg, "verify"))
+				g_mode = M_VERIFY;
 			else
 				usage();
 			break;

@@ -21,6 +21,13 @@
 #   one-target   one target, one 1 GiB mem LUN, both sessions to it: with two
 #                reactors the second session is placed on reactor 1 and its
 #                commands are forwarded to the target's home reactor 0.
+#   verify-two-targets  as two-targets, but the load is VERIFY(16) with
+#                BYTCHK=11b over 64 KiB ranges (2 sessions x QD8, LUNs not
+#                filled, so they read as the zero block sent): the target
+#                reads and compares 128 blocks per command while the client
+#                sends one, so the client is not the bottleneck and the raw
+#                IOPS of one reactor and of two can be compared directly.
+# BENCH_WORKLOADS picks among them (default: all three).
 #
 # The metric.  The machine this was written for has 2 CPUs, shared by the
 # target and by the libiscsi client, so raw IOPS are bounded by the client
@@ -59,7 +66,7 @@ GOAL=1.7
 FILL_TIMEOUT=300
 # hard upper bound on the life of one target process: its fills, one run, slack
 MAX_LIFE=$((2 * FILL_TIMEOUT + SECS + 60 + 120))
-WORKLOADS=(two-targets one-target)
+read -ra WORKLOADS <<<"${BENCH_WORKLOADS:-two-targets one-target verify-two-targets}"
 CORE_SETS=(0 0-1)
 
 die() { echo "scaling: $*" >&2; exit 1; }
@@ -131,7 +138,7 @@ reactor_threads() {
 write_config() {
     local wl=$1 cores=$2 port=$3 file=$4 names t
     case $wl in
-    two-targets) names="$IQN_PREFIX-a $IQN_PREFIX-b" ;;
+    two-targets | verify-two-targets) names="$IQN_PREFIX-a $IQN_PREFIX-b" ;;
     one-target) names="$IQN_PREFIX-a" ;;
     *) die "unknown workload $wl" ;;
     esac
@@ -198,7 +205,9 @@ measure() {
     for i in "${!TIDS[@]}"; do r0+=("$(stat_ticks "/proc/$PID/task/${TIDS[i]}/stat")"); done
     p0=$(stat_ticks "/proc/$PID/stat")
     t0=$(date +%s%N)
-    if ! timeout $((SECS + 60)) "$IOBENCH" -m read -p rand -b 4096 -q 32 -s 2 -t "$SECS" \
+    local load=(-m read -p rand -b 4096 -q 32)
+    [[ $wl == verify-* ]] && load=(-m verify -p rand -b 65536 -q 8)
+    if ! timeout $((SECS + 60)) "$IOBENCH" "${load[@]}" -s 2 -t "$SECS" \
         "${URLS[@]}" >"$log" 2>&1; then
         cat "$log" >&2
         die "$wl, cores $cores: iobench failed (a SCSI error, a data mismatch or a lost connection)"
@@ -236,7 +245,9 @@ echo "   host: $(nproc) CPUs, kernel $(uname -r), $(grep -m1 'model name' /proc/
 echo "   load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "   target-rdma: $BIN, $(stat -c '%y' "$BIN" | cut -d. -f1) (workspace HEAD $(cd "$root" && timeout 5 git rev-parse --short HEAD 2>/dev/null || echo '?'))"
 echo "   client: benches/iobench.c on libiscsi $(dpkg-query -W -f '${Version}' libiscsi7 2>/dev/null || echo '?'),"
-echo "   4k random read, 2 sessions x QD32, verified; $SECS s per run, $ROUNDS round(s)"
+echo "   4k random read, 2 sessions x QD32, verified (verify-*: VERIFY(16) BYTCHK=11b of 64 KiB"
+echo "   ranges, 2 sessions x QD8: the target compares 128 blocks per command, the client"
+echo "   sends one); $SECS s per run, $ROUNDS round(s)"
 echo "   target: poll = \"interrupt\", log_level = \"warn\", 1 GiB mem LUN(s), filled before each run"
 echo "   projected = ios / busiest reactor's CPU-s (the IOPS at which that reactor saturates);"
 echo "   busy = reactor CPU-s / wall s of the run; per CPU-s = ios / CPU-s of the whole process"
@@ -256,7 +267,9 @@ for ((round = 1; round <= ROUNDS; round++)); do
         for cores in "${order[@]}"; do
             k=$((k + 1))
             start_target "$wl" "$cores"
-            for u in "${URLS[@]}"; do fill "$u"; done
+            # verify-*: LUNs never written (zeros) are what VERIFY compares
+            # with the zero block it sends.
+            [[ $wl == verify-* ]] || for u in "${URLS[@]}"; do fill "$u"; done
             measure "$round" "$wl" "$cores" "$k"
             stop_target
         done

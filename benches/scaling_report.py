@@ -121,7 +121,8 @@ def summary(runs, goal, csv_path, stamp):
               "      reactors that loads one reactor more than the other and lowers the projected\n"
               "      figure for reasons outside the target.")
         print()
-    print(f"== scaling, 2 reactors / 1 reactor (goal: projected >= {goal}x)")
+    print(f"== scaling, 2 reactors / 1 reactor (goal: >= {goal}x; projected IOPS, or raw IOPS for\n"
+          f"   verify-* workloads, where the client is not the bottleneck)")
     verdicts = {}
     for wl in workloads:
         pr = [v[0] for (rnd, w), v in sorted(ratio.items()) if w == wl]
@@ -131,7 +132,9 @@ def summary(runs, goal, csv_path, stamp):
             continue
         pm, plo, phi = spread(pr)
         rm, rlo, rhi = spread(raw)
-        ok = pm >= goal
+        # A verify-* load keeps the client nearly idle (one block sent per
+        # 64 KiB the target reads and compares): its raw IOPS are the target's.
+        ok = (rm if wl.startswith("verify") else pm) >= goal
         verdicts[wl] = ok
         per_round = " ".join(f"{v:.2f}" for v in pr)
         print(f"  {wl:<11}  projected {pm:.2f}x [{plo:.2f}-{phi:.2f}]  raw IOPS {rm:.2f}x "

@@ -577,16 +577,21 @@ e2e_target_s() {
     # every READ and WRITE that smaller pool buffers can hold gets several
     # (a scatter-gather buffer), so the whole path (socket reads into the
     # pieces, Data-In from them, header digests, the RAM and file
-    # backstores, O_DIRECT) runs on them: the whole suite on each LUN, then
-    # random images through qemu-img byte-exact; the stats must show that
-    # commands took pieces and none took the heap.
+    # backstores, O_DIRECT, libgfapi's preadv/pwritev when glusterd runs)
+    # runs on them: the whole suite on the RAM and file LUNs, then random
+    # images through qemu-img byte-exact on every LUN; the stats must show
+    # that commands took pieces and none took the heap.
     [ "$TARGET_UNDER_TEST" = target-rdma ] || return 0
     want_variant sg || return 0
     local iqn=$IQN_PREFIX:harness-s port stats=$TEST_LOG_DIR/sg-stats.json
+    local luns=(--lun mem:256MiB --lun "file:$TMP/sg.img,size=256MiB"
+        --lun "file:$TMP/sg-direct.img,size=64MiB,direct") names="RAM, file, O_DIRECT file"
+    if [ "${GLUSTER:-1}" = 1 ] && [ -f "${GLUSTER_DIR:-/nonexistent}/env" ]; then
+        luns+=(--lun "gluster://$GLUSTER_ADDR/gv0/sg-$$-$RANDOM.img?size=64MiB")
+        names+=", Gluster"
+    fi
     port=$(free_port)
-    if ! start_target S "$port" "$iqn" --buffer-sg always --stats-file "$stats" \
-            --lun mem:256MiB --lun "file:$TMP/sg.img,size=256MiB" \
-            --lun "file:$TMP/sg-direct.img,size=64MiB,direct"; then
+    if ! start_target S "$port" "$iqn" --buffer-sg always --stats-file "$stats" "${luns[@]}"; then
         fail "start target S"
         return 0
     fi
@@ -600,7 +605,7 @@ e2e_target_s() {
     conformance sg-file "$base/1"
     local img=$TMP/sg-random.img back=$TMP/sg-back.img l ok=1
     head -c $((48 * 1024 * 1024)) /dev/urandom >"$img"
-    for l in 0 1 2; do
+    for l in $(seq 0 $((${#luns[@]} / 2 - 1))); do
         if ! timeout -k 5 120 qemu-img convert -n -f raw -O raw -t none "$img" "$base/$l" ||
                 ! timeout -k 5 120 qemu-img convert -f raw -O raw "$base/$l" "$back" ||
                 ! cmp -n $((48 * 1024 * 1024)) "$img" "$back"; then
@@ -608,7 +613,7 @@ e2e_target_s() {
             fail "sg: qemu-img round trip on LUN $l"
         fi
     done
-    [ "$ok" = 1 ] && pass "sg: 48 MiB random image byte-exact through each LUN (RAM, file, O_DIRECT file)"
+    [ "$ok" = 1 ] && pass "sg: 48 MiB random image byte-exact through each LUN ($names)"
     rm -f "$img" "$back"
     sleep 1.2  # the stats file of the last second
     local counts
