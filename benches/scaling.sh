@@ -22,9 +22,9 @@
 #                reactors the second session is placed on reactor 1 and its
 #                commands are forwarded to the target's home reactor 0.
 #   verify-two-targets  as two-targets, but the load is VERIFY(16) with
-#                BYTCHK=11b over 64 KiB ranges (2 sessions x QD8, LUNs not
+#                BYTCHK=11b over 256 KiB ranges (2 sessions x QD32, LUNs not
 #                filled, so they read as the zero block sent): the target
-#                reads and compares 128 blocks per command while the client
+#                reads and compares 512 blocks per command while the client
 #                sends one, so the client is not the bottleneck and the raw
 #                IOPS of one reactor and of two can be compared directly.
 # BENCH_WORKLOADS picks among them (default: all three).
@@ -206,7 +206,7 @@ measure() {
     p0=$(stat_ticks "/proc/$PID/stat")
     t0=$(date +%s%N)
     local load=(-m read -p rand -b 4096 -q 32)
-    [[ $wl == verify-* ]] && load=(-m verify -p rand -b 65536 -q 8)
+    [[ $wl == verify-* ]] && load=(-m verify -p rand -b 262144 -q 32)
     if ! timeout $((SECS + 60)) "$IOBENCH" "${load[@]}" -s 2 -t "$SECS" \
         "${URLS[@]}" >"$log" 2>&1; then
         cat "$log" >&2
@@ -245,8 +245,8 @@ echo "   host: $(nproc) CPUs, kernel $(uname -r), $(grep -m1 'model name' /proc/
 echo "   load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "   target-rdma: $BIN, $(stat -c '%y' "$BIN" | cut -d. -f1) (workspace HEAD $(cd "$root" && timeout 5 git rev-parse --short HEAD 2>/dev/null || echo '?'))"
 echo "   client: benches/iobench.c on libiscsi $(dpkg-query -W -f '${Version}' libiscsi7 2>/dev/null || echo '?'),"
-echo "   4k random read, 2 sessions x QD32, verified (verify-*: VERIFY(16) BYTCHK=11b of 64 KiB"
-echo "   ranges, 2 sessions x QD8: the target compares 128 blocks per command, the client"
+echo "   4k random read, 2 sessions x QD32, verified (verify-*: VERIFY(16) BYTCHK=11b of 256 KiB"
+echo "   ranges, 2 sessions x QD32: the target compares 512 blocks per command, the client"
 echo "   sends one); $SECS s per run, $ROUNDS round(s)"
 echo "   target: poll = \"interrupt\", log_level = \"warn\", 1 GiB mem LUN(s), filled before each run"
 echo "   projected = ios / busiest reactor's CPU-s (the IOPS at which that reactor saturates);"

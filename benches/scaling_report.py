@@ -133,7 +133,7 @@ def summary(runs, goal, csv_path, stamp):
         pm, plo, phi = spread(pr)
         rm, rlo, rhi = spread(raw)
         # A verify-* load keeps the client nearly idle (one block sent per
-        # 64 KiB the target reads and compares): its raw IOPS are the target's.
+        # 256 KiB the target reads and compares): its raw IOPS are the target's.
         ok = (rm if wl.startswith("verify") else pm) >= goal
         verdicts[wl] = ok
         per_round = " ".join(f"{v:.2f}" for v in pr)
