@@ -1489,7 +1489,7 @@ impl Connection {
                         } else {
                             0
                         };
-                        let len = self.encoder.data_trailer_crc(n, crc, &mut trailer);
+                        let len = self.encoder.data_trailer(n, crc, &mut trailer);
                         if len > 0 {
                             sink.put_bytes(&trailer[..len]);
                         }

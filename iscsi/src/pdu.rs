@@ -622,30 +622,17 @@ impl Encoder {
         }
     }
 
-    /// What follows a separately sent data segment on the wire: padding to
-    /// a multiple of 4 and the data digest if negotiated. Returns how many
-    /// bytes of `out` it filled.
-    /// `data_trailer` for data of `len` bytes whose CRC32C the caller
-    /// already has (`data_crc`, ignored without a data digest): for data
-    /// in several pieces.
-    pub fn data_trailer_crc(&self, len: usize, data_crc: u32, out: &mut [u8; 8]) -> usize {
+    /// What follows a separately sent data segment of `len` bytes on the
+    /// wire: padding to a multiple of 4 and the data digest if negotiated,
+    /// continued from `data_crc`, the CRC32C of the data (the caller's:
+    /// the data may be in several pieces; ignored without a data digest).
+    /// Returns how many bytes of `out` it filled.
+    pub fn data_trailer(&self, len: usize, data_crc: u32, out: &mut [u8; 8]) -> usize {
         let pad = pad_len(len);
         out[..pad].fill(0);
         let mut n = pad;
         if self.data_digest && len > 0 {
             let d = digest::crc32c_append(data_crc, &out[..pad]);
-            out[n..n + 4].copy_from_slice(&d.to_le_bytes());
-            n += 4;
-        }
-        n
-    }
-
-    pub fn data_trailer(&self, data: &[u8], out: &mut [u8; 8]) -> usize {
-        let pad = pad_len(data.len());
-        out[..pad].fill(0);
-        let mut n = pad;
-        if self.data_digest && !data.is_empty() {
-            let d = digest::crc32c_parts(&[data, &out[..pad]]);
             out[n..n + 4].copy_from_slice(&d.to_le_bytes());
             n += 4;
         }

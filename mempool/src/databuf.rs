@@ -241,19 +241,7 @@ impl DataBuf {
         let mut me = std::mem::ManuallyDrop::new(self);
         // Take the representation out, leaving an empty vector: `Drop`
         // (which would send a pool buffer home) must not run on it.
-        match std::mem::replace(&mut me.0, Repr::Heap(Vec::new())) {
-            Repr::Heap(v) => Err(v),
-            Repr::Pool { buf, home } => Ok((Parts::One(Some(buf)), home)),
-            Repr::Sg { slot, home, .. } => {
-                // SAFETY: this `DataBuf` held the slot alone and is gone
-                // (`me` is never used again); the list moves out before
-                // the slot is given back.
-                let list = unsafe { &mut *home.sg_bufs(slot) };
-                let bufs = std::mem::replace(list, [const { None }; DATA_SEGMENTS_MAX]);
-                home.sg_give(slot);
-                Ok((Parts::Many(bufs), home))
-            }
-        }
+        take_parts(std::mem::replace(&mut me.0, Repr::Heap(Vec::new())))
     }
 
     /// Whether the bytes are in pool arenas (registered for RDMA).
@@ -320,10 +308,15 @@ impl DataBuf {
     /// buffers sent home.
     fn move_to_heap(&mut self, capacity: usize) {
         let mut v = Vec::with_capacity(capacity.max(self.len()));
+        self.append_to(&mut v);
+        send_home(std::mem::replace(&mut self.0, Repr::Heap(v)));
+    }
+
+    /// Appends the bytes, piece by piece, to `v`.
+    fn append_to(&self, v: &mut Vec<u8>) {
         for piece in self.segments() {
             v.extend_from_slice(piece);
         }
-        send_home(std::mem::replace(&mut self.0, Repr::Heap(v)));
     }
 
     /// Sets the length to `len`, filling new bytes with `value`.
@@ -402,9 +395,7 @@ impl DataBuf {
     /// A heap copy of the bytes (tests and tools).
     pub fn to_vec(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(self.len());
-        for piece in self.segments() {
-            v.extend_from_slice(piece);
-        }
+        self.append_to(&mut v);
         v
     }
 
@@ -435,20 +426,35 @@ impl DataBuf {
     }
 }
 
-/// What a pool-backed `DataBuf` is made of, for the pool to take back.
-pub(crate) enum Parts {
-    One(Option<Buf>),
-    Many([Option<Buf>; DATA_SEGMENTS_MAX]),
-}
+/// The pool buffers a pool-backed `DataBuf` is made of (one, or the
+/// pieces of a scatter-gather one), for the pool to take back.
+pub(crate) struct Parts([Option<Buf>; DATA_SEGMENTS_MAX]);
 
 impl Parts {
     pub(crate) fn into_bufs(self) -> impl Iterator<Item = Buf> {
-        let (one, many) = match self {
-            Parts::One(b) => (b, None),
-            Parts::Many(bufs) => (None, Some(bufs)),
-        };
-        one.into_iter()
-            .chain(many.into_iter().flat_map(|bufs| bufs.into_iter().flatten()))
+        self.0.into_iter().flatten()
+    }
+}
+
+/// A representation taken out of its `DataBuf`: its pool buffers (a
+/// scatter-gather one's segment slot given back), or its heap vector.
+fn take_parts(repr: Repr) -> Result<(Parts, DataHome), Vec<u8>> {
+    match repr {
+        Repr::Heap(v) => Err(v),
+        Repr::Pool { buf, home } => {
+            let mut bufs = [const { None }; DATA_SEGMENTS_MAX];
+            bufs[0] = Some(buf);
+            Ok((Parts(bufs), home))
+        }
+        Repr::Sg { slot, home, .. } => {
+            // SAFETY: the representation held the slot alone and is out
+            // of its `DataBuf`, so nothing else reaches the slot; the list
+            // moves out before the slot is given back.
+            let list = unsafe { &mut *home.sg_bufs(slot) };
+            let bufs = std::mem::replace(list, [const { None }; DATA_SEGMENTS_MAX]);
+            home.sg_give(slot);
+            Ok((Parts(bufs), home))
+        }
     }
 }
 
@@ -464,19 +470,10 @@ impl Drop for DataBuf {
 /// Gives a representation's pool buffers back to their class's shared
 /// queue (a `Buf` dropped instead would leak).
 fn send_home(repr: Repr) {
-    match repr {
-        Repr::Pool { buf, home } => home.give_back(buf),
-        Repr::Sg { slot, home, .. } => {
-            // SAFETY: the representation held the slot alone and has been
-            // taken out of its `DataBuf`; the slot is emptied, then given
-            // back.
-            let list = unsafe { &mut *home.sg_bufs(slot) };
-            for b in list.iter_mut().filter_map(Option::take) {
-                home.give_back(b);
-            }
-            home.sg_give(slot);
+    if let Ok((parts, home)) = take_parts(repr) {
+        for b in parts.into_bufs() {
+            home.give_back(b);
         }
-        Repr::Heap(_) => {}
     }
 }
 

@@ -658,6 +658,7 @@ impl Pool {
             next_class: 0,
             dirty: true,
             home: None,
+            sg_allocs: 0,
         })
     }
 
@@ -883,6 +884,12 @@ impl Pool {
 /// Picks the class for `bytes`: the largest class that wastes at most an
 /// eighth of the request, else the one wasting least, never more than
 /// [`MAX_SEGMENTS`] buffers nor more than the class has.
+/// Whether `bytes` in buffers of `total` bytes wastes at most an eighth
+/// of the request.
+fn waste_acceptable(total: usize, bytes: usize) -> bool {
+    (total - bytes).saturating_mul(8) <= bytes
+}
+
 fn choose(bytes: usize, classes: &[(usize, u64)]) -> Result<AllocPlan, AllocError> {
     if bytes == 0 {
         return Ok(AllocPlan {
@@ -898,7 +905,7 @@ fn choose(bytes: usize, classes: &[(usize, u64)]) -> Result<AllocPlan, AllocErro
             continue;
         }
         let waste = segs * size - bytes;
-        if waste.saturating_mul(8) <= bytes {
+        if waste_acceptable(segs * size, bytes) {
             best = Some((waste, i, segs));
             break;
         }
@@ -997,6 +1004,8 @@ pub struct CoreCache {
     /// Where this cache's `DataBuf`s return when dropped (set at the
     /// first `alloc_data`).
     home: Option<DataHome>,
+    /// `alloc_data_sg` successes.
+    sg_allocs: u64,
 }
 
 impl fmt::Debug for CoreCache {
@@ -1241,15 +1250,13 @@ impl CoreCache {
     /// skipped. Never allocates memory.
     pub fn alloc_data_sg(&mut self, len: usize) -> Option<DataBuf> {
         let whole = self.class_for(len.max(1))?.index();
-        let home = self.home();
-        let slot = home.sg_take()?;
         for c in (0..whole).rev() {
             let seg_bytes = self.shared.classes[c].buf_bytes;
             let segments = len.div_ceil(seg_bytes);
             if segments > DATA_SEGMENTS_MAX {
                 break;
             }
-            if segments < 2 || (segments * seg_bytes - len) * 8 > len {
+            if segments < 2 || !waste_acceptable(segments * seg_bytes, len) {
                 continue;
             }
             self.dirty = true;
@@ -1257,6 +1264,11 @@ impl CoreCache {
                 self.classes[c].stats.alloc_failed += 1;
                 continue;
             }
+            // The buffers are in this core's cache now: taken only with a
+            // segment slot to list them in.
+            let home = self.home();
+            let slot = home.sg_take()?;
+            self.sg_allocs += 1;
             let mut sg = SgList::new();
             self.fill(
                 AllocPlan {
@@ -1270,8 +1282,13 @@ impl CoreCache {
             let bufs = std::iter::from_fn(|| sg.pop());
             return Some(DataBuf::from_pool_segments(slot, bufs, len, home));
         }
-        home.sg_give(slot);
         None
+    }
+
+    /// Scatter-gather `DataBuf`s `alloc_data_sg` has handed out on this
+    /// core since the cache was made.
+    pub fn sg_allocs(&self) -> u64 {
+        self.sg_allocs
     }
 
     /// `alloc_data`, or, when the class has nothing free on this core
@@ -1286,15 +1303,23 @@ impl CoreCache {
         len: usize,
         token: u64,
     ) -> Result<Option<DataBuf>, AllocError> {
+        if let Some(d) = self.alloc_data(len) {
+            return Ok(Some(d));
+        }
+        self.wait_for_data(len, token)?;
+        Ok(None)
+    }
+
+    /// `token` queued for one buffer of the class that holds `len`, for a
+    /// caller that already found none free (`alloc_data`, and whatever
+    /// else it tried): the second half of `alloc_data_or_wait`.
+    pub fn wait_for_data(&mut self, len: usize, token: u64) -> Result<(), AllocError> {
         let Some(class) = self.class_for(len.max(1)) else {
             return Err(AllocError::TooLarge {
                 bytes: len,
                 max_bytes: self.classes().last().map_or(0, |(_, b)| b),
             });
         };
-        if let Some(d) = self.try_alloc_data(class, len) {
-            return Ok(Some(d));
-        }
         self.queue_waiter(
             class,
             Waiter {
@@ -1302,8 +1327,7 @@ impl CoreCache {
                 bytes: len,
                 segments: 1,
             },
-        )?;
-        Ok(None)
+        )
     }
 
     /// The `DataBuf` of a grant that `alloc_data_or_wait` queued (a list of

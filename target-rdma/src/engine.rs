@@ -606,7 +606,6 @@ impl Engine {
                     heap: BufPool::new(BUF_POOL_PER_CLASS_MAX, BUF_POOL_CACHED_BYTES_MAX),
                     data: data_pool.core_cache(me).map_err(io::Error::other)?,
                     data_misses: 0,
-                    data_sg: 0,
                     reserved: None,
                 },
                 buf_waits: HashMap::with_capacity(BUF_WAITS_MAX),
@@ -1187,7 +1186,7 @@ impl Reactor {
         self.stats.connections = self.conns.len() as u64;
         self.stats.heap_allocs = mempool::thread_heap_allocs();
         self.stats.data_pool_misses = self.pool.data_misses;
-        self.stats.data_pool_sg = self.pool.data_sg;
+        self.stats.data_pool_sg = self.pool.data.sg_allocs();
         if let Some(ip) = &self.iser {
             let k = ip.counters;
             self.stats.iser_connections = ip.by_cm.len() as u64;
@@ -1708,12 +1707,7 @@ impl Reactor {
             let Link::Tcp(tcp) = &mut c.link else {
                 break;
             };
-            let Buffers {
-                heap,
-                data,
-                data_sg,
-                ..
-            } = &mut self.pool;
+            let (heap, data) = (&mut self.pool.heap, &mut self.pool.data);
             let sg_mode = self.sh.cfg.buffer_sg;
             let decoder = c.proto.decoder().clone();
             let proto = &mut c.proto;
@@ -1730,7 +1724,7 @@ impl Reactor {
                 // segments into heap buffers kept for reuse.
                 None => tcp.next_pdu_placing(
                     &decoder,
-                    &mut |bhs, d| place_or_stage(proto, holding, data, data_sg, sg_mode, bhs, d),
+                    &mut |bhs, d| place_or_stage(proto, holding, data, sg_mode, bhs, d),
                     &mut |n| heap.take(n),
                 ),
             };
@@ -1744,11 +1738,7 @@ impl Reactor {
                         let may = !holding || bhs.opcode() == iscsi::pdu::opcode::DATA_OUT;
                         let sg = sg_for(sg_mode, bhs.cdb());
                         if let Some(dst) = may
-                            .then(|| {
-                                proto.rx_direct_begin(&bhs, &mut |n| {
-                                    alloc_pool(data, data_sg, n, sg)
-                                })
-                            })
+                            .then(|| proto.rx_direct_begin(&bhs, &mut |n| alloc_pool(data, n, sg)))
                             .flatten()
                         {
                             tcp.begin_direct(&decoder, dst);
@@ -1898,16 +1888,15 @@ impl Reactor {
         if len == 0 {
             return PoolWait::Unserved;
         }
-        let Buffers { data, data_sg, .. } = &mut self.pool;
-        if let Some(b) = alloc_pool(data, data_sg, len, sg) {
+        if let Some(b) = alloc_pool(&mut self.pool.data, len, sg) {
             return PoolWait::Ready(b);
         }
         if self.buf_waits.len() >= BUF_WAITS_MAX {
             return PoolWait::Unserved;
         }
-        match self.pool.data.alloc_data_or_wait(len, token) {
-            Ok(Some(b)) => PoolWait::Ready(b),
-            Ok(None) => {
+        // Nothing free, one buffer or pieces: queue for one buffer.
+        match self.pool.data.wait_for_data(len, token) {
+            Ok(()) => {
                 self.stats.data_pool_waits += 1;
                 PoolWait::Queued
             }
@@ -2807,17 +2796,12 @@ impl Reactor {
             // `handle_buffered`).
             let holding = c.held.is_some();
             let proto = &mut c.proto;
-            let Buffers {
-                heap,
-                data,
-                data_sg,
-                ..
-            } = &mut self.pool;
+            let (heap, data) = (&mut self.pool.heap, &mut self.pool.data);
             let sg_mode = self.sh.cfg.buffer_sg;
             transport_iser::framing::decode_message(
                 msg,
                 &decoder,
-                &mut |bhs, d| place_or_stage(proto, holding, data, data_sg, sg_mode, bhs, d),
+                &mut |bhs, d| place_or_stage(proto, holding, data, sg_mode, bhs, d),
                 &mut |n| heap.take(n),
             )
         };
@@ -2877,14 +2861,13 @@ impl Reactor {
             return true;
         };
         let len = dst.len();
-        let mut piece_sges = [rdma::Sge::default(); crate::iser::MAX_CHUNKS];
+        let mut sges = [rdma::Sge::default(); crate::iser::MAX_CHUNKS];
         let pieces = dst
             .pieces_from(0)
             .map(|p| (p.as_mut_ptr() as usize, p.len()));
-        let Some(wrs) = dev.sges_for(pieces, len, &mut piece_sges) else {
+        let Some(wrs) = dev.sges_for(pieces, len, &mut sges) else {
             // The write buffer is on the heap (pool exhausted): read into
             // registered bounce chunks, copied over on completion.
-            let mut sges = [rdma::Sge::default(); crate::iser::MAX_CHUNKS];
             let Some(b) = dev.bounce_alloc(len, &mut sges) else {
                 if len > crate::iser::BOUNCE_CHUNK * crate::iser::MAX_CHUNKS {
                     tracing::warn!(id, len, "iSER: write burst too large for bounce chunks");
@@ -2926,7 +2909,7 @@ impl Reactor {
             ttt: pr.ttt,
             wrs: wrs as u32,
         };
-        match l.post_rdma_sges(id, false, &piece_sges[..wrs], pr.stag, pr.va, op) {
+        match l.post_rdma_sges(id, false, &sges[..wrs], pr.stag, pr.va, op) {
             Ok(()) => {
                 ip.counters.rdma_reads += 1;
                 ip.counters.rdma_read_bytes += len as u64;
@@ -3250,8 +3233,6 @@ struct Buffers {
     /// Data buffers served from the heap: larger than the largest class,
     /// or the class was exhausted and its wait queue full.
     data_misses: u64,
-    /// Scatter-gather data buffers handed out (`alloc_pool`).
-    data_sg: u64,
     /// The buffer reserved for the write command being fed to its
     /// connection (`Reactor::reserve_write`), taken by `data` when the
     /// command asks for a buffer of its size.
@@ -3325,9 +3306,6 @@ fn write_wait_token(core: usize, id: u32) -> u64 {
     task_tag(core, id, u32::MAX)
 }
 
-/// The buffer a write command will ask its connection's `BufferSource`
-/// for: all its data when not all of it came with the command, and the
-/// command's immediate data was not already staged into a buffer.
 /// How a command's data buffer may be made: several smaller buffers
 /// only for the plain READ and WRITE commands, whose data goes between
 /// transport and backstore in pieces (over TCP a `readv`/`writev` of
@@ -3341,22 +3319,12 @@ fn sg_for(mode: BufferSg, cdb: &[u8]) -> BufferSg {
 
 /// `len` bytes from this core's pool cache now, without waiting: one
 /// buffer of the smallest class that holds it, or (as `sg` allows)
-/// several smaller ones, counted in `sg_count`. Never allocates memory.
-fn alloc_pool(
-    data: &mut CoreCache,
-    sg_count: &mut u64,
-    len: usize,
-    sg: BufferSg,
-) -> Option<DataBuf> {
-    let mut try_sg = |data: &mut CoreCache| {
-        let b = data.alloc_data_sg(len)?;
-        *sg_count += 1;
-        Some(b)
-    };
+/// several smaller ones. Never allocates memory.
+fn alloc_pool(data: &mut CoreCache, len: usize, sg: BufferSg) -> Option<DataBuf> {
     match sg {
         BufferSg::Off => data.alloc_data(len),
-        BufferSg::Fallback => data.alloc_data(len).or_else(|| try_sg(data)),
-        BufferSg::Always => try_sg(data).or_else(|| data.alloc_data(len)),
+        BufferSg::Fallback => data.alloc_data(len).or_else(|| data.alloc_data_sg(len)),
+        BufferSg::Always => data.alloc_data_sg(len).or_else(|| data.alloc_data(len)),
     }
 }
 
@@ -3368,16 +3336,18 @@ fn place_or_stage(
     proto: &mut Connection,
     holding: bool,
     data: &mut CoreCache,
-    sg_count: &mut u64,
     sg_mode: BufferSg,
     bhs: &iscsi::Bhs,
     d: &[u8],
 ) -> bool {
     let sg = sg_for(sg_mode, bhs.cdb());
     proto.place_data_out(bhs, d)
-        || (!holding && proto.stage_immediate(bhs, d, &mut |n| alloc_pool(data, sg_count, n, sg)))
+        || (!holding && proto.stage_immediate(bhs, d, &mut |n| alloc_pool(data, n, sg)))
 }
 
+/// The buffer a write command will ask its connection's `BufferSource`
+/// for: all its data when not all of it came with the command, and the
+/// command's immediate data was not already staged into a buffer.
 fn write_buffer_wanted(pdu: &iscsi::Pdu) -> Option<usize> {
     let b = &pdu.bhs;
     let staged = pdu.data.is_empty() && b.data_segment_len() > 0;

@@ -481,17 +481,8 @@ impl TxSink for TcpConn {
             let start = start.min(end);
             self.tx_pending += end - start;
             self.last_range = (slot, start as u32, end as u32);
-            if b.is_contiguous() {
-                *refs += 1;
-                self.txq.push_back(Seg::Data {
-                    slot,
-                    start: start as u32,
-                    end: end as u32,
-                });
-                return;
-            }
-            // A scatter-gather buffer: a segment per piece, so each is
-            // one slice for writev.
+            // A segment per piece (one for a contiguous buffer, empty
+            // ranges included), so each is one slice for writev.
             let mut at = start;
             for piece in b.slices_at(start, end - start) {
                 *refs += 1;

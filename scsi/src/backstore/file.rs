@@ -309,7 +309,7 @@ impl Shared {
         Ok(())
     }
 
-    fn write_sync(&mut self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
+    fn write_sync(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
         match self.scratch.as_mut() {
             Some(s) if !(buf.as_ptr() as usize).is_multiple_of(self.mem_align) => {
                 let piece_len = s.len;
@@ -320,9 +320,6 @@ impl Shared {
                 }
             }
             _ => self.file.write_all_at(buf, offset)?,
-        }
-        if fua {
-            rustix::fs::fdatasync(&self.file)?;
         }
         Ok(())
     }
@@ -377,10 +374,11 @@ impl Shared {
             IoOp::Write { offset, fua } => buf
                 .segments()
                 .try_for_each(|piece| {
-                    self.write_sync(offset + at, piece, false)?;
+                    self.write_sync(offset + at, piece)?;
                     at += piece.len() as u64;
                     Ok(())
                 })
+                // FUA: one sync after all the pieces.
                 .and_then(|()| match fua {
                     true => rustix::fs::fdatasync(&self.file).map_err(io::Error::from),
                     false => Ok(()),
