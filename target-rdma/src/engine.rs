@@ -1493,19 +1493,18 @@ impl Reactor {
 
     /// Flush each connection that got completions, once, with one writev.
     fn finish_touched(&mut self) {
-        if self.touched.is_empty() {
-            return;
-        }
-        let mut touched = std::mem::take(&mut self.touched);
         // Completions of several connections interleave.
-        touched.sort_unstable();
-        touched.dedup();
-        for &id in &touched {
+        self.touched.sort_unstable();
+        self.touched.dedup();
+        // One at a time off the end, in place: the work below may run
+        // completions itself (a nested `run_until_idle`), whose ids land
+        // in this same vector, which keeps its capacity (taking it out
+        // left an empty one that such a push had to allocate), and are
+        // handled by this loop or the nested one.
+        while let Some(id) = self.touched.pop() {
             self.process_events(id);
             self.flush_conn(id);
         }
-        touched.clear();
-        self.touched = touched;
     }
 
     /// Drain backstore completions and whatever they unblock; returns how
