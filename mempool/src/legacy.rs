@@ -130,6 +130,32 @@ impl BufPool {
         self.free[class].push(b);
     }
 
+    /// Whether `take(len)` would be served from a free list (no
+    /// allocation).
+    pub fn has_free(&self, len: usize) -> bool {
+        class_for_len(len).is_some_and(|c| !self.free[c].is_empty())
+    }
+
+    /// Fill the free list of every class up to the one serving
+    /// `len_max` with `per_class` buffers (within both caps), so a
+    /// reactor allocates them at start-up rather than on the I/O path.
+    /// The capacity is reserved, not touched: the kernel backs a buffer's
+    /// pages only once it is used.
+    pub fn prewarm(&mut self, len_max: usize, per_class: usize) {
+        let Some(top) = class_for_len(len_max) else {
+            return;
+        };
+        for class in 0..=top {
+            let size = 1usize << (class as u32 + CLASS_MIN_SHIFT);
+            while self.free[class].len() < per_class.min(self.per_class_max)
+                && self.cached_bytes + size <= self.cached_bytes_max
+            {
+                self.cached_bytes += size;
+                self.free[class].push(Vec::with_capacity(size));
+            }
+        }
+    }
+
     /// Bytes held in the free lists.
     pub fn cached_bytes(&self) -> usize {
         self.cached_bytes
@@ -138,6 +164,27 @@ impl BufPool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn prewarmed_classes_serve_without_creating() {
+        let mut p = BufPool::new(8, 1 << 30);
+        assert!(!p.has_free(4096));
+        p.prewarm(20_000, 3);
+        // Classes 4, 8, 16 and 32 KiB (20,000 bytes needs the 32 KiB one).
+        assert_eq!(p.cached_bytes(), 3 * (4 + 8 + 16 + 32) * 1024);
+        assert!(p.has_free(20_000) && !p.has_free(40_000));
+        let taken: Vec<_> = (0..3).map(|_| p.take(20_000)).collect();
+        assert_eq!(p.stats.created, 0);
+        assert!(!p.has_free(20_000));
+        for b in taken {
+            p.give(b);
+        }
+        assert!(p.has_free(17_000));
+        // The byte cap bounds the warm-up too.
+        let mut small = BufPool::new(8, 10 * 1024);
+        small.prewarm(4096, 8);
+        assert_eq!(small.cached_bytes(), 8 * 1024);
+    }
+
     use super::*;
 
     #[test]

@@ -242,6 +242,15 @@ const BUF_WAITS_MAX: usize = 4096;
 /// unsolicited Data-Outs of the held command; a fuller stash pauses
 /// reading.
 const STASH_MAX: usize = 512;
+/// Heap buffers per size class (4 KiB up to MaxRecvDataSegmentLength)
+/// each reactor's cache holds from start-up, for the data of PDUs stashed
+/// behind a held write (at the default 256 KiB segment, 32 commands'
+/// immediate data): so that overload, when commands wait for pool
+/// buffers, does not make the I/O path allocate. A deeper stash still
+/// allocates rather than stop reading, which could leave the Data-Outs
+/// that would free buffers unread behind it. Address space only until
+/// used (16 MiB per reactor at the default segment).
+const STASH_WARM_PER_CLASS: usize = 32;
 /// A connection's pending output is handed to the socket layer in pieces
 /// of about this size (below transport_tcp's reuse cap of 4 MiB, with
 /// room for one more 1 MiB response).
@@ -603,7 +612,14 @@ impl Engine {
                 next_local: 0,
                 devices,
                 pool: Buffers {
-                    heap: BufPool::new(BUF_POOL_PER_CLASS_MAX, BUF_POOL_CACHED_BYTES_MAX),
+                    heap: {
+                        let mut h = BufPool::new(BUF_POOL_PER_CLASS_MAX, BUF_POOL_CACHED_BYTES_MAX);
+                        h.prewarm(
+                            sh.cfg.limits.max_recv_data_segment_length as usize,
+                            STASH_WARM_PER_CLASS,
+                        );
+                        h
+                    },
                     data: data_pool.core_cache(me).map_err(io::Error::other)?,
                     data_misses: 0,
                     reserved: None,
