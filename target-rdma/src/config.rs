@@ -62,6 +62,12 @@ pub const MAX_MAX_SESSIONS: u32 = 65535;
 pub const DEFAULT_NOP_INTERVAL_S: u32 = 30;
 pub const DEFAULT_NOP_TIMEOUT_S: u32 = 30;
 pub const MAX_NOP_S: u32 = 3600;
+/// Receive coalescing under adaptive polling (`--poll-coalesce-us`): long
+/// enough for a pipelining initiator's next few commands to arrive, short
+/// against the time a queue of them takes (see the engine's
+/// `COALESCE_PROBE_EVERY`).
+pub const DEFAULT_POLL_COALESCE_US: u32 = 50;
+pub const MAX_POLL_COALESCE_US: u32 = 1000;
 /// Bound on one backstore operation of a network backstore (Gluster):
 /// above gluster's client ping-timeout (half of this, so 10 s) and below
 /// the 30 s an initiator such as Linux waits before aborting a command.
@@ -121,6 +127,9 @@ pub struct Config {
     pub discovery_chap: Option<ChapPair>,
     /// How reactors wait for work.
     pub poll: PollMode,
+    /// Adaptive polling: the pause between batches of small commands
+    /// arriving one per read (receive coalescing); 0: never pause.
+    pub poll_coalesce_us: u32,
     /// Where to write per-core and per-LUN counters (JSON, every second).
     pub stats_file: Option<PathBuf>,
     /// Gluster LUNs: an operation not finished within this many seconds
@@ -488,6 +497,12 @@ struct Cli {
     #[arg(long, value_name = "MODE", value_parser = ["busy", "adaptive", "interrupt"])]
     poll: Option<String>,
 
+    /// Adaptive polling: when many small commands (4 KiB writes) arrive one
+    /// per socket read, pause this many microseconds between batches so
+    /// one read and one write serve many; 0: never, 0..=1000 [default: 50]
+    #[arg(long, value_name = "US")]
+    poll_coalesce_us: Option<u32>,
+
     /// Write per-core and per-LUN counters to this file as JSON, replaced
     /// atomically every second [default: none]
     #[arg(long, value_name = "FILE")]
@@ -551,6 +566,7 @@ struct FileConfig {
     nop_interval_s: Option<i64>,
     nop_timeout_s: Option<i64>,
     poll: Option<String>,
+    poll_coalesce_us: Option<i64>,
     stats_file: Option<PathBuf>,
     command_timeout_s: Option<i64>,
     gluster_log_file: Option<PathBuf>,
@@ -639,6 +655,9 @@ nop_interval_s = 30
 nop_timeout_s = 30
 # How reactors wait for work: "busy", "adaptive" (default) or "interrupt".
 poll = "adaptive"
+# Adaptive polling: when small commands (4 KiB writes) arrive one per socket
+# read, pause this many microseconds between batches (0: never; 0..=1000).
+poll_coalesce_us = 50
 # Per-core and per-LUN counters as JSON, rewritten every second (default:
 # none); relative paths are relative to this file's directory.
 stats_file = "/run/target-rdma/stats.json"
@@ -844,6 +863,15 @@ fn build(cli: &Cli, file: Option<(&Path, &FileConfig)>) -> Result<Config, Config
         0,
         MAX_NOP_S,
         DEFAULT_NOP_INTERVAL_S,
+    )?;
+    let poll_coalesce_us = num(
+        "--poll-coalesce-us",
+        cli.poll_coalesce_us,
+        "poll_coalesce_us",
+        fc.poll_coalesce_us,
+        0,
+        MAX_POLL_COALESCE_US,
+        DEFAULT_POLL_COALESCE_US,
     )?;
     let nop_timeout_s = num(
         "--nop-timeout-s",
@@ -1106,6 +1134,7 @@ fn build(cli: &Cli, file: Option<(&Path, &FileConfig)>) -> Result<Config, Config
         nop_timeout_s,
         discovery_chap,
         poll,
+        poll_coalesce_us,
         stats_file,
         command_timeout_s,
         gluster_log_file,
@@ -2072,6 +2101,23 @@ mod tests {
             "{e}"
         );
         assert!(run(&["--buffer-sg", "sometimes"]).is_err());
+    }
+
+    #[test]
+    fn poll_coalesce_from_flag_file_and_default() {
+        assert_eq!(run(&[]).unwrap().poll_coalesce_us, DEFAULT_POLL_COALESCE_US);
+        assert_eq!(
+            run(&["--poll-coalesce-us", "0"]).unwrap().poll_coalesce_us,
+            0
+        );
+        let c = run_file(&[], "poll_coalesce_us = 120\n").unwrap();
+        assert_eq!(c.poll_coalesce_us, 120);
+        let c = run_file(&["--poll-coalesce-us", "7"], "poll_coalesce_us = 120\n").unwrap();
+        assert_eq!(c.poll_coalesce_us, 7, "the flag overrides the file");
+        let e = err(run_file(&[], "poll_coalesce_us = 5000\n"));
+        assert!(e.contains("poll_coalesce_us") && e.contains("5000"), "{e}");
+        let e = err(run(&["--poll-coalesce-us", "1001"]));
+        assert!(e.contains("--poll-coalesce-us"), "{e}");
     }
 
     #[test]

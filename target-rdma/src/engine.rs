@@ -78,6 +78,9 @@ pub struct EngineConfig {
     pub max_login_connections: usize,
     pub discovery_chap: ChapConfig,
     pub poll: PollMode,
+    /// Adaptive polling's pause between batches of small commands
+    /// (`COALESCE_PROBE_EVERY`); zero: never.
+    pub poll_coalesce: Duration,
     /// Bytes of the command data pool (`DATA_POOL_BYTES` by default).
     pub data_pool_bytes: usize,
     /// When READ and WRITE data may span smaller buffers.
@@ -143,6 +146,9 @@ pub struct CoreStats {
     /// Commands whose data spans several smaller pool buffers (a
     /// scatter-gather buffer, `--buffer-sg`).
     pub data_pool_sg: u64,
+    /// Pauses before a poll to let commands gather (receive coalescing,
+    /// `--poll-coalesce-us`).
+    pub coalesce_pauses: u64,
     /// iSER connections served by this reactor now.
     pub iser_connections: u64,
     /// Memory registrations (ibv_reg_mr) of the iSER device's protection
@@ -212,6 +218,27 @@ const SPIN_PROBE_FOR: Duration = Duration::from_millis(20);
 /// Four times the average commands per wake-up below which spinning pays
 /// (1.25: an initiator at queue depth 1 brings exactly one).
 const SPIN_BATCH_MIN_X4: u64 = 5;
+/// Receive coalescing (`--poll-coalesce-us`, adaptive polling only): an
+/// initiator that keeps many commands in flight but writes each PDU with
+/// its own system call (libiscsi; any initiator's 4 KiB writes) is read
+/// one PDU per `recv` and answered one response per `writev` when the
+/// reactor keeps up with it, and each of those system calls costs more
+/// than the command itself (74% of the target's CPU was in the kernel).
+/// Pausing briefly between batches lets the commands gather in the socket:
+/// one `recv` and one `writev` then serve many. Every `COALESCE_PROBE_EVERY`
+/// the reactor runs `COALESCE_PROBE_FOR` without pausing and counts what
+/// each read brings: it pauses until the next probe when reads carried
+/// fewer than `COALESCE_CMDS_PER_READ_MAX` commands each while iterations
+/// handled at least `COALESCE_BATCH_MIN` (pipelined, not queue depth 1).
+/// Measured here (4k random write QD32, one reactor, 50 us): 1 `recv` per
+/// 14 writes instead of 1 per write, 40% less target CPU per write at the
+/// same IOPS; reads, already many per `recv`, are left alone (pausing cost
+/// them IOPS for no CPU).
+const COALESCE_PROBE_EVERY: Duration = Duration::from_millis(500);
+const COALESCE_PROBE_FOR: Duration = Duration::from_millis(20);
+const COALESCE_CMDS_PER_READ_MAX: u64 = 2;
+const COALESCE_BATCH_MIN: u64 = 2;
+const COALESCE_READ_BYTES_MAX: u64 = 16 * 1024;
 /// Messages one inbox holds. Bounds the memory of a core's inbox; more
 /// than this in flight towards one core waits in the sender's overflow.
 const INBOX_CAPACITY: usize = 16 * 1024;
@@ -639,6 +666,11 @@ impl Engine {
                 trace_mark: (0, 0),
                 trace_armed: false,
                 spin: SpinPolicy::new(started),
+                coalesce: sh.cfg.poll_coalesce,
+                coalesce_due: false,
+                iter_fills: 0,
+                iter_bytes: 0,
+                coalesce_policy: CoalescePolicy::new(started),
                 stats: CoreStats {
                     reactor: me,
                     cpu: sh.cfg.pin.then(|| sh.cfg.cores.get(me).copied()).flatten(),
@@ -942,6 +974,13 @@ struct Reactor {
     trace_mark: (usize, u64),
     trace_armed: bool,
     spin: SpinPolicy,
+    /// `--poll-coalesce-us` (zero: never), whether the next poll waits
+    /// that long first, and reads that brought data this iteration.
+    coalesce: Duration,
+    coalesce_due: bool,
+    iter_fills: u64,
+    iter_bytes: u64,
+    coalesce_policy: CoalescePolicy,
 }
 
 /// Whether adaptive polling spins (see `SPIN_PROBE_EVERY`).
@@ -1000,6 +1039,64 @@ impl SpinPolicy {
     }
 }
 
+/// Whether adaptive polling pauses between batches (see
+/// `COALESCE_PROBE_EVERY`).
+struct CoalescePolicy {
+    on: bool,
+    /// While probing: when the probe ends; else when the next starts.
+    until: Instant,
+    probing: bool,
+    /// In this probe: iterations that handled commands, the commands, and
+    /// the reads that brought data.
+    iters: u64,
+    commands: u64,
+    fills: u64,
+    bytes: u64,
+}
+
+impl CoalescePolicy {
+    fn new(now: Instant) -> CoalescePolicy {
+        CoalescePolicy {
+            on: false,
+            until: now + COALESCE_PROBE_EVERY,
+            probing: false,
+            iters: 0,
+            commands: 0,
+            fills: 0,
+            bytes: 0,
+        }
+    }
+
+    /// After a loop iteration that handled `commands` from `fills` reads:
+    /// whether the next poll should wait first.
+    fn observe(&mut self, now: Instant, commands: u64, fills: u64, bytes: u64) -> bool {
+        if self.probing {
+            if commands > 0 {
+                self.iters += 1;
+                self.commands += commands;
+                self.fills += fills;
+                self.bytes += bytes;
+            }
+            if now < self.until {
+                return false;
+            }
+            self.on = self.commands >= self.iters * COALESCE_BATCH_MIN
+                && self.commands < self.fills * COALESCE_CMDS_PER_READ_MAX
+                && self.bytes < self.fills * COALESCE_READ_BYTES_MAX;
+            self.probing = false;
+            self.until = now + COALESCE_PROBE_EVERY;
+        } else if now >= self.until {
+            self.probing = true;
+            self.until = now + COALESCE_PROBE_FOR;
+            (self.iters, self.commands, self.fills, self.bytes) = (0, 0, 0, 0);
+            return false;
+        }
+        // A lone command (queue depth 1, or the load has gone): answer
+        // the next one as soon as it comes.
+        self.on && commands >= COALESCE_BATCH_MIN
+    }
+}
+
 impl Reactor {
     fn link(&self) -> &CoreLink {
         &self.sh.cores[self.me]
@@ -1042,6 +1139,11 @@ impl Reactor {
 
     fn run(&mut self, mut signals: Option<signal_hook_mio::v1_0::Signals>) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
+        if !self.coalesce.is_zero() {
+            // The default timer slack (50 us) would double a coalescing
+            // pause; best effort.
+            let _ = std::fs::write("/proc/thread-self/timerslack_ns", "1000");
+        }
         let mut last_tick = Instant::now();
         let mut last_work = Instant::now();
         let mut stop_deadline: Option<Instant> = None;
@@ -1063,6 +1165,13 @@ impl Reactor {
                 }
                 PollMode::Adaptive => TICK,
             };
+            if self.coalesce_due && !timeout.is_zero() {
+                // Let the next batch gather in the sockets (see
+                // `COALESCE_PROBE_EVERY`): a plain sleep, which data
+                // arriving does not cut short, unlike the poll.
+                std::thread::sleep(self.coalesce);
+                self.stats.coalesce_pauses += 1;
+            }
             if self.stopping || (self.pool.data.waiting() > 0 && !timeout.is_zero()) {
                 // Keep the loop turning for the in-flight work (and for
                 // buffers other cores free for commands waiting here), but
@@ -1165,6 +1274,12 @@ impl Reactor {
             if self.sh.cfg.poll == PollMode::Adaptive {
                 let cmds = self.stats.commands + self.stats.commands_served_remote - cmds_before;
                 self.spin.observe(Instant::now(), !timeout.is_zero(), cmds);
+                let fills = std::mem::take(&mut self.iter_fills);
+                let bytes = std::mem::take(&mut self.iter_bytes);
+                self.coalesce_due = !self.coalesce.is_zero()
+                    && self
+                        .coalesce_policy
+                        .observe(Instant::now(), cmds, fills, bytes);
             }
         }
     }
@@ -1680,6 +1795,7 @@ impl Reactor {
             } else {
                 tcp.fill(c.proto.decoder())
             };
+            let drained = tcp.drained();
             let got = match fill {
                 Ok(Fill::Read(n)) => n,
                 Ok(Fill::Eof) | Err(_) => {
@@ -1688,6 +1804,8 @@ impl Reactor {
                 }
             };
             if got > 0 {
+                self.iter_fills += 1;
+                self.iter_bytes += got as u64;
                 // Bytes read now may answer something another core did
                 // before it pushed a message here (a session ended before
                 // its Logout Response left: its SPC-2 reservation must be
@@ -1698,7 +1816,7 @@ impl Reactor {
             }
             self.handle_buffered(id);
             self.run_until_idle();
-            if got == 0 {
+            if got == 0 || (drained && self.coalesce_due) {
                 return;
             }
         }
@@ -3533,6 +3651,7 @@ mod tests {
             max_login_connections: 16,
             discovery_chap: ChapConfig::default(),
             poll: PollMode::Interrupt,
+            poll_coalesce: Duration::ZERO,
             data_pool_bytes: DATA_POOL_BYTES,
             buffer_sg: BufferSg::Fallback,
             cores: vec![0, 1],
@@ -3632,6 +3751,55 @@ mod tests {
         }
         p.observe(w + SPIN_PROBE_EVERY, true, 0);
         assert!(p.spin);
+    }
+
+    /// Runs a coalescing probe whose iterations each handle `commands`
+    /// from `fills` reads of `bytes` in all; then whether a batch of 4
+    /// and a lone command pause the next poll.
+    fn coalesce_probe(commands: u64, fills: u64, bytes: u64) -> (bool, bool) {
+        let t0 = Instant::now();
+        let mut p = CoalescePolicy::new(t0);
+        assert!(!p.observe(t0, 4, 4, 4 * 4144), "off until a probe says");
+        assert!(!p.observe(t0 + COALESCE_PROBE_EVERY, 4, 4, 4 * 4144));
+        let start = t0 + COALESCE_PROBE_EVERY;
+        for i in 1..=10 {
+            let at = start + Duration::from_millis(i);
+            assert!(
+                !p.observe(at, commands, fills, bytes),
+                "a probe never pauses"
+            );
+        }
+        let end = start + COALESCE_PROBE_FOR;
+        p.observe(end, 0, 0, 0);
+        let batch = p.observe(end + Duration::from_millis(1), 4, 1, 4 * 4144);
+        let lone = p.observe(end + Duration::from_millis(2), 1, 1, 4144);
+        (batch, lone)
+    }
+
+    #[test]
+    fn receive_coalescing_only_for_pipelined_small_commands_one_per_read() {
+        // 4 KiB writes at depth: five commands an iteration, one per read.
+        assert_eq!(coalesce_probe(5, 5, 5 * 4144), (true, false));
+        // Reads at depth: four 48-byte commands per socket read already.
+        assert_eq!(coalesce_probe(8, 2, 8 * 48), (false, false));
+        // 1 MiB writes: one command over many reads of 256 KiB.
+        assert_eq!(coalesce_probe(2, 8, 2 << 20), (false, false));
+        // Queue depth 1: one command an iteration.
+        assert_eq!(coalesce_probe(1, 1, 4144), (false, false));
+        // The next probe sees the load change and stops pausing.
+        let t0 = Instant::now();
+        let mut p = CoalescePolicy::new(t0);
+        let mut at = t0 + COALESCE_PROBE_EVERY;
+        p.observe(at, 0, 0, 0);
+        at += COALESCE_PROBE_FOR;
+        p.observe(at, 5, 5, 5 * 4144);
+        assert!(p.observe(at + Duration::from_millis(1), 5, 5, 5 * 4144));
+        at += COALESCE_PROBE_EVERY;
+        p.observe(at, 0, 0, 0);
+        p.observe(at + Duration::from_millis(1), 8, 2, 8 * 48);
+        at += COALESCE_PROBE_FOR;
+        p.observe(at, 0, 0, 0);
+        assert!(!p.observe(at + Duration::from_millis(1), 5, 5, 5 * 4144));
     }
 
     #[test]

@@ -164,6 +164,7 @@ fn run(cfg: Config) -> Result<(), String> {
         data_pool_bytes: (cfg.buffer_pool_mib as usize) << 20,
         buffer_sg: cfg.buffer_sg,
         poll: cfg.poll,
+        poll_coalesce: std::time::Duration::from_micros(cfg.poll_coalesce_us.into()),
         cores: reactor_cores(cfg.cores.as_deref()),
         pin: true,
         stats_file: cfg.stats_file.clone(),

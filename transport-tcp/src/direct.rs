@@ -122,6 +122,7 @@ impl TcpConn {
     /// socket is empty, or the read budget is spent.
     pub fn fill_direct(&mut self, mut dst: Option<DataDest<'_>>) -> io::Result<Fill> {
         let mut total = 0;
+        self.drained = false;
         let mut scratch = [0u8; DISCARD_CHUNK_BYTES];
         loop {
             let TcpConn {
@@ -174,7 +175,10 @@ impl TcpConn {
                     })
                 }
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Fill::Read(total)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.drained = true;
+                    return Ok(Fill::Read(total));
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
@@ -203,6 +207,7 @@ impl TcpConn {
             }
             if n < want {
                 // A short read: the socket is empty (see `fill`).
+                self.drained = true;
                 return Ok(Fill::Read(total));
             }
         }

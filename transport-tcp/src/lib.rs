@@ -72,6 +72,8 @@ pub struct TcpConn {
     /// The next read takes only a PDU header (a large segment was just
     /// received into place; another may follow).
     header_next: bool,
+    /// See `drained`.
+    drained: bool,
     rx_counts: RxCounts,
 }
 
@@ -145,6 +147,7 @@ impl TcpConn {
             direct: None,
             direct_done: None,
             header_next: false,
+            drained: false,
             rx_counts: RxCounts::default(),
         }
     }
@@ -180,6 +183,7 @@ impl TcpConn {
             }
         }
         let mut total = 0;
+        self.drained = false;
         loop {
             if self.rx_end == limit || total >= READ_BUDGET_BYTES {
                 return Ok(Fill::Read(total));
@@ -203,14 +207,26 @@ impl TcpConn {
                     // queue is empty (epoll(7)); asking again would only
                     // return EAGAIN. New data raises a new edge.
                     if n < space {
+                        self.drained = true;
                         return Ok(Fill::Read(total));
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Fill::Read(total)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.drained = true;
+                    return Ok(Fill::Read(total));
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Whether the last `fill` or `fill_direct` left the socket empty (a
+    /// short read or EAGAIN): data arriving after it raises a new
+    /// readiness edge, so reading again now would only find what came in
+    /// meanwhile.
+    pub fn drained(&self) -> bool {
+        self.drained
     }
 
     /// Undecoded bytes in the receive buffer.
