@@ -24,6 +24,7 @@ pub use backstore::{Backstore, BackstoreCaps, Io, IoDone, IoOp};
 pub use common::{Cdb, CmdError, LunInfo, Nexus, NexusId, ScsiCompletion, ScsiTask, TaskAttr};
 pub use lun::Lun;
 pub use mempool::DataBuf;
+pub use sbc::scratch_len;
 pub use sense::{Sense, SenseKey};
 pub use stats::{IoCounters, IoKind, IoSample, LatencyHistogram};
 pub use target::Target;

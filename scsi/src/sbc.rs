@@ -565,6 +565,47 @@ fn rw_fields(cdb: &[u8], op: u8) -> (u64, u64) {
     }
 }
 
+/// The working buffer a medium command takes as its data-in buffer
+/// (there is no Data-In) in bytes, for a LUN of `block_size` whose
+/// MAXIMUM TRANSFER LENGTH is `max_blocks`: the range
+/// read back by VERIFY and WRITE AND VERIFY with BYTCHK, COMPARE AND WRITE
+/// and ORWRITE, and the pattern WRITE SAME writes piece by piece. 0 for
+/// every other command and for ranges the device server will refuse. A
+/// transport that hands such a buffer (from its pool) in the task's
+/// `data_in` spares the device server a heap buffer; one too small or
+/// absent is grown on the heap, so the figure only needs to be right for
+/// the common case.
+pub fn scratch_len(cdb: &[u8], block_size: u32, max_blocks: u32) -> usize {
+    let op = b(cdb, 0);
+    let bsz = block_size as u64;
+    let blocks = match op {
+        0x2f | 0xaf | 0x8f if matches!((b(cdb, 1) >> 1) & 3, 1 | 3) => rw_fields(cdb, op).1,
+        0x2e | 0xae | 0x8e if (b(cdb, 1) >> 1) & 3 == 1 => rw_fields(cdb, op).1,
+        0x89 => b(cdb, 13) as u64,
+        0x8b => rw_fields(cdb, op).1,
+        // With UNMAP set the range is deallocated, no pattern written.
+        0x41 | 0x93 if b(cdb, 1) & 0x08 == 0 => {
+            let nlb = if op == 0x41 {
+                be(cdb, 7, 2)
+            } else {
+                be(cdb, 10, 4)
+            };
+            let per = (WRITE_SAME_PIECE as u64 / bsz.max(1)).max(1);
+            // Zero blocks: to the end of the medium, pieces of `per`.
+            if nlb == 0 {
+                per
+            } else {
+                nlb.min(per)
+            }
+        }
+        _ => 0,
+    };
+    if blocks > max_blocks as u64 && !matches!(op, 0x41 | 0x93) {
+        return 0;
+    }
+    usize::try_from(blocks.saturating_mul(bsz)).unwrap_or(0)
+}
+
 /// Byte where the transfer length field starts, for field pointers.
 fn len_byte(op: u8) -> u16 {
     match op {
@@ -751,8 +792,11 @@ impl MediumCmd {
                 }
                 self.step = Step::ReadBack;
                 let mut buf = std::mem::take(data_in);
+                // A backstore's read fills every byte (the `Io` contract);
+                // the transport's scratch buffer (`scratch_len`) is used
+                // in place.
                 buf.clear();
-                buf.resize(len, 0);
+                buf.set_len_stale(len);
                 Next::Io(IoOp::Read { offset: off }, buf)
             }
             (Kind::WriteVerify { .. }, _) => {
@@ -770,7 +814,7 @@ impl MediumCmd {
                 self.step = Step::Reading;
                 let mut buf = std::mem::take(data_in);
                 buf.clear();
-                buf.resize(len, 0);
+                buf.set_len_stale(len);
                 Next::Io(IoOp::Read { offset: off }, buf)
             }
             (Kind::Verify { same }, _) => {
@@ -871,7 +915,10 @@ impl MediumCmd {
                 let mut buf = std::mem::take(data_in);
                 let want = (n * bsz) as usize;
                 let full = (per.min(self.nlb) * bsz) as usize;
-                if buf.len() != full {
+                // The first piece builds the pattern (in the transport's
+                // scratch buffer when it gave one: its bytes are stale);
+                // later ones find it in data-in.
+                if done == 0 || buf.len() != full {
                     buf.clear();
                     if *zero {
                         buf.resize(full, 0);
@@ -881,13 +928,10 @@ impl MediumCmd {
                         }
                     }
                 }
-                // The last piece may be shorter; a write takes all of its
-                // buffer, so cut a copy rather than shrink the pattern.
-                let buf = if want < buf.len() {
-                    DataBuf::from(&buf[..want])
-                } else {
-                    buf
-                };
+                // Only the last piece may be shorter: no piece needs the
+                // whole pattern after it.
+                let mut buf = buf;
+                buf.truncate(want);
                 self.step = Step::Repeat { done: done + n };
                 Next::Io(
                     IoOp::Write {

@@ -376,6 +376,10 @@ struct TargetMeta {
     chap: ChapConfig,
     /// The reactor that owns this target's device server.
     home: usize,
+    /// Each LUN's number, block size and MAXIMUM TRANSFER LENGTH in
+    /// blocks: what sizing a command's scratch buffer takes
+    /// (`scsi::scratch_len`).
+    luns: Vec<(u64, u32, u32)>,
 }
 
 struct Session {
@@ -553,11 +557,21 @@ impl Engine {
         }
         for (i, t) in targets.into_iter().enumerate() {
             let home = i % n;
+            let luns = t
+                .device
+                .luns()
+                .iter()
+                .map(|l| {
+                    let i = l.info();
+                    (i.lun, i.block_size, i.max_transfer_blocks)
+                })
+                .collect();
             metas.push(TargetMeta {
                 name: t.name,
                 allow: t.allow,
                 chap: t.chap,
                 home,
+                luns,
             });
             devices[home][i] = Some(t.device);
         }
@@ -2051,8 +2065,12 @@ impl Reactor {
                     target,
                     lun,
                     mut task,
+                    scratch,
                 }) => {
                     task.data_in = buf;
+                    if scratch {
+                        task.data_in.clear();
+                    }
                     self.run_at_home(target, Msg::Submit { target, lun, task });
                 }
                 Some(BufWait::Write { id }) => {
@@ -2244,11 +2262,42 @@ impl Reactor {
                             // Heap, counted as a miss.
                             PoolWait::Unserved => self.pool.data(len),
                             PoolWait::Queued => {
-                                self.buf_waits
-                                    .insert(tag, BufWait::Read { target, lun, task });
+                                self.buf_waits.insert(
+                                    tag,
+                                    BufWait::Read {
+                                        target,
+                                        lun,
+                                        task,
+                                        scratch: false,
+                                    },
+                                );
                                 continue;
                             }
                         };
+                    } else if let Some(len) = self.scratch_len(target, lun, &task.cdb) {
+                        // VERIFY, COMPARE AND WRITE, WRITE SAME and the like
+                        // read back or build their data in a pool buffer
+                        // too, handed empty; without one they would grow
+                        // a heap buffer.
+                        match self.pool_or_wait(len, tag, BufferSg::Off) {
+                            PoolWait::Ready(mut b) => {
+                                b.clear();
+                                task.data_in = b;
+                            }
+                            PoolWait::Unserved => {}
+                            PoolWait::Queued => {
+                                self.buf_waits.insert(
+                                    tag,
+                                    BufWait::Read {
+                                        target,
+                                        lun,
+                                        task,
+                                        scratch: true,
+                                    },
+                                );
+                                continue;
+                            }
+                        }
                     }
                     self.run_at_home(target, Msg::Submit { target, lun, task });
                 }
@@ -3426,6 +3475,9 @@ enum BufWait {
         target: usize,
         lun: u64,
         task: ScsiTask,
+        /// The buffer is the command's scratch buffer (`scsi::scratch_len`),
+        /// handed empty, not its Data-In.
+        scratch: bool,
     },
     /// The write command held in connection `id`'s `held`; its token is
     /// `write_wait_token`.
@@ -3489,6 +3541,16 @@ fn write_buffer_wanted(pdu: &iscsi::Pdu) -> Option<usize> {
         && !staged
         && (pdu.data.len() as u32) < b.edtl())
     .then_some(b.edtl() as usize)
+}
+
+impl Reactor {
+    /// The scratch buffer command `cdb` to LUN `raw_lun` of `target` wants
+    /// (`scsi::scratch_len`), if any.
+    fn scratch_len(&self, target: usize, raw_lun: u64, cdb: &[u8]) -> Option<usize> {
+        let id = scsi::target::decode_lun(raw_lun)?;
+        let &(_, bs, max) = self.sh.targets[target].luns.iter().find(|l| l.0 == id)?;
+        Some(scsi::scratch_len(cdb, bs, max)).filter(|&n| n > 0)
+    }
 }
 
 impl Ctx<'_> {

@@ -20,8 +20,9 @@ RUN_S=${NO_ALLOC_RUN_S:-9} WARM_S=${NO_ALLOC_WARM_S:-3} WINDOW_S=${NO_ALLOC_WIND
 # also have made commands wait for data buffers; with NO_ALLOC_EXPECT_SG=1,
 # have given some commands their data in several smaller buffers
 # (data_pool_sg). In every run no command may take a heap buffer instead
-# of a pool buffer (data_pool_misses).
-LUN=${NO_ALLOC_LUN:-mem:256MiB} TAG=${NO_ALLOC_TAG:-}
+# of a pool buffer (data_pool_misses). NO_ALLOC_FILL=0 skips writing the
+# LUN first (iobench's stamps), for workloads that expect zeros (VERIFY).
+LUN=${NO_ALLOC_LUN:-mem:256MiB} TAG=${NO_ALLOC_TAG:-} FILL=${NO_ALLOC_FILL:-1}
 EXPECT_WAITS=${NO_ALLOC_EXPECT_WAITS:-0} EXPECT_SG=${NO_ALLOC_EXPECT_SG:-0}
 read -ra EXTRA <<<"${NO_ALLOC_FLAGS:-}"
 mkdir -p "$LOGS"
@@ -42,7 +43,9 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 url=iscsi://127.0.0.1:$port/$iqn/0
-timeout 120 "$IOBENCH" -m fill -b 1048576 -q 8 "$url" >"$LOGS/no-alloc-fill.log" 2>&1
+if [ "$FILL" = 1 ]; then
+    timeout 120 "$IOBENCH" -m fill -b 1048576 -q 8 "$url" >"$LOGS/no-alloc-fill.log" 2>&1
+fi
 
 snapshot() { # prints "reactor allocs commands direct copied waits misses sg" per reactor, one line each
     python3 - "$stats" <<'PY'

@@ -119,9 +119,33 @@ pub trait Backstore: Send {
 /// backstores taking data in pieces.
 #[cfg(test)]
 pub(crate) fn test_sg_buf(bytes: &[u8]) -> DataBuf {
+    let mut d = test_cache()
+        .lock()
+        .unwrap()
+        .alloc_data_sg(bytes.len())
+        .unwrap();
+    d.copy_from_at(0, bytes);
+    assert!(d.segment_count() >= 2);
+    d
+}
+
+/// One pool buffer with room for `len` bytes, holding none (`len` 0) but
+/// stale bytes underneath: what a transport hands a command as its
+/// scratch buffer (`crate::scratch_len`).
+#[cfg(test)]
+pub(crate) fn test_scratch_buf(len: usize) -> DataBuf {
+    let mut d = test_cache().lock().unwrap().alloc_data(len).unwrap();
+    assert!(d.is_pool() && d.segment_count() == 1);
+    d.copy_from_at(0, &vec![0xee; len]);
+    d.clear();
+    d
+}
+
+#[cfg(test)]
+fn test_cache() -> &'static std::sync::Mutex<mempool::CoreCache> {
     use std::sync::{Mutex, OnceLock};
     static CACHE: OnceLock<Mutex<mempool::CoreCache>> = OnceLock::new();
-    let cache = CACHE.get_or_init(|| {
+    CACHE.get_or_init(|| {
         let pool = mempool::Pool::new(mempool::PoolConfig {
             arena_bytes: 8 << 20,
             arena_limit_bytes: 8 << 20,
@@ -141,9 +165,5 @@ pub(crate) fn test_sg_buf(bytes: &[u8]) -> DataBuf {
         })
         .unwrap();
         Mutex::new(Box::leak(Box::new(pool)).core_cache(0).unwrap())
-    });
-    let mut d = cache.lock().unwrap().alloc_data_sg(bytes.len()).unwrap();
-    d.copy_from_at(0, bytes);
-    assert!(d.segment_count() >= 2);
-    d
+    })
 }

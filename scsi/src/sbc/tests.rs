@@ -1456,3 +1456,107 @@ fn backstore_errno_to_sense() {
     assert_eq!(key(5, false), (SenseKey::MediumError, 0x11, 0x00));
     assert_eq!(key(5, true).0, SenseKey::MediumError);
 }
+
+/// `run` with the scratch buffer a transport hands when it follows
+/// `scratch_len`: a pool buffer of that size, empty, stale underneath.
+fn run_with_scratch(lun: &mut Lun, cdb: &[u8], data_out: DataBuf) -> ScsiCompletion {
+    let n = crate::scratch_len(cdb, BS, 4096);
+    assert!(n > 0, "{cdb:02x?} wants a scratch buffer");
+    let mut t = task(98, cdb, data_out);
+    t.data_in = crate::backstore::test_scratch_buf(n);
+    lun.submit(t);
+    let mut out = Vec::new();
+    assert_eq!(lun.poll(&mut out), 1);
+    out.pop().unwrap()
+}
+
+#[test]
+fn scratch_len_covers_the_commands_that_read_back_or_repeat() {
+    let s = |cdb: &[u8]| crate::scratch_len(cdb, BS, 4096);
+    assert_eq!(
+        s(&cdb16(0x8f, 0x02, 0, 40)),
+        40 * BS as usize,
+        "VERIFY BYTCHK=01"
+    );
+    assert_eq!(
+        s(&cdb16(0x8f, 0x06, 0, 40)),
+        40 * BS as usize,
+        "VERIFY BYTCHK=11"
+    );
+    assert_eq!(
+        s(&cdb10(0x2f, 0, 0, 40)),
+        0,
+        "VERIFY without BYTCHK reads nothing"
+    );
+    assert_eq!(
+        s(&cdb10(0x2e, 0x02, 0, 8)),
+        8 * BS as usize,
+        "WRITE AND VERIFY"
+    );
+    assert_eq!(s(&cdb10(0x2e, 0, 0, 8)), 0);
+    let mut caw = cdb16(0x89, 0, 0, 0);
+    caw[13] = 3;
+    assert_eq!(s(&caw), 3 * BS as usize);
+    assert_eq!(s(&cdb16(0x8b, 0, 0, 5)), 5 * BS as usize, "ORWRITE");
+    assert_eq!(s(&cdb16(0x93, 0, 0, 5)), 5 * BS as usize, "WRITE SAME");
+    let piece = super::WRITE_SAME_PIECE;
+    assert_eq!(s(&cdb16(0x93, 0, 0, 1 << 20)), piece, "one piece at a time");
+    assert_eq!(s(&cdb16(0x93, 0, 0, 0)), piece, "to the end of the medium");
+    assert_eq!(s(&cdb16(0x93, 0x08, 0, 5)), 0, "UNMAP: nothing written");
+    assert_eq!(s(&cdb16(0x8f, 0x02, 0, 5000)), 0, "refused: too long");
+    assert_eq!(s(&cdb10(0x28, 0, 0, 8)), 0, "READ has its Data-In buffer");
+    assert_eq!(s(&cdb10(0x2a, 0, 0, 8)), 0);
+}
+
+#[test]
+fn medium_commands_work_in_the_transports_scratch_buffer() {
+    let mut lun = mem_lun(1024);
+    let pat: Vec<u8> = (0..40 * BS).map(|i| (i * 7 + i / 511) as u8).collect();
+    write10(&mut lun, 100, pat.clone().into());
+    let in_place = |c: &ScsiCompletion| {
+        assert!(c.data_in.is_empty(), "no Data-In");
+        assert!(
+            c.data_in.is_pool(),
+            "the scratch buffer came back, not a heap one"
+        );
+    };
+    // VERIFY: equal, then one byte different.
+    let v = cdb16(0x8f, 0x02, 100, 40);
+    let c = run_with_scratch(&mut lun, &v, pat.clone().into());
+    ok(&c);
+    in_place(&c);
+    let mut other = pat.clone();
+    other[13 * BS as usize + 9] ^= 1;
+    let c = run_with_scratch(&mut lun, &v, other.into());
+    assert_eq!(sense(&c), (0xe, 0x1d, 0));
+    assert_eq!(&c.sense[3..7], &(13 * BS + 9).to_be_bytes());
+    in_place(&c);
+    // COMPARE AND WRITE of 8 blocks: compares, then writes.
+    let mut caw = cdb16(0x89, 0, 100, 0);
+    caw[13] = 8;
+    let mut d = pat[..8 * BS as usize].to_vec();
+    d.extend(vec![b'N'; 8 * BS as usize]);
+    let c = run_with_scratch(&mut lun, &caw, d.into());
+    ok(&c);
+    in_place(&c);
+    assert!(read10(&mut lun, 100, 8).iter().all(|&x| x == b'N'));
+    // WRITE SAME of 40 blocks from a non-zero block: every block is the
+    // pattern, none the stale bytes under the scratch buffer.
+    let blk: Vec<u8> = (0..BS).map(|i| (i % 251) as u8 + 1).collect();
+    let c = run_with_scratch(&mut lun, &cdb16(0x93, 0, 200, 40), blk.clone().into());
+    ok(&c);
+    in_place(&c);
+    let back = read10(&mut lun, 200, 40);
+    for (i, b) in back.chunks(BS as usize).enumerate() {
+        assert_eq!(b, &blk[..], "block {i}");
+    }
+    // ORWRITE ORs into what is there.
+    let c = run_with_scratch(
+        &mut lun,
+        &cdb16(0x8b, 0, 300, 2),
+        vec![0x0f; 2 * BS as usize].into(),
+    );
+    ok(&c);
+    in_place(&c);
+    assert!(read10(&mut lun, 300, 2).iter().all(|&x| x == 0x0f));
+}
