@@ -42,11 +42,12 @@ trap cleanup EXIT
 IOBENCH=$work/iobench
 cc -O2 -o "$IOBENCH" "$here/iobench.c" -liscsi -lpthread || die "building iobench failed"
 
-counters() { # stats-file: "waits sg" summed over reactors
+counters() { # stats-file: "waits sg waits-granted-pieces" summed over reactors
     python3 - "$1" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))["reactors"]
-print(sum(x["data_pool_waits"] for x in r), sum(x["data_pool_sg"] for x in r))
+print(sum(x["data_pool_waits"] for x in r), sum(x["data_pool_sg"] for x in r),
+      sum(x.get("data_pool_waits_in_pieces", 0) for x in r))
 PY
 }
 
@@ -71,24 +72,24 @@ declare -A IOPS CPUIO
 while read -r wl args; do
     read -ra a <<<"$args"
     for m in off fallback; do
-        read -r w0 s0 < <(counters "${STATS[$m]}")
+        read -r w0 s0 g0 < <(counters "${STATS[$m]}")
         c0=$(cpu_ticks "${PID[$m]}")
         timeout $((SECS + 60)) "$IOBENCH" -t "$SECS" "${a[@]}" "${URL[$m]}" >"$work/run.log" 2>&1 ||
             { cat "$work/run.log" >&2; die "$wl ($m) failed"; }
         c1=$(cpu_ticks "${PID[$m]}")
         sleep 1.2
-        read -r w1 s1 < <(counters "${STATS[$m]}")
+        read -r w1 s1 g1 < <(counters "${STATS[$m]}")
         res=$(grep '^RESULT ' "$work/run.log") || die "no RESULT from iobench"
         line=$(awk -v t="$TICK" -v c="$((c1 - c0))" -v wl="$wl" -v m="$m" \
-            -v w="$((w1 - w0))" -v sg="$((s1 - s0))" '{
+            -v w="$((w1 - w0))" -v sg="$((s1 - s0))" -v g="$((g1 - g0))" '{
             for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
             cpu = c / t
             per = (cpu > 0 ? v["ios"] / cpu : 0)
-            printf "%s %s %.0f %.1f %.2f %.0f %d %d\n", wl, m, v["iops"], v["mbps"], cpu, per, w, sg
+            printf "%s %s %.0f %.1f %.2f %.0f %d %d %d\n", wl, m, v["iops"], v["mbps"], cpu, per, w, sg, g
         }' <<<"${res#RESULT }")
-        read -r _ _ iops mbps cpu per w sg <<<"$line"
-        printf '  %-24s %-9s %7s IOPS %8s MB/s  target CPU %6s s  %7s I/Os per CPU-s  %6s waits  %6s in pieces\n' \
-            "$wl" "$m" "$iops" "$mbps" "$cpu" "$per" "$w" "$sg"
+        read -r _ _ iops mbps cpu per w sg g <<<"$line"
+        printf '  %-24s %-9s %7s IOPS %8s MB/s  target CPU %6s s  %7s I/Os per CPU-s  %6s waits (%s then in pieces)  %6s in pieces\n' \
+            "$wl" "$m" "$iops" "$mbps" "$cpu" "$per" "$w" "$g" "$sg"
         IOPS[$m]=$iops CPUIO[$m]=$per
     done
     awk -v a="${IOPS[fallback]}" -v b="${IOPS[off]}" -v c="${CPUIO[fallback]}" -v d="${CPUIO[off]}" -v wl="$wl" \

@@ -968,6 +968,58 @@ mod tests {
     }
 
     #[test]
+    fn a_waiting_request_is_granted_pieces_freed_in_a_smaller_class() {
+        let p = sg_pool();
+        let mut cache = p.core_cache(0).unwrap();
+        let small = p.stats()[0].total_bufs as usize;
+        let big = p.stats()[1].total_bufs as usize;
+        // Every 1 MiB buffer and every 64 KiB one in use; two requests of
+        // 410 KiB queue for a 1 MiB buffer.
+        let bigs: Vec<DataBuf> = (0..big)
+            .map(|_| cache.alloc_data(1 << 20).unwrap())
+            .collect();
+        let mut smalls: Vec<DataBuf> = (0..small)
+            .map(|_| cache.alloc_data(65536).unwrap())
+            .collect();
+        assert!(cache.alloc_data(420_000).is_none() && cache.alloc_data_sg(420_000).is_none());
+        cache.wait_for_data(420_000, 7).unwrap();
+        cache.wait_for_data(420_000, 8).unwrap();
+        let mut ok = |_t: u64| true;
+        assert!(cache.next_grant().is_none());
+        assert!(cache.grant_in_pieces(&mut ok).is_none(), "nothing idle yet");
+        // Seven 64 KiB buffers come back: the first waiter takes them.
+        for _ in 0..7 {
+            cache.free_data(smalls.pop().unwrap());
+        }
+        cache.flush();
+        let (token, d) = cache
+            .grant_in_pieces(&mut ok)
+            .expect("pieces for the first");
+        assert_eq!((token, d.len(), d.segment_count()), (7, 420_000, 7));
+        assert_eq!(cache.waiting(), 1);
+        // A request that must stay whole is left waiting for its class.
+        for _ in 0..7 {
+            cache.free_data(smalls.pop().unwrap());
+        }
+        assert!(cache.grant_in_pieces(&mut |t| t != 8).is_none());
+        // Its own class comes first: a freed 1 MiB buffer goes through
+        // `next_grant`, and `grant_in_pieces` leaves it alone.
+        let mut bigs = bigs;
+        cache.free_data(bigs.pop().unwrap());
+        assert!(cache.grant_in_pieces(&mut ok).is_none());
+        let (token, sg) = cache.next_grant().unwrap();
+        let whole = cache.data_from_grant(sg);
+        assert_eq!((token, whole.segment_count()), (8, 1));
+        assert_eq!(cache.waiting(), 0);
+        drop((bigs, smalls, d, whole));
+        cache.flush();
+        assert!(
+            p.stats().iter().all(|s| s.in_use == 0),
+            "every buffer went home"
+        );
+    }
+
+    #[test]
     #[should_panic(expected = "read as one slice")]
     fn reading_a_scatter_gather_buffer_as_one_slice_is_caught() {
         let p = sg_pool();

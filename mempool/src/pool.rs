@@ -1183,6 +1183,44 @@ impl CoreCache {
         None
     }
 
+    /// A request [`CoreCache::wait_for_data`] queued, served in pieces:
+    /// when the first waiter of a class still finds no buffer of its own
+    /// class but a smaller class has enough idle ones (the rule of
+    /// [`CoreCache::alloc_data_sg`], which also leaves classes with
+    /// waiters of their own alone), it leaves the queue with a
+    /// scatter-gather `DataBuf` instead of waiting on. `pieces_ok(token)`
+    /// says whether that request's command may have its data in pieces.
+    /// For after [`CoreCache::next_grant`] has returned `None`: a buffer
+    /// of the request's own class goes first. Never allocates memory.
+    pub fn grant_in_pieces(
+        &mut self,
+        pieces_ok: &mut dyn FnMut(u64) -> bool,
+    ) -> Option<(u64, DataBuf)> {
+        if self.waiting == 0 {
+            return None;
+        }
+        for c in 0..self.classes.len() {
+            let Some(&w) = self.classes[c].waiters.front() else {
+                continue;
+            };
+            if w.segments != 1 || self.ensure(c, 1) || !pieces_ok(w.token) {
+                continue;
+            }
+            let Some(d) = self.alloc_data_sg(w.bytes) else {
+                continue;
+            };
+            self.classes[c].waiters.pop_front();
+            self.waiting -= 1;
+            self.classes[c].stats.granted += 1;
+            self.dirty = true;
+            if self.classes[c].waiters.is_empty() {
+                self.set_hungry(c, false);
+            }
+            return Some((w.token, d));
+        }
+        None
+    }
+
     /// Drops a waiting request (its command was aborted); whether it was
     /// queued.
     pub fn cancel_wait(&mut self, token: u64) -> bool {

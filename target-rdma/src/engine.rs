@@ -146,6 +146,9 @@ pub struct CoreStats {
     /// Commands whose data spans several smaller pool buffers (a
     /// scatter-gather buffer, `--buffer-sg`).
     pub data_pool_sg: u64,
+    /// Of the commands that waited, those granted pieces of a smaller
+    /// class that came free before a buffer of their own class did.
+    pub data_pool_waits_in_pieces: u64,
     /// Pauses before a poll to let commands gather (receive coalescing,
     /// `--poll-coalesce-us`).
     pub coalesce_pauses: u64,
@@ -2056,10 +2059,34 @@ impl Reactor {
     /// connection, whose input then resumes.
     fn serve_buffer_waits(&mut self) {
         while self.pool.data.waiting() > 0 {
-            let Some((token, sg)) = self.pool.data.next_grant() else {
-                return;
-            };
-            let buf = self.pool.data.data_from_grant(sg);
+            let buf;
+            let token;
+            if let Some((t, sg)) = self.pool.data.next_grant() {
+                token = t;
+                buf = self.pool.data.data_from_grant(sg);
+            } else {
+                // None of its own class yet, but smaller buffers idle: a
+                // READ or WRITE waiting goes on with its data in pieces
+                // (`--buffer-sg`) rather than wait for a whole buffer.
+                let mode = self.sh.cfg.buffer_sg;
+                let (waits, conns) = (&self.buf_waits, &self.conns);
+                let mut pieces_ok = |t: u64| match waits.get(&t) {
+                    Some(BufWait::Read { task, scratch, .. }) => {
+                        !scratch && sg_for(mode, &task.cdb) != BufferSg::Off
+                    }
+                    Some(BufWait::Write { id }) => conns
+                        .get(id)
+                        .and_then(|c| c.held.as_ref())
+                        .is_some_and(|(pdu, _)| sg_for(mode, pdu.bhs.cdb()) != BufferSg::Off),
+                    None => false,
+                };
+                let Some((t, d)) = self.pool.data.grant_in_pieces(&mut pieces_ok) else {
+                    return;
+                };
+                token = t;
+                buf = d;
+                self.stats.data_pool_waits_in_pieces += 1;
+            }
             match self.buf_waits.remove(&token) {
                 Some(BufWait::Read {
                     target,
