@@ -66,7 +66,7 @@ pub const MAX_NOP_S: u32 = 3600;
 /// enough for a pipelining initiator's next few commands to arrive, short
 /// against the time a queue of them takes (see the engine's
 /// `COALESCE_PROBE_EVERY`).
-pub const DEFAULT_POLL_COALESCE_US: u32 = 50;
+pub const DEFAULT_POLL_COALESCE_US: u32 = 80;
 pub const MAX_POLL_COALESCE_US: u32 = 1000;
 /// Bound on one backstore operation of a network backstore (Gluster):
 /// above gluster's client ping-timeout (half of this, so 10 s) and below
@@ -499,7 +499,7 @@ struct Cli {
 
     /// Adaptive polling: when many small commands (4 KiB writes) arrive one
     /// per socket read, pause this many microseconds between batches so
-    /// one read and one write serve many; 0: never, 0..=1000 [default: 50]
+    /// one read and one write serve many; 0: never, 0..=1000 [default: 80]
     #[arg(long, value_name = "US")]
     poll_coalesce_us: Option<u32>,
 
@@ -657,7 +657,7 @@ nop_timeout_s = 30
 poll = "adaptive"
 # Adaptive polling: when small commands (4 KiB writes) arrive one per socket
 # read, pause this many microseconds between batches (0: never; 0..=1000).
-poll_coalesce_us = 50
+poll_coalesce_us = 80
 # Per-core and per-LUN counters as JSON, rewritten every second (default:
 # none); relative paths are relative to this file's directory.
 stats_file = "/run/target-rdma/stats.json"
