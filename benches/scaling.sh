@@ -27,6 +27,11 @@
 #                reads and compares 512 blocks per command while the client
 #                sends one, so the client is not the bottleneck and the raw
 #                IOPS of one reactor and of two can be compared directly.
+#                (Until the read-back moved into a pool buffer, 2026-12-03,
+#                that held; since, one reactor does ten times the VERIFYs and
+#                the client is the bottleneck again: see benches/README.md.)
+#                BENCH_VERIFY_BYTES and BENCH_VERIFY_QD change the range
+#                (default 262144) and the depth per session (default 32).
 # BENCH_WORKLOADS picks among them (default: all three).
 #
 # The metric.  The machine this was written for has 2 CPUs, shared by the
@@ -57,6 +62,9 @@ source "$here/lib.sh"
 root=$(dirname "$here")
 SECS=${BENCH_SECONDS:-10}
 ROUNDS=${BENCH_ROUNDS:-3}
+# The verify-* load: VERIFY range and queue depth per session (see above).
+VERIFY_BYTES=${BENCH_VERIFY_BYTES:-262144}
+VERIFY_QD=${BENCH_VERIFY_QD:-32}
 OUT=${BENCH_OUT:-/tmp}
 BIN=${TARGET_RDMA_BIN:-$root/target/release/target-rdma}
 TICK=$(getconf CLK_TCK)
@@ -206,7 +214,7 @@ measure() {
     p0=$(stat_ticks "/proc/$PID/stat")
     t0=$(date +%s%N)
     local load=(-m read -p rand -b 4096 -q 32)
-    [[ $wl == verify-* ]] && load=(-m verify -p rand -b 262144 -q 32)
+    [[ $wl == verify-* ]] && load=(-m verify -p rand -b "$VERIFY_BYTES" -q "$VERIFY_QD")
     if ! timeout $((SECS + 60)) "$IOBENCH" "${load[@]}" -s 2 -t "$SECS" \
         "${URLS[@]}" >"$log" 2>&1; then
         cat "$log" >&2
