@@ -2324,6 +2324,12 @@ impl Reactor {
                         let sg = sg_for(self.sh.cfg.buffer_sg, &req.cdb);
                         task.data_in = match self.pool_or_wait(len, tag, sg) {
                             PoolWait::Ready(b) => b,
+                            // Beyond the largest class, which is MAXIMUM
+                            // TRANSFER LENGTH: the device server refuses the
+                            // CDB, or sizes what it does transfer itself.
+                            // Never a buffer of the EDTL an initiator claims
+                            // (up to 4 GiB for one PDU).
+                            PoolWait::Unserved if len > DATA_POOL_CLASS_MAX => DataBuf::new(),
                             // Heap, counted as a miss.
                             PoolWait::Unserved => self.pool.data(len),
                             PoolWait::Queued => {

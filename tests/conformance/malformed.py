@@ -416,6 +416,26 @@ def case_ffp_huge_dsl():
         s.close()
 
 
+def case_ffp_read_huge_edtl():
+    # READ(10) of 8 blocks whose Expected Data Transfer Length claims almost
+    # 4 GiB: the target must answer with the 8 blocks (and an underflow
+    # residual) or a CHECK CONDITION, promptly; sizing a buffer by the
+    # EDTL would take gigabytes of memory for one PDU.
+    s, statsn, cmdsn = logged_in()
+    cdb = bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0])
+    s.sendall(scsi_cmd_pdu(cdb, 12, cmdsn, statsn, 0xFFFFFF00, read=True))
+    s.settimeout(WAIT)
+    try:
+        while True:
+            h, _ = recv_pdu(s)
+            if h[0] & 0x3F == 0x21:  # SCSI Response
+                return None
+    except socket.timeout:
+        return "error: no SCSI Response within %.0f s" % WAIT
+    finally:
+        s.close()
+
+
 def case_ffp_garbage():
     # random bytes, except that the first header carries a reserved initiator
     # opcode (0x1e), no AHS and a 1000-byte data segment, so a target must
@@ -547,6 +567,7 @@ def main():
     run_case("login-dsl-16MiB", case_login_huge_dsl)
     run_case("login-cut-mid-data", case_login_cut_mid_data, must_refuse=False)
     run_case("ffp-dsl-16MiB", case_ffp_huge_dsl)
+    run_case("ffp-read-edtl-4GiB", case_ffp_read_huge_edtl, must_refuse=False)
     run_case("ffp-garbage", case_ffp_garbage)
     run_case("ffp-unknown-opcode", case_ffp_unknown_opcode)
     run_case("ffp-login-pdu-again", case_ffp_login_again)
