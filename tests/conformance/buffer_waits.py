@@ -6,8 +6,11 @@ sessions.py against a target started with a small pool (--buffer-pool-mib
 - 64 READ(10)s of 1 MiB are sent while the initiator reads nothing, so the
   pool's 1 MiB class runs dry (buffers stay with responses the socket
   cannot take) and the later reads wait for buffers;
-- ABORT TASK for the last read, which is still waiting, is answered with
-  FUNCTION COMPLETE, that read gets no response, and the LUN never runs it;
+- ABORT TASK for the last read, sent right behind the reads so that the
+  target takes it in while that read still waits (a second later, waiting
+  reads may have taken pieces of smaller buffers as the socket absorbed
+  earlier responses, and all had run), is answered with FUNCTION
+  COMPLETE, that read gets no response, and the LUN never runs it;
 - every other read completes with GOOD and its 1 MiB of data;
 - the connection still answers a NOP-Out afterwards, and the target's
   counters show commands waited (data_pool_waits > 0) and none took a heap
@@ -94,13 +97,13 @@ def main():
     reads_before = lun_reads(a.stats)
     last = FIRST_ITT + READS - 1
     statsn = take_unit_attention(s, statsn, cmdsn=1)
-    for i in range(READS):
-        s.sendall(rw10(READ10, FIRST_ITT + i, i * BLOCKS, cmdsn=i + 2, statsn=statsn))
-    # Let the target take the commands in and run dry.
-    time.sleep(1.0)
-    # ABORT TASK (immediate) for the last read: Referenced Task Tag,
-    # CmdSN, ExpStatSN, RefCmdSN.
-    s.sendall(pdu(0x02, 0x81, TMF_ITT, {20: last, 24: READS + 2, 28: statsn + 1, 32: READS + 1}))
+    # The reads, then ABORT TASK (immediate) for the last one: Referenced
+    # Task Tag, CmdSN, ExpStatSN, RefCmdSN. One send, so that the target
+    # reads them together and dispatches the abort while the pool is dry.
+    reads = b"".join(rw10(READ10, FIRST_ITT + i, i * BLOCKS, cmdsn=i + 2, statsn=statsn)
+                     for i in range(READS))
+    abort = pdu(0x02, 0x81, TMF_ITT, {20: last, 24: READS + 2, 28: statsn + 1, 32: READS + 1})
+    s.sendall(reads + abort)
     got = {}
     data = {}
     tmf_response = None
