@@ -13,6 +13,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use crate::idhash::BuildIdHasher;
 use crate::login::{LoginContext, LoginMachine, LoginOutcome, LoginStep};
 use crate::params::{ConnParams, SessionParams, SessionType, TargetLimits, Transport};
 use crate::pdu::{flags, opcode, Bhs, Decoder, Encoder, Pdu, PduError, BHS_LEN};
@@ -407,7 +408,7 @@ pub struct Connection {
     slots: Vec<Option<Task>>,
     generations: Vec<u16>,
     free: Vec<u32>,
-    by_itt: HashMap<u32, TaskId, BuildIttHasher>,
+    by_itt: HashMap<u32, TaskId, BuildIdHasher>,
     /// Non-immediate tasks holding a place in the command window.
     window_used: u32,
     next_ttt: u32,
@@ -439,40 +440,6 @@ pub struct Connection {
     created_ms: u64,
     last_rx_ms: u64,
     ping: Option<(u32, u64)>,
-}
-
-/// Hashes ITTs for the task table, which every Data-Out and completion
-/// looks up. SipHash's resistance to chosen keys buys nothing here: the
-/// table holds at most the connection's own queue depth, so an initiator
-/// choosing colliding ITTs only slows its own connection, a little. A
-/// multiply with the high half folded in spreads consecutive ITTs (the
-/// usual choice) over both the bucket bits and the control bits.
-#[derive(Debug, Clone, Copy, Default)]
-struct BuildIttHasher;
-
-#[derive(Debug, Default)]
-struct IttHasher(u64);
-
-impl std::hash::BuildHasher for BuildIttHasher {
-    type Hasher = IttHasher;
-    fn build_hasher(&self) -> IttHasher {
-        IttHasher(0)
-    }
-}
-
-impl std::hash::Hasher for IttHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u32(b as u32);
-        }
-    }
-    fn write_u32(&mut self, v: u32) {
-        let h = (self.0 ^ v as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        self.0 = h ^ (h >> 32);
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
 }
 
 /// Serial number arithmetic (RFC 1982) on 32-bit sequence numbers.
@@ -512,7 +479,7 @@ impl Connection {
             slots: (0..slots).map(|_| None).collect(),
             generations: vec![0; slots],
             free: (0..slots as u32).rev().collect(),
-            by_itt: HashMap::with_capacity_and_hasher(slots, BuildIttHasher),
+            by_itt: HashMap::with_capacity_and_hasher(slots, BuildIdHasher),
             window_used: 0,
             next_ttt: 1,
             placed: None,

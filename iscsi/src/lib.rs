@@ -12,6 +12,7 @@
 pub mod chap;
 pub mod conn;
 pub mod digest;
+pub mod idhash;
 pub mod login;
 pub mod params;
 pub mod pdu;

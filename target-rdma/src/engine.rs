@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 use crate::config::{BufferSg, PollMode};
 use crossbeam_queue::ArrayQueue;
 use iscsi::conn::{BufferSource, CloseReason, ConnConfig, Connection, Event, RdmaTags, TxSink};
+use iscsi::idhash::BuildIdHasher;
 use iscsi::login::{ChapConfig, LoginContext, LoginStatus, SessionRequest};
 use iscsi::params::{SessionType, TargetLimits};
 use iscsi::textreq::{TargetRecord, TextContext};
@@ -684,7 +685,6 @@ impl Engine {
                 trace_mark: (0, 0),
                 trace_armed: false,
                 spin: SpinPolicy::new(started),
-                coalesce: sh.cfg.poll_coalesce,
                 coalesce_due: false,
                 iter_fills: 0,
                 iter_bytes: 0,
@@ -992,50 +992,12 @@ struct Reactor {
     trace_mark: (usize, u64),
     trace_armed: bool,
     spin: SpinPolicy,
-    /// `--poll-coalesce-us` (zero: never), whether the next poll waits
-    /// that long first, and reads that brought data this iteration.
-    coalesce: Duration,
+    /// Whether the next poll waits `EngineConfig::poll_coalesce` first,
+    /// and the reads that brought data this iteration.
     coalesce_due: bool,
     iter_fills: u64,
     iter_bytes: u64,
     coalesce_policy: CoalescePolicy,
-}
-
-/// Hashes the reactor's own ids (connection ids it hands out, task tags
-/// it builds) for the tables every PDU and completion looks up: SipHash's
-/// defence against chosen keys costs about 1% of the CPU of a 4k write
-/// there, and the keys are ours (a task tag's low half is an ITT, but a
-/// table holds one reactor's commands, bounded by `BUF_WAITS_MAX`). A
-/// multiply with the high half folded in spreads consecutive ids.
-#[derive(Debug, Clone, Copy, Default)]
-struct BuildIdHasher;
-
-#[derive(Debug, Default)]
-struct IdHasher(u64);
-
-impl std::hash::BuildHasher for BuildIdHasher {
-    type Hasher = IdHasher;
-    fn build_hasher(&self) -> IdHasher {
-        IdHasher(0)
-    }
-}
-
-impl std::hash::Hasher for IdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(b as u64);
-        }
-    }
-    fn write_u32(&mut self, v: u32) {
-        self.write_u64(v as u64)
-    }
-    fn write_u64(&mut self, v: u64) {
-        let h = (self.0 ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        self.0 = h ^ (h >> 32);
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
 }
 
 /// Whether adaptive polling spins (see `SPIN_PROBE_EVERY`).
@@ -1194,7 +1156,7 @@ impl Reactor {
 
     fn run(&mut self, mut signals: Option<signal_hook_mio::v1_0::Signals>) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
-        if !self.coalesce.is_zero() {
+        if !self.sh.cfg.poll_coalesce.is_zero() {
             // The default timer slack (50 us) would double a coalescing
             // pause; best effort.
             let _ = std::fs::write("/proc/thread-self/timerslack_ns", "1000");
@@ -1224,7 +1186,7 @@ impl Reactor {
                 // Let the next batch gather in the sockets (see
                 // `COALESCE_PROBE_EVERY`): a plain sleep, which data
                 // arriving does not cut short, unlike the poll.
-                std::thread::sleep(self.coalesce);
+                std::thread::sleep(self.sh.cfg.poll_coalesce);
                 self.stats.coalesce_pauses += 1;
             }
             if self.stopping || (self.pool.data.waiting() > 0 && !timeout.is_zero()) {
@@ -1331,7 +1293,7 @@ impl Reactor {
                 self.spin.observe(Instant::now(), !timeout.is_zero(), cmds);
                 let fills = std::mem::take(&mut self.iter_fills);
                 let bytes = std::mem::take(&mut self.iter_bytes);
-                self.coalesce_due = !self.coalesce.is_zero()
+                self.coalesce_due = !self.sh.cfg.poll_coalesce.is_zero()
                     && self
                         .coalesce_policy
                         .observe(Instant::now(), cmds, fills, bytes);
@@ -2130,12 +2092,9 @@ impl Reactor {
                     target,
                     lun,
                     mut task,
-                    scratch,
+                    ..
                 }) => {
                     task.data_in = buf;
-                    if scratch {
-                        task.data_in.clear();
-                    }
                     self.run_at_home(target, Msg::Submit { target, lun, task });
                 }
                 Some(BufWait::Write { id }) => {
@@ -2316,20 +2275,32 @@ impl Reactor {
                         self.stats.commands_forwarded += 1;
                     }
                     let lun = req.lun;
-                    // The read buffer, sized by the device server, from the
+                    // The read buffer, sized by the EDTL, or the scratch
+                    // buffer VERIFY, COMPARE AND WRITE, WRITE SAME and the
+                    // like read back or build their data in (one slice;
+                    // the device server empties it on submit), from the
                     // pool; when its class is exhausted the command waits
                     // for a buffer (`serve_buffer_waits`).
-                    if req.read {
-                        let len = req.edtl as usize;
+                    let want = if req.read {
                         let sg = sg_for(self.sh.cfg.buffer_sg, &req.cdb);
+                        Some((req.edtl as usize, sg, false))
+                    } else {
+                        self.scratch_len(target, lun, &task.cdb)
+                            .map(|n| (n, BufferSg::Off, true))
+                    };
+                    if let Some((len, sg, scratch)) = want {
                         task.data_in = match self.pool_or_wait(len, tag, sg) {
                             PoolWait::Ready(b) => b,
-                            // Beyond the largest class, which is MAXIMUM
-                            // TRANSFER LENGTH: the device server refuses the
-                            // CDB, or sizes what it does transfer itself.
-                            // Never a buffer of the EDTL an initiator claims
-                            // (up to 4 GiB for one PDU).
-                            PoolWait::Unserved if len > DATA_POOL_CLASS_MAX => DataBuf::new(),
+                            // A scratch buffer the pool cannot give is
+                            // grown by the device server. Beyond the
+                            // largest class, which is MAXIMUM TRANSFER
+                            // LENGTH, the device server refuses the CDB or
+                            // sizes what it does transfer itself: never a
+                            // buffer of the EDTL an initiator claims (up to
+                            // 4 GiB for one PDU).
+                            PoolWait::Unserved if scratch || len > DATA_POOL_CLASS_MAX => {
+                                DataBuf::new()
+                            }
                             // Heap, counted as a miss.
                             PoolWait::Unserved => self.pool.data(len),
                             PoolWait::Queued => {
@@ -2339,36 +2310,12 @@ impl Reactor {
                                         target,
                                         lun,
                                         task,
-                                        scratch: false,
+                                        scratch,
                                     },
                                 );
                                 continue;
                             }
                         };
-                    } else if let Some(len) = self.scratch_len(target, lun, &task.cdb) {
-                        // VERIFY, COMPARE AND WRITE, WRITE SAME and the like
-                        // read back or build their data in a pool buffer
-                        // too, handed empty; without one they would grow
-                        // a heap buffer.
-                        match self.pool_or_wait(len, tag, BufferSg::Off) {
-                            PoolWait::Ready(mut b) => {
-                                b.clear();
-                                task.data_in = b;
-                            }
-                            PoolWait::Unserved => {}
-                            PoolWait::Queued => {
-                                self.buf_waits.insert(
-                                    tag,
-                                    BufWait::Read {
-                                        target,
-                                        lun,
-                                        task,
-                                        scratch: true,
-                                    },
-                                );
-                                continue;
-                            }
-                        }
                     }
                     self.run_at_home(target, Msg::Submit { target, lun, task });
                 }
@@ -3547,7 +3494,7 @@ enum BufWait {
         lun: u64,
         task: ScsiTask,
         /// The buffer is the command's scratch buffer (`scsi::scratch_len`),
-        /// handed empty, not its Data-In.
+        /// not its Data-In: one slice, never pieces.
         scratch: bool,
     },
     /// The write command held in connection `id`'s `held`; its token is
