@@ -130,12 +130,6 @@ impl BufPool {
         self.free[class].push(b);
     }
 
-    /// Whether `take(len)` would be served from a free list (no
-    /// allocation).
-    pub fn has_free(&self, len: usize) -> bool {
-        class_for_len(len).is_some_and(|c| !self.free[c].is_empty())
-    }
-
     /// Fill the free list of every class up to the one serving
     /// `len_max` with `per_class` buffers (within both caps), so a
     /// reactor allocates them at start-up rather than on the I/O path.
@@ -164,28 +158,33 @@ impl BufPool {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn prewarmed_classes_serve_without_creating() {
         let mut p = BufPool::new(8, 1 << 30);
-        assert!(!p.has_free(4096));
         p.prewarm(20_000, 3);
         // Classes 4, 8, 16 and 32 KiB (20,000 bytes needs the 32 KiB one).
         assert_eq!(p.cached_bytes(), 3 * (4 + 8 + 16 + 32) * 1024);
-        assert!(p.has_free(20_000) && !p.has_free(40_000));
         let taken: Vec<_> = (0..3).map(|_| p.take(20_000)).collect();
         assert_eq!(p.stats.created, 0);
-        assert!(!p.has_free(20_000));
+        // The class is empty now, and the 64 KiB one was never warmed.
+        let extra = p.take(20_000);
+        assert_eq!(p.stats.created, 1);
+        let bigger = p.take(40_000);
+        p.give(bigger);
+        assert_eq!(p.stats.created, 2);
         for b in taken {
             p.give(b);
         }
-        assert!(p.has_free(17_000));
+        p.give(extra);
+        p.take(17_000);
+        assert_eq!(p.stats.created, 2, "given back, served again");
         // The byte cap bounds the warm-up too.
         let mut small = BufPool::new(8, 10 * 1024);
         small.prewarm(4096, 8);
         assert_eq!(small.cached_bytes(), 8 * 1024);
     }
-
-    use super::*;
 
     #[test]
     fn recycles_within_a_class() {

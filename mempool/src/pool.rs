@@ -881,15 +881,15 @@ impl Pool {
     }
 }
 
-/// Picks the class for `bytes`: the largest class that wastes at most an
-/// eighth of the request, else the one wasting least, never more than
-/// [`MAX_SEGMENTS`] buffers nor more than the class has.
 /// Whether `bytes` in buffers of `total` bytes wastes at most an eighth
 /// of the request.
 fn waste_acceptable(total: usize, bytes: usize) -> bool {
     (total - bytes).saturating_mul(8) <= bytes
 }
 
+/// Picks the class for `bytes`: the largest class that wastes at most an
+/// eighth of the request, else the one wasting least, never more than
+/// [`MAX_SEGMENTS`] buffers nor more than the class has.
 fn choose(bytes: usize, classes: &[(usize, u64)]) -> Result<AllocPlan, AllocError> {
     if bytes == 0 {
         return Ok(AllocPlan {
