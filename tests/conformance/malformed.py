@@ -428,10 +428,12 @@ def case_ffp_read_huge_edtl():
     try:
         while True:
             h, _ = recv_pdu(s)
-            if h[0] & 0x3F == 0x21:  # SCSI Response
+            op = h[0] & 0x3F
+            # The status: a SCSI Response, or a Data-In with S set.
+            if op == 0x21 or (op == 0x25 and h[1] & 0x01):
                 return None
     except socket.timeout:
-        return "error: no SCSI Response within %.0f s" % WAIT
+        return "error: no status within %.0f s" % WAIT
     finally:
         s.close()
 
