@@ -497,9 +497,10 @@ struct Cli {
     #[arg(long, value_name = "MODE", value_parser = ["busy", "adaptive", "interrupt"])]
     poll: Option<String>,
 
-    /// Adaptive polling: when many small commands (4 KiB writes) arrive one
-    /// per socket read, pause this many microseconds between batches so
-    /// one read and one write serve many; 0: never, 0..=1000 [default: 80]
+    /// Adaptive polling: pause this many microseconds between batches of
+    /// commands, so one socket read and one write serve many, while the
+    /// reactor measures that this saves CPU per command; 0: never,
+    /// 0..=1000 [default: 80]
     #[arg(long, value_name = "US")]
     poll_coalesce_us: Option<u32>,
 
