@@ -4,7 +4,7 @@
  * Used by benches/compare-tgt.sh to drive target-rdma and tgt with exactly the
  * same client.  Build:  cc -O2 -o iobench benches/iobench.c -liscsi -lpthread
  *
- * usage: iobench [-m read|write|fill|verify] [-p rand|seq] [-b BYTES] [-q QD]
+ * usage: iobench [-m read|write|fill|verify|unmap] [-p rand|seq] [-b BYTES] [-q QD]
  *                [-t SECONDS] [-s SESSIONS] [-n] URL [URL...]
  *
  *   -m  read, write, fill (write the whole LUN once, sequentially, then stop),
@@ -13,6 +13,8 @@
  *       is zeros, so run it on a LUN never written (it reads as zeros).  The
  *       target's work per command grows with the range, the client's does
  *       not: a load that a target on few cores cannot pass to its client.
+ *       Or unmap: UNMAP of each I/O's range as one block descriptor (a
+ *       thin-provisioned LUN).
  *   -p  rand (offsets uniformly random, aligned to the I/O size) or seq
  *   -b  I/O size in bytes (multiple of the LUN's logical block size)
  *   -q  commands in flight per session
@@ -51,7 +53,7 @@
 
 #define HIST_US 1000000 /* 1 us buckets up to 1 s, then one overflow bucket */
 
-enum mode { M_READ, M_WRITE, M_FILL, M_VERIFY };
+enum mode { M_READ, M_WRITE, M_FILL, M_VERIFY, M_UNMAP };
 
 static enum mode g_mode = M_READ;
 static int g_random = 1;
@@ -189,6 +191,23 @@ static int submit(struct slot *sl)
 			scsi_free_scsi_task(t);
 			t = NULL;
 		}
+	} else if (g_mode == M_UNMAP) {
+		/* UNMAP, parameter list: header and one block descriptor */
+		unsigned char cdb[10] = {0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0};
+		unsigned char *p = sl->buf;
+		memset(p, 0, 24);
+		p[1] = 22;
+		p[3] = 16;
+		for (int i = 0; i < 8; i++)
+			p[8 + i] = (unsigned char)(sl->lba >> (56 - 8 * i));
+		for (int i = 0; i < 4; i++)
+			p[16 + i] = (unsigned char)(s->per_io >> (24 - 8 * i));
+		struct iscsi_data d = {.size = 24, .data = p};
+		t = scsi_create_task(10, cdb, SCSI_XFER_WRITE, 24);
+		if (t && iscsi_scsi_command_async(s->iscsi, s->lun, t, cb, &d, sl) != 0) {
+			scsi_free_scsi_task(t);
+			t = NULL;
+		}
 	} else {
 		stamp(s, sl->buf, sl->lba);
 		t = iscsi_write16_task(s->iscsi, s->lun, sl->lba, sl->buf, g_bs, s->lbsize, 0, 0,
@@ -212,7 +231,11 @@ static void cb(struct iscsi_context *iscsi, int status, void *command_data, void
 
 	s->inflight--;
 	if (status != SCSI_STATUS_GOOD) {
-		fail(s, g_mode == M_READ ? "READ(16)" : g_mode == M_VERIFY ? "VERIFY(16)" : "WRITE(16)", t);
+		fail(s, g_mode == M_READ     ? "READ(16)"
+			: g_mode == M_VERIFY ? "VERIFY(16)"
+			: g_mode == M_UNMAP  ? "UNMAP"
+					     : "WRITE(16)",
+		     t);
 	} else if (t->residual_status != SCSI_RESIDUAL_NO_RESIDUAL && t->residual != 0) {
 		fprintf(stderr, "iobench[%d]: residual %zu on LBA %" PRIu64 "\n", s->idx,
 			t->residual, sl->lba);
@@ -359,7 +382,7 @@ static void *run(void *arg)
 
 static void usage(void)
 {
-	fprintf(stderr, "usage: iobench [-m read|write|fill|verify] [-p rand|seq] [-b BYTES] [-q QD] "
+	fprintf(stderr, "usage: iobench [-m read|write|fill|verify|unmap] [-p rand|seq] [-b BYTES] [-q QD] "
 			"[-t SECONDS] [-s SESSIONS] [-n] URL [URL...]\n");
 	exit(2);
 }
@@ -378,6 +401,8 @@ int main(int argc, char **argv)
 				g_mode = M_FILL;
 			else if (!strcmp(optarg, "verify"))
 				g_mode = M_VERIFY;
+			else if (!strcmp(optarg, "unmap"))
+				g_mode = M_UNMAP;
 			else
 				usage();
 			break;

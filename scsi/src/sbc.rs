@@ -91,11 +91,21 @@ pub(crate) enum Kind {
         unmap: bool,
         zero: bool,
     },
-    /// Deallocate each (lba, nlb).
+    /// Deallocate the range of each of the parameter list's first
+    /// `descriptors` block descriptors (checked by `decode`; read again from
+    /// the data-out buffer as each is issued, so an UNMAP allocates
+    /// nothing).
     Unmap {
-        ranges: Vec<(u64, u64)>,
+        descriptors: u32,
     },
     Flush,
+}
+
+/// UNMAP block descriptor `i` (LOGICAL BLOCK ADDRESS, NUMBER OF LOGICAL
+/// BLOCKS) of parameter list `p`, which holds it.
+fn unmap_descriptor(p: &[u8], i: usize) -> (u64, u64) {
+    let d = &p[8 + i * 16..8 + i * 16 + 16];
+    (be(d, 0, 8), be(d, 8, 4))
 }
 
 /// A command that needs the backstore.
@@ -392,17 +402,13 @@ pub(crate) fn decode(
                 if count > info.max_unmap_descriptors as usize {
                     return Err((CmdError::Check(Sense::invalid_field_in_param(2, None)), dol));
                 }
-                let mut ranges = Vec::with_capacity(count);
                 let mut total = 0u64;
                 let (mut lo, mut hi) = (u64::MAX, 0u64);
                 for i in 0..count {
-                    let d = &p[8 + i * 16..8 + i * 16 + 16];
-                    let lba = be(d, 0, 8);
-                    let nlb = be(d, 8, 4);
+                    let (lba, nlb) = unmap_descriptor(p, i);
                     check_range(info, lba, nlb).map_err(|e| (e, dol))?;
                     total += nlb;
                     if nlb > 0 {
-                        ranges.push((lba, nlb));
                         lo = lo.min(lba);
                         hi = hi.max(lba + nlb);
                     }
@@ -410,10 +416,17 @@ pub(crate) fn decode(
                 if total > info.max_unmap_blocks as u64 {
                     return Err((CmdError::Check(Sense::invalid_field_in_param(8, None)), dol));
                 }
-                if ranges.is_empty() {
+                if total == 0 {
                     return Ok(Decoded::Done(Ok(crate::status::GOOD), dol));
                 }
-                Ok(medium(Kind::Unmap { ranges }, lo, hi - lo, Some(true), dol))
+                let descriptors = count as u32;
+                Ok(medium(
+                    Kind::Unmap { descriptors },
+                    lo,
+                    hi - lo,
+                    Some(true),
+                    dol,
+                ))
             }
             // COMPARE AND WRITE
             0x89 => {
@@ -942,22 +955,28 @@ impl MediumCmd {
                 )
             }
 
-            (Kind::Unmap { ranges }, _) => {
-                let i = match was {
+            (Kind::Unmap { descriptors }, _) => {
+                let mut i = match was {
                     Step::Repeat { done } => done as usize,
                     _ => 0,
                 };
-                let Some(&(lba, nlb)) = ranges.get(i) else {
-                    return Next::Done(Ok(()));
-                };
-                self.step = Step::Repeat { done: i as u64 + 1 };
-                Next::Io(
-                    IoOp::Discard {
-                        offset: lba * bsz,
-                        len: nlb * bsz,
-                    },
-                    DataBuf::new(),
-                )
+                while i < *descriptors as usize {
+                    let mut d = [0u8; 16];
+                    data_out.copy_to_at(8 + i * 16, &mut d);
+                    let (lba, nlb) = (be(&d, 0, 8), be(&d, 8, 4));
+                    i += 1;
+                    if nlb > 0 {
+                        self.step = Step::Repeat { done: i as u64 };
+                        return Next::Io(
+                            IoOp::Discard {
+                                offset: lba * bsz,
+                                len: nlb * bsz,
+                            },
+                            DataBuf::new(),
+                        );
+                    }
+                }
+                Next::Done(Ok(()))
             }
         }
     }

@@ -15,6 +15,10 @@ static HEAP: mempool::HeapCount = mempool::HeapCount;
 const BS: u32 = 512;
 
 fn lun() -> Lun {
+    lun_with(false)
+}
+
+fn lun_with(thin_provisioned: bool) -> Lun {
     let blocks = 8192;
     let info = LunInfo {
         lun: 0,
@@ -25,7 +29,7 @@ fn lun() -> Lun {
         revision: "0001".into(),
         serial: "s0".into(),
         naa: [0; 16],
-        thin_provisioned: false,
+        thin_provisioned,
         read_only: false,
         removable: false,
         pr_file: None,
@@ -124,4 +128,85 @@ fn a_burst_of_commands_does_not_grow_the_lun() {
         assert_eq!(c.status, 0, "tag {} sense {:02x?}", c.tag, c.sense);
     }
     assert_eq!(allocs, 0, "heap allocations during a burst of {n} commands");
+}
+
+/// UNMAP of `count` one-block descriptors, every other one empty, from
+/// `lba0` on, `stride` blocks apart.
+fn unmap_task(tag: u64, lba0: u64, count: usize, stride: u64) -> ScsiTask {
+    let mut list = vec![0u8; 8 + 16 * count];
+    let len = list.len();
+    list[0..2].copy_from_slice(&((len - 2) as u16).to_be_bytes());
+    list[2..4].copy_from_slice(&((16 * count) as u16).to_be_bytes());
+    for k in 0..count {
+        let d = &mut list[8 + 16 * k..8 + 16 * k + 16];
+        d[0..8].copy_from_slice(&(lba0 + k as u64 * stride).to_be_bytes());
+        d[8..12].copy_from_slice(&((k % 2) as u32).to_be_bytes());
+    }
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x42;
+    cdb[7..9].copy_from_slice(&(list.len() as u16).to_be_bytes());
+    ScsiTask {
+        tag,
+        nexus: 1,
+        cdb: cdb[..].into(),
+        edtl: list.len() as u32,
+        data_out: DataBuf::from(list),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn unmap_reads_its_descriptors_where_they_arrived() {
+    let mut lun = lun_with(true);
+    let mut out = Vec::with_capacity(1024);
+    // Blocks to deallocate, and a first UNMAP down each path.
+    let fill: Vec<ScsiTask> = (0..64u32)
+        .map(|i| ScsiTask {
+            tag: 100 + i as u64,
+            nexus: 1,
+            cdb: rw10(0x2a, i * 128, 128)[..].into(),
+            edtl: 128 * BS,
+            data_out: DataBuf::from(vec![0xa5u8; 128 * BS as usize]),
+            ..Default::default()
+        })
+        .collect();
+    run(&mut lun, fill, &mut out);
+    out.clear();
+    run(&mut lun, vec![unmap_task(200, 0, 8, 3)], &mut out);
+    assert_eq!(out[0].status, 0);
+    out.clear();
+    let batch: Vec<ScsiTask> = (0..256u64)
+        .map(|i| unmap_task(1000 + i, 1 + (i % 32) * 256, 8, 3))
+        .collect();
+    let before = mempool::thread_heap_allocs();
+    mempool::trace_thread_allocs(3);
+    run(&mut lun, batch, &mut out);
+    mempool::trace_thread_allocs(0);
+    let allocs = mempool::thread_heap_allocs() - before;
+    assert_eq!(out.len(), 256);
+    for c in &out {
+        assert_eq!(c.status, 0, "tag {} sense {:02x?}", c.tag, c.sense);
+    }
+    assert_eq!(allocs, 0, "heap allocations during 256 UNMAPs");
+    // The odd descriptors (one block each) were deallocated, the empty
+    // ones between them left alone: blocks 3, 9, 15, 21 by the first
+    // UNMAP, 4, 10, 16, 22 by the batch.
+    out.clear();
+    let read = ScsiTask {
+        tag: 5000,
+        nexus: 1,
+        cdb: rw10(0x28, 1, 24)[..].into(),
+        edtl: 24 * BS,
+        data_in: DataBuf::from(vec![0u8; 24 * BS as usize]),
+        ..Default::default()
+    };
+    run(&mut lun, vec![read], &mut out);
+    let zeroed: Vec<u64> = out[0]
+        .data_in
+        .chunks(BS as usize)
+        .enumerate()
+        .filter(|(_, b)| b.iter().all(|&x| x == 0))
+        .map(|(i, _)| 1 + i as u64)
+        .collect();
+    assert_eq!(zeroed, [3, 4, 9, 10, 15, 16, 21, 22]);
 }
