@@ -40,6 +40,8 @@ pub(crate) mod limits {
 const WRITE_SAME_PIECE: usize = 1 << 20;
 /// Most descriptors one GET LBA STATUS answer carries.
 const LBA_STATUS_DESCRIPTORS: usize = 64;
+/// Bytes of the longest GET LBA STATUS answer: header and descriptors.
+const LBA_STATUS_ANSWER_MAX: usize = 8 + 16 * LBA_STATUS_DESCRIPTORS;
 
 const EAGAIN: i32 = 11;
 const EBUSY: i32 = 16;
@@ -590,6 +592,11 @@ fn rw_fields(cdb: &[u8], op: u8) -> (u64, u64) {
 /// the common case.
 pub fn scratch_len(cdb: &[u8], block_size: u32, max_blocks: u32) -> usize {
     let op = b(cdb, 0);
+    // GET LBA STATUS: its answer, which the device server writes as it
+    // walks the extent map.
+    if op == 0x9e && b(cdb, 1) & 0x1f == 0x12 {
+        return (be(cdb, 10, 4) as usize).min(LBA_STATUS_ANSWER_MAX);
+    }
     let bsz = block_size as u64;
     let blocks = match op {
         0x2f | 0xaf | 0x8f if matches!((b(cdb, 1) >> 1) & 3, 1 | 3) => rw_fields(cdb, op).1,
@@ -639,9 +646,13 @@ fn lba_status(
     out: &mut DataBuf,
 ) -> Result<(), CmdError> {
     let bsz = info.block_size as u64;
-    let mut descs: Vec<(u64, u64, bool)> = Vec::new();
+    // Descriptors are gathered on the stack and the answer written straight
+    // into `out` (a pool buffer from the engine, `scratch_len`): nothing
+    // on the heap.
+    let mut descs = [(0u64, 0u64, false); LBA_STATUS_DESCRIPTORS];
+    let mut count = 0;
     let mut at = lba;
-    while at < info.num_blocks && descs.len() < LBA_STATUS_DESCRIPTORS {
+    while at < info.num_blocks && count < LBA_STATUS_DESCRIPTORS {
         let e = bs
             .extent_status(at * bsz)
             .map_err(|_| CmdError::Check(Sense::internal_failure()))?;
@@ -654,25 +665,34 @@ fn lba_status(
             (false, e.len / bsz)
         };
         let blocks = blocks.clamp(1, info.num_blocks - at);
-        match descs.last_mut() {
+        match count.checked_sub(1).map(|i| &mut descs[i]) {
             Some(last) if last.2 == mapped && last.1 + blocks <= u32::MAX as u64 => {
                 last.1 += blocks
             }
-            _ => descs.push((at, blocks.min(u32::MAX as u64), mapped)),
+            _ => {
+                descs[count] = (at, blocks.min(u32::MAX as u64), mapped);
+                count += 1;
+            }
         }
         at += blocks.min(u32::MAX as u64);
     }
-    let mut d = Vec::with_capacity(8 + descs.len() * 16);
-    d.extend_from_slice(&((4 + descs.len() * 16) as u32).to_be_bytes());
-    d.extend_from_slice(&[0; 4]);
-    for (start, n, mapped) in descs {
-        d.extend_from_slice(&start.to_be_bytes());
-        d.extend_from_slice(&(n as u32).to_be_bytes());
-        d.push(if mapped { 0 } else { 1 });
-        d.extend_from_slice(&[0; 3]);
+    // Each piece is cut at what the allocation length leaves.
+    let mut left = alloc;
+    let mut put = |bytes: &[u8]| {
+        let n = bytes.len().min(left);
+        out.extend_from_slice(&bytes[..n]);
+        left -= n;
+    };
+    let mut head = [0u8; 8];
+    head[..4].copy_from_slice(&((4 + count * 16) as u32).to_be_bytes());
+    put(&head);
+    for &(start, n, mapped) in &descs[..count] {
+        let mut d = [0u8; 16];
+        d[..8].copy_from_slice(&start.to_be_bytes());
+        d[8..12].copy_from_slice(&(n as u32).to_be_bytes());
+        d[12] = if mapped { 0 } else { 1 };
+        put(&d);
     }
-    d.truncate(alloc);
-    out.extend_from_slice(&d);
     Ok(())
 }
 

@@ -1504,6 +1504,13 @@ fn scratch_len_covers_the_commands_that_read_back_or_repeat() {
     assert_eq!(s(&cdb16(0x93, 0, 0, 0)), piece, "to the end of the medium");
     assert_eq!(s(&cdb16(0x93, 0x08, 0, 5)), 0, "UNMAP: nothing written");
     assert_eq!(s(&cdb16(0x8f, 0x02, 0, 5000)), 0, "refused: too long");
+    assert_eq!(s(&cdb16(0x9e, 0x12, 0, 1024)), 1024, "GET LBA STATUS");
+    assert_eq!(
+        s(&cdb16(0x9e, 0x12, 0, 1 << 20)),
+        8 + 16 * 64,
+        "GET LBA STATUS answers 64 descriptors at most"
+    );
+    assert_eq!(s(&cdb16(0x9e, 0x10, 0, 32)), 0, "READ CAPACITY(16)");
     assert_eq!(s(&cdb10(0x28, 0, 0, 8)), 0, "READ has its Data-In buffer");
     assert_eq!(s(&cdb10(0x2a, 0, 0, 8)), 0);
 }
@@ -1559,4 +1566,26 @@ fn medium_commands_work_in_the_transports_scratch_buffer() {
     ok(&c);
     in_place(&c);
     assert!(read10(&mut lun, 300, 2).iter().all(|&x| x == 0x0f));
+    // GET LBA STATUS writes its answer into the scratch buffer: the
+    // written chunks (blocks 0-383, 128 blocks a chunk) mapped, the rest
+    // not.
+    let c = run_with_scratch(&mut lun, &cdb16(0x9e, 0x12, 0, 1024), DataBuf::new());
+    ok(&c);
+    assert!(c.data_in.is_pool(), "answered in the scratch buffer");
+    assert_eq!(c.data_in.len(), 40);
+    assert_eq!(&c.data_in[..8], &[0, 0, 0, 36, 0, 0, 0, 0]);
+    let desc = |i: usize| {
+        let d = &c.data_in[8 + 16 * i..24 + 16 * i];
+        (
+            u64::from_be_bytes(d[..8].try_into().unwrap()),
+            u32::from_be_bytes(d[8..12].try_into().unwrap()),
+            d[12],
+        )
+    };
+    assert_eq!((desc(0), desc(1)), ((0, 384, 0), (384, 640, 1)));
+    // Cut at the allocation length, mid-descriptor.
+    let c = run_with_scratch(&mut lun, &cdb16(0x9e, 0x12, 0, 13), DataBuf::new());
+    ok(&c);
+    assert_eq!(c.data_in.len(), 13);
+    assert_eq!(&c.data_in[..4], &[0, 0, 0, 36]);
 }
