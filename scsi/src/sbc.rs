@@ -103,10 +103,16 @@ pub(crate) enum Kind {
     Flush,
 }
 
-/// UNMAP block descriptor `i` (LOGICAL BLOCK ADDRESS, NUMBER OF LOGICAL
-/// BLOCKS) of parameter list `p`, which holds it.
-fn unmap_descriptor(p: &[u8], i: usize) -> (u64, u64) {
-    let d = &p[8 + i * 16..8 + i * 16 + 16];
+/// The length of an UNMAP block descriptor, and where descriptor `i`
+/// starts in the parameter list (after its 8-byte header).
+const UNMAP_DESCRIPTOR_LEN: usize = 16;
+fn unmap_descriptor_at(i: usize) -> usize {
+    8 + i * UNMAP_DESCRIPTOR_LEN
+}
+
+/// The LOGICAL BLOCK ADDRESS and NUMBER OF LOGICAL BLOCKS of UNMAP block
+/// descriptor `d`.
+fn unmap_range(d: &[u8]) -> (u64, u64) {
     (be(d, 0, 8), be(d, 8, 4))
 }
 
@@ -400,14 +406,15 @@ pub(crate) fn decode(
                 if bd_len > avail {
                     return Err((CmdError::Check(Sense::param_list_length()), dol));
                 }
-                let count = bd_len / 16;
+                let count = bd_len / UNMAP_DESCRIPTOR_LEN;
                 if count > info.max_unmap_descriptors as usize {
                     return Err((CmdError::Check(Sense::invalid_field_in_param(2, None)), dol));
                 }
                 let mut total = 0u64;
                 let (mut lo, mut hi) = (u64::MAX, 0u64);
                 for i in 0..count {
-                    let (lba, nlb) = unmap_descriptor(p, i);
+                    let at = unmap_descriptor_at(i);
+                    let (lba, nlb) = unmap_range(&p[at..at + UNMAP_DESCRIPTOR_LEN]);
                     check_range(info, lba, nlb).map_err(|e| (e, dol))?;
                     total += nlb;
                     if nlb > 0 {
@@ -981,9 +988,9 @@ impl MediumCmd {
                     _ => 0,
                 };
                 while i < *descriptors as usize {
-                    let mut d = [0u8; 16];
-                    data_out.copy_to_at(8 + i * 16, &mut d);
-                    let (lba, nlb) = (be(&d, 0, 8), be(&d, 8, 4));
+                    let mut d = [0u8; UNMAP_DESCRIPTOR_LEN];
+                    data_out.copy_to_at(unmap_descriptor_at(i), &mut d);
+                    let (lba, nlb) = unmap_range(&d);
                     i += 1;
                     if nlb > 0 {
                         self.step = Step::Repeat { done: i as u64 };

@@ -82,6 +82,20 @@ fn tasks(n: usize, tag0: u64) -> Vec<ScsiTask> {
         .collect()
 }
 
+/// Writes of `byte` over the whole LUN, 128 blocks each.
+fn fill_tasks(byte: u8) -> Vec<ScsiTask> {
+    (0..64u32)
+        .map(|i| ScsiTask {
+            tag: 100 + i as u64,
+            nexus: 1,
+            cdb: rw10(0x2a, i * 128, 128)[..].into(),
+            edtl: 128 * BS,
+            data_out: DataBuf::from(vec![byte; 128 * BS as usize]),
+            ..Default::default()
+        })
+        .collect()
+}
+
 fn run(lun: &mut Lun, batch: Vec<ScsiTask>, out: &mut Vec<ScsiCompletion>) {
     let n = batch.len();
     for t in batch {
@@ -103,17 +117,7 @@ fn a_burst_of_commands_does_not_grow_the_lun() {
     let mut out = Vec::with_capacity(1024);
     run(&mut lun, tasks(2, 0), &mut out);
     out.clear();
-    let fill: Vec<ScsiTask> = (0..64u32)
-        .map(|i| ScsiTask {
-            tag: 100 + i as u64,
-            nexus: 1,
-            cdb: rw10(0x2a, i * 128, 128)[..].into(),
-            edtl: 128 * BS,
-            data_out: DataBuf::from(vec![0u8; 128 * BS as usize]),
-            ..Default::default()
-        })
-        .collect();
-    run(&mut lun, fill, &mut out);
+    run(&mut lun, fill_tasks(0), &mut out);
     out.clear();
     let n = 512;
     let batch = tasks(n, 1000);
@@ -160,17 +164,7 @@ fn unmap_reads_its_descriptors_where_they_arrived() {
     let mut lun = lun_with(true);
     let mut out = Vec::with_capacity(1024);
     // Blocks to deallocate, and a first UNMAP down each path.
-    let fill: Vec<ScsiTask> = (0..64u32)
-        .map(|i| ScsiTask {
-            tag: 100 + i as u64,
-            nexus: 1,
-            cdb: rw10(0x2a, i * 128, 128)[..].into(),
-            edtl: 128 * BS,
-            data_out: DataBuf::from(vec![0xa5u8; 128 * BS as usize]),
-            ..Default::default()
-        })
-        .collect();
-    run(&mut lun, fill, &mut out);
+    run(&mut lun, fill_tasks(0xa5), &mut out);
     out.clear();
     run(&mut lun, vec![unmap_task(200, 0, 8, 3)], &mut out);
     assert_eq!(out[0].status, 0);
