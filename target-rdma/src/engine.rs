@@ -705,7 +705,7 @@ impl Engine {
                 trace_armed: false,
                 spin: SpinPolicy::new(started),
                 coalesce_due: false,
-                iter_fills: 0,
+                iter_read: false,
                 coalesce_policy: CoalescePolicy::new(started),
                 stats: CoreStats {
                     reactor: me,
@@ -1011,9 +1011,9 @@ struct Reactor {
     trace_armed: bool,
     spin: SpinPolicy,
     /// Whether the next poll waits `EngineConfig::poll_coalesce` first,
-    /// and the reads that brought data this iteration.
+    /// and whether a socket read brought data this iteration.
     coalesce_due: bool,
-    iter_fills: u64,
+    iter_read: bool,
     coalesce_policy: CoalescePolicy,
 }
 
@@ -1082,10 +1082,11 @@ struct CoalescePolicy {
     /// When the current window ends: a probe, or a `COALESCE_PROBE_EVERY`
     /// part of the time run the `on` way.
     until: Instant,
-    /// The current window: when it started, the thread's CPU time then,
-    /// and the commands since.
+    /// The current window: when it started, the thread's CPU time then
+    /// (none before the first reading, or when it could not be read), and
+    /// the commands since.
     started: Instant,
-    cpu_ns_start: u64,
+    cpu_ns_start: Option<u64>,
     commands: u64,
     /// Since the last probe: when it ended, and what the last part
     /// measured (`None` before the first part ends; `Some(None)` for a
@@ -1145,7 +1146,7 @@ impl CoalescePolicy {
             probing: false,
             until: now + COALESCE_PROBE_EVERY,
             started: now,
-            cpu_ns_start: 0,
+            cpu_ns_start: None,
             commands: 0,
             main_started: now,
             last_part: None,
@@ -1169,14 +1170,15 @@ impl CoalescePolicy {
         self.commands += commands;
         if now >= self.until {
             let cpu_now = cpu_ns();
-            let window = cpu_now.map(|c| WindowCost {
-                cpu_ns: c.saturating_sub(self.cpu_ns_start),
-                commands: self.commands,
-                elapsed_ns: now.saturating_duration_since(self.started).as_nanos() as u64,
-            });
-            // The first window after start-up began with no CPU reading.
-            let window =
-                window.filter(|w| w.commands >= COALESCE_WINDOW_CMDS_MIN && self.cpu_ns_start != 0);
+            let window = match (self.cpu_ns_start, cpu_now) {
+                (Some(start), Some(end)) => Some(WindowCost {
+                    cpu_ns: end.saturating_sub(start),
+                    commands: self.commands,
+                    elapsed_ns: now.saturating_duration_since(self.started).as_nanos() as u64,
+                }),
+                _ => None,
+            }
+            .filter(|w| w.commands >= COALESCE_WINDOW_CMDS_MIN);
             if self.probing {
                 let mut steady = false;
                 if let (Some(main), Some(probe)) = (self.main, window) {
@@ -1219,7 +1221,7 @@ impl CoalescePolicy {
                 }
             }
             self.started = now;
-            self.cpu_ns_start = cpu_now.unwrap_or(0);
+            self.cpu_ns_start = cpu_now;
             self.commands = 0;
         }
         let pausing = self.on != self.probing;
@@ -1420,7 +1422,7 @@ impl Reactor {
             if self.sh.cfg.poll == PollMode::Adaptive {
                 let cmds = self.stats.commands + self.stats.commands_served_remote - cmds_before;
                 self.spin.observe(Instant::now(), !timeout.is_zero(), cmds);
-                let from_reads = std::mem::take(&mut self.iter_fills) > 0;
+                let from_reads = std::mem::take(&mut self.iter_read);
                 self.coalesce_due = !self.sh.cfg.poll_coalesce.is_zero()
                     && self.coalesce_policy.observe(
                         Instant::now(),
@@ -1952,7 +1954,7 @@ impl Reactor {
                 }
             };
             if got > 0 {
-                self.iter_fills += 1;
+                self.iter_read = true;
                 // Bytes read now may answer something another core did
                 // before it pushed a message here (a session ended before
                 // its Logout Response left: its SPC-2 reservation must be
