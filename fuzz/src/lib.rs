@@ -628,7 +628,7 @@ impl Driver {
                 Event::Scsi(r) => {
                     self.scsi_cmds += 1;
                     assert!(self.ffp, "SCSI command before login completed");
-                    assert!(r.cdb_ext.len() <= 260 - 16);
+                    assert!(r.cdb_ext.len() <= iscsi::conn::CDB_LEN_MAX - 16);
                     assert!(r.data_out.len() <= r.edtl as usize);
                     if r.write && r.edtl > 0 {
                         assert_eq!(r.data_out.len(), r.edtl as usize);

@@ -376,6 +376,16 @@ const fn fixed_sense(key: u8, asc: u8, ascq: u8, sks: [u8; 3]) -> [u8; 18] {
 /// the iSCSI layer refuses an oversized write before sizing its buffer.
 const SENSE_TRANSFER_TOO_LONG: [u8; 18] = fixed_sense(0x05, 0x24, 0x00, [0xc0, 0, 7]);
 
+/// ILLEGAL REQUEST, INVALID FIELD IN CDB, with no field pointer: the
+/// Extended CDB AHS makes a CDB longer than any SCSI defines.
+const SENSE_CDB_TOO_LONG: [u8; 18] = fixed_sense(0x05, 0x24, 0x00, [0, 0, 0]);
+
+/// Longest CDB SCSI defines (SPC-4 4.2.3: a variable-length CDB's
+/// additional length ends it at 260 bytes), so the Extended CDB AHS
+/// carries at most its last 244. A TotalAHSLength of up to 1020 bytes
+/// would let an initiator send more; the device server never sees it.
+pub const CDB_LEN_MAX: usize = 260;
+
 /// Largest sense data carried in a SCSI Response (SenseLength is 16 bits,
 /// but SPC-4 sense data is at most 252 bytes).
 const SENSE_LEN_MAX: usize = 252;
@@ -1019,13 +1029,17 @@ impl Connection {
             // so a hostile EDTL must not size it: INVALID FIELD IN CDB.
             return self.respond_status_only(itt, 0x02, &SENSE_TRANSFER_TOO_LONG);
         }
+        let ext = pdu.extended_cdb().unwrap_or_default();
+        if ext.len() > CDB_LEN_MAX - bhs.cdb().len() {
+            return self.respond_status_only(itt, 0x02, &SENSE_CDB_TOO_LONG);
+        }
         let Some(slot) = self.free.pop() else {
             // No room: the window should have prevented this, so answer
             // TASK SET FULL rather than drop the command.
             return self.respond_status_only(itt, 0x28, &[]);
         };
         let cdb = *bhs.cdb();
-        let cdb_ext = pdu.extended_cdb().map(<[u8]>::to_vec).unwrap_or_default();
+        let cdb_ext = ext.to_vec();
         let id = self.task_id(slot);
         let want_data = write && edtl > 0;
         let mut task = Task {
@@ -2059,6 +2073,44 @@ mod tests {
             "ExpDataSN counts the Data-Ins that RDMA replaced"
         );
         assert!(sink.wire.wire.is_empty());
+    }
+
+    #[test]
+    fn an_extended_cdb_beyond_260_bytes_is_refused_before_the_device_server() {
+        // Extended CDB AHS (RFC 7143 11.3.3.2): AHSLength counts the
+        // reserved byte and the CDB bytes after the first 16.
+        let with_ext = |cmdsn: u32, itt: u32, ext_len: usize| {
+            let mut p = cmd(cmdsn, itt, flags::FINAL | flags::READ, 512, &[]);
+            let mut ahs = ((ext_len + 1) as u16).to_be_bytes().to_vec();
+            ahs.extend_from_slice(&[1, 0]);
+            ahs.extend((0..ext_len).map(|i| i as u8));
+            ahs.resize((ahs.len() + 3) & !3, 0);
+            p.bhs.set_total_ahs_len(ahs.len());
+            p.ahs = ahs;
+            p
+        };
+        let mut c = ffp(session(), 8192);
+        c.handle_pdu(&mut Ctx, with_ext(1, 9, CDB_LEN_MAX - 16), 0);
+        let r = scsi_event(&mut c);
+        assert_eq!(r.cdb_ext.len(), CDB_LEN_MAX - 16);
+        assert_eq!(r.cdb_ext[243], 243);
+        c.scsi_complete(r.task, 0, &[], &[0; 512], 0);
+        assert_eq!(drain(&mut c).last().unwrap().bhs.0[3], 0);
+
+        // One byte more (the fuzzer's case: an AHS of up to 1020 bytes).
+        for (i, ext_len) in [CDB_LEN_MAX - 15, 1000].into_iter().enumerate() {
+            let itt = 10 + i as u32;
+            c.handle_pdu(&mut Ctx, with_ext(2 + i as u32, itt, ext_len), 0);
+            assert!(c.poll_event().is_none(), "the command reached no LUN");
+            let out = drain(&mut c);
+            assert_eq!(out.len(), 1);
+            assert_eq!(out[0].bhs.itt(), itt);
+            assert_eq!(out[0].bhs.0[3], 0x02, "CHECK CONDITION");
+            assert_eq!(out[0].data[2 + 2], 0x05, "ILLEGAL REQUEST");
+            assert_eq!(out[0].data[2 + 12], 0x24, "INVALID FIELD IN CDB");
+            assert_eq!(c.tasks_in_flight(), 0);
+        }
+        assert!(!c.is_closing());
     }
 
     #[test]
