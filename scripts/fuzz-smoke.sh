@@ -16,6 +16,14 @@
 #   scripts/fuzz-smoke.sh                    # 20 s per target
 #   FUZZ_SECONDS=300 scripts/fuzz-smoke.sh   # longer
 #   FUZZ_TARGETS="login" scripts/fuzz-smoke.sh
+#   FUZZ_SEED=7 scripts/fuzz-smoke.sh        # libFuzzer's -seed
+#
+# Seed: under CI (CI=true) every target runs with -seed=1 unless FUZZ_SEED
+# says otherwise, so the gate a change must pass is the same for every
+# change and a failure can be replayed; elsewhere the seed is libFuzzer's
+# own (random, printed in the log as 'Seed:'), so longer runs by hand
+# explore. Findings from those become unit tests in iscsi/ and the gate
+# then checks them on every change.
 #
 # Installs cargo-fuzz (cargo install --locked) and a C++ compiler (apt, for
 # libFuzzer itself) only when missing. Exits non-zero if any target finds a
@@ -27,6 +35,11 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 FUZZ_DIR=$ROOT/fuzz
 FUZZ_SECONDS=${FUZZ_SECONDS:-20}
 FUZZ_TARGETS=${FUZZ_TARGETS:-pdu_decode login connection}
+if [ "${CI:-}" = true ]; then
+    FUZZ_SEED=${FUZZ_SEED:-1}
+else
+    FUZZ_SEED=${FUZZ_SEED:-0}
+fi
 CARGO_FUZZ_VERSION=0.13.2
 
 # The fuzz crate is its own workspace with its own target dir.
@@ -63,18 +76,18 @@ failures=()
 for t in $FUZZ_TARGETS; do
     mkdir -p "corpus/$t" "artifacts/$t"
     marker=$(mktemp)
-    log "running $t for ${FUZZ_SECONDS}s"
+    log "running $t for ${FUZZ_SECONDS}s (seed ${FUZZ_SEED}, 0 = random)"
     rc=0
     # libFuzzer stops itself at max_total_time; the outer timeout only
     # guards against the tool hanging.
     timeout -k 10 $((FUZZ_SECONDS + 120)) \
         cargo fuzz run -s none "$t" "corpus/$t" "seeds/$t" -- \
         -max_total_time="$FUZZ_SECONDS" -timeout=10 -rss_limit_mb=2048 \
-        -print_final_stats=1 >"artifacts/$t.log" 2>&1 || rc=$?
+        -seed="$FUZZ_SEED" -print_final_stats=1 >"artifacts/$t.log" 2>&1 || rc=$?
     found=$(find "artifacts/$t" -type f -newer "$marker" \
         \( -name 'crash-*' -o -name 'timeout-*' -o -name 'oom-*' -o -name 'leak-*' \) | sort)
     rm -f "$marker"
-    grep -E '^#[0-9]+ +DONE|^stat::number_of_executed_units' "artifacts/$t.log" >&2 || true
+    grep -E '^INFO: Seed:|^#[0-9]+ +DONE|^stat::number_of_executed_units' "artifacts/$t.log" >&2 || true
     if [ "$rc" -eq 0 ] && [ -z "$found" ]; then
         passed=$((passed + 1))
         log "$t: ok"
@@ -87,6 +100,7 @@ for t in $FUZZ_TARGETS; do
             while read -r f; do
                 echo "fuzz: $t crash input: $FUZZ_DIR/$f" >&2
                 echo "  reproduce: cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run -s none $t $f" >&2
+                echo "  contents (hex): $(od -An -tx1 -v "$f" | tr -d ' \n' | head -c 4096)" >&2
             done <<<"$found"
         else
             tail -20 "artifacts/$t.log" >&2
