@@ -24,6 +24,10 @@
 //!   [`CoreCache::alloc_or_wait`] queues the caller's token and
 //!   [`CoreCache::next_grant`] hands the buffers over once they are free.
 //!
+//! - [`SparseMap`]: not a pool but the same kind of memory, for the RAM
+//!   backstore: a LUN-sized anonymous mapping on transparent huge pages,
+//!   committed where written and given back on discard.
+//!
 //! [`BufPool`] is the heap pool the engine uses today (size-classed free
 //! lists of `Vec<u8>`), until its data path moves onto [`Pool`].
 //!
@@ -69,6 +73,7 @@ mod databuf;
 mod heap_count;
 mod legacy;
 mod pool;
+mod sparse;
 
 pub use buf::leaked_buffers;
 pub use buf::{Buf, OutOfRange, RdmaSegment, Segment, SgList};
@@ -80,6 +85,7 @@ pub use pool::{
     Alloc, AllocError, AllocPlan, ArenaId, ArenaInfo, ClassId, ClassStats, CoreCache, KeyTable,
     Pool, PoolError, RegisterError, Registrar, RegistrarId, RegistrationKey, SG_SLOTS,
 };
+pub use sparse::SparseMap;
 
 /// Size of one huge page; arenas are multiples of it.
 pub const HUGE_PAGE_BYTES: usize = 2 << 20;

@@ -1035,7 +1035,7 @@ mod tests {
 
     fn lun(i: LunInfo) -> Lun {
         let size = i.num_blocks * i.block_size as u64;
-        Lun::new(i, Box::new(MemBackstore::new(size))).unwrap()
+        Lun::new(i, Box::new(MemBackstore::new(size).unwrap())).unwrap()
     }
 
     /// LUN 0: 8192 blocks of 512 bytes; LUN 1: 1024 blocks of 4096

@@ -38,7 +38,11 @@ fn lun_with(thin_provisioned: bool) -> Lun {
         max_unmap_descriptors: 8,
         max_write_same_blocks: 65535,
     };
-    Lun::new(info, Box::new(MemBackstore::new(blocks * BS as u64))).unwrap()
+    Lun::new(
+        info,
+        Box::new(MemBackstore::new(blocks * BS as u64).unwrap()),
+    )
+    .unwrap()
 }
 
 fn rw10(op: u8, lba: u32, blocks: u16) -> [u8; 10] {

@@ -58,7 +58,10 @@ fn run(cfg: Config) -> Result<(), String> {
         for l in &t.luns {
             let where_ = format!("target {} LUN {}", t.name, l.lun);
             let backstore: Box<dyn Backstore> = match &l.backstore {
-                BackstoreSpec::Mem { size } => Box::new(MemBackstore::new(*size)),
+                BackstoreSpec::Mem { size } => Box::new(
+                    MemBackstore::new(*size)
+                        .map_err(|e| format!("{where_}: RAM LUN of {size} bytes: {e}"))?,
+                ),
                 BackstoreSpec::Null { size } => Box::new(NullBackstore::new(*size)),
                 BackstoreSpec::Gluster { url, size } => {
                     let opts = backstore_gfapi::ConnectOptions {

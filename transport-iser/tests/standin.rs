@@ -185,7 +185,7 @@ fn ram_lun() -> scsi::Target {
         max_write_same_blocks: 65535,
     };
     let mut t = scsi::Target::new();
-    let store = MemBackstore::new(LUN_BYTES as u64);
+    let store = MemBackstore::new(LUN_BYTES as u64).unwrap();
     assert!(t.add_lun(Lun::new(info, Box::new(store)).expect("RAM LUN")));
     t
 }

@@ -36,7 +36,7 @@ fn info(blocks: u64, thin: bool, ro: bool) -> LunInfo {
 fn mem_lun(blocks: u64) -> Lun {
     Lun::new(
         info(blocks, true, false),
-        Box::new(MemBackstore::new(blocks * BS as u64)),
+        Box::new(MemBackstore::new(blocks * BS as u64).unwrap()),
     )
     .unwrap()
 }
@@ -326,7 +326,7 @@ fn short_data_out_writes_whole_blocks_only() {
 
 #[test]
 fn read_only_and_unknown() {
-    let b = MemBackstore::new(64 * BS as u64);
+    let b = MemBackstore::new(64 * BS as u64).unwrap();
     let mut lun = Lun::new(info(64, true, true), Box::new(b)).unwrap();
     for (cdb, d) in [
         (cdb10(0x2a, 0, 0, 1).to_vec(), vec![0; 512]),
@@ -523,7 +523,7 @@ fn write_same_and_unmap() {
     assert_eq!(sense(&c), (5, 0x24, 0));
 
     // Without thin provisioning there is no UNMAP and no UNMAP bit.
-    let b = MemBackstore::new(64 * BS as u64);
+    let b = MemBackstore::new(64 * BS as u64).unwrap();
     let mut thick = Lun::new(info(64, false, false), Box::new(b)).unwrap();
     let l = unmap_list(&[(0, 1)]);
     assert_eq!(
@@ -722,7 +722,7 @@ fn target_luns() {
     let mut i3 = info(32, false, false);
     i3.lun = 300;
     t.add_lun(mem_lun(32));
-    t.add_lun(Lun::new(i3, Box::new(MemBackstore::new(32 * 512))).unwrap());
+    t.add_lun(Lun::new(i3, Box::new(MemBackstore::new(32 * 512).unwrap())).unwrap());
     assert!(t.has_lun(0));
     assert!(t.has_lun(encode_lun(300)));
     assert!(!t.has_lun(encode_lun(1)));
@@ -887,9 +887,9 @@ proptest! {
 
 #[test]
 fn lun_rejects_oversized_geometry() {
-    let b = MemBackstore::new(1024);
+    let b = MemBackstore::new(1024).unwrap();
     assert!(Lun::new(info(3, false, false), Box::new(b)).is_err());
-    let b = MemBackstore::new(1024);
+    let b = MemBackstore::new(1024).unwrap();
     assert_eq!(b.size_bytes(), 1024);
 }
 
@@ -920,14 +920,14 @@ impl Backstore for Aligned4k {
 
 #[test]
 fn lun_refuses_block_size_below_backstore_alignment() {
-    let b = Aligned4k(MemBackstore::new(1 << 20));
+    let b = Aligned4k(MemBackstore::new(1 << 20).unwrap());
     let e = Lun::new(info(2048, false, false), Box::new(b))
         .err()
         .unwrap();
     assert!(e.contains("4096-byte direct I/O alignment"), "{e}");
     let mut i = info(256, false, false);
     i.block_size = 4096;
-    assert!(Lun::new(i, Box::new(Aligned4k(MemBackstore::new(1 << 20)))).is_ok());
+    assert!(Lun::new(i, Box::new(Aligned4k(MemBackstore::new(1 << 20).unwrap()))).is_ok());
 }
 
 #[test]
@@ -1001,7 +1001,7 @@ fn write_same_zero_blocks_runs_to_the_end() {
 fn removable_lun(blocks: u64) -> Lun {
     let mut i = info(blocks, true, false);
     i.removable = true;
-    Lun::new(i, Box::new(MemBackstore::new(blocks * BS as u64))).unwrap()
+    Lun::new(i, Box::new(MemBackstore::new(blocks * BS as u64).unwrap())).unwrap()
 }
 
 fn ssu(immed: bool, pc: u8, loej: bool, start: bool) -> [u8; 6] {
@@ -1222,7 +1222,7 @@ fn sanitize_overwrite_and_block_erase() {
     // Write protection and reservations apply.
     let mut ro = Lun::new(
         info(64, true, true),
-        Box::new(MemBackstore::new(64 * BS as u64)),
+        Box::new(MemBackstore::new(64 * BS as u64).unwrap()),
     )
     .unwrap();
     let c = run(&mut ro, &sanitize_cdb(0x02, 0), Vec::new().into());
@@ -1389,7 +1389,7 @@ fn target_counters_per_lun() {
     let mut i3 = info(32, false, false);
     i3.lun = 3;
     t.add_lun(mem_lun(32));
-    t.add_lun(Lun::new(i3, Box::new(MemBackstore::new(32 * 512))).unwrap());
+    t.add_lun(Lun::new(i3, Box::new(MemBackstore::new(32 * 512).unwrap())).unwrap());
     let mut read = task(1, &cdb10(0x28, 0, 0, 2), Vec::new().into());
     read.edtl = 2 * BS;
     t.submit(encode_lun(3), read);
