@@ -118,7 +118,7 @@ impl MemBackstore {
             if written[ci / 64] & bit == 0 {
                 return; // reads as zeros already
             }
-            let whole = pos as u64 % MEM_CHUNK == 0
+            let whole = (pos as u64).is_multiple_of(MEM_CHUNK)
                 && (n as u64 == MEM_CHUNK || pos as u64 + n as u64 == size);
             if whole && free {
                 map.discard(pos, n);
