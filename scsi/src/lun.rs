@@ -129,6 +129,11 @@ pub struct Lun {
     /// Ranges of waiters found blocked in one pass of `start_waiters`
     /// (kept between passes so the pass does not allocate).
     blocked: Vec<(u64, u64, bool)>,
+    /// Range locks granted and not yet released: (start, end, exclusive,
+    /// slot). Kept apart from the tasks so a waiter's conflict check reads
+    /// one short contiguous array (writes lock exclusively, so every write
+    /// makes that check) rather than every slot's task.
+    held: Vec<(u64, u64, bool, usize)>,
     /// Tasks holding an exclusive range lock (COMPARE AND WRITE and the
     /// like). Shared locks conflict only with exclusive ones, so while
     /// there are none a shared waiter starts without a scan.
@@ -209,6 +214,7 @@ impl Lun {
             sanitize_rate: sanitize::DEFAULT_RATE,
             copy_cmds: Vec::new(),
             blocked: Vec::with_capacity(MAX_TASKS),
+            held: Vec::with_capacity(MAX_TASKS),
             exclusive_held: 0,
             stats: IoCounters::new(),
         })
@@ -524,18 +530,18 @@ impl Lun {
                     Some(w) => {
                         !blocked.iter().any(|&b| ranges_conflict(w, b))
                             && !self
-                                .slots
+                                .held
                                 .iter()
-                                .flatten()
-                                .any(|t| t.held.is_some_and(|h| ranges_conflict(w, h)))
+                                .any(|&(s, e, x, _)| ranges_conflict(w, (s, e, x)))
                     }
                 };
                 if free {
                     self.waiting.remove(i);
                     if let Some(Some(t)) = self.slots.get_mut(slot) {
                         t.held = want;
-                        if want.is_some_and(|w| w.2) {
-                            self.exclusive_held += 1;
+                        if let Some((s, e, x)) = want {
+                            self.held.push((s, e, x, slot));
+                            self.exclusive_held += x as u32;
                         }
                     }
                     self.advance(slot, None);
@@ -575,6 +581,11 @@ impl Lun {
                     self.recheck = true;
                     if h.2 {
                         self.exclusive_held -= 1;
+                    }
+                    let at = self.held.iter().position(|e| e.3 == slot);
+                    debug_assert!(at.is_some(), "a held lock is listed");
+                    if let Some(at) = at {
+                        self.held.swap_remove(at);
                     }
                 }
                 if !t.aborted {
