@@ -55,6 +55,15 @@ enum Repr {
         len: u32,
         home: DataHome,
     },
+    /// `len` bytes of the receive ring in ring slot `slot` from `off`
+    /// (`crate::RxRing::view`): read-only, written through only after a
+    /// move to the heap.
+    View {
+        slot: u32,
+        off: u32,
+        len: u32,
+        home: DataHome,
+    },
 }
 
 impl DataBuf {
@@ -69,6 +78,20 @@ impl DataBuf {
 
     pub(crate) fn from_pool(buf: Buf, home: DataHome) -> DataBuf {
         DataBuf(Repr::Pool { buf, home })
+    }
+
+    pub(crate) fn from_ring(slot: u32, off: usize, len: usize, home: DataHome) -> DataBuf {
+        DataBuf(Repr::View {
+            slot,
+            off: u32::try_from(off).expect("rings are under 4 GiB"),
+            len: u32::try_from(len).expect("rings are under 4 GiB"),
+            home,
+        })
+    }
+
+    /// Whether the bytes are a view of a receive ring (no copy was made).
+    pub fn is_ring_view(&self) -> bool {
+        matches!(self.0, Repr::View { .. })
     }
 
     /// A scatter-gather buffer of `len` bytes over `bufs` (2 to
@@ -170,6 +193,12 @@ impl DataBuf {
         match &self.0 {
             Repr::Heap(v) => Slices::one(&v[offset..end]),
             Repr::Pool { buf, .. } => Slices::one(&buf.data()[offset..end]),
+            Repr::View {
+                slot,
+                off,
+                len,
+                home,
+            } => Slices::one(&home.rings().bytes(*slot, *off as usize, *len as usize)[offset..end]),
             Repr::Sg { seg_shift, .. } => Slices {
                 one: None,
                 bufs: self.sg_list(),
@@ -188,6 +217,10 @@ impl DataBuf {
             "range {offset}+{len} past {}",
             self.len()
         );
+        if let Repr::View { .. } = self.0 {
+            // A view is never written in place (see `crate::ring`).
+            self.move_to_heap(self.len());
+        }
         if let Repr::Sg { seg_shift, .. } = self.0 {
             let first = offset >> seg_shift;
             return SlicesMut {
@@ -201,7 +234,7 @@ impl DataBuf {
         match &mut self.0 {
             Repr::Heap(v) => SlicesMut::one(&mut v[offset..end]),
             Repr::Pool { buf, .. } => SlicesMut::one(&mut buf.data_mut()[offset..end]),
-            Repr::Sg { .. } => unreachable!("handled above"),
+            Repr::Sg { .. } | Repr::View { .. } => unreachable!("handled above"),
         }
     }
 
@@ -253,7 +286,7 @@ impl DataBuf {
         match &self.0 {
             Repr::Heap(v) => v.len(),
             Repr::Pool { buf, .. } => buf.len(),
-            Repr::Sg { len, .. } => *len as usize,
+            Repr::Sg { len, .. } | Repr::View { len, .. } => *len as usize,
         }
     }
 
@@ -265,6 +298,7 @@ impl DataBuf {
         match &self.0 {
             Repr::Heap(v) => v.capacity(),
             Repr::Pool { buf, .. } => buf.capacity(),
+            Repr::View { len, .. } => *len as usize,
             Repr::Sg {
                 count, seg_shift, ..
             } => (*count as usize) << *seg_shift,
@@ -283,7 +317,7 @@ impl DataBuf {
                     buf.set_len(new_len)
                 }
             }
-            Repr::Sg { len, .. } => {
+            Repr::Sg { len, .. } | Repr::View { len, .. } => {
                 if new_len < *len as usize {
                     *len = new_len as u32
                 }
@@ -344,7 +378,9 @@ impl DataBuf {
         let cap = self.capacity();
         match &mut self.0 {
             Repr::Pool { buf, .. } if new_len <= cap => buf.set_len(new_len),
-            Repr::Sg { len, .. } if new_len <= cap => *len = new_len as u32,
+            Repr::Sg { len, .. } | Repr::View { len, .. } if new_len <= cap => {
+                *len = new_len as u32
+            }
             _ => self.resize(new_len, 0),
         }
     }
@@ -455,6 +491,12 @@ fn take_parts(repr: Repr) -> Result<(Parts, DataHome), Vec<u8>> {
             home.sg_give(slot);
             Ok((Parts(bufs), home))
         }
+        Repr::View { slot, home, .. } => {
+            // The ring's buffer comes back with its last holder.
+            let mut bufs = [const { None }; DATA_SEGMENTS_MAX];
+            bufs[0] = home.rings().release(slot);
+            Ok((Parts(bufs), home))
+        }
     }
 }
 
@@ -489,6 +531,12 @@ impl Deref for DataBuf {
         match &self.0 {
             Repr::Heap(v) => v,
             Repr::Pool { buf, .. } => buf.data(),
+            Repr::View {
+                slot,
+                off,
+                len,
+                home,
+            } => home.rings().bytes(*slot, *off as usize, *len as usize),
             // The read and write path walks segments; anything reading a
             // scatter-gather buffer as one slice was handed a buffer its
             // command never gets (see the module comment).
@@ -502,14 +550,15 @@ impl Deref for DataBuf {
 
 impl DerefMut for DataBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        if let Repr::Sg { .. } = self.0 {
-            // Correct before fast: one heap copy.
+        if let Repr::Sg { .. } | Repr::View { .. } = self.0 {
+            // Correct before fast: one heap copy (a view is never written
+            // in place).
             self.move_to_heap(self.len());
         }
         match &mut self.0 {
             Repr::Heap(v) => v,
             Repr::Pool { buf, .. } => buf.data_mut(),
-            Repr::Sg { .. } => unreachable!("moved to the heap above"),
+            Repr::Sg { .. } | Repr::View { .. } => unreachable!("moved to the heap above"),
         }
     }
 }

@@ -73,6 +73,7 @@ mod databuf;
 mod heap_count;
 mod legacy;
 mod pool;
+mod ring;
 mod sparse;
 
 pub use buf::leaked_buffers;
@@ -85,6 +86,7 @@ pub use pool::{
     Alloc, AllocError, AllocPlan, ArenaId, ArenaInfo, ClassId, ClassStats, CoreCache, KeyTable,
     Pool, PoolError, RegisterError, Registrar, RegistrarId, RegistrationKey, SG_SLOTS,
 };
+pub use ring::{RxRing, RING_SLOTS};
 pub use sparse::SparseMap;
 
 /// Size of one huge page; arenas are multiples of it.

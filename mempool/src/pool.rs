@@ -32,6 +32,7 @@ use crate::arena::{thp_disabled, Arena};
 use crate::buf::{Buf, RawBuf, SgList};
 use crate::config::PoolConfig;
 use crate::databuf::{DataBuf, DATA_SEGMENTS_MAX};
+use crate::ring::{RingSlots, RxRing, RING_SLOTS};
 use crate::{Backing, HUGE_PAGE_BYTES, MAX_ARENAS, MAX_CORES, MAX_REGISTRARS, MAX_SEGMENTS};
 
 /// A buffer class, by index into the configured classes (ascending size).
@@ -333,6 +334,8 @@ struct Shared {
     core_stats: Box<[AtomicU64]>,
     /// Segment lists of scatter-gather `DataBuf`s.
     sg: SgSlots,
+    /// Receive rings lent out as `DataBuf` views.
+    rings: RingSlots,
     cfg: PoolConfig,
 }
 
@@ -476,6 +479,10 @@ impl DataHome {
     pub(crate) fn sg_bufs(self, slot: u32) -> *mut [Option<Buf>; DATA_SEGMENTS_MAX] {
         self.0.sg.slots[slot as usize].get()
     }
+
+    pub(crate) fn rings(self) -> &'static RingSlots {
+        &self.0.rings
+    }
 }
 
 impl Drop for Shared {
@@ -560,6 +567,7 @@ impl Pool {
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             sg: SgSlots::new(SG_SLOTS),
+            rings: RingSlots::new(RING_SLOTS),
             cfg,
         };
         if matches!(shared.cfg.backing, Backing::Auto | Backing::TransparentHuge) && thp_disabled()
@@ -1374,6 +1382,24 @@ impl CoreCache {
         let buf = sg.pop().expect("a data grant holds one buffer");
         assert!(sg.is_empty(), "a data grant holds one buffer");
         self.wrap_data(buf)
+    }
+
+    /// A receive ring of at least `len` bytes from the smallest class that
+    /// holds it, if one is free now (never waits, never allocates).
+    pub fn alloc_ring(&mut self, len: usize) -> Option<RxRing> {
+        let class = self.class_for(len.max(1))?;
+        let mut buf = self.try_alloc(class)?;
+        let cap = buf.capacity();
+        buf.set_len(cap);
+        let base = std::ptr::NonNull::new(buf.as_mut_ptr()).expect("pool memory");
+        let home = self.home();
+        match home.rings().take(buf) {
+            Ok(slot) => Some(RxRing::new(slot, base, cap, home)),
+            Err(buf) => {
+                self.free(buf);
+                None
+            }
+        }
     }
 
     fn wrap_data(&mut self, buf: Buf) -> DataBuf {
