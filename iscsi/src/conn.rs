@@ -627,6 +627,25 @@ impl Connection {
         true
     }
 
+    /// `stage_immediate` for a write whose immediate data is all its
+    /// data, without a copy: `lend` hands over the segment where it was
+    /// received (a view of the transport's receive ring), and the command
+    /// keeps that as its buffer. False, with nothing lent, for anything the
+    /// command's checks would refuse, for data still to come after the
+    /// segment, and when `lend` has nothing.
+    pub fn stage_immediate_lent(&mut self, bhs: &Bhs, lend: &dyn Fn() -> Option<DataBuf>) -> bool {
+        let imm = bhs.data_segment_len();
+        if imm != bhs.edtl() || !self.may_stage(bhs) {
+            return false;
+        }
+        let Some(buf) = lend() else {
+            return false;
+        };
+        debug_assert_eq!(buf.len(), imm as usize, "the segment is lent whole");
+        self.staged.push((bhs.itt(), bhs.cmdsn(), imm, buf));
+        true
+    }
+
     /// A buffer staged for the write command `bhs`, sized for all its
     /// data, whose first DataSegmentLength bytes are for its immediate
     /// data; none for what the command's checks would refuse.
@@ -635,10 +654,26 @@ impl Connection {
         bhs: &Bhs,
         alloc: &mut dyn FnMut(usize) -> Option<DataBuf>,
     ) -> Option<&mut DataBuf> {
+        if !self.may_stage(bhs) {
+            return None;
+        }
+        let (edtl, imm) = (bhs.edtl(), bhs.data_segment_len());
+        let buf = alloc(edtl as usize)?;
+        if buf.len() != edtl as usize {
+            return None;
+        }
+        self.staged.push((bhs.itt(), bhs.cmdsn(), imm, buf));
+        self.staged.last_mut().map(|s| &mut s.3)
+    }
+
+    /// Whether the write command `bhs`'s immediate data may be staged
+    /// before the command runs: what its checks in `handle_scsi_cmd`
+    /// would accept, with room in the staging list.
+    fn may_stage(&self, bhs: &Bhs) -> bool {
         let edtl = bhs.edtl();
         let imm = bhs.data_segment_len();
         let (itt, cmdsn) = (bhs.itt(), bhs.cmdsn());
-        if self.phase != Phase::FullFeature
+        !(self.phase != Phase::FullFeature
             || bhs.opcode() != opcode::SCSI_CMD
             || imm == 0
             || bhs.flags() & flags::WRITE == 0
@@ -650,16 +685,7 @@ impl Connection {
             // A command with these very numbers already holds a buffer
             // (it waits for a CmdSN gap): this one is a duplicate, which
             // `handle_pdu` answers, and must not write into that buffer.
-            || self.staged.iter().any(|s| s.0 == itt && s.1 == cmdsn)
-        {
-            return None;
-        }
-        let buf = alloc(edtl as usize)?;
-        if buf.len() != edtl as usize {
-            return None;
-        }
-        self.staged.push((itt, cmdsn, imm, buf));
-        self.staged.last_mut().map(|s| &mut s.3)
+            || self.staged.iter().any(|s| s.0 == itt && s.1 == cmdsn))
     }
 
     /// A transport that has a PDU's header (its digest checked) but not
@@ -2577,6 +2603,43 @@ mod tests {
         let r1 = scsi_event(&mut c);
         let r2 = scsi_event(&mut c);
         assert_eq!((r1.data_out.to_vec(), r2.data_out.to_vec()), (a, b));
+    }
+
+    #[test]
+    fn immediate_data_that_is_all_the_write_is_lent_not_copied() {
+        let mut s = session();
+        s.immediate_data = true;
+        s.first_burst_length = 65536;
+        let mut c = ffp(s, 8192);
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        let lent = std::cell::Cell::new(0);
+        let lend = || {
+            lent.set(lent.get() + 1);
+            Some(DataBuf::from(data.clone()))
+        };
+        // Part of a longer write: not lent (more data comes after it).
+        let mut p = cmd(1, 9, flags::WRITE, 8192, &data);
+        p.bhs.set_data_segment_len(4096);
+        assert!(!c.stage_immediate_lent(&p.bhs, &lend));
+        // A read: refused before lending.
+        let mut r = cmd(1, 9, flags::FINAL | flags::READ, 4096, &data);
+        r.bhs.set_data_segment_len(4096);
+        assert!(!c.stage_immediate_lent(&r.bhs, &lend));
+        assert_eq!(lent.get(), 0);
+        // The whole write: its buffer is what was lent.
+        let mut p = cmd(1, 9, flags::FINAL | flags::WRITE, 4096, &data);
+        p.bhs.set_data_segment_len(4096);
+        assert!(c.stage_immediate_lent(&p.bhs, &lend));
+        assert_eq!(lent.get(), 1);
+        // Lent once: the same numbers again are a duplicate.
+        assert!(!c.stage_immediate_lent(&p.bhs, &lend));
+        p.data.clear();
+        c.handle_pdu(&mut Ctx, p, 0);
+        assert!(c.staged.is_empty());
+        let r = scsi_event(&mut c);
+        assert_eq!(r.data_out, data);
+        c.scsi_complete(r.task, 0, &[], &[], 0);
+        assert_eq!(drain(&mut c).last().unwrap().bhs.0[3], 0);
     }
 
     #[test]

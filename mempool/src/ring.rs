@@ -145,6 +145,12 @@ impl RxRing {
         self.cap
     }
 
+    /// The address of the ring's first byte, to find where a slice of it
+    /// lies.
+    pub fn base_addr(&self) -> usize {
+        self.base.as_ptr() as usize
+    }
+
     /// Whether views of this ring are still alive.
     pub fn lent(&self) -> bool {
         self.home.rings().holders(self.slot) > 1

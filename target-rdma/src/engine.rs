@@ -1943,7 +1943,8 @@ impl Reactor {
             let fill = if tcp.in_direct() {
                 tcp.fill_direct(c.proto.rx_direct_dest())
             } else {
-                tcp.fill(c.proto.decoder())
+                let data = &mut self.pool.data;
+                tcp.fill_with(c.proto.decoder(), &mut |n| data.alloc_ring(n))
             };
             let drained = tcp.drained();
             let got = match fill {
@@ -2006,7 +2007,7 @@ impl Reactor {
                 // segments into heap buffers kept for reuse.
                 None => tcp.next_pdu_placing(
                     &decoder,
-                    &mut |bhs, d| place_or_stage(proto, holding, data, sg_mode, bhs, d),
+                    &mut |bhs, d, lend| place_or_stage(proto, holding, data, sg_mode, bhs, d, lend),
                     &mut |n| heap.take(n),
                 ),
             };
@@ -3133,7 +3134,9 @@ impl Reactor {
             transport_iser::framing::decode_message(
                 msg,
                 &decoder,
-                &mut |bhs, d| place_or_stage(proto, holding, data, sg_mode, bhs, d),
+                // The receive slot is reposted at once: its bytes are
+                // copied, never lent.
+                &mut |bhs, d| place_or_stage(proto, holding, data, sg_mode, bhs, d, &|| None),
                 &mut |n| heap.take(n),
             )
         };
@@ -3674,10 +3677,13 @@ fn place_or_stage(
     sg_mode: BufferSg,
     bhs: &iscsi::Bhs,
     d: &[u8],
+    lend: &dyn Fn() -> Option<DataBuf>,
 ) -> bool {
     let sg = sg_for(sg_mode, bhs.cdb());
     proto.place_data_out(bhs, d)
-        || (!holding && proto.stage_immediate(bhs, d, &mut |n| alloc_pool(data, n, sg)))
+        || (!holding
+            && (proto.stage_immediate_lent(bhs, lend)
+                || proto.stage_immediate(bhs, d, &mut |n| alloc_pool(data, n, sg))))
 }
 
 /// The buffer a write command will ask its connection's `BufferSource`

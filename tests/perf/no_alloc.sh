@@ -73,11 +73,13 @@ while read -r name args; do
         fail=1
         continue
     fi
-    # Writes of 64 KiB and more must also have their data read by the
-    # socket straight into the command's buffer (transport_tcp::direct),
-    # at least 90% of it: the ring copy is for small PDUs.
+    # Writes must also have their data put where the backstore takes it by
+    # the socket's copy alone, at least 90% of it: read straight into the
+    # command's buffer (64 KiB and more, transport_tcp::direct), or lent
+    # from the pool ring it was received into (4 KiB with immediate data,
+    # mempool::RxRing).
     direct_min=0
-    case $name in 64k-*write* | 1m-*write*) direct_min=90 ;; esac
+    case $name in 4k-*write* | 64k-*write* | 1m-*write*) direct_min=90 ;; esac
     verdict=$(paste -d' ' <(echo "$before") <(echo "$after") | awk -v n="$name" -v tag="$TAG" -v dmin="$direct_min" -v ewait="$EXPECT_WAITS" -v esg="$EXPECT_SG" '
         { allocs += $10 - $2; cmds += $11 - $3; direct += $12 - $4; copied += $13 - $5
           waits += $14 - $6; misses += $15 - $7; sg += $16 - $8

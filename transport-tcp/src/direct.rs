@@ -65,7 +65,7 @@ impl TcpConn {
         if self.direct.is_some() || self.direct_done.is_some() {
             return None;
         }
-        let buf = &self.rx[self.rx_pos..self.rx_end];
+        let buf = self.rx.bytes(self.rx_pos, self.rx_end);
         let (bhs, fr, start) = decoder.header(buf).ok()??;
         let present = buf.len() - start;
         if fr.ahs_len != 0 || present >= fr.data_len || fr.data_len - present < DIRECT_MIN_BYTES {
@@ -78,7 +78,7 @@ impl TcpConn {
     /// `dst` (exactly its DataSegmentLength bytes): what the ring holds
     /// of it is copied now, the rest comes through `fill_direct`.
     pub fn begin_direct(&mut self, decoder: &Decoder, mut dst: DataDest<'_>) {
-        let buf = &self.rx[self.rx_pos..self.rx_end];
+        let buf = self.rx.bytes(self.rx_pos, self.rx_end);
         let Ok(Some((bhs, fr, start))) = decoder.header(buf) else {
             debug_assert!(false, "begin_direct without a candidate");
             return;
@@ -94,8 +94,8 @@ impl TcpConn {
             0
         };
         self.rx_counts.copied += present as u64;
-        self.rx_pos = 0;
-        self.rx_end = 0;
+        self.rx_pos = self.rx_end;
+        self.rx_restart_if_empty();
         self.direct = Some(Direct {
             bhs,
             data_len: fr.data_len,
@@ -140,7 +140,7 @@ impl TcpConn {
                 return Ok(Fill::Read(total));
             }
             let placing = matches!(dst, Some(ref b) if b.len() == d.data_len);
-            let header_room = d.header_len.min(rx.len() - *rx_end);
+            let header_room = d.header_len.min(rx.capacity() - *rx_end);
             // The rest of the segment (in the pieces of a scatter-gather
             // buffer, or a scratch chunk when dropping it), its trailer,
             // and room for the next header: one readv.
@@ -163,7 +163,7 @@ impl TcpConn {
                 }
             };
             iov[n_iov] = IoSliceMut::new(&mut d.trailer[d.trailer_got..d.trailer_len]);
-            iov[n_iov + 1] = IoSliceMut::new(&mut rx[*rx_end..*rx_end + header_room]);
+            iov[n_iov + 1] = IoSliceMut::new(rx.bytes_mut(*rx_end, *rx_end + header_room));
             let want = data_room + (d.trailer_len - d.trailer_got) + header_room;
             let res = stream.read_vectored(&mut iov[..n_iov + 2]);
             let n = match res {

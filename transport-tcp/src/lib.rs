@@ -13,6 +13,7 @@
 //! they lie. Sent buffers wait in `take_sent` for the engine to reuse.
 
 mod direct;
+mod rx;
 
 pub use direct::{RxCounts, DIRECT_MIN_BYTES};
 
@@ -21,7 +22,9 @@ use std::io::{self, IoSlice, Read, Write};
 
 use iscsi::conn::{DataBuf, TxSink};
 use iscsi::pdu::{Decoder, Pdu, PduError, BHS_LEN};
+use mempool::RxRing;
 use mio::net::TcpStream;
+use rx::RxMem;
 
 /// How much one `fill` call reads before yielding to other connections.
 const READ_BUDGET_BYTES: usize = 4 * 1024 * 1024;
@@ -30,6 +33,11 @@ const RX_INITIAL_BYTES: usize = 64 * 1024;
 /// Above this much unsent output, the engine stops reading from the
 /// connection until the initiator drains it.
 pub const TX_BACKLOG_MAX_BYTES: usize = 16 * 1024 * 1024;
+
+/// Where `next_pdu_placing` offers a data segment: the PDU's header, the
+/// segment, and what lends the segment out where it lies (`None` from a
+/// heap buffer). True when the segment was taken.
+pub type Place<'a> = dyn FnMut(&iscsi::Bhs, &[u8], &dyn Fn() -> Option<DataBuf>) -> bool + 'a;
 
 /// What a `fill` call found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +50,11 @@ pub enum Fill {
 
 pub struct TcpConn {
     pub stream: TcpStream,
-    rx: Vec<u8>,
+    rx: RxMem,
+    /// Heap memory for the receive buffer when the pool has no ring (taken
+    /// at the first read and when the buffer grows, both before the
+    /// connection's steady state, so falling back never allocates).
+    rx_spare: Vec<u8>,
     /// Undecoded bytes are `rx[rx_pos..rx_end]`.
     rx_pos: usize,
     rx_end: usize,
@@ -132,7 +144,8 @@ impl TcpConn {
         let _ = stream.set_nodelay(true);
         TcpConn {
             stream,
-            rx: Vec::new(),
+            rx: RxMem::Heap(Vec::new()),
+            rx_spare: Vec::new(),
             rx_pos: 0,
             rx_end: 0,
             txq: VecDeque::with_capacity(WRITEV_BUFS_MAX),
@@ -152,21 +165,43 @@ impl TcpConn {
         }
     }
 
-    /// Read what the socket has, up to the read budget.
+    /// Read what the socket has, up to the read budget, into heap memory
+    /// (see `fill_with`).
     pub fn fill(&mut self, decoder: &Decoder) -> io::Result<Fill> {
+        self.fill_with(decoder, &mut |_| None)
+    }
+
+    /// Read what the socket has, up to the read budget. The receive
+    /// memory comes from `new_ring` (a pool ring of at least the size
+    /// asked, whose decoded write data `next_pdu_placing` can lend out)
+    /// when it has one, else from the heap.
+    pub fn fill_with(
+        &mut self,
+        decoder: &Decoder,
+        new_ring: &mut dyn FnMut(usize) -> Option<RxRing>,
+    ) -> io::Result<Fill> {
         let max_pdu = BHS_LEN + 1024 + 8 + decoder.max_recv_data_len as usize + 4;
         let want_cap = max_pdu + RX_INITIAL_BYTES;
-        // Grow once to hold a maximal PDU (the length stays at capacity so
-        // reads never zero-fill on the hot path).
-        if self.rx.len() < want_cap {
-            self.rx.resize(want_cap, 0);
+        // Room for a maximal PDU, taken once (a heap vector's length stays
+        // at its capacity so reads never zero-fill on the hot path).
+        if self.rx.capacity() < want_cap {
+            if self.rx_spare.len() < want_cap {
+                self.rx_spare = vec![0; want_cap];
+            }
+            self.move_rx(want_cap, new_ring);
         }
-        // Move the undecoded tail to the front when the free space runs low.
-        if self.rx_pos > 0 && self.rx.len() - self.rx_end < RX_INITIAL_BYTES {
-            self.rx.copy_within(self.rx_pos..self.rx_end, 0);
-            self.rx_end -= self.rx_pos;
-            self.rx_pos = 0;
+        // Move the undecoded tail to the front when the free space runs
+        // low: in place, or, while part of the ring is lent out, to a
+        // new ring.
+        if self.rx_pos > 0 && self.rx.capacity() - self.rx_end < RX_INITIAL_BYTES {
+            if self.rx.compact(self.rx_pos, self.rx_end) {
+                self.rx_end -= self.rx_pos;
+                self.rx_pos = 0;
+            } else {
+                self.move_rx(want_cap, new_ring);
+            }
         }
+
         // After a segment received into place, read just the next header
         // (the rest of it), so that a large segment behind it can go
         // into place too.
@@ -174,10 +209,10 @@ impl TcpConn {
         // The flag holds until the header is complete: a read that finds
         // the socket empty, or brings part of a header, must not let the
         // next one take a window of data into the ring.
-        let mut limit = self.rx.len();
+        let mut limit = self.rx.capacity();
         if self.header_next {
             if self.rx_buffered() < header_len {
-                limit = (self.rx_end + header_len - self.rx_buffered()).min(self.rx.len());
+                limit = (self.rx_end + header_len - self.rx_buffered()).min(self.rx.capacity());
             } else {
                 self.header_next = false;
             }
@@ -189,7 +224,7 @@ impl TcpConn {
                 return Ok(Fill::Read(total));
             }
             let space = limit - self.rx_end;
-            match self.stream.read(&mut self.rx[self.rx_end..limit]) {
+            match self.stream.read(self.rx.bytes_mut(self.rx_end, limit)) {
                 Ok(0) => {
                     return if total == 0 {
                         Ok(Fill::Eof)
@@ -221,6 +256,37 @@ impl TcpConn {
         }
     }
 
+    /// Moves the undecoded bytes to new memory of `cap` bytes: a ring from
+    /// `new_ring`, else a heap vector. The old ring goes back to its pool
+    /// with the last of the views it lent out.
+    fn move_rx(&mut self, cap: usize, new_ring: &mut dyn FnMut(usize) -> Option<RxRing>) {
+        let mut mem = match new_ring(cap) {
+            Some(r) => RxMem::Ring(r),
+            None if self.rx_spare.len() >= cap => RxMem::Heap(std::mem::take(&mut self.rx_spare)),
+            None => RxMem::Heap(vec![0; cap]),
+        };
+        let n = self.rx_buffered();
+        mem.bytes_mut(0, n)
+            .copy_from_slice(self.rx.bytes(self.rx_pos, self.rx_end));
+        if let RxMem::Heap(old) = std::mem::replace(&mut self.rx, mem) {
+            if old.len() > self.rx_spare.len() {
+                self.rx_spare = old;
+            }
+        }
+        self.rx_pos = 0;
+        self.rx_end = n;
+    }
+
+    /// Starts the ring over when everything in it is decoded, unless part
+    /// of it is lent out (then reading goes on after it, and `fill` moves
+    /// on when room runs low).
+    fn rx_restart_if_empty(&mut self) {
+        if self.rx_pos == self.rx_end && self.rx.compact(self.rx_pos, self.rx_end) {
+            self.rx_pos = 0;
+            self.rx_end = 0;
+        }
+    }
+
     /// Whether the last `fill` or `fill_direct` left the socket empty (a
     /// short read or EAGAIN): data arriving after it raises a new
     /// readiness edge, so reading again now would only find what came in
@@ -246,30 +312,47 @@ impl TcpConn {
         decoder: &Decoder,
         data_buf: &mut dyn FnMut(usize) -> Vec<u8>,
     ) -> Result<Option<Pdu>, PduError> {
-        self.next_pdu_placing(decoder, &mut |_, _| false, data_buf)
+        self.next_pdu_placing(decoder, &mut |_, _, _| false, data_buf)
     }
 
     /// `next_pdu_with`, offering the data segment to `place` first (see
     /// `Decoder::decode_placing`): write data goes from the receive buffer
-    /// straight to the command's buffer.
+    /// straight to the command's buffer. `place` may instead take the
+    /// segment where it lies, as a `DataBuf` its third argument lends out
+    /// (`None` when the receive memory is not a pool ring).
     pub fn next_pdu_placing(
         &mut self,
         decoder: &Decoder,
-        place: &mut dyn FnMut(&iscsi::Bhs, &[u8]) -> bool,
+        place: &mut Place<'_>,
         data_buf: &mut dyn FnMut(usize) -> Vec<u8>,
     ) -> Result<Option<Pdu>, PduError> {
-        let buf = &self.rx[self.rx_pos..self.rx_end];
-        match decoder.decode_placing(buf, place, data_buf) {
+        let rx = &self.rx;
+        let buf = rx.bytes(self.rx_pos, self.rx_end);
+        let lent = std::cell::Cell::new(false);
+        let base = rx.base_addr();
+        let mut place_here = |bhs: &iscsi::Bhs, d: &[u8]| {
+            let lend = || {
+                let v = rx.view(d.as_ptr() as usize - base, d.len());
+                lent.set(v.is_some());
+                v
+            };
+            place(bhs, d, &lend)
+        };
+        match decoder.decode_placing(buf, &mut place_here, data_buf) {
             Ok(Some((pdu, used))) => {
                 if pdu.data.is_empty() {
-                    // Placed from the ring.
-                    self.rx_counts.copied += pdu.bhs.data_segment_len() as u64;
+                    let n = pdu.bhs.data_segment_len() as u64;
+                    if lent.get() {
+                        // Lent from the ring: the socket's copy was the
+                        // only one.
+                        self.rx_counts.direct += n;
+                    } else {
+                        // Copied from the ring into place.
+                        self.rx_counts.copied += n;
+                    }
                 }
                 self.rx_pos += used;
-                if self.rx_pos == self.rx_end {
-                    self.rx_pos = 0;
-                    self.rx_end = 0;
-                }
+                self.rx_restart_if_empty();
                 Ok(Some(pdu))
             }
             Ok(None) => Ok(None),
@@ -889,5 +972,87 @@ mod tests {
         assert_eq!(conn.take_rx_counts().direct, 0);
         let nop = fill_until_pdu(&mut conn, &decoder);
         assert_eq!(nop.bhs.itt(), 8);
+    }
+
+    #[test]
+    fn small_segments_are_lent_from_a_pool_ring_whatever_holds_them() {
+        let pool = mempool::Pool::new(mempool::PoolConfig {
+            arena_bytes: 8 << 20,
+            arena_limit_bytes: 8 << 20,
+            cores: 1,
+            backing: mempool::Backing::Heap,
+            classes: vec![mempool::ClassConfig {
+                buf_bytes: 128 << 10,
+                weight: 1,
+            }],
+            ..mempool::PoolConfig::default()
+        })
+        .unwrap();
+        let mut cache = pool.core_cache(0).unwrap();
+        for digests in [false, true] {
+            let (mut conn, mut client) = connected();
+            let mut decoder = Decoder::new(8192);
+            decoder.header_digest = digests;
+            decoder.data_digest = digests;
+            let enc = iscsi::pdu::Encoder {
+                header_digest: digests,
+                data_digest: digests,
+            };
+            // 300 PDUs of 4 KiB (each segment stamped with its number):
+            // ten rings' worth, so the ring moves on while views of it are
+            // held, and starts over in place once they are gone.
+            let n = 300u32;
+            let mut wire = Vec::new();
+            for i in 0..n {
+                let mut p = Pdu::new(iscsi::pdu::opcode::DATA_OUT);
+                p.bhs.set_itt(i);
+                p.data = (0..4096u32).map(|j| (i * 31 + j) as u8).collect();
+                enc.encode(&p, &mut wire);
+            }
+            let writer = std::thread::spawn(move || client.write_all(&wire).map(|()| client));
+            let mut held = Vec::new();
+            let mut got = 0;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while got < n {
+                conn.fill_with(&decoder, &mut |len| cache.alloc_ring(len))
+                    .unwrap();
+                while let Some(p) = conn
+                    .next_pdu_placing(
+                        &decoder,
+                        &mut |_, _, lend| match lend() {
+                            Some(v) => {
+                                held.push(v);
+                                true
+                            }
+                            None => false,
+                        },
+                        &mut Vec::with_capacity,
+                    )
+                    .unwrap()
+                {
+                    assert_eq!(p.bhs.itt(), got);
+                    assert!(p.data.is_empty(), "lent, not copied");
+                    got += 1;
+                }
+                // The first 100 views are held to the end (a slow
+                // backstore), later ones let go at once.
+                if held.len() > 100 {
+                    held.truncate(100);
+                }
+                assert!(std::time::Instant::now() < deadline, "{got} PDUs");
+            }
+            drop(writer.join().unwrap().unwrap());
+            for (i, v) in held.iter().enumerate() {
+                assert!(v.is_ring_view());
+                let want: Vec<u8> = (0..4096u32).map(|j| (i as u32 * 31 + j) as u8).collect();
+                assert!(*v == want, "segment {i} intact");
+            }
+            let counts = conn.take_rx_counts();
+            assert_eq!((counts.direct, counts.copied), (n as u64 * 4096, 0));
+            drop(held);
+            drop(conn);
+            cache.flush();
+            assert_eq!(pool.stats()[0].in_use, 0, "every ring went home");
+        }
     }
 }
