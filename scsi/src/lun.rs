@@ -224,6 +224,13 @@ impl Lun {
         &self.info
     }
 
+    /// Whether the backstore wants data buffers aligned in memory
+    /// (O_DIRECT files): a buffer that is not goes through its bounce
+    /// buffers.
+    pub fn wants_aligned_buffers(&self) -> bool {
+        self.backstore.io_align() > 1
+    }
+
     /// The commands this LUN has completed or seen aborted so far. Copy
     /// it to take a snapshot.
     pub fn stats(&self) -> &IoCounters {

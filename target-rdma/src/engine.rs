@@ -402,8 +402,9 @@ struct TargetMeta {
     home: usize,
     /// Each LUN's number, block size and MAXIMUM TRANSFER LENGTH in
     /// blocks: what sizing a command's scratch buffer takes
-    /// (`scsi::scratch_len`).
-    luns: Vec<(u64, u32, u32)>,
+    /// (`scsi::scratch_len`); and whether its backstore wants data buffers
+    /// aligned in memory (write data lent from a receive ring is not).
+    luns: Vec<(u64, u32, u32, bool)>,
 }
 
 struct Session {
@@ -587,7 +588,8 @@ impl Engine {
                 .iter()
                 .map(|l| {
                     let i = l.info();
-                    (i.lun, i.block_size, i.max_transfer_blocks)
+                    let aligned = l.wants_aligned_buffers();
+                    (i.lun, i.block_size, i.max_transfer_blocks, aligned)
                 })
                 .collect();
             metas.push(TargetMeta {
@@ -1994,6 +1996,7 @@ impl Reactor {
             let sg_mode = self.sh.cfg.buffer_sg;
             let decoder = c.proto.decoder().clone();
             let proto = &mut c.proto;
+            let luns = c.session.map(|(t, _)| &self.sh.targets[t].luns[..]);
             // A segment received into place (`transport_tcp::direct`)
             // comes before anything else in the ring.
             let next = match tcp.take_direct() {
@@ -2007,7 +2010,19 @@ impl Reactor {
                 // segments into heap buffers kept for reuse.
                 None => tcp.next_pdu_placing(
                     &decoder,
-                    &mut |bhs, d, lend| place_or_stage(proto, holding, data, sg_mode, bhs, d, lend),
+                    &mut |bhs, d, lend| {
+                        // Lent data lies where it came (after a header),
+                        // which an O_DIRECT file would bounce: copy it
+                        // into an aligned pool buffer for those.
+                        let may_lend = luns.is_some_and(|l| {
+                            let id = scsi::target::decode_lun(bhs.lun());
+                            l.iter().any(|x| Some(x.0) == id && !x.3)
+                        });
+                        let no_lend = || None;
+                        let lend: &dyn Fn() -> Option<DataBuf> =
+                            if may_lend { lend } else { &no_lend };
+                        place_or_stage(proto, holding, data, sg_mode, bhs, d, lend)
+                    },
                     &mut |n| heap.take(n),
                 ),
             };
@@ -3704,7 +3719,7 @@ impl Reactor {
     /// (`scsi::scratch_len`), if any.
     fn scratch_len(&self, target: usize, raw_lun: u64, cdb: &[u8]) -> Option<usize> {
         let id = scsi::target::decode_lun(raw_lun)?;
-        let &(_, bs, max) = self.sh.targets[target].luns.iter().find(|l| l.0 == id)?;
+        let &(_, bs, max, _) = self.sh.targets[target].luns.iter().find(|l| l.0 == id)?;
         Some(scsi::scratch_len(cdb, bs, max)).filter(|&n| n > 0)
     }
 }
