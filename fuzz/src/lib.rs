@@ -519,7 +519,18 @@ impl Driver {
                 if !corrupted {
                     assert_eq!(p, pdu, "decode(encode(pdu)) != pdu");
                     self.alt = !self.alt;
-                    if self.alt && self.conn.place_data_out(&p.bhs, &p.data) {
+                    // The engine's decode-time paths: data placed in its
+                    // task's buffer, or a write's immediate data staged
+                    // (lent whole, or copied into a buffer).
+                    let taken = self.alt && {
+                        let lend = || Some(DataBuf::from(p.data.clone()));
+                        self.conn.place_data_out(&p.bhs, &p.data)
+                            || self.conn.stage_immediate_lent(&p.bhs, &lend)
+                            || self
+                                .conn
+                                .stage_immediate(&p.bhs, &p.data, &mut |n| Some(vec![0; n].into()))
+                    };
+                    if taken {
                         p.data.clear();
                     }
                 }
