@@ -1384,12 +1384,15 @@ impl CoreCache {
         self.wrap_data(buf)
     }
 
-    /// A receive ring of at least `len` bytes from the smallest class that
-    /// holds it, if one is free now (never waits, never allocates).
+    /// A receive ring of `len` bytes in a buffer of the smallest class
+    /// that holds it, if one is free now (never waits, never allocates).
+    /// Exactly `len`, not the class's size: how much one read may take
+    /// is the caller's choice (a larger ring would swallow write data
+    /// that could have been read straight into its command's buffer).
     pub fn alloc_ring(&mut self, len: usize) -> Option<RxRing> {
         let class = self.class_for(len.max(1))?;
         let mut buf = self.try_alloc(class)?;
-        let cap = buf.capacity();
+        let cap = len;
         buf.set_len(cap);
         let base = std::ptr::NonNull::new(buf.as_mut_ptr()).expect("pool memory");
         let home = self.home();
