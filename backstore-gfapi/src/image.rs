@@ -457,10 +457,22 @@ impl GlusterBackstore {
                 let n = (s.buf.len() - s.done).min(MAX_RW);
                 let iovs = &mut self.iovs[i * DATA_SEGMENTS_MAX..(i + 1) * DATA_SEGMENTS_MAX];
                 let mut count = 0;
-                for (iov, piece) in iovs.iter_mut().zip(s.buf.slices_at_mut(s.done, n)) {
-                    iov.iov_base = piece.as_mut_ptr() as *mut c_void;
-                    iov.iov_len = piece.len();
-                    count += 1;
+                if matches!(s.op, IoOp::Read { .. }) {
+                    for (iov, piece) in iovs.iter_mut().zip(s.buf.slices_at_mut(s.done, n)) {
+                        iov.iov_base = piece.as_mut_ptr() as *mut c_void;
+                        iov.iov_len = piece.len();
+                        count += 1;
+                    }
+                } else {
+                    // Read access only: write data may be a read-only view
+                    // of a receive ring, which a mutable borrow would move
+                    // to the heap. gfapi only reads it (iovec's pointer is
+                    // not const in C).
+                    for (iov, piece) in iovs.iter_mut().zip(s.buf.slices_at(s.done, n)) {
+                        iov.iov_base = piece.as_ptr() as *mut c_void;
+                        iov.iov_len = piece.len();
+                        count += 1;
+                    }
                 }
                 let iov = iovs.as_ptr();
                 let at = (offset + s.done as u64) as libc::off_t;
