@@ -50,7 +50,9 @@ pub struct Io {
     pub tag: u64,
     pub op: IoOp,
     /// Data to write, or the buffer to read into (its length is the read
-    /// length). Empty for Flush, Discard and WriteZeroes. A read must
+    /// length). Write data is read only through shared borrows
+    /// (`segments`, `slices_at`): it may be a view lent from a receive
+    /// ring, which a mutable borrow moves to the heap. Empty for Flush, Discard and WriteZeroes. A read must
     /// fill every byte (zeros past the end of a file or for unmapped
     /// ranges): the buffer may hold another command's old data.
     pub buf: DataBuf,
