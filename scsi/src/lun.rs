@@ -94,8 +94,6 @@ struct Task {
     cmd: MediumCmd,
     data_out: DataBuf,
     data_in: DataBuf,
-    /// Range lock (start, end, exclusive) once granted.
-    held: Option<(u64, u64, bool)>,
     /// Aborted while a backstore operation was in flight: finish that
     /// operation, then drop the task without a completion.
     aborted: bool,
@@ -130,9 +128,10 @@ pub struct Lun {
     /// (kept between passes so the pass does not allocate).
     blocked: Vec<(u64, u64, bool)>,
     /// Range locks granted and not yet released: (start, end, exclusive,
-    /// slot). Kept apart from the tasks so a waiter's conflict check reads
-    /// one short contiguous array (writes lock exclusively, so every write
-    /// makes that check) rather than every slot's task.
+    /// slot), the only record of which task holds what. Kept apart from
+    /// the tasks so a waiter's conflict check reads one short contiguous
+    /// array (writes lock exclusively, so every write makes that check)
+    /// rather than every slot's task.
     held: Vec<(u64, u64, bool, usize)>,
     /// Tasks holding an exclusive range lock (COMPARE AND WRITE and the
     /// like). Shared locks conflict only with exclusive ones, so while
@@ -495,7 +494,6 @@ impl Lun {
             cmd,
             data_out,
             data_in,
-            held: None,
             aborted: false,
         };
         let slot = match self.free.pop() {
@@ -544,12 +542,9 @@ impl Lun {
                 };
                 if free {
                     self.waiting.remove(i);
-                    if let Some(Some(t)) = self.slots.get_mut(slot) {
-                        t.held = want;
-                        if let Some((s, e, x)) = want {
-                            self.held.push((s, e, x, slot));
-                            self.exclusive_held += x as u32;
-                        }
+                    if let Some((s, e, x)) = want {
+                        self.held.push((s, e, x, slot));
+                        self.exclusive_held += x as u32;
                     }
                     self.advance(slot, None);
                 } else {
@@ -584,16 +579,10 @@ impl Lun {
                     return;
                 };
                 self.free.push(slot);
-                if let Some(h) = t.held {
+                if let Some(at) = self.held.iter().position(|e| e.3 == slot) {
+                    let (_, _, exclusive, _) = self.held.swap_remove(at);
                     self.recheck = true;
-                    if h.2 {
-                        self.exclusive_held -= 1;
-                    }
-                    let at = self.held.iter().position(|e| e.3 == slot);
-                    debug_assert!(at.is_some(), "a held lock is listed");
-                    if let Some(at) = at {
-                        self.held.swap_remove(at);
-                    }
+                    self.exclusive_held -= exclusive as u32;
                 }
                 if !t.aborted {
                     let r = r.map(|()| status::GOOD);
