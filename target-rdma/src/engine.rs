@@ -2012,16 +2012,20 @@ impl Reactor {
                     &decoder,
                     &mut |bhs, d, lend| {
                         // Lent data lies where it came (after a header),
-                        // which an O_DIRECT file would bounce: copy it
-                        // into an aligned pool buffer for those.
-                        let may_lend = luns.is_some_and(|l| {
+                        // which an O_DIRECT file would bounce: those LUNs
+                        // get a copy in an aligned pool buffer. Looked up
+                        // only when a write's data is about to be lent.
+                        let lend_here = || {
                             let id = scsi::target::decode_lun(bhs.lun());
-                            l.iter().any(|x| Some(x.0) == id && !x.3)
-                        });
-                        let no_lend = || None;
-                        let lend: &dyn Fn() -> Option<DataBuf> =
-                            if may_lend { lend } else { &no_lend };
-                        place_or_stage(proto, holding, data, sg_mode, bhs, d, lend)
+                            let may =
+                                luns.is_some_and(|l| l.iter().any(|x| Some(x.0) == id && !x.3));
+                            if may {
+                                lend()
+                            } else {
+                                None
+                            }
+                        };
+                        place_or_stage(proto, holding, data, sg_mode, bhs, d, &lend_here)
                     },
                     &mut |n| heap.take(n),
                 ),
