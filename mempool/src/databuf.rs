@@ -193,12 +193,8 @@ impl DataBuf {
         match &self.0 {
             Repr::Heap(v) => Slices::one(&v[offset..end]),
             Repr::Pool { buf, .. } => Slices::one(&buf.data()[offset..end]),
-            Repr::View {
-                slot,
-                off,
-                len,
-                home,
-            } => Slices::one(&home.rings().bytes(*slot, *off as usize, *len as usize)[offset..end]),
+            // A view is one slice: `Deref` finds it.
+            Repr::View { .. } => Slices::one(&self[offset..end]),
             Repr::Sg { seg_shift, .. } => Slices {
                 one: None,
                 bufs: self.sg_list(),

@@ -1392,12 +1392,11 @@ impl CoreCache {
     pub fn alloc_ring(&mut self, len: usize) -> Option<RxRing> {
         let class = self.class_for(len.max(1))?;
         let mut buf = self.try_alloc(class)?;
-        let cap = len;
-        buf.set_len(cap);
+        buf.set_len(len);
         let base = std::ptr::NonNull::new(buf.as_mut_ptr()).expect("pool memory");
         let home = self.home();
         match home.rings().take(buf) {
-            Ok(slot) => Some(RxRing::new(slot, base, cap, home)),
+            Ok(slot) => Some(RxRing::new(slot, base, len, home)),
             Err(buf) => {
                 self.free(buf);
                 None

@@ -161,14 +161,20 @@ impl RxRing {
         self.views_end.get()
     }
 
-    /// Bytes `[from, to)` to read (not lent out).
-    pub fn bytes(&self, from: usize, to: usize) -> &[u8] {
-        assert!(from >= self.views_end.get(), "reading bytes lent out");
+    /// Panics unless `[from, to)` is inside the ring and not lent out:
+    /// the owner's part, which `bytes` and `bytes_mut` hand out.
+    fn check_owned(&self, from: usize, to: usize) {
+        assert!(from >= self.views_end.get(), "bytes {from}.. are lent out");
         assert!(
             from <= to && to <= self.cap,
             "range {from}..{to} past {}",
             self.cap
         );
+    }
+
+    /// Bytes `[from, to)` to read (not lent out).
+    pub fn bytes(&self, from: usize, to: usize) -> &[u8] {
+        self.check_owned(from, to);
         // SAFETY: in bounds of the ring's buffer, which lives while the
         // ring does (it holds the slot); no view covers the range, so only
         // the owner writes it, and not while this shared borrow lives.
@@ -177,12 +183,7 @@ impl RxRing {
 
     /// Bytes `[from, to)` to write (not lent out).
     pub fn bytes_mut(&mut self, from: usize, to: usize) -> &mut [u8] {
-        assert!(from >= self.views_end.get(), "writing bytes lent out");
-        assert!(
-            from <= to && to <= self.cap,
-            "range {from}..{to} past {}",
-            self.cap
-        );
+        self.check_owned(from, to);
         // SAFETY: as in `bytes`, and `&mut self` makes this the only
         // borrow of the owner's part.
         unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr().add(from), to - from) }
