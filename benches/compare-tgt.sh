@@ -220,8 +220,10 @@ stop_tgt
 for cores in 0 0-1; do
     stop_ours
     start_ours --cores "$cores"
-    echo "  target-rdma --cores $cores: pid $OURS_PID, $(ls "/proc/$OURS_PID/task" | wc -l) thread(s)"
     fill "$OURS_URL" "target-rdma-cores-$cores"
+    # counted after the fill: the port is bound before the buffer arenas are
+    # mapped and the reactors start, so right after start_ours it may be one
+    echo "  target-rdma --cores $cores: pid $OURS_PID, $(ls "/proc/$OURS_PID/task" | wc -l) thread(s)"
     run 4k-randread-qd32-2sess "target-rdma" "--cores $cores" "$OURS_PID" "$OURS_URL" "${SCALE_ARGS[@]}"
 done
 stop_ours
