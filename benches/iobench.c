@@ -5,7 +5,7 @@
  * same client.  Build:  cc -O2 -o iobench benches/iobench.c -liscsi -lpthread
  *
  * usage: iobench [-m read|write|fill|verify|unmap] [-p rand|seq] [-b BYTES] [-q QD]
- *                [-t SECONDS] [-s SESSIONS] [-n] URL [URL...]
+ *                [-t SECONDS] [-s SESSIONS] [-n] [-I] URL [URL...]
  *
  *   -m  read, write, fill (write the whole LUN once, sequentially, then stop),
  *       or verify: VERIFY(16) with BYTCHK=11b, which sends one block and has
@@ -23,6 +23,9 @@
  *   -s  sessions, one thread and one iSCSI session (own initiator name) each;
  *       with several URLs, session i uses URL i mod (number of URLs)
  *   -n  do not verify read data
+ *   -I  offer ImmediateData=No and InitialR2T=Yes: every write's data then
+ *       goes in Data-Out PDUs answering the target's R2Ts (as initiators
+ *       configured so do), not with the command
  *
  * Every write stamps the first 8 bytes of each logical block with that
  * block's LBA; every read checks the stamp (so run "fill" first).  Any SCSI
@@ -62,6 +65,7 @@ static int g_qd = 1;
 static double g_seconds = 10;
 static int g_sessions = 1;
 static int g_verify = 1;
+static int g_no_immediate;
 static char **g_urls;
 static int g_nurls;
 
@@ -288,6 +292,10 @@ static void *run(void *arg)
 	iscsi_set_header_digest(s->iscsi, ISCSI_HEADER_DIGEST_NONE);
 	iscsi_set_targetname(s->iscsi, url->target);
 	iscsi_set_noautoreconnect(s->iscsi, 1);
+	if (g_no_immediate) {
+		iscsi_set_immediate_data(s->iscsi, ISCSI_IMMEDIATE_DATA_NO);
+		iscsi_set_initial_r2t(s->iscsi, ISCSI_INITIAL_R2T_YES);
+	}
 	if (url->user[0])
 		iscsi_set_initiator_username_pwd(s->iscsi, url->user, url->passwd);
 	s->lun = url->lun;
@@ -383,14 +391,14 @@ static void *run(void *arg)
 static void usage(void)
 {
 	fprintf(stderr, "usage: iobench [-m read|write|fill|verify|unmap] [-p rand|seq] [-b BYTES] [-q QD] "
-			"[-t SECONDS] [-s SESSIONS] [-n] URL [URL...]\n");
+			"[-t SECONDS] [-s SESSIONS] [-n] [-I] URL [URL...]\n");
 	exit(2);
 }
 
 int main(int argc, char **argv)
 {
 	int c;
-	while ((c = getopt(argc, argv, "m:p:b:q:t:s:n")) != -1) {
+	while ((c = getopt(argc, argv, "m:p:b:q:t:s:nI")) != -1) {
 		switch (c) {
 		case 'm':
 			if (!strcmp(optarg, "read"))
@@ -419,6 +427,7 @@ int main(int argc, char **argv)
 		case 't': g_seconds = atof(optarg); break;
 		case 's': g_sessions = atoi(optarg); break;
 		case 'n': g_verify = 0; break;
+		case 'I': g_no_immediate = 1; break;
 		default: usage();
 		}
 	}

@@ -523,8 +523,9 @@ impl Driver {
                     // task's buffer, or a write's immediate data staged
                     // (lent whole, or copied into a buffer).
                     let taken = self.alt && {
-                        let lend = || Some(DataBuf::from(p.data.clone()));
-                        self.conn.place_data_out(&p.bhs, &p.data)
+                        let lend = |_lun| Some(DataBuf::from(p.data.clone()));
+                        self.conn.place_data_out_lent(&p.bhs, &lend).is_some()
+                            || self.conn.place_data_out(&p.bhs, &p.data)
                             || self.conn.stage_immediate_lent(&p.bhs, &lend)
                             || self
                                 .conn

@@ -633,12 +633,17 @@ impl Connection {
     /// keeps that as its buffer. False, with nothing lent, for anything the
     /// command's checks would refuse, for data still to come after the
     /// segment, and when `lend` has nothing.
-    pub fn stage_immediate_lent(&mut self, bhs: &Bhs, lend: &dyn Fn() -> Option<DataBuf>) -> bool {
+    /// `lend` is given the command's LUN (a LUN may refuse lent memory).
+    pub fn stage_immediate_lent(
+        &mut self,
+        bhs: &Bhs,
+        lend: &dyn Fn(u64) -> Option<DataBuf>,
+    ) -> bool {
         let imm = bhs.data_segment_len();
         if imm != bhs.edtl() || !self.may_stage(bhs) {
             return false;
         }
-        let Some(buf) = lend() else {
+        let Some(buf) = lend(bhs.lun()) else {
             return false;
         };
         debug_assert_eq!(buf.len(), imm as usize, "the segment is lent whole");
@@ -1280,6 +1285,45 @@ impl Connection {
         } else {
             seq(0x4b, 0x01, format!("Data-Out with unknown TTT {ttt:#x}"))
         }
+    }
+
+    /// `place_data_out` without a copy, for a Data-Out that carries all of
+    /// its task's write data at once (a small write without immediate
+    /// data, sent unsolicited or answering one R2T): `lend` hands over the
+    /// segment where it was received, given the task's LUN (a Data-Out's
+    /// own LUN field is reserved when unsolicited), and the task keeps that
+    /// in place of the buffer it was given, which is returned for the
+    /// caller to give back to its pool. None, with nothing lent, for data
+    /// the connection would refuse, for part of a task's data, and when
+    /// `lend` has nothing; the caller then tries `place_data_out`.
+    pub fn place_data_out_lent(
+        &mut self,
+        bhs: &Bhs,
+        lend: &dyn Fn(u64) -> Option<DataBuf>,
+    ) -> Option<DataBuf> {
+        let len = bhs.data_segment_len();
+        if self.phase != Phase::FullFeature
+            || bhs.opcode() != opcode::DATA_OUT
+            || len == 0
+            || bhs.buffer_offset() != 0
+            || bhs.total_ahs_len() != 0
+        {
+            return None;
+        }
+        let (id, _) = self.data_out_check(bhs, len).ok()?;
+        let t = self.task_mut(id)?;
+        if !matches!(t.state, TaskState::DataOut)
+            || t.received != 0
+            || len != t.edtl
+            || t.data_out.len() != len as usize
+        {
+            return None;
+        }
+        let buf = lend(t.lun)?;
+        debug_assert_eq!(buf.len(), len as usize, "the segment is lent whole");
+        let given = std::mem::replace(&mut t.data_out, buf);
+        self.placed = Some((bhs.itt(), 0, len));
+        Some(given)
     }
 
     /// A transport that has a Data-Out's data in hand before giving the
@@ -2613,7 +2657,7 @@ mod tests {
         let mut c = ffp(s, 8192);
         let data: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
         let lent = std::cell::Cell::new(0);
-        let lend = || {
+        let lend = |_lun| {
             lent.set(lent.get() + 1);
             Some(DataBuf::from(data.clone()))
         };
@@ -2910,6 +2954,57 @@ mod tests {
         assert!(drain(&mut c)
             .iter()
             .all(|p| p.bhs.opcode() != opcode::SCSI_RESP));
+    }
+
+    #[test]
+    fn data_out_that_is_all_the_write_is_lent_not_copied() {
+        let mut s = session();
+        s.immediate_data = false;
+        let mut c = ffp(s, 8192);
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 13) as u8).collect();
+        let asked = std::cell::RefCell::new(Vec::new());
+        let lend = |lun| {
+            asked.borrow_mut().push(lun);
+            Some(DataBuf::from(data.clone()))
+        };
+        let lun = 0x0003_0000_0000_0000;
+        let data_out = |itt, ttt, len| {
+            let mut d = Pdu::new(opcode::DATA_OUT);
+            d.bhs.set_flags(flags::FINAL);
+            d.bhs.set_itt(itt);
+            d.bhs.set_ttt(ttt);
+            d.bhs.set_data_segment_len(len);
+            d
+        };
+        // Half of an 8 KiB write: not lent (the rest goes beside it).
+        let mut w = cmd(1, 4, flags::FINAL | flags::WRITE, 8192, &[]);
+        w.bhs.set_lun(lun);
+        c.handle_pdu(&mut Ctx, w, 0);
+        let ttt = drain(&mut c)[0].bhs.ttt();
+        assert!(c
+            .place_data_out_lent(&data_out(4, ttt, 4096).bhs, &lend)
+            .is_none());
+        // Data the connection would refuse: an unknown TTT.
+        let mut w = cmd(2, 5, flags::FINAL | flags::WRITE, 4096, &[]);
+        w.bhs.set_lun(lun);
+        c.handle_pdu(&mut Ctx, w, 0);
+        let ttt = drain(&mut c)[0].bhs.ttt();
+        assert!(c
+            .place_data_out_lent(&data_out(5, ttt ^ 1, 4096).bhs, &lend)
+            .is_none());
+        assert!(asked.borrow().is_empty(), "nothing lent for these");
+        // All of a write in one Data-Out: lent, asked for the command's LUN
+        // (the Data-Out's own LUN field is left zero here), and the buffer
+        // the task was given comes back.
+        let d = data_out(5, ttt, 4096);
+        let given = c.place_data_out_lent(&d.bhs, &lend).expect("lent");
+        assert_eq!(given.len(), 4096);
+        assert_eq!(*asked.borrow(), [lun]);
+        c.handle_pdu(&mut Ctx, d, 0);
+        let r = scsi_event(&mut c);
+        assert_eq!(r.data_out, data);
+        c.scsi_complete(r.task, 0, &[], &[], 0);
+        assert_eq!(drain(&mut c).last().unwrap().bhs.0[3], 0);
     }
 
     #[test]

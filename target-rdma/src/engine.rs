@@ -2015,8 +2015,8 @@ impl Reactor {
                         // which an O_DIRECT file would bounce: those LUNs
                         // get a copy in an aligned pool buffer. Looked up
                         // only when a write's data is about to be lent.
-                        let lend_here = || {
-                            let id = scsi::target::decode_lun(bhs.lun());
+                        let lend_here = |lun: u64| {
+                            let id = scsi::target::decode_lun(lun);
                             let may =
                                 luns.is_some_and(|l| l.iter().any(|x| Some(x.0) == id && !x.3));
                             if may {
@@ -3155,7 +3155,7 @@ impl Reactor {
                 &decoder,
                 // The receive slot is reposted at once: its bytes are
                 // copied, never lent.
-                &mut |bhs, d| place_or_stage(proto, holding, data, sg_mode, bhs, d, &|| None),
+                &mut |bhs, d| place_or_stage(proto, holding, data, sg_mode, bhs, d, &|_| None),
                 &mut |n| heap.take(n),
             )
         };
@@ -3696,8 +3696,14 @@ fn place_or_stage(
     sg_mode: BufferSg,
     bhs: &iscsi::Bhs,
     d: &[u8],
-    lend: &dyn Fn() -> Option<DataBuf>,
+    lend: &dyn Fn(u64) -> Option<DataBuf>,
 ) -> bool {
+    if let Some(given) = proto.place_data_out_lent(bhs, lend) {
+        // The buffer the task was given, now unused: back to this core's
+        // cache (one from the heap is dropped).
+        drop(data.free_data(given));
+        return true;
+    }
     let sg = sg_for(sg_mode, bhs.cdb());
     proto.place_data_out(bhs, d)
         || (!holding

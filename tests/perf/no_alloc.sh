@@ -77,7 +77,7 @@ while read -r name args; do
     # the socket's copy alone, at least 90% of it: read straight into the
     # command's buffer (64 KiB and more, transport_tcp::direct), or lent
     # from the pool ring it was received into (4 KiB with immediate data,
-    # mempool::RxRing).
+    # or in one Data-Out answering an R2T: mempool::RxRing).
     direct_min=0
     case $name in 4k-*write* | 64k-*write* | 1m-*write*) direct_min=90 ;; esac
     verdict=$(paste -d' ' <(echo "$before") <(echo "$after") | awk -v n="$name" -v tag="$TAG" -v dmin="$direct_min" -v ewait="$EXPECT_WAITS" -v esg="$EXPECT_SG" '
@@ -109,6 +109,7 @@ while read -r name args; do
     fi
 done <<<"${NO_ALLOC_WORKLOADS:-4k-randread-qd32-2sess -m read -p rand -b 4096 -q 32 -s 2
 4k-randwrite-qd32-2sess -m write -p rand -b 4096 -q 32 -s 2
+4k-randwrite-r2t-qd32 -m write -p rand -b 4096 -q 32 -I
 64k-randwrite-qd16 -m write -p rand -b 65536 -q 16
 1m-seqread-qd8 -m read -p seq -b 1048576 -q 8
 1m-seqwrite-qd8 -m write -p seq -b 1048576 -q 8}"
