@@ -100,8 +100,7 @@ impl MemBackstore {
     }
 
     fn write(&mut self, offset: u64, buf: &[u8]) {
-        let end = offset as usize + buf.len();
-        self.map.as_mut_slice()[offset as usize..end].copy_from_slice(buf);
+        self.map.write_at(offset as usize, buf);
         let written = &mut self.written;
         Self::for_pieces(offset, buf.len() as u64, |ci, _, _, _| {
             written[ci / 64] |= 1 << (ci % 64);
