@@ -128,6 +128,8 @@ pub struct CoreStats {
     /// of; see `transport_tcp::direct`).
     pub rx_data_direct_bytes: u64,
     pub rx_data_copied_bytes: u64,
+    /// Receive rings given back by connections idle for a tick.
+    pub rx_rings_released: u64,
     /// Messages taken from this reactor's inbox.
     pub messages_in: u64,
     /// Wake-ups sent to parked reactors.
@@ -1515,6 +1517,13 @@ impl Reactor {
         for &id in &ids {
             if let Some(c) = self.conns.get_mut(&id) {
                 c.proto.tick(now);
+                if let Link::Tcp(tcp) = &mut c.link {
+                    // Idle a whole tick: its pool ring goes back (see
+                    // `TcpConn::release_idle_ring`).
+                    if tcp.release_idle_ring() {
+                        self.stats.rx_rings_released += 1;
+                    }
+                }
                 if matches!(c.link, Link::Iser(_)) {
                     // Reads waiting for bounce chunks another connection
                     // held.

@@ -21,7 +21,9 @@ sessions.py against a target started with a small pool (--buffer-pool-mib
   ones, queued behind a waiting write, must still reach their tasks (a
   first version let them wait behind it, and the tasks holding every
   buffer waited for them for ever); every write completes with GOOD, the
-  R2Ts answered, and what was written reads back.
+  R2Ts answered; the connection, left idle, gives its receive ring back
+  to the pool (rx_rings_released > 0), and what was written then reads
+  back.
 
 Prints `buffer-waits: N passed, N failed` and exits non-zero on a failure.
 """
@@ -198,6 +200,13 @@ def unsolicited_data_behind_waiting_writes(a, check):
     good = sum(1 for v in status.values() if v == 0)
     check("writes-with-unsolicited-data-complete", good == WRITES,
           f"{good} of {WRITES} GOOD, {len(status)} answered")
+    # Idle for a few ticks (500 ms each): the connection gives its receive
+    # ring back to the pool (rx_rings_released), and the read-backs below
+    # are received into a new one.
+    released_before = stats_sum(a.stats, "rx_rings_released")
+    time.sleep(3)
+    released = stats_sum(a.stats, "rx_rings_released") - released_before
+    check("idle-connection-gives-its-ring-back", released >= 1, f"released={released}")
     # Three of them read back.
     same = 0
     for k, i in enumerate((0, WRITES // 2, WRITES - 1)):

@@ -131,6 +131,7 @@ impl TcpConn {
                 rx_end,
                 direct,
                 rx_counts,
+                rx_active,
                 ..
             } = self;
             let Some(d) = direct.as_mut() else {
@@ -183,6 +184,7 @@ impl TcpConn {
                 Err(e) => return Err(e),
             };
             total += n;
+            *rx_active = true;
             let nd = n.min(data_room);
             if d.data_digest {
                 match dst.as_ref() {

@@ -86,6 +86,8 @@ pub struct TcpConn {
     header_next: bool,
     /// See `drained`.
     drained: bool,
+    /// Bytes were read since the last `release_idle_ring`.
+    rx_active: bool,
     rx_counts: RxCounts,
 }
 
@@ -161,6 +163,7 @@ impl TcpConn {
             direct_done: None,
             header_next: false,
             drained: false,
+            rx_active: false,
             rx_counts: RxCounts::default(),
         }
     }
@@ -235,6 +238,7 @@ impl TcpConn {
                 Ok(n) => {
                     self.rx_end += n;
                     total += n;
+                    self.rx_active = true;
                     if self.rx_buffered() >= header_len {
                         self.header_next = false;
                     }
@@ -275,6 +279,29 @@ impl TcpConn {
         }
         self.rx_pos = 0;
         self.rx_end = n;
+    }
+
+    /// Gives the receive ring back to its pool when nothing was read since
+    /// the last call and nothing waits to be decoded, so that connections
+    /// that sit idle (most of a large site's, most of the time) hold no
+    /// pool memory: the next read takes a ring again. Called now and then
+    /// (the engine's tick), not per read, so a busy connection keeps its
+    /// ring, whose start stays warm in the cache. Lent parts of the ring
+    /// stay valid; the ring goes home with the last of them. Returns
+    /// whether a ring was given back.
+    pub fn release_idle_ring(&mut self) -> bool {
+        let active = std::mem::take(&mut self.rx_active);
+        if active
+            || self.rx_pos != self.rx_end
+            || self.direct.is_some()
+            || !matches!(self.rx, RxMem::Ring(_))
+        {
+            return false;
+        }
+        self.rx = RxMem::Heap(Vec::new());
+        self.rx_pos = 0;
+        self.rx_end = 0;
+        true
     }
 
     /// Starts the ring over when everything in it is decoded, unless part
@@ -1054,5 +1081,94 @@ mod tests {
             cache.flush();
             assert_eq!(pool.stats()[0].in_use, 0, "every ring went home");
         }
+    }
+
+    #[test]
+    fn an_idle_connection_gives_its_ring_back_and_takes_one_when_data_comes() {
+        let pool = mempool::Pool::new(mempool::PoolConfig {
+            arena_bytes: 4 << 20,
+            arena_limit_bytes: 4 << 20,
+            cores: 1,
+            backing: mempool::Backing::Heap,
+            classes: vec![mempool::ClassConfig {
+                buf_bytes: 128 << 10,
+                weight: 1,
+            }],
+            ..mempool::PoolConfig::default()
+        })
+        .unwrap();
+        let mut cache = pool.core_cache(0).unwrap();
+        let (mut conn, mut client) = connected();
+        let decoder = Decoder::new(8192);
+        let enc = iscsi::pdu::Encoder::default();
+        let pdu = |i: u32| {
+            let mut p = Pdu::new(iscsi::pdu::opcode::DATA_OUT);
+            p.bhs.set_itt(i);
+            p.data = vec![i as u8; 4096];
+            let mut w = Vec::new();
+            enc.encode(&p, &mut w);
+            w
+        };
+        let in_use = |cache: &mut mempool::CoreCache| {
+            cache.flush();
+            pool.stats()[0].in_use
+        };
+        // Reads and decodes one PDU, lending its data (held by the caller).
+        let mut receive = |conn: &mut TcpConn, cache: &mut mempool::CoreCache| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            loop {
+                conn.fill_with(&decoder, &mut |len| cache.alloc_ring(len))
+                    .unwrap();
+                let mut view = None;
+                let got = conn
+                    .next_pdu_placing(
+                        &decoder,
+                        &mut |_, _, lend| {
+                            view = lend();
+                            view.is_some()
+                        },
+                        &mut Vec::with_capacity,
+                    )
+                    .unwrap();
+                if let Some(p) = got {
+                    return (p.bhs.itt(), view.expect("lent"));
+                }
+                assert!(std::time::Instant::now() < deadline);
+            }
+        };
+        client.write_all(&pdu(1)).unwrap();
+        let (itt, first) = receive(&mut conn, &mut cache);
+        assert_eq!((itt, first[0]), (1, 1));
+        assert_eq!(in_use(&mut cache), 1, "the ring");
+        // Read from since the last look: kept. Then idle: given back, while
+        // the view lent from it stays intact and holds its buffer.
+        assert!(!conn.release_idle_ring());
+        assert!(conn.release_idle_ring());
+        assert!(!conn.release_idle_ring(), "nothing left to give");
+        assert!(first.iter().all(|&b| b == 1));
+        assert_eq!(in_use(&mut cache), 1, "held by the view");
+        drop(first);
+        assert_eq!(in_use(&mut cache), 0, "home with its last holder");
+        // Data again: a ring again, and the PDU decoded whole from it.
+        client.write_all(&pdu(2)).unwrap();
+        let (itt, second) = receive(&mut conn, &mut cache);
+        assert_eq!(itt, 2);
+        assert!(second.is_ring_view() && second.iter().all(|&b| b == 2));
+        assert_eq!(in_use(&mut cache), 1);
+        // Undecoded bytes keep the ring however long nothing more comes.
+        let w = pdu(3);
+        client.write_all(&w[..100]).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while conn.rx_buffered() < 100 {
+            conn.fill_with(&decoder, &mut |len| cache.alloc_ring(len))
+                .unwrap();
+            assert!(std::time::Instant::now() < deadline);
+        }
+        assert!(!conn.release_idle_ring());
+        assert!(!conn.release_idle_ring(), "a part of a PDU is waiting");
+        client.write_all(&w[100..]).unwrap();
+        drop(second);
+        let (itt, third) = receive(&mut conn, &mut cache);
+        assert_eq!((itt, third[0]), (3, 3));
     }
 }
