@@ -1114,7 +1114,7 @@ mod tests {
             pool.stats()[0].in_use
         };
         // Reads and decodes one PDU, lending its data (held by the caller).
-        let mut receive = |conn: &mut TcpConn, cache: &mut mempool::CoreCache| {
+        let receive = |conn: &mut TcpConn, cache: &mut mempool::CoreCache| {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
             loop {
                 conn.fill_with(&decoder, &mut |len| cache.alloc_ring(len))
