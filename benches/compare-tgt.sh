@@ -131,21 +131,31 @@ fill() { # url label: write the whole LUN once so reads are of written, stamped 
 run() {
     local wl=$1 label=$2 flags=$3 pid=$4 url=$5
     shift 5
-    local log=$work/run-$wl-$label.log c0 c1 res
+    local log=$work/run-$wl-$label.log c0 c1 s0 s1 res steal
     kill -0 "$pid" 2>/dev/null || die "$label target (pid $pid) is not running"
     c0=$(cpu_ticks "$pid")
+    s0=$(steal_ticks)
     if ! timeout $((SECS + 60)) "$IOBENCH" -t "$SECS" "$@" "$url" >"$log" 2>&1; then
         cat "$log" >&2
         die "$wl against $label failed (a SCSI error, a data mismatch or a lost connection)"
     fi
     c1=$(cpu_ticks "$pid")
+    s1=$(steal_ticks)
     res=$(grep '^RESULT ' "$log") || die "no RESULT line from iobench ($log)"
+    # Steal: the share of the CPUs' time (all of them, over the run) in
+    # which a vCPU had work but the hypervisor ran something else: a few
+    # percent on a calm host. A run with tens of percent had a busier
+    # host, which preempts vCPUs also while they hold kernel locks, and
+    # its figures (and a ratio against a calmer run) are disturbed.
+    steal=$(awk -v d="$((s1 - s0))" -v t="$TICK" -v s="$SECS" -v n="$(nproc)" \
+        'BEGIN { printf "%.1f", 100 * d / t / s / n }')
+    res="$res steal_pct=$steal"
     printf '%s\t%s\t%s\t%s\t%s\n' "$wl" "$label" "$flags" "$((c1 - c0))" "${res#RESULT }" >>"$RAW"
     awk -v t="$TICK" -v c="$((c1 - c0))" -v wl="$wl" -v lb="$label" '{
         for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
         cpu = c / t
-        printf "  %-14s %-16s %9.0f IOPS %8.1f MB/s  target CPU %6.2f s  %9.0f I/Os per CPU-s\n",
-            wl, lb, v["iops"], v["mbps"], cpu, (cpu > 0 ? v["ios"] / cpu : 0)
+        printf "  %-14s %-16s %9.0f IOPS %8.1f MB/s  target CPU %6.2f s  %9.0f I/Os per CPU-s  steal %s%%\n",
+            wl, lb, v["iops"], v["mbps"], cpu, (cpu > 0 ? v["ios"] / cpu : 0), v["steal_pct"]
     }' <<<"${res#RESULT }"
 }
 

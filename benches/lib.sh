@@ -32,6 +32,10 @@ wait_port() {
     done
     return 1
 }
+steal_ticks() { # CPU time the hypervisor gave other guests, all CPUs, in clock ticks
+    awk '/^cpu / {print $9; exit}' /proc/stat
+}
+
 cpu_ticks() { # utime+stime of the whole process (all threads), in clock ticks
     local s
     s=$(<"/proc/$1/stat")
