@@ -1001,11 +1001,12 @@ mod tests {
         assert_eq!(nop.bhs.itt(), 8);
     }
 
-    #[test]
-    fn small_segments_are_lent_from_a_pool_ring_whatever_holds_them() {
-        let pool = mempool::Pool::new(mempool::PoolConfig {
-            arena_bytes: 8 << 20,
-            arena_limit_bytes: 8 << 20,
+    /// A heap-backed pool of `arena_bytes` in 128 KiB buffers, one core:
+    /// room for the rings of the tests below.
+    fn ring_pool(arena_bytes: usize) -> mempool::Pool {
+        mempool::Pool::new(mempool::PoolConfig {
+            arena_bytes,
+            arena_limit_bytes: arena_bytes,
             cores: 1,
             backing: mempool::Backing::Heap,
             classes: vec![mempool::ClassConfig {
@@ -1014,7 +1015,12 @@ mod tests {
             }],
             ..mempool::PoolConfig::default()
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn small_segments_are_lent_from_a_pool_ring_whatever_holds_them() {
+        let pool = ring_pool(8 << 20);
         let mut cache = pool.core_cache(0).unwrap();
         for digests in [false, true] {
             let (mut conn, mut client) = connected();
@@ -1085,18 +1091,7 @@ mod tests {
 
     #[test]
     fn an_idle_connection_gives_its_ring_back_and_takes_one_when_data_comes() {
-        let pool = mempool::Pool::new(mempool::PoolConfig {
-            arena_bytes: 4 << 20,
-            arena_limit_bytes: 4 << 20,
-            cores: 1,
-            backing: mempool::Backing::Heap,
-            classes: vec![mempool::ClassConfig {
-                buf_bytes: 128 << 10,
-                weight: 1,
-            }],
-            ..mempool::PoolConfig::default()
-        })
-        .unwrap();
+        let pool = ring_pool(4 << 20);
         let mut cache = pool.core_cache(0).unwrap();
         let (mut conn, mut client) = connected();
         let decoder = Decoder::new(8192);

@@ -52,9 +52,10 @@ pub struct Io {
     /// Data to write, or the buffer to read into (its length is the read
     /// length). Write data is read only through shared borrows
     /// (`segments`, `slices_at`): it may be a view lent from a receive
-    /// ring, which a mutable borrow moves to the heap. Empty for Flush, Discard and WriteZeroes. A read must
-    /// fill every byte (zeros past the end of a file or for unmapped
-    /// ranges): the buffer may hold another command's old data.
+    /// ring, which a mutable borrow moves to the heap. Empty for Flush,
+    /// Discard and WriteZeroes. A read must fill every byte (zeros past
+    /// the end of a file or for unmapped ranges): the buffer may hold
+    /// another command's old data.
     pub buf: DataBuf,
 }
 
