@@ -247,6 +247,10 @@ pub struct LunInfo {
     pub max_unmap_descriptors: u32,
     /// Largest WRITE SAME in blocks (VPD 0xB0).
     pub max_write_same_blocks: u64,
+    /// WCE at start-up, where the backstore has a volatile cache (the
+    /// LUN option `write_cache`): false makes every write durable before
+    /// GOOD until an initiator turns the cache on with MODE SELECT.
+    pub write_cache: bool,
 }
 
 #[cfg(test)]

@@ -18,6 +18,8 @@ pub mod sense;
 mod spc;
 pub mod stats;
 pub mod target;
+#[cfg(test)]
+mod write_cache_tests;
 mod xcopy;
 
 pub use backstore::{Backstore, BackstoreCaps, Io, IoDone, IoOp};

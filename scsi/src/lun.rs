@@ -13,7 +13,7 @@
 //! counts as aborted, not as I/O, and the latency is what the transport
 //! sees.
 
-use crate::backstore::{Backstore, BackstoreCaps, Io, IoDone};
+use crate::backstore::{Backstore, BackstoreCaps, Io, IoDone, IoOp};
 use crate::common::{CmdError, LunInfo, Nexus, NexusId, ScsiCompletion, ScsiTask};
 use crate::sanitize::{self, Job, Request, Waiter};
 use crate::sbc::{self, Decoded, MediumCmd, Next};
@@ -97,6 +97,11 @@ struct Task {
     /// Aborted while a backstore operation was in flight: finish that
     /// operation, then drop the task without a completion.
     aborted: bool,
+    /// The task deallocated or zeroed blocks while the write cache was
+    /// off: a flush must make that durable before GOOD.
+    flush_before_done: bool,
+    /// That flush is in flight; its result is the task's.
+    flushing: bool,
 }
 
 pub struct Lun {
@@ -138,6 +143,21 @@ pub struct Lun {
     /// there are none a shared waiter starts without a scan.
     exclusive_held: u32,
     stats: IoCounters,
+}
+
+/// `op` as it must reach the backstore while the write cache is off
+/// (WCE=0: every write durable before GOOD, SBC-3 4.15): writes carry
+/// FUA, and a deallocation or zeroing, which has no FUA of its own, asks
+/// the task for a flush before it completes.
+fn durable(op: IoOp, flush_before_done: &mut bool) -> IoOp {
+    match op {
+        IoOp::Write { offset, .. } => IoOp::Write { offset, fua: true },
+        IoOp::Discard { .. } | IoOp::WriteZeroes { .. } => {
+            *flush_before_done = true;
+            op
+        }
+        IoOp::Read { .. } | IoOp::Flush => op,
+    }
 }
 
 fn ranges_conflict(a: (u64, u64, bool), b: (u64, u64, bool)) -> bool {
@@ -495,6 +515,8 @@ impl Lun {
             data_out,
             data_in,
             aborted: false,
+            flush_before_done: false,
+            flushing: false,
         };
         let slot = match self.free.pop() {
             Some(i) => {
@@ -560,17 +582,41 @@ impl Lun {
 
     /// Run a task's next step.
     fn advance(&mut self, slot: usize, done: Option<(Result<(), i32>, DataBuf)>) {
+        // Without a volatile cache (RAM, null) writes are as durable as
+        // the backstore makes them either way.
+        let write_cache = self.spc.write_cache_enabled() || !self.caps.volatile_cache;
         let Some(Some(t)) = self.slots.get_mut(slot) else {
             return;
         };
         let next = if t.aborted {
             Next::Done(Ok(()))
+        } else if std::mem::take(&mut t.flushing) {
+            // The flush after a deallocation: its result ends the task.
+            let r = done.map_or(Ok(()), |(r, _)| r);
+            Next::Done(r.map_err(|e| sbc::io_error(e, true)))
         } else {
             t.cmd
                 .step(&self.info, self.caps, done, &mut t.data_out, &mut t.data_in)
         };
+        let next = match next {
+            Next::Done(Ok(())) if std::mem::take(&mut t.flush_before_done) && !t.aborted => {
+                t.flushing = true;
+                Next::Io(IoOp::Flush, DataBuf::new())
+            }
+            n => n,
+        };
         match next {
             Next::Io(op, buf) => {
+                let op = if write_cache {
+                    op
+                } else {
+                    durable(op, &mut t.flush_before_done)
+                };
+                match op {
+                    IoOp::Write { fua: true, .. } => self.stats.durable_writes += 1,
+                    IoOp::Flush => self.stats.flushes += 1,
+                    _ => {}
+                }
                 let tag = ((slot as u64) << 32) | t.generation as u64;
                 self.backstore.submit(Io { tag, op, buf });
             }
@@ -803,8 +849,15 @@ impl Lun {
             if self.slots.iter().any(Option::is_some) {
                 return;
             }
-            if let Some(io) = job.next_io(self.caps, self.sanitize_rate) {
+            if let Some(mut io) = job.next_io(self.caps, self.sanitize_rate) {
                 self.spc.not_ready = Some(job.progress());
+                if !self.spc.write_cache_enabled() && self.caps.volatile_cache {
+                    // A sanitize's deallocations are not flushed one by one:
+                    // it is not done until its last operation, and a crash
+                    // before then leaves it to be run again.
+                    let mut unused = false;
+                    io.op = durable(io.op, &mut unused);
+                }
                 self.backstore.submit(io);
             }
             return;

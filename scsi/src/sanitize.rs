@@ -359,6 +359,7 @@ mod tests {
             max_unmap_blocks: 64,
             max_unmap_descriptors: 1,
             max_write_same_blocks: 64,
+            write_cache: true,
         }
     }
 

@@ -160,7 +160,7 @@ impl SpcState {
             info: info.clone(),
             caps,
             nexuses: HashMap::new(),
-            mode: Self::default_mode(caps),
+            mode: Self::default_mode(caps, info),
             pr,
             aborted: Vec::new(),
             medium: medium::Medium::default(),
@@ -168,9 +168,9 @@ impl SpcState {
         })
     }
 
-    fn default_mode(caps: BackstoreCaps) -> ModeParams {
+    fn default_mode(caps: BackstoreCaps, info: &LunInfo) -> ModeParams {
         ModeParams {
-            wce: caps.volatile_cache,
+            wce: caps.volatile_cache && info.write_cache,
             d_sense: false,
             swp: false,
         }
@@ -316,7 +316,6 @@ impl SpcState {
     }
 
     /// WCE from the caching mode page.
-    #[allow(dead_code)] // contract: lun.rs forces FUA when the cache is off
     pub(crate) fn write_cache_enabled(&self) -> bool {
         self.mode.wce
     }
@@ -346,11 +345,17 @@ impl SpcState {
     /// LOGICAL UNIT RESET by `by`: SPC-2 reservations are released, mode
     /// parameters return to their defaults (we save none) and every nexus,
     /// `by` included (SAM-5 6.3.3), gets a unit attention. Persistent
-    /// reservations survive; medium removal is allowed again.
+    /// reservations survive; medium removal is allowed again. A reset
+    /// never turns the write cache on: an initiator that turned it off
+    /// relies on that for durability (Linux reads the caching page only
+    /// when it scans the disk), and sees the cache off until it says
+    /// otherwise.
     pub(crate) fn lun_reset(&mut self, _by: NexusId) {
         self.pr.reset();
         self.medium.reset();
-        self.mode = Self::default_mode(self.caps);
+        let wce = self.mode.wce;
+        self.mode = Self::default_mode(self.caps, &self.info);
+        self.mode.wce &= wce;
         self.establish_ua(UnitAttention::LunReset, None);
     }
 

@@ -204,6 +204,13 @@ pub struct IoCounters {
     /// management, a reset, or the loss of their I_T nexus. Not in
     /// `reads`, `writes`, `other` or `latency`.
     pub aborted: u64,
+    /// Backstore writes asked to be durable before they complete: FUA
+    /// from the initiator, or every write while the write cache is off.
+    pub durable_writes: u64,
+    /// Backstore flushes: SYNCHRONIZE CACHE, and the flush after an
+    /// UNMAP or WRITE SAME that deallocated or zeroed while the cache
+    /// is off.
+    pub flushes: u64,
     /// Every completion counted above, whatever its kind and status.
     pub latency: LatencyHistogram,
 }
@@ -249,6 +256,8 @@ impl IoCounters {
         self.write_bytes += other.write_bytes;
         self.errors += other.errors;
         self.aborted += other.aborted;
+        self.durable_writes += other.durable_writes;
+        self.flushes += other.flushes;
         self.latency.merge(&other.latency);
     }
 }

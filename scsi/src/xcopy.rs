@@ -1030,6 +1030,7 @@ mod tests {
             max_unmap_blocks: 4096,
             max_unmap_descriptors: 8,
             max_write_same_blocks: 4096,
+            write_cache: true,
         }
     }
 

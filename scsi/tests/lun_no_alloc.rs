@@ -37,6 +37,7 @@ fn lun_with(thin_provisioned: bool) -> Lun {
         max_unmap_blocks: 4096,
         max_unmap_descriptors: 8,
         max_write_same_blocks: 65535,
+        write_cache: true,
     };
     Lun::new(
         info,

@@ -236,6 +236,9 @@ pub struct LunConfig {
     pub read_only: bool,
     /// Removable medium: PREVENT ALLOW MEDIUM REMOVAL, eject and load.
     pub removable: bool,
+    /// WCE at start-up (where the backstore has a volatile cache); false:
+    /// every write durable before GOOD until an initiator turns it on.
+    pub write_cache: bool,
     /// Unit serial number (VPD 0x80); `None`: the engine makes one.
     pub serial: Option<String>,
 }
@@ -363,9 +366,12 @@ LUN specs (--lun, repeatable; LUNs are numbered 0, 1, 2... in the order given):
   mem:SIZE[,block=512|4096][,ro][,removable][,serial=TEXT]    RAM disk, lost at exit
   null:SIZE[,block=512|4096][,ro][,removable][,serial=TEXT]   reads zeros, discards writes
   file:PATH[,size=SIZE][,block=512|4096][,ro][,removable][,serial=TEXT][,direct]
+       [,write_cache=on|off]
                                                   file or block device; without
                                                   size=, the file's own size;
-                                                  direct: O_DIRECT, no page cache
+                                                  direct: O_DIRECT, no page cache;
+                                                  write_cache=off: every write
+                                                  durable before GOOD (WCE=0)
   gluster://HOST[:PORT][,HOST2[:PORT]...]/VOLUME/PATH[?size=SIZE]
                                                   image file on a Gluster volume
                                                   (libgfapi), created at size= if
@@ -609,6 +615,7 @@ struct FileLun {
     block_size: Option<i64>,
     read_only: Option<bool>,
     removable: Option<bool>,
+    write_cache: Option<bool>,
     serial: Option<String>,
     direct: Option<bool>,
     url: Option<String>,
@@ -707,6 +714,9 @@ backstore = "null"
 size = "1TiB"
 read_only = false       # default false
 removable = false       # default false; true: the initiator may eject and load the medium
+write_cache = true      # default true (WCE=1) where writes can sit in a volatile cache (file,
+                        # gluster); false: every write durable before GOOD until an
+                        # initiator turns the cache on (MODE SELECT)
 serial = "NULL0001"     # unit serial number (VPD 0x80); made up when left out
 
 [[targets]]
@@ -1161,6 +1171,7 @@ fn default_lun() -> LunConfig {
         block_size: DEFAULT_BLOCK_SIZE,
         read_only: false,
         removable: false,
+        write_cache: true,
         serial: None,
     }
 }
@@ -1414,6 +1425,7 @@ fn lun_from_file(
         block_size,
         read_only: fl.read_only.unwrap_or(false),
         removable: fl.removable.unwrap_or(false),
+        write_cache: fl.write_cache.unwrap_or(true),
         serial,
     })
 }
@@ -1878,6 +1890,7 @@ fn parse_lun_spec(spec: &str) -> Result<LunConfig, String> {
             block_size: DEFAULT_BLOCK_SIZE,
             read_only: false,
             removable: false,
+            write_cache: true,
             serial: None,
         });
     }
@@ -1910,6 +1923,7 @@ fn parse_lun_spec(spec: &str) -> Result<LunConfig, String> {
     let mut block: Option<u32> = None;
     let mut read_only = false;
     let mut removable = false;
+    let mut write_cache = true;
     let mut serial: Option<String> = None;
     let mut direct = false;
     let mut seen: HashSet<&str> = HashSet::new();
@@ -1931,6 +1945,7 @@ fn parse_lun_spec(spec: &str) -> Result<LunConfig, String> {
             ("block", Some(v)) => block = Some(check_block_size(v)?),
             ("ro", None) => read_only = true,
             ("removable", None) => removable = true,
+            ("write_cache", Some(v)) => write_cache = parse_on_off(v)?,
             ("direct", None) if kind == "file" => direct = true,
             ("direct", None) => return Err(format!("only file LUNs do direct I/O, not {kind}")),
             ("serial", Some(v)) => {
@@ -1945,7 +1960,7 @@ fn parse_lun_spec(spec: &str) -> Result<LunConfig, String> {
                 };
                 return Err(format!(
                     "unknown option {opt:?} (expected {file}block=512|4096, ro, removable, \
-                     serial=TEXT{direct})"
+                     write_cache=on|off, serial=TEXT{direct})"
                 ));
             }
         }
@@ -1966,8 +1981,18 @@ fn parse_lun_spec(spec: &str) -> Result<LunConfig, String> {
         block_size,
         read_only,
         removable,
+        write_cache,
         serial,
     })
+}
+
+/// `on`/`off` (also `true`/`false`, `1`/`0`) of a LUN spec option.
+fn parse_on_off(v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        _ => Err(format!("{v:?} is not on or off")),
+    }
 }
 
 /// `/var/lib/target-rdma` when it is (or can be made) writable by this
@@ -2149,6 +2174,7 @@ mod tests {
                 block_size: 512,
                 read_only: false,
                 removable: false,
+                write_cache: true,
                 serial: None,
             }]
         );
@@ -2339,7 +2365,9 @@ mod tests {
         let l = one_lun("mem:1G,removable");
         assert!(l.removable && !l.read_only);
         let l = one_lun("file:/x.img,removable,ro");
-        assert!(l.removable && l.read_only);
+        assert!(l.removable && l.read_only && l.write_cache);
+        assert!(!one_lun("file:/x.img,write_cache=off").write_cache);
+        assert!(one_lun("mem:1G,write_cache=on").write_cache);
         let l = one_lun("file:relative/disk.img");
         assert_eq!(
             l.backstore,
@@ -2395,6 +2423,7 @@ mod tests {
             ("mem:", "mem LUNs need a size"),
             ("file:", "file LUNs need a path"),
             ("mem:0", "zero"),
+            ("file:/x,write_cache=maybe", "\"maybe\" is not on or off"),
             (
                 "mem:1G,block=1024",
                 "block size \"1024\" is not supported (use 512 or 4096)",
@@ -2788,6 +2817,7 @@ mod tests {
                     block_size: 4096,
                     read_only: false,
                     removable: false,
+                    write_cache: true,
                     serial: None
                 },
                 LunConfig {
@@ -2796,6 +2826,7 @@ mod tests {
                     block_size: 512,
                     read_only: false,
                     removable: false,
+                    write_cache: true,
                     serial: Some("NULL0001".into())
                 },
             ]

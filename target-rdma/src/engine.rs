@@ -800,6 +800,8 @@ fn io_json(io: &scsi::IoCounters) -> serde_json::Value {
         "write_bytes": io.write_bytes,
         "errors": io.errors,
         "aborted": io.aborted,
+        "durable_writes": io.durable_writes,
+        "flushes": io.flushes,
         "latency_us_mean": h.mean_us(),
         "latency_us_p50": h.percentile(50.0),
         "latency_us_p99": h.percentile(99.0),

@@ -34,11 +34,64 @@ fn main() -> ExitCode {
     init_logging(&cfg.log_level);
     match run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(RunError::Config(e)) => {
+            eprintln!("target-rdma: {e}");
+            ExitCode::from(2)
+        }
+        Err(RunError::Failed(e)) => {
             eprintln!("target-rdma: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Why the target did not run: a configuration that cannot work (status
+/// 2, as for a bad flag), or a failure while starting or running.
+enum RunError {
+    Config(String),
+    Failed(String),
+}
+
+impl From<String> for RunError {
+    fn from(e: String) -> Self {
+        RunError::Failed(e)
+    }
+}
+
+impl From<&str> for RunError {
+    fn from(e: &str) -> Self {
+        RunError::Failed(e.into())
+    }
+}
+
+/// The backstore as a message names it.
+fn describe(b: &BackstoreSpec) -> String {
+    match b {
+        BackstoreSpec::Mem { .. } => "mem".into(),
+        BackstoreSpec::Null { .. } => "null".into(),
+        BackstoreSpec::File { path, .. } => format!("file {}", path.display()),
+        BackstoreSpec::Gluster { url, .. } => url.to_string(),
+    }
+}
+
+/// A LUN's size must hold at least one block and end on a block
+/// boundary: a tail that no LBA reaches would be dropped silently.
+fn check_lun_size(size: u64, block_size: u32) -> Result<(), String> {
+    let bs = block_size as u64;
+    if size < bs {
+        return Err(format!(
+            "size: {size} bytes is less than one {bs}-byte block"
+        ));
+    }
+    if !size.is_multiple_of(bs) {
+        return Err(format!(
+            "size: {size} bytes is not a multiple of the {bs}-byte block size \
+             ({} bytes would be unreachable; give size={})",
+            size % bs,
+            size - size % bs
+        ));
+    }
+    Ok(())
 }
 
 fn init_logging(level: &str) {
@@ -51,7 +104,7 @@ fn init_logging(level: &str) {
         .init();
 }
 
-fn run(cfg: Config) -> Result<(), String> {
+fn run(cfg: Config) -> Result<(), RunError> {
     let mut targets = Vec::new();
     for (ti, t) in cfg.targets.iter().enumerate() {
         let mut device = scsi::Target::new();
@@ -92,6 +145,9 @@ fn run(cfg: Config) -> Result<(), String> {
                 }
             };
             let size = backstore.size_bytes();
+            check_lun_size(size, l.block_size).map_err(|e| {
+                RunError::Config(format!("{where_} ({}): {e}", describe(&l.backstore)))
+            })?;
             let serial = l
                 .serial
                 .clone()
@@ -108,6 +164,7 @@ fn run(cfg: Config) -> Result<(), String> {
                 thin_provisioned: backstore.caps().discard,
                 read_only: l.read_only,
                 removable: l.removable,
+                write_cache: l.write_cache,
                 pr_file: Some(
                     cfg.pr_dir
                         .join(format!("{}-lun{}.pr", sanitize(&t.name), l.lun)),
@@ -204,7 +261,7 @@ fn run(cfg: Config) -> Result<(), String> {
             t.name
         );
     }
-    engine.run().map_err(|e| e.to_string())
+    Ok(engine.run().map_err(|e| e.to_string())?)
 }
 
 /// One reactor per CPU of `--cores`; without it, one per CPU this process
@@ -255,4 +312,21 @@ fn sanitize(name: &str) -> String {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_lun_size;
+
+    #[test]
+    fn lun_sizes_below_a_block_or_off_its_boundary_are_refused() {
+        assert!(check_lun_size(100, 512)
+            .unwrap_err()
+            .contains("less than one 512-byte block"));
+        assert!(check_lun_size(1000, 512)
+            .unwrap_err()
+            .contains("not a multiple of the 512-byte block size"));
+        assert!(check_lun_size(4096, 4096).is_ok() && check_lun_size(1536, 512).is_ok());
+        assert!(check_lun_size(0, 512).is_err() && check_lun_size(6144, 4096).is_err());
+    }
 }

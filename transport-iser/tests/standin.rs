@@ -183,6 +183,7 @@ fn ram_lun() -> scsi::Target {
         max_unmap_blocks: 4096,
         max_unmap_descriptors: 8,
         max_write_same_blocks: 65535,
+        write_cache: true,
     };
     let mut t = scsi::Target::new();
     let store = MemBackstore::new(LUN_BYTES as u64).unwrap();

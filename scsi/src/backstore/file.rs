@@ -303,9 +303,11 @@ impl Shared {
             }
             _ => done = read_full_at(&self.file, buf, offset, align)?,
         }
-        // Someone shrank the file under us: what is gone reads as zeros,
-        // like a hole.
-        buf[done..].fill(0);
+        // Someone shrank the file under us: the blocks past its new end
+        // are gone, and zeros would pass for data.
+        if done < buf.len() {
+            return Err(io::Error::from_raw_os_error(EIO));
+        }
         Ok(())
     }
 
@@ -681,14 +683,10 @@ impl Uring {
                 op.done += n as u64;
                 let at = op.done as usize;
                 // The end of the file (it shrank under us), or for direct
-                // I/O a partial block, which only happens there: what is
-                // gone reads as zeros, like a hole.
+                // I/O a partial block, which only happens there: the
+                // blocks past it are gone, and zeros would pass for data.
                 if at < op.buf.len() && (n == 0 || !at.is_multiple_of(sh.off_align)) {
-                    let rest = op.buf.len() - at;
-                    for piece in op.buf.slices_at_mut(at, rest) {
-                        piece.fill(0);
-                    }
-                    op.done = op.buf.len() as u64;
+                    return self.finish(sh, slot, Err(EIO), done);
                 }
                 op.buf.len() as u64
             }
@@ -1123,13 +1121,13 @@ mod tests {
             assert_eq!(d.result, Ok(()));
             assert!(d.buf == pattern[4096..16384], "{uring} {direct}");
             assert_eq!(d.buf.segment_count(), 3);
-            // Past the end of a file that shrank: the pieces read zeros.
+            // Across the end of a file that shrank: an error, not zeros.
             b.sh.file.set_len(16384).unwrap();
             let d = run(&mut b, IoOp::Read { offset: 8192 }, sg(&[0xff; 16384]));
+            assert_eq!(d.result, Err(EIO), "{uring} {direct}");
+            let d = run(&mut b, IoOp::Read { offset: 8192 }, sg(&[0xff; 8192]));
             assert_eq!(d.result, Ok(()));
-            let mut want = pattern[..8192].to_vec();
-            want.resize(16384, 0);
-            assert!(d.buf == want, "{uring} {direct}");
+            assert!(d.buf == pattern[..8192], "{uring} {direct}");
         }
     }
 
@@ -1372,10 +1370,12 @@ mod tests {
         }
     }
 
-    /// The file shrinks under the backstore: a read across the new end
-    /// comes back short, and what is gone reads as zeros.
+    /// The file shrinks under the backstore: a read across or past the
+    /// new end fails with EIO (MEDIUM ERROR for the initiator) rather
+    /// than passing zeros off as data; what is left reads as before, and
+    /// a write past the end grows the file again.
     #[test]
-    fn short_read_past_a_shrunk_end() {
+    fn reads_past_a_shrunk_end_fail() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("lun0");
         let resize = |len| {
@@ -1397,12 +1397,19 @@ mod tests {
                 IoOp::Read { offset: 290_000 },
                 vec![1; 20_000].into(),
             );
+            assert_eq!(d.result, Err(EIO));
+            let d = run(&mut b, IoOp::Read { offset: 500_000 }, vec![1; 4096].into());
+            assert_eq!(d.result, Err(EIO));
+            let d = run(&mut b, IoOp::Read { offset: 0 }, vec![1; 4096].into());
             assert_eq!(d.result, Ok(()));
-            assert!(d.buf[..10_000].iter().all(|&x| x == 7));
-            assert!(d.buf[10_000..].iter().all(|&x| x == 0));
+            assert!(d.buf.iter().all(|&x| x == 7));
+            assert_eq!(
+                run(&mut b, write(500_000), vec![9; 4096].into()).result,
+                Ok(())
+            );
             let d = run(&mut b, IoOp::Read { offset: 500_000 }, vec![1; 4096].into());
             assert_eq!(d.result, Ok(()));
-            assert!(d.buf.iter().all(|&x| x == 0));
+            assert!(d.buf.iter().all(|&x| x == 9));
             resize(1 << 20);
         }
     }

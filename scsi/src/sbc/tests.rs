@@ -30,6 +30,7 @@ fn info(blocks: u64, thin: bool, ro: bool) -> LunInfo {
         max_unmap_blocks: 4096,
         max_unmap_descriptors: 8,
         max_write_same_blocks: 65535,
+        write_cache: true,
     }
 }
 

@@ -35,7 +35,7 @@ impl SpcState {
     fn page(&self, page: u8, sub: u8, pc: Pc, out: &mut DataBuf) {
         let m = match pc {
             Pc::Current => self.mode,
-            Pc::Default => Self::default_mode(self.caps),
+            Pc::Default => Self::default_mode(self.caps, &self.info),
             Pc::Changeable => ModeParams {
                 wce: self.caps.volatile_cache,
                 d_sense: true,

@@ -24,6 +24,7 @@ fn info() -> LunInfo {
         max_unmap_blocks: 4096,
         max_unmap_descriptors: 64,
         max_write_same_blocks: 8192,
+        write_cache: true,
     }
 }
 
