@@ -591,14 +591,9 @@ impl GlusterBackstore {
             (Stage::Transfer, IoOp::Read { .. }) => {
                 s.done += n;
                 if n == 0 && s.done < s.buf.len() {
-                    // Past the end of a file that shrank under us: what is
-                    // gone reads as zeros, like a hole.
-                    let at = s.done;
-                    let rest = s.buf.len() - at;
-                    for piece in s.buf.slices_at_mut(at, rest) {
-                        piece.fill(0);
-                    }
-                    s.done = s.buf.len();
+                    // Past the end of a file that shrank under us: those
+                    // blocks are gone, and zeros would pass for data.
+                    return self.finish(slot, Err(libc::EIO));
                 }
                 if s.done < s.buf.len() {
                     Ok(true)

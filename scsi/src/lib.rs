@@ -11,6 +11,7 @@
 pub mod backstore;
 pub mod common;
 pub mod lun;
+pub mod persist;
 mod pr;
 mod sanitize;
 mod sbc;

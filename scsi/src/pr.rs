@@ -11,7 +11,6 @@ use crate::sense::Sense;
 use crate::spc::UnitAttention;
 use mempool::DataBuf;
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 /// Bound on registrations per LUN: SPEC_I_PT and many initiators must not
@@ -178,7 +177,7 @@ pub(crate) struct PrOutcome {
     pub(crate) aborted: Vec<NexusId>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct PrState {
     generation: u32,
     regs: Vec<Registration>,
@@ -492,7 +491,29 @@ impl PrState {
 
     /// PERSISTENT RESERVE OUT from `me`; `all` are the I_T nexuses
     /// currently connected (unit attentions go to them).
+    /// PERSISTENT RESERVE OUT. GOOD only once the new state is kept where
+    /// APTPL asks for it: a state that cannot be saved is undone and the
+    /// command fails, so an initiator is never told of a registration or
+    /// reservation that a restart would forget.
     pub(crate) fn persistent_reserve_out(
+        &mut self,
+        me: &Nexus,
+        all: &[&Nexus],
+        cdb: &[u8],
+        data_out: &[u8],
+    ) -> Result<PrOutcome, CmdError> {
+        // A rare command: the copy is not on the I/O path.
+        let before = self.clone();
+        let out = self.apply_out(me, all, cdb, data_out)?;
+        if let Err(e) = self.persist() {
+            tracing::error!("persistent reservations not saved, command refused: {e}");
+            *self = before;
+            return Err(Sense::internal_failure().into());
+        }
+        Ok(out)
+    }
+
+    fn apply_out(
         &mut self,
         me: &Nexus,
         all: &[&Nexus],
@@ -556,7 +577,6 @@ impl PrState {
             }
             _ => return self.register_and_move(me, p),
         };
-        self.persist();
         Ok(out)
     }
 
@@ -880,28 +900,21 @@ impl PrState {
         }
         self.aptpl = aptpl;
         self.generation = self.generation.wrapping_add(1);
-        self.persist();
         Ok(PrOutcome::default())
     }
 
     /// Save (APTPL on) or forget (APTPL off) the persistent state. The
-    /// file is replaced atomically so a crash leaves old or new, never a
-    /// mix.
-    fn persist(&self) {
+    /// file is replaced atomically (`crate::persist`), so a crash leaves
+    /// old or new, never a mix.
+    fn persist(&self) -> std::io::Result<()> {
         let Some(path) = &self.file else {
-            return;
+            return Ok(());
         };
         if !self.aptpl {
-            match std::fs::remove_file(path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => tracing::warn!("removing {}: {e}", path.display()),
-            }
-            return;
+            return crate::persist::remove_durably(path);
         }
-        if let Err(e) = self.save(path) {
-            tracing::warn!("saving persistent reservations to {}: {e}", path.display());
-        }
+        self.save(path)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("saving {}: {e}", path.display())))
     }
 
     fn save(&self, path: &Path) -> std::io::Result<()> {
@@ -922,14 +935,7 @@ impl PrState {
         if let Some(res) = self.reservation {
             let _ = writeln!(text, "reservation {} {}", res.ty as u8, res.holder);
         }
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)
+        crate::persist::write_atomic(path, text.as_bytes())
     }
 
     fn load(&mut self, text: &str) -> Result<(), String> {

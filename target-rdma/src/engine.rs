@@ -864,10 +864,9 @@ fn stats_json(sh: &Shared) -> String {
 /// Rewrite the stats file every second until the engine stops, and once
 /// more at the end. Runs on its own thread: file I/O stays off reactors.
 fn stats_writer(sh: &Shared, path: &std::path::Path) {
-    let tmp = path.with_extension("json.tmp");
     let write = || {
         let text = stats_json(sh);
-        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
+        if let Err(e) = scsi::persist::write_atomic(path, text.as_bytes()) {
             tracing::warn!(path = %path.display(), "cannot write the stats file: {e}");
         }
     };

@@ -1134,6 +1134,31 @@ fn aptpl_state_survives_restart() {
     assert!(SpcState::new(&inf, caps()).is_err());
 }
 
+/// A state that cannot be saved is not promised: the PERSISTENT RESERVE
+/// OUT fails with HARDWARE ERROR and the registrations stay as they were.
+#[test]
+fn aptpl_state_that_cannot_be_saved_is_refused_and_undone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut inf = info();
+    let p = dir.path().join("sub").join("lun0.pr");
+    std::fs::create_dir(p.parent().unwrap()).unwrap();
+    inf.pr_file = Some(p.clone());
+    let mut s = lun_with(inf.clone());
+    run(&mut s, 1, &prout_cdb(6, 0, 24), &params(0, 0xaa, 0x01)).unwrap();
+    let saved = std::fs::read(&p).unwrap();
+    let before = keys(&mut s);
+    // The directory gone: neither the new file nor its rename can be made.
+    std::fs::remove_dir_all(p.parent().unwrap()).unwrap();
+    let r = run(&mut s, 2, &prout_cdb(6, 0, 24), &params(0, 0xbb, 0x01));
+    assert_sense(r, SenseKey::HardwareError, 0x44, 0);
+    assert_eq!(keys(&mut s), before);
+    std::fs::create_dir(p.parent().unwrap()).unwrap();
+    std::fs::write(&p, &saved).unwrap();
+    run(&mut s, 2, &prout_cdb(6, 0, 24), &params(0, 0xbb, 0x01)).unwrap();
+    let mut s2 = lun_with(inf);
+    assert_eq!(keys(&mut s2).1.len(), 2);
+}
+
 #[test]
 fn classify_matches_sbc_table() {
     use crate::pr::{classify, Access};
