@@ -525,6 +525,7 @@ run_e2e() {
     e2e_target_b
     e2e_target_d
     e2e_target_s
+    e2e_write_cache
     e2e_gluster
     e2e_no_alloc
 }
@@ -649,6 +650,47 @@ PY
     fi
     if target_alive S; then pass "target S alive at end"; else fail "target S alive at end"; fi
     stop_pid "$TARGET_PID_S"
+}
+
+e2e_write_cache() {
+    # --- target W: the write cache contract through libiscsi
+    # (tests/conformance/write_cache.c): MODE SELECT WCE=0 on a file LUN,
+    # every session sees WCE=0, and every plain write is counted as made
+    # durable before its GOOD (the LUN's durable_writes); then configurations
+    # that must be refused: LUNs smaller than a block or off its boundary.
+    [ "$TARGET_UNDER_TEST" = target-rdma ] || return 0
+    local prog=$TMP/write_cache port iqn=$IQN_PREFIX:harness-w stats=$TEST_LOG_DIR/write-cache-stats.json
+    if ! ${CC:-cc} -O2 -Wall -Werror -o "$prog" "$CONF_DIR/write_cache.c" -liscsi; then
+        fail "write-cache" "cannot build tests/conformance/write_cache.c"
+    else
+        port=$(free_port)
+        if ! start_target W "$port" "$iqn" --lun "file:$TMP/wc.img,size=64MiB" --stats-file "$stats"; then
+            fail "write-cache" "target W did not start"
+        else
+            sleep 1.2  # the first stats file
+            if timeout -k 5 120 "$prog" "iscsi://127.0.0.1:$port/$iqn/$(lun_no 0)" "$stats" 0 \
+                    2>&1 | tee "$TEST_LOG_DIR/write-cache.log"; then
+                pass "write-cache: WCE=0 makes every write durable before GOOD"
+            else
+                fail "write-cache" "see $TEST_LOG_DIR/write-cache.log"
+            fi
+            stop_pid "$TARGET_PID_W"
+        fi
+    fi
+    # Sizes that leave part of the file unreachable, or no block at all.
+    head -c 100 /dev/zero >"$TMP/f100.img"
+    head -c 1000 /dev/zero >"$TMP/f1000.img"
+    local spec out rc
+    for spec in "file:$TMP/f100.img" "file:$TMP/f1000.img" "file:$TMP/f1000.img,block=4096" \
+            "file:$TMP/f-new.img,size=1000" "mem:1000"; do
+        rc=0
+        out=$(timeout 20 "$TARGET_RDMA_BIN" --portal "127.0.0.1:$(free_port)" --lun "$spec" 2>&1) || rc=$?
+        if [ "$rc" = 2 ] && grep -q 'size' <<<"$out" && grep -qE 'LUN 0|--lun' <<<"$out"; then
+            pass "refused LUN size: $spec: $(tail -1 <<<"$out")"
+        else
+            fail "refused LUN size: $spec" "exit $rc: $out"
+        fi
+    done
 }
 
 buffer_waits_test() {
