@@ -240,6 +240,9 @@ pub struct LunInfo {
     pub removable: bool,
     /// Where persistent reservations with APTPL are kept across restarts.
     pub pr_file: Option<PathBuf>,
+    /// Where mode pages saved with MODE SELECT SP=1 are kept; `None`: the
+    /// LUN saves none (SP=1 is refused).
+    pub mode_file: Option<PathBuf>,
     /// Largest transfer per command in blocks (VPD 0xB0).
     pub max_transfer_blocks: u32,
     /// Largest UNMAP in blocks and descriptors (VPD 0xB0).

@@ -355,6 +355,7 @@ mod tests {
             read_only: false,
             removable: false,
             pr_file: None,
+            mode_file: None,
             max_transfer_blocks: 64,
             max_unmap_blocks: 64,
             max_unmap_descriptors: 1,

@@ -126,6 +126,8 @@ pub(crate) struct SpcState {
     pub(crate) caps: BackstoreCaps,
     nexuses: HashMap<NexusId, NexusSlot>,
     mode: ModeParams,
+    /// Mode parameters saved by MODE SELECT with SP=1 (`info.mode_file`).
+    saved_mode: Option<ModeParams>,
     pr: PrState,
     aborted: Vec<NexusId>,
     medium: medium::Medium,
@@ -156,16 +158,35 @@ pub(crate) fn be32(b: &[u8], i: usize) -> u32 {
 impl SpcState {
     pub(crate) fn new(info: &LunInfo, caps: BackstoreCaps) -> Result<SpcState, String> {
         let pr = PrState::new(info.pr_file.as_deref())?;
+        let saved_mode = match &info.mode_file {
+            Some(p) => Self::load_mode(p)?,
+            None => None,
+        };
         Ok(SpcState {
             info: info.clone(),
             caps,
             nexuses: HashMap::new(),
-            mode: Self::default_mode(caps, info),
+            mode: Self::start_mode(caps, info, saved_mode),
+            saved_mode,
             pr,
             aborted: Vec::new(),
             medium: medium::Medium::default(),
             not_ready: None,
         })
+    }
+
+    /// Saved values where there are some, else defaults. Values a
+    /// backstore cannot change are the defaults whatever was saved, and
+    /// the LUN option `write_cache = false` keeps the cache off.
+    fn start_mode(caps: BackstoreCaps, info: &LunInfo, saved: Option<ModeParams>) -> ModeParams {
+        let d = Self::default_mode(caps, info);
+        match saved {
+            None => d,
+            Some(s) => ModeParams {
+                wce: s.wce && d.wce,
+                ..s
+            },
+        }
     }
 
     fn default_mode(caps: BackstoreCaps, info: &LunInfo) -> ModeParams {
@@ -354,7 +375,7 @@ impl SpcState {
         self.pr.reset();
         self.medium.reset();
         let wce = self.mode.wce;
-        self.mode = Self::default_mode(self.caps, &self.info);
+        self.mode = Self::start_mode(self.caps, &self.info, self.saved_mode);
         self.mode.wce &= wce;
         self.establish_ua(UnitAttention::LunReset, None);
     }

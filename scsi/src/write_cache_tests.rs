@@ -54,6 +54,7 @@ fn info(write_cache: bool) -> LunInfo {
         read_only: false,
         removable: false,
         pr_file: None,
+        mode_file: None,
         max_transfer_blocks: 4096,
         max_unmap_blocks: 4096,
         max_unmap_descriptors: 8,
@@ -129,7 +130,7 @@ fn ua_asc(lun: &mut Lun, nexus: u64) -> Vec<(u8, u8)> {
 /// WCE from MODE SENSE(6) of the caching page, as `nexus` sees it.
 fn wce(lun: &mut Lun, nexus: u64) -> bool {
     let d = good(lun, nexus, &[0x1a, 0x08, 0x08, 0, 255, 0], &[]).data_in;
-    assert_eq!(d[4], 0x08, "caching page");
+    assert_eq!(d[4] & 0x3f, 0x08, "caching page");
     d[6] & 0x04 != 0
 }
 
@@ -137,6 +138,7 @@ fn set_wce(lun: &mut Lun, nexus: u64, on: bool) {
     let d = good(lun, nexus, &[0x1a, 0x08, 0x08, 0, 255, 0], &[]).data_in;
     let mut p = vec![0, 0, 0, 0];
     p.extend_from_slice(&d[4..]);
+    p[4] &= 0x3f;
     if on {
         p[6] |= 0x04;
     } else {
@@ -295,5 +297,73 @@ fn saved_pages_are_refused() {
     let c = run(&mut l, 1, &[0x15, 0x11, 0, 0, p.len() as u8, 0], &p);
     assert_eq!(c.status, status::CHECK_CONDITION);
     assert_eq!((c.sense[2] & 0xf, c.sense[12], c.sense[13]), (5, 0x24, 0));
+    assert!(wce(&mut l, 1));
+}
+
+fn lun_saving(write_cache: bool, mode_file: &std::path::Path) -> Lun {
+    let ops = Arc::new(Mutex::new(Vec::new()));
+    let b = Recording {
+        mem: MemBackstore::new(BLOCKS * BS as u64).unwrap(),
+        ops,
+    };
+    let mut inf = info(write_cache);
+    inf.mode_file = Some(mode_file.to_path_buf());
+    Lun::new(inf, Box::new(b)).unwrap()
+}
+
+/// MODE SELECT SP=1 body turning WCE off, from the current page.
+fn wce_off_page(lun: &mut Lun) -> Vec<u8> {
+    let d = good(lun, 1, &[0x1a, 0x08, 0x08, 0, 255, 0], &[]).data_in;
+    assert_eq!(d[4] & 0x80, 0x80, "PS: the page can be saved");
+    let mut p = vec![0, 0, 0, 0];
+    p.extend_from_slice(&d[4..]);
+    p[4] &= 0x3f;
+    p[6] &= !0x04;
+    p
+}
+
+#[test]
+fn saved_pages_outlive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("lun0.mode");
+    let mut l = lun_saving(true, &f);
+    // Nothing saved yet: the saved values are the defaults.
+    let d = good(&mut l, 1, &[0x1a, 0x08, 0xc8, 0, 255, 0], &[]).data_in;
+    assert_eq!(d[6] & 0x04, 0x04, "saved WCE before any save");
+    let p = wce_off_page(&mut l);
+    good(&mut l, 1, &[0x15, 0x11, 0, 0, p.len() as u8, 0], &p);
+    assert!(!wce(&mut l, 1));
+    let d = good(&mut l, 1, &[0x1a, 0x08, 0xc8, 0, 255, 0], &[]).data_in;
+    assert_eq!(d[6] & 0x04, 0, "saved WCE");
+    drop(l);
+
+    // A restart: the saved page is the current one.
+    let mut l = lun_saving(true, &f);
+    assert!(!wce(&mut l, 1));
+    // SP=0 changes the current page only: the saved one stays off.
+    set_wce(&mut l, 1, true);
+    drop(l);
+    let mut l = lun_saving(true, &f);
+    assert!(!wce(&mut l, 1));
+    drop(l);
+
+    // A garbled file keeps the LUN from starting, naming the file.
+    std::fs::write(&f, "target-rdma-mode 1\nwce 2\n").unwrap();
+    let b = MemBackstore::new(BLOCKS * BS as u64).unwrap();
+    let mut inf = info(true);
+    inf.mode_file = Some(f.clone());
+    let e = Lun::new(inf, Box::new(b)).err().unwrap();
+    assert!(e.contains("lun0.mode"), "{e}");
+}
+
+#[test]
+fn a_page_that_cannot_be_saved_is_refused_and_nothing_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("gone").join("lun0.mode");
+    let mut l = lun_saving(true, &f);
+    let p = wce_off_page(&mut l);
+    let c = run(&mut l, 1, &[0x15, 0x11, 0, 0, p.len() as u8, 0], &p);
+    assert_eq!(c.status, status::CHECK_CONDITION);
+    assert_eq!((c.sense[2] & 0xf, c.sense[12]), (4, 0x44), "HARDWARE ERROR");
     assert!(wce(&mut l, 1));
 }

@@ -1026,6 +1026,7 @@ mod tests {
             read_only: ro,
             removable: false,
             pr_file: None,
+            mode_file: None,
             max_transfer_blocks: 4096,
             max_unmap_blocks: 4096,
             max_unmap_descriptors: 8,

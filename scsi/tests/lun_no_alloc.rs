@@ -33,6 +33,7 @@ fn lun_with(thin_provisioned: bool) -> Lun {
         read_only: false,
         removable: false,
         pr_file: None,
+        mode_file: None,
         max_transfer_blocks: 4096,
         max_unmap_blocks: 4096,
         max_unmap_descriptors: 8,

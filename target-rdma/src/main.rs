@@ -169,6 +169,11 @@ fn run(cfg: Config) -> Result<(), RunError> {
                     cfg.pr_dir
                         .join(format!("{}-lun{}.pr", sanitize(&t.name), l.lun)),
                 ),
+                mode_file: Some(cfg.pr_dir.join(format!(
+                    "{}-lun{}.mode",
+                    sanitize(&t.name),
+                    l.lun
+                ))),
                 max_transfer_blocks: (16 * 1024 * 1024 / l.block_size).max(1),
                 max_unmap_blocks: u32::MAX,
                 max_unmap_descriptors: 256,

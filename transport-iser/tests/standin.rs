@@ -179,6 +179,7 @@ fn ram_lun() -> scsi::Target {
         read_only: false,
         removable: false,
         pr_file: None,
+        mode_file: None,
         max_transfer_blocks: 65535,
         max_unmap_blocks: 4096,
         max_unmap_descriptors: 8,

@@ -26,6 +26,7 @@ fn info(blocks: u64, thin: bool, ro: bool) -> LunInfo {
         read_only: ro,
         removable: false,
         pr_file: None,
+        mode_file: None,
         max_transfer_blocks: 4096,
         max_unmap_blocks: 4096,
         max_unmap_descriptors: 8,

@@ -7,6 +7,9 @@ use crate::common::{CmdError, NexusId};
 use crate::sense::Sense;
 use mempool::DataBuf;
 
+/// First line of a saved mode page file.
+const MODE_FILE_MAGIC: &str = "target-rdma-mode 1";
+
 const PAGE_CACHING: u8 = 0x08;
 const PAGE_CONTROL: u8 = 0x0a;
 const PAGE_IEC: u8 = 0x1c;
@@ -27,15 +30,19 @@ enum Pc {
     Current,
     Changeable,
     Default,
+    Saved,
 }
 
 impl SpcState {
-    /// The page as MODE SENSE returns it, header included (PS clear: no
-    /// saved values).
+    /// The page as MODE SENSE returns it, header included; PS set on the
+    /// pages with changeable fields when the LUN has a place to save them.
     fn page(&self, page: u8, sub: u8, pc: Pc, out: &mut DataBuf) {
         let m = match pc {
             Pc::Current => self.mode,
             Pc::Default => Self::default_mode(self.caps, &self.info),
+            Pc::Saved => self
+                .saved_mode
+                .unwrap_or_else(|| Self::default_mode(self.caps, &self.info)),
             Pc::Changeable => ModeParams {
                 wce: self.caps.volatile_cache,
                 d_sense: true,
@@ -45,7 +52,7 @@ impl SpcState {
         match (page, sub) {
             (PAGE_CACHING, 0) => {
                 let mut p = [0u8; 20];
-                p[0] = PAGE_CACHING;
+                p[0] = PAGE_CACHING | self.ps_bit();
                 p[1] = 0x12;
                 if m.wce {
                     p[2] |= 0x04;
@@ -54,7 +61,7 @@ impl SpcState {
             }
             (PAGE_CONTROL, 0) => {
                 let mut p = [0u8; 12];
-                p[0] = PAGE_CONTROL;
+                p[0] = PAGE_CONTROL | self.ps_bit();
                 p[1] = 0x0a;
                 if m.d_sense {
                     p[2] |= 0x04;
@@ -106,6 +113,7 @@ impl SpcState {
             0 => Pc::Current,
             1 => Pc::Changeable,
             2 => Pc::Default,
+            _ if self.info.mode_file.is_some() => Pc::Saved,
             _ => return Err(Sense::saving_params_unsupported(2, Some(7)).into()),
         };
         let wanted: Vec<(u8, u8)> = PAGES
@@ -178,8 +186,9 @@ impl SpcState {
         data_out: &[u8],
     ) -> Result<(), CmdError> {
         let ten = cdb[0] == MODE_SELECT_10;
-        // SP: we keep no saved pages.
-        if cdb[1] & 0x01 != 0 {
+        // SP: save the pages too, where the LUN has a place for them.
+        let save = cdb[1] & 0x01 != 0;
+        if save && self.info.mode_file.is_none() {
             return Err(Sense::invalid_field_in_cdb(1, Some(0)).into());
         }
         let plen = if ten {
@@ -291,10 +300,75 @@ impl SpcState {
             }
             pos += ph + len;
         }
+        if save && self.saved_mode != Some(new) {
+            // Saved before anything changes: a page that cannot be kept
+            // is not promised.
+            if let Err(e) = self.save_mode(new) {
+                tracing::error!("mode pages not saved, MODE SELECT refused: {e}");
+                return Err(Sense::internal_failure().into());
+            }
+            self.saved_mode = Some(new);
+        }
         if new != self.mode {
             self.mode = new;
             self.establish_ua(UnitAttention::ModeParametersChanged, Some(nexus));
         }
         Ok(())
+    }
+
+    fn ps_bit(&self) -> u8 {
+        if self.info.mode_file.is_some() {
+            0x80
+        } else {
+            0
+        }
+    }
+
+    fn save_mode(&self, m: ModeParams) -> std::io::Result<()> {
+        let Some(path) = &self.info.mode_file else {
+            return Ok(());
+        };
+        let text = format!(
+            "{MODE_FILE_MAGIC}\nwce {}\nd_sense {}\nswp {}\n",
+            m.wce as u8, m.d_sense as u8, m.swp as u8
+        );
+        crate::persist::write_atomic(path, text.as_bytes())
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    }
+
+    /// The saved mode parameters in `path`, `None` where none were saved.
+    pub(super) fn load_mode(path: &std::path::Path) -> Result<Option<ModeParams>, String> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        let bad = |why: &str| format!("{}: {why}", path.display());
+        let mut lines = text.lines();
+        if lines.next() != Some(MODE_FILE_MAGIC) {
+            return Err(bad("not a target-rdma saved mode page file"));
+        }
+        let mut m = ModeParams {
+            wce: true,
+            d_sense: false,
+            swp: false,
+        };
+        for line in lines {
+            let (key, value) = line
+                .split_once(' ')
+                .ok_or_else(|| bad(&format!("cannot parse {line:?}")))?;
+            let on = match value {
+                "0" => false,
+                "1" => true,
+                _ => return Err(bad(&format!("cannot parse {line:?}"))),
+            };
+            match key {
+                "wce" => m.wce = on,
+                "d_sense" => m.d_sense = on,
+                "swp" => m.swp = on,
+                _ => return Err(bad(&format!("unknown field {key:?}"))),
+            }
+        }
+        Ok(Some(m))
     }
 }

@@ -20,6 +20,7 @@ fn info() -> LunInfo {
         read_only: false,
         removable: false,
         pr_file: None,
+        mode_file: None,
         max_transfer_blocks: 2048,
         max_unmap_blocks: 4096,
         max_unmap_descriptors: 64,
