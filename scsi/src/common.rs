@@ -257,6 +257,34 @@ pub struct LunInfo {
 }
 
 #[cfg(test)]
+impl LunInfo {
+    /// A thin, writable, non-removable LUN of `num_blocks` blocks, for
+    /// tests; the fields a test cares about are set after.
+    pub(crate) fn for_tests(block_size: u32, num_blocks: u64) -> LunInfo {
+        LunInfo {
+            lun: 0,
+            block_size,
+            num_blocks,
+            vendor: "TEST".into(),
+            product: "LUN".into(),
+            revision: "0001".into(),
+            serial: "s0".into(),
+            naa: [0; 16],
+            thin_provisioned: true,
+            read_only: false,
+            removable: false,
+            pr_file: None,
+            mode_file: None,
+            max_transfer_blocks: 4096,
+            max_unmap_blocks: 4096,
+            max_unmap_descriptors: 8,
+            max_write_same_blocks: 65535,
+            write_cache: true,
+        }
+    }
+}
+
+#[cfg(test)]
 mod cdb_tests {
     use super::*;
 

@@ -343,24 +343,11 @@ mod tests {
 
     fn info(blocks: u64) -> LunInfo {
         LunInfo {
-            lun: 0,
-            block_size: 512,
-            num_blocks: blocks,
-            vendor: String::new(),
-            product: String::new(),
-            revision: String::new(),
-            serial: String::new(),
-            naa: [0; 16],
-            thin_provisioned: true,
-            read_only: false,
-            removable: false,
-            pr_file: None,
-            mode_file: None,
             max_transfer_blocks: 64,
             max_unmap_blocks: 64,
             max_unmap_descriptors: 1,
             max_write_same_blocks: 64,
-            write_cache: true,
+            ..LunInfo::for_tests(512, blocks)
         }
     }
 

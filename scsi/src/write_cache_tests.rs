@@ -42,24 +42,8 @@ impl Backstore for Recording {
 
 fn info(write_cache: bool) -> LunInfo {
     LunInfo {
-        lun: 0,
-        block_size: BS,
-        num_blocks: BLOCKS,
-        vendor: "TEST".into(),
-        product: "LUN".into(),
-        revision: "0001".into(),
-        serial: "s0".into(),
-        naa: [0; 16],
-        thin_provisioned: true,
-        read_only: false,
-        removable: false,
-        pr_file: None,
-        mode_file: None,
-        max_transfer_blocks: 4096,
-        max_unmap_blocks: 4096,
-        max_unmap_descriptors: 8,
-        max_write_same_blocks: 65535,
         write_cache,
+        ..LunInfo::for_tests(BS, BLOCKS)
     }
 }
 

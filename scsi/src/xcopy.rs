@@ -1015,23 +1015,12 @@ mod tests {
     fn info(lun: u64, bs: u32, blocks: u64, ro: bool) -> LunInfo {
         LunInfo {
             lun,
-            block_size: bs,
-            num_blocks: blocks,
-            vendor: "TEST".into(),
             product: "XCOPY".into(),
-            revision: "0001".into(),
             serial: format!("s{lun}"),
             naa: naa(lun),
-            thin_provisioned: true,
             read_only: ro,
-            removable: false,
-            pr_file: None,
-            mode_file: None,
-            max_transfer_blocks: 4096,
-            max_unmap_blocks: 4096,
-            max_unmap_descriptors: 8,
             max_write_same_blocks: 4096,
-            write_cache: true,
+            ..LunInfo::for_tests(bs, blocks)
         }
     }
 

@@ -14,24 +14,9 @@ const BS: u32 = 512;
 
 fn info(blocks: u64, thin: bool, ro: bool) -> LunInfo {
     LunInfo {
-        lun: 0,
-        block_size: BS,
-        num_blocks: blocks,
-        vendor: "TEST".into(),
-        product: "LUN".into(),
-        revision: "0001".into(),
-        serial: "s0".into(),
-        naa: [0; 16],
         thin_provisioned: thin,
         read_only: ro,
-        removable: false,
-        pr_file: None,
-        mode_file: None,
-        max_transfer_blocks: 4096,
-        max_unmap_blocks: 4096,
-        max_unmap_descriptors: 8,
-        max_write_same_blocks: 65535,
-        write_cache: true,
+        ..LunInfo::for_tests(BS, blocks)
     }
 }
 
