@@ -95,7 +95,7 @@ static int sense_wce(struct iscsi_context *c, int lun, unsigned char *page, int 
 		}
 		memcpy(page, t->datain.data + 8, 20);
 		scsi_free_scsi_task(t);
-		return page[0] == 0x08 ? (page[2] & 0x04) != 0 : -1;
+		return (page[0] & 0x3f) == 0x08 ? (page[2] & 0x04) != 0 : -1;
 	}
 	return -1;
 }
