@@ -527,6 +527,7 @@ run_e2e() {
     e2e_target_s
     e2e_write_cache
     e2e_gluster
+    e2e_durability
     e2e_no_alloc
 }
 
@@ -691,6 +692,32 @@ e2e_write_cache() {
             fail "refused LUN size: $spec" "exit $rc: $out"
         fi
     done
+}
+
+e2e_durability() {
+    # tests/durability/run.sh: kill -9 of the target within microseconds of
+    # a GOOD, 32 writes in flight, 20 rounds each of WCE=0, FUA and
+    # SYNCHRONIZE CACHE every 8 writes on a Gluster LUN (read back through a
+    # FUSE mount) and an O_DIRECT file LUN, and of APTPL registrations:
+    # every write the contract promised is found, whole. About 3 minutes.
+    [ "$TARGET_UNDER_TEST" = target-rdma ] || return 0
+    local backends="file-direct aptpl"
+    if [ "${GLUSTER:-1}" = 1 ]; then
+        if [ -f "${GLUSTER_DIR:-/nonexistent}/env" ]; then
+            backends="gluster $backends"
+        else
+            fail "durability(gluster)" "glusterd did not start (see the step above)"
+        fi
+    fi
+    local t0=$SECONDS
+    if timeout -k 10 900 bash "$ROOT/tests/durability/run.sh" --bin "$TARGET_RDMA_BIN" \
+            --backend "$backends" --gluster-dir "${GLUSTER_DIR:-/nonexistent}" --dir "$TMP" \
+            --budget 600 2>&1 | tee "$TEST_LOG_DIR/durability.log" | grep -E '^(durability|run.sh)'; then
+        pass "durability: kill -9, every promised write found ($backends)"
+    else
+        fail "durability" "see $TEST_LOG_DIR/durability.log"
+    fi
+    log "durability took $((SECONDS - t0)) s"
 }
 
 buffer_waits_test() {
