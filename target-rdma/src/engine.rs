@@ -3776,6 +3776,10 @@ impl LoginContext for Ctx<'_> {
         rand::rngs::OsRng.fill_bytes(buf);
     }
 
+    fn authenticate_first(&self) -> bool {
+        self.sh.targets.iter().any(|t| t.chap.initiator.is_some())
+    }
+
     fn instate_session(&mut self, req: &SessionRequest) -> Result<u16, LoginStatus> {
         let target = match req.session_type {
             SessionType::Discovery => usize::MAX,
