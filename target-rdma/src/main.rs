@@ -212,9 +212,7 @@ fn run(cfg: Config) -> Result<(), String> {
 fn reactor_cores(cores: Option<&[usize]>) -> Vec<usize> {
     let mut list = match cores {
         Some(c) => c.to_vec(),
-        None => core_affinity::get_core_ids()
-            .map(|ids| ids.into_iter().map(|c| c.id).collect())
-            .unwrap_or_default(),
+        None => config::affinity_cpus().unwrap_or_default(),
     };
     if list.is_empty() {
         list.push(0);
