@@ -28,9 +28,10 @@
 //! wake it through its `mio::Waker` only then, so cores that are spinning
 //! are not sent system calls.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -50,6 +51,7 @@ use rdma::{CmEventKind, Completion, WcStatus};
 use scsi::{Nexus, NexusId, ScsiCompletion, ScsiTask, TaskAttr};
 use transport_tcp::{Fill, TcpConn, TX_BACKLOG_MAX_BYTES};
 
+use crate::guard::{Admit, LoginGuard, HELD_LOGINS_MAX};
 use crate::iser::{IserDevice, IserLink, IserPortals, Op, PendingRead};
 
 /// One exported iSCSI target: its name, access rules and SCSI device.
@@ -462,6 +464,9 @@ struct Shared {
     finished: AtomicBool,
     /// The command data pool (for its counters; reactors hold caches).
     data_pool: Pool,
+    /// Failed logins per peer address and initiator name (`guard`);
+    /// touched only at login, like `sessions`.
+    guard: Mutex<LoginGuard>,
 }
 
 impl Shared {
@@ -530,6 +535,23 @@ struct ConnEntry {
     closing: bool,
     /// Counted in its core's `load`.
     placed: bool,
+    /// The peer's address (TCP; iSER: not known here), for the failed-login
+    /// accounting and the per-peer share of the login slots.
+    peer: Option<IpAddr>,
+    /// Where the first Login Request is with the failed-login throttle.
+    gate: Gate,
+}
+
+/// A connection's first Login Request and the failed-login throttle
+/// (`guard::LoginGuard::admit`).
+enum Gate {
+    /// Not seen yet.
+    Unchecked,
+    /// Admitted (or past login).
+    Passed,
+    /// Held until its time comes (`Reactor::held_logins`); the connection
+    /// reads nothing meanwhile.
+    Held(Box<(iscsi::Pdu, RdmaTags)>),
 }
 
 /// The whole target: built on the main thread, then `run` starts one
@@ -649,6 +671,7 @@ impl Engine {
             stopping: AtomicUsize::new(0),
             published: (0..n).map(|_| Mutex::new(CoreStats::default())).collect(),
             finished: AtomicBool::new(false),
+            guard: Mutex::new(LoginGuard::default()),
         });
         for (poll, ds) in polls.iter().zip(&devices) {
             for d in ds.iter().flatten() {
@@ -711,6 +734,7 @@ impl Engine {
                 coalesce_due: false,
                 iter_read: false,
                 coalesce_policy: CoalescePolicy::new(started),
+                held_logins: BinaryHeap::new(),
                 stats: CoreStats {
                     reactor: me,
                     cpu: sh.cfg.pin.then(|| sh.cfg.cores.get(me).copied()).flatten(),
@@ -850,11 +874,13 @@ fn stats_json(sh: &Shared) -> String {
             })
         })
         .collect();
+    let guard = serde_json::to_value(lock(&sh.guard).stats()).unwrap_or_default();
     let doc = serde_json::json!({
         "version": 1,
         "reactors": cores,
         "luns": luns,
         "data_pool": pool,
+        "login_guard": guard,
     });
     doc.to_string()
 }
@@ -1019,6 +1045,9 @@ struct Reactor {
     coalesce_due: bool,
     iter_read: bool,
     coalesce_policy: CoalescePolicy,
+    /// First Login Requests held back by the failed-login throttle, by the
+    /// time they may go on (at most `HELD_LOGINS_MAX`).
+    held_logins: BinaryHeap<Reverse<(Instant, u32)>>,
 }
 
 /// Whether adaptive polling spins (see `SPIN_PROBE_EVERY`).
@@ -1317,6 +1346,10 @@ impl Reactor {
                 }
                 PollMode::Adaptive => TICK,
             };
+            if let Some(Reverse((due, _))) = self.held_logins.peek() {
+                // Wake when a held login may go on.
+                timeout = timeout.min(due.saturating_duration_since(Instant::now()));
+            }
             if self.coalesce_due && !timeout.is_zero() {
                 // Let the next batch gather in the sockets (see
                 // `COALESCE_PROBE_EVERY`): a plain sleep, which data
@@ -1412,6 +1445,7 @@ impl Reactor {
                     }
                 }
             }
+            self.release_held_logins();
             let mut completed = self.iser_poll();
             completed += self.run_until_idle();
             self.serve_buffer_waits();
@@ -1507,6 +1541,9 @@ impl Reactor {
     fn tick(&mut self) {
         self.pool.data.maintain();
         self.publish();
+        if self.me == 0 {
+            lock(&self.sh.guard).expire(Instant::now());
+        }
         if self.sh.cfg.trace_allocs > 0 {
             self.trace_allocs_when_steady();
         }
@@ -1850,15 +1887,28 @@ impl Reactor {
         loop {
             match self.listeners[portal].accept() {
                 Ok((stream, peer)) => {
-                    let logging_in = self
-                        .conns
-                        .values()
-                        .filter(|c| !c.proto.is_full_feature())
-                        .count();
+                    let (mut logging_in, mut from_peer) = (0, 0);
+                    for c in self.conns.values() {
+                        if !c.proto.is_full_feature() && !c.closing {
+                            logging_in += 1;
+                            from_peer += usize::from(c.peer == Some(peer.ip()));
+                        }
+                    }
                     if logging_in >= self.sh.cfg.max_login_connections
                         || self.conns.len() > LOCAL_ID_MASK as usize / 2
                     {
+                        lock(&self.sh.guard).note_login_slots_refused();
                         tracing::warn!(%peer, "too many connections in login; refusing");
+                        drop(stream);
+                        continue;
+                    }
+                    if !crate::guard::peer_may_log_in(from_peer) {
+                        // One host stalling logins must not take the slots
+                        // of the others (`LOGIN_CONNECTIONS_PER_PEER_MAX`).
+                        // Once per second at most would be kinder to the
+                        // log; debug keeps a flood from filling it.
+                        lock(&self.sh.guard).note_peer_share_refused();
+                        tracing::debug!(%peer, from_peer, "peer has its share of login slots; refusing");
                         drop(stream);
                         continue;
                     }
@@ -1883,6 +1933,8 @@ impl Reactor {
                         stash: VecDeque::with_capacity(STASH_MAX + 1),
                         closing: false,
                         placed: false,
+                        peer: Some(peer.ip()),
+                        gate: Gate::Unchecked,
                     };
                     let id = self.alloc_local();
                     if let Err(e) = self.register(id, &mut entry) {
@@ -1941,7 +1993,8 @@ impl Reactor {
             let Some(c) = self.conns.get_mut(&id) else {
                 return;
             };
-            if c.closing || c.stash_full() {
+            if c.closing || c.stash_full() || matches!(c.gate, Gate::Held(_)) {
+                // A held login reads on when released (`release_held_logins`).
                 return;
             }
             let Link::Tcp(tcp) = &mut c.link else {
@@ -1990,7 +2043,11 @@ impl Reactor {
             let Some(c) = self.conns.get_mut(&id) else {
                 return;
             };
-            if c.closing || c.proto.is_closing() || c.stash_full() {
+            if c.closing
+                || c.proto.is_closing()
+                || c.stash_full()
+                || matches!(c.gate, Gate::Held(_))
+            {
                 break;
             }
             // Behind a held command only Data-Outs of other tasks run
@@ -2302,6 +2359,21 @@ impl Reactor {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
+        if matches!(c.gate, Gate::Unchecked) {
+            if c.proto.is_full_feature() || pdu.bhs.opcode() != iscsi::pdu::opcode::LOGIN_REQ {
+                c.gate = Gate::Passed;
+            } else if !self.gate_login(id, &pdu) {
+                if let Some(c) = self.conns.get_mut(&id) {
+                    if !c.closing {
+                        c.gate = Gate::Held(Box::new((pdu, rdma)));
+                    }
+                }
+                return;
+            }
+        }
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
         let mut ctx = Ctx {
             sh: &self.sh,
             conn_global: c.global,
@@ -2409,6 +2481,8 @@ impl Reactor {
                     );
                 }
                 Event::LoggedIn(o) => {
+                    let peer = c.peer;
+                    lock(&self.sh.guard).succeeded(peer, Some(&o.session.initiator_name));
                     if let Some(target) = self.logged_in(id, &o) {
                         // The connection may move to another core: stop
                         // here; its remaining events go with it.
@@ -2552,7 +2626,7 @@ impl Reactor {
                 Event::Close(reason) => {
                     match &reason {
                         CloseReason::Logout => tracing::info!(id, "logout"),
-                        CloseReason::LoginFailed => tracing::info!(id, "login refused"),
+                        CloseReason::LoginFailed => self.login_failed(id),
                         r => tracing::info!(id, "closing: {r:?}"),
                     }
                     // The session ends now, before the Logout Response (or
@@ -2569,6 +2643,89 @@ impl Reactor {
                     self.mark_closed(id, "connection closing");
                 }
             }
+        }
+    }
+
+    /// A login failed: an authentication failure counts against the
+    /// peer's address and the initiator's name (`guard`).
+    fn login_failed(&mut self, id: u32) {
+        let Some(c) = self.conns.get(&id) else {
+            return;
+        };
+        let login = c.proto.login();
+        let status = login.and_then(|l| l.failure());
+        let name = login.and_then(|l| l.initiator_name());
+        if status != Some(LoginStatus::AUTH_FAILURE) {
+            tracing::info!(id, ?status, initiator = name, "login refused");
+            return;
+        }
+        let failures = lock(&self.sh.guard).failed(Instant::now(), c.peer, name);
+        tracing::warn!(
+            id,
+            peer = %c.peer.map(|p| p.to_string()).unwrap_or_default(),
+            initiator = name.unwrap_or(""),
+            failures,
+            "authentication failed"
+        );
+    }
+
+    /// Check a connection's first Login Request with the failed-login
+    /// throttle. True: go on now. False: it is held (the caller keeps the
+    /// PDU) or, refused, the connection is closing.
+    fn gate_login(&mut self, id: u32, pdu: &iscsi::Pdu) -> bool {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return false;
+        };
+        // The name as the request gives it; a request continued with the
+        // C bit may not have it whole, and is then judged by its peer.
+        let pairs = iscsi::text::parse(&pdu.data).unwrap_or_default();
+        let name = pairs
+            .iter()
+            .find(|(k, _)| k == "InitiatorName")
+            .map(|(_, v)| v.as_str());
+        let now = Instant::now();
+        let admit = lock(&self.sh.guard).admit(now, c.peer, name);
+        match admit {
+            Admit::Now => {
+                c.gate = Gate::Passed;
+                true
+            }
+            Admit::At(at) if self.held_logins.len() < HELD_LOGINS_MAX => {
+                tracing::debug!(id, peer = ?c.peer, initiator = name, wait_ms = at.saturating_duration_since(now).as_millis() as u64, "login held back after failed authentications");
+                self.held_logins.push(Reverse((at, id)));
+                false
+            }
+            Admit::At(_) | Admit::Refuse => {
+                tracing::debug!(id, peer = ?c.peer, initiator = name, "login refused after failed authentications");
+                self.mark_closed(id, "login refused after failed authentications");
+                false
+            }
+        }
+    }
+
+    /// Let held Login Requests whose time has come go on, then what their
+    /// connections sent meanwhile.
+    fn release_held_logins(&mut self) {
+        let now = Instant::now();
+        while let Some(&Reverse((due, id))) = self.held_logins.peek() {
+            if due > now {
+                break;
+            }
+            self.held_logins.pop();
+            let Some(c) = self.conns.get_mut(&id) else {
+                continue;
+            };
+            let Gate::Held(held) = std::mem::replace(&mut c.gate, Gate::Passed) else {
+                continue;
+            };
+            if c.closing {
+                continue;
+            }
+            let (pdu, rdma) = *held;
+            let now_ms = self.now_ms();
+            self.feed_pdu(id, pdu, rdma, now_ms);
+            self.handle_buffered(id);
+            self.service_read(id);
         }
     }
 
@@ -3548,6 +3705,8 @@ impl Reactor {
             stash: VecDeque::with_capacity(STASH_MAX + 1),
             closing: false,
             placed: true,
+            peer: None,
+            gate: Gate::Unchecked,
         };
         let id = self.alloc_local();
         if let Some(ip) = self.iser.as_mut() {

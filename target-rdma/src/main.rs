@@ -7,6 +7,7 @@
 
 mod config;
 mod engine;
+mod guard;
 mod iser;
 
 /// Counts heap allocations per thread, so each reactor can report that

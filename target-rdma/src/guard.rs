@@ -1,0 +1,358 @@
+//! Holding up against hostile clients at login: failed authentications
+//! are counted per peer address and per initiator name and slow further
+//! attempts down; and one peer address gets only a share of the login
+//! slots.
+//!
+//! The policy (also in README.md, "Failed logins and login floods"):
+//!
+//! - A failed authentication (Login Response 02/01) counts against the
+//!   peer's IP address and against the InitiatorName it gave.
+//! - The first `AUTH_FAILURES_FREE` consecutive failures of a key cost
+//!   nothing. From then on, the next login attempt of that key (one TCP
+//!   connection's first Login Request) is answered no earlier than
+//!   `AUTH_DELAY_MIN` after the last failure, doubling with each further
+//!   failure up to `AUTH_DELAY_MAX`: 100 ms after the 5th, 200 ms after
+//!   the 6th, ..., 5 s from the 11th on.
+//! - Attempts of a throttled key are spaced out by that delay even when
+//!   they come on many connections at once: each one admitted books the
+//!   next slot. One that would wait more than `AUTH_WAIT_MAX` is refused:
+//!   its connection is closed without an answer.
+//! - A successful login resets the counters of its peer address and of its
+//!   initiator name. A key with no failure for `AUTH_ENTRY_TTL` is
+//!   forgotten; the table holds at most `AUTH_KEYS_MAX` keys, the one with
+//!   the oldest failure making room for a new one.
+//! - While logging in, connections from one peer address take at most
+//!   `LOGIN_CONNECTIONS_PER_PEER_MAX` of the engine's login slots; beyond
+//!   that a new connection from it is closed at once.
+//!
+//! The waiting is done by the engine, which keeps the held Login Request
+//! and the time it may go on (no thread sleeps); this module only decides,
+//! from the `now` it is given.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+/// Consecutive failures of a key that are not slowed down (typing a wrong
+/// secret a few times is normal).
+pub const AUTH_FAILURES_FREE: u32 = 5;
+/// The delay after the `AUTH_FAILURES_FREE`th failure; it doubles with
+/// each further one.
+pub const AUTH_DELAY_MIN: Duration = Duration::from_millis(100);
+/// The delay stops doubling here: guessing then runs at one attempt per
+/// 5 s per key, while a legitimate initiator that got its secret right
+/// waits no longer than this for its next attempt.
+pub const AUTH_DELAY_MAX: Duration = Duration::from_secs(5);
+/// The longest an attempt is held; a throttled key sending attempts faster
+/// than its delay has the extra ones refused rather than queued for ever.
+pub const AUTH_WAIT_MAX: Duration = Duration::from_secs(10);
+/// A key without a failure for this long is forgotten.
+pub const AUTH_ENTRY_TTL: Duration = Duration::from_secs(600);
+/// Keys (peer addresses and initiator names) tracked at most.
+pub const AUTH_KEYS_MAX: usize = 4096;
+/// Login-phase connections one peer address may hold (of the engine's
+/// `max_login_connections`, 1024): a sixteenth, so that one host stalling
+/// logins leaves the others room.
+pub const LOGIN_CONNECTIONS_PER_PEER_MAX: usize = 64;
+/// Login Requests held back at once, at most; beyond that a throttled
+/// attempt is refused.
+pub const HELD_LOGINS_MAX: usize = 256;
+
+/// What failures are counted against.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Peer(IpAddr),
+    Initiator(String),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    /// Consecutive failures.
+    failures: u32,
+    /// The next attempt of this key is answered no earlier.
+    next_at: Instant,
+    last_failure: Instant,
+}
+
+/// Whether a login attempt may go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    Now,
+    /// Hold its first Login Request until then.
+    At(Instant),
+    /// Close the connection without an answer.
+    Refuse,
+}
+
+/// Counters for the stats file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GuardStats {
+    /// Failed authentications (02/01) since start.
+    pub auth_failures: u64,
+    /// Login attempts held back by the throttle.
+    pub auth_delayed: u64,
+    /// Login attempts refused (closed) because they would wait too long.
+    pub auth_refused: u64,
+    /// Keys (peer addresses, initiator names) tracked now.
+    pub auth_keys: u64,
+    /// Connections closed at accept: their peer had its share of the login
+    /// slots.
+    pub peer_share_refused: u64,
+    /// Connections closed at accept: every login slot was taken.
+    pub login_slots_refused: u64,
+}
+
+/// The failed-login table. See the module docs.
+#[derive(Debug, Default)]
+pub struct LoginGuard {
+    entries: HashMap<Key, Entry>,
+    stats: GuardStats,
+}
+
+fn keys(peer: Option<IpAddr>, name: Option<&str>) -> impl Iterator<Item = Key> + '_ {
+    peer.map(Key::Peer).into_iter().chain(
+        name.filter(|n| !n.is_empty())
+            .map(|n| Key::Initiator(n.to_string())),
+    )
+}
+
+/// The wait before the next attempt of a key with `failures` failures.
+pub fn delay_after(failures: u32) -> Duration {
+    if failures < AUTH_FAILURES_FREE {
+        return Duration::ZERO;
+    }
+    let doublings = (failures - AUTH_FAILURES_FREE).min(16);
+    AUTH_DELAY_MIN
+        .saturating_mul(1 << doublings)
+        .min(AUTH_DELAY_MAX)
+}
+
+impl LoginGuard {
+    /// A connection's first Login Request arrived, from `peer` with
+    /// `name`: may it be answered now?
+    pub fn admit(&mut self, now: Instant, peer: Option<IpAddr>, name: Option<&str>) -> Admit {
+        let ks: Vec<Key> = keys(peer, name).collect();
+        let mut at = now;
+        let mut throttled = false;
+        for k in &ks {
+            if let Some(e) = self.live(k, now) {
+                if e.failures >= AUTH_FAILURES_FREE {
+                    throttled = true;
+                    at = at.max(e.next_at);
+                }
+            }
+        }
+        if !throttled {
+            return Admit::Now;
+        }
+        if at.saturating_duration_since(now) > AUTH_WAIT_MAX {
+            self.stats.auth_refused += 1;
+            return Admit::Refuse;
+        }
+        // Book the slot after this one, so that attempts on parallel
+        // connections are spaced out too.
+        for k in &ks {
+            if let Some(e) = self.entries.get_mut(k) {
+                if e.failures >= AUTH_FAILURES_FREE {
+                    e.next_at = at + delay_after(e.failures);
+                }
+            }
+        }
+        if at > now {
+            self.stats.auth_delayed += 1;
+            Admit::At(at)
+        } else {
+            Admit::Now
+        }
+    }
+
+    /// An authentication failed; returns the highest consecutive failure
+    /// count among its keys (for the log).
+    pub fn failed(&mut self, now: Instant, peer: Option<IpAddr>, name: Option<&str>) -> u32 {
+        self.stats.auth_failures += 1;
+        let mut most = 0;
+        for k in keys(peer, name) {
+            if self.live(&k, now).is_none() {
+                self.entries.remove(&k);
+                if self.entries.len() >= AUTH_KEYS_MAX {
+                    self.evict_oldest();
+                }
+            }
+            let e = self.entries.entry(k).or_insert(Entry {
+                failures: 0,
+                next_at: now,
+                last_failure: now,
+            });
+            e.failures = e.failures.saturating_add(1);
+            e.last_failure = now;
+            e.next_at = e.next_at.max(now + delay_after(e.failures));
+            most = most.max(e.failures);
+        }
+        self.stats.auth_keys = self.entries.len() as u64;
+        most
+    }
+
+    /// A login succeeded: its peer address and initiator name start over.
+    pub fn succeeded(&mut self, peer: Option<IpAddr>, name: Option<&str>) {
+        for k in keys(peer, name) {
+            self.entries.remove(&k);
+        }
+        self.stats.auth_keys = self.entries.len() as u64;
+    }
+
+    /// Forget keys whose last failure is `AUTH_ENTRY_TTL` old.
+    pub fn expire(&mut self, now: Instant) {
+        self.entries
+            .retain(|_, e| now.saturating_duration_since(e.last_failure) < AUTH_ENTRY_TTL);
+        self.stats.auth_keys = self.entries.len() as u64;
+    }
+
+    pub fn note_peer_share_refused(&mut self) {
+        self.stats.peer_share_refused += 1;
+    }
+
+    pub fn note_login_slots_refused(&mut self) {
+        self.stats.login_slots_refused += 1;
+    }
+
+    pub fn stats(&self) -> GuardStats {
+        self.stats
+    }
+
+    fn live(&self, k: &Key, now: Instant) -> Option<&Entry> {
+        self.entries
+            .get(k)
+            .filter(|e| now.saturating_duration_since(e.last_failure) < AUTH_ENTRY_TTL)
+    }
+
+    fn evict_oldest(&mut self) {
+        // A scan of at most AUTH_KEYS_MAX entries, only when a new key
+        // finds the table full: cheaper than keeping an order for it.
+        let oldest = self
+            .entries
+            .iter()
+            .min_by_key(|(_, e)| e.last_failure)
+            .map(|(k, _)| k.clone());
+        if let Some(k) = oldest {
+            self.entries.remove(&k);
+        }
+    }
+}
+
+/// Whether a peer with `from_peer` connections in login may open another.
+pub fn peer_may_log_in(from_peer: usize) -> bool {
+    from_peer < LOGIN_CONNECTIONS_PER_PEER_MAX
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    const A: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
+    const B: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 5));
+    const MS: Duration = Duration::from_millis(1);
+
+    fn fail_n(g: &mut LoginGuard, now: Instant, n: u32, peer: IpAddr, name: &str) {
+        for _ in 0..n {
+            g.failed(now, Some(peer), Some(name));
+        }
+    }
+
+    #[test]
+    fn delays_double_from_the_fifth_failure_and_stop_at_the_cap() {
+        let want = [0, 0, 0, 0, 0, 100, 200, 400, 800, 1600, 3200, 5000, 5000];
+        for (f, ms) in want.iter().enumerate() {
+            assert_eq!(delay_after(f as u32), Duration::from_millis(*ms), "{f}");
+        }
+        assert_eq!(delay_after(u32::MAX), AUTH_DELAY_MAX);
+    }
+
+    #[test]
+    fn a_guesser_is_slowed_and_others_are_not() {
+        let t0 = Instant::now();
+        let mut g = LoginGuard::default();
+        for _ in 0..4 {
+            assert_eq!(g.admit(t0, Some(A), Some("iqn.x:evil")), Admit::Now);
+            g.failed(t0, Some(A), Some("iqn.x:evil"));
+        }
+        assert_eq!(g.admit(t0, Some(A), Some("iqn.x:evil")), Admit::Now);
+        assert_eq!(g.failed(t0, Some(A), Some("iqn.x:evil")), 5);
+        // The 6th attempt waits 100 ms, whether it comes with the same
+        // name, another name, or the same name from elsewhere.
+        assert_eq!(
+            g.admit(t0, Some(A), Some("iqn.x:other")),
+            Admit::At(t0 + 100 * MS)
+        );
+        let mut g2 = LoginGuard::default();
+        fail_n(&mut g2, t0, 5, A, "iqn.x:evil");
+        assert_eq!(
+            g2.admit(t0, Some(B), Some("iqn.x:evil")),
+            Admit::At(t0 + 100 * MS)
+        );
+        // A different initiator from a different address goes at once.
+        assert_eq!(g.admit(t0, Some(B), Some("iqn.x:good")), Admit::Now);
+        assert_eq!(g.admit(t0, None, Some("iqn.x:good")), Admit::Now);
+        assert_eq!(g.stats().auth_failures, 5);
+        assert_eq!(g.stats().auth_keys, 2);
+    }
+
+    #[test]
+    fn parallel_attempts_are_spaced_out_and_the_excess_refused() {
+        let t0 = Instant::now();
+        let mut g = LoginGuard::default();
+        fail_n(&mut g, t0, 11, A, "n");
+        // 5 s per attempt: the first at t0 + 5 s, the next at 10 s, the
+        // third would wait 15 s > AUTH_WAIT_MAX.
+        assert_eq!(g.admit(t0, Some(A), Some("n")), Admit::At(t0 + 5000 * MS));
+        assert_eq!(g.admit(t0, Some(A), Some("n")), Admit::At(t0 + 10_000 * MS));
+        assert_eq!(g.admit(t0, Some(A), Some("n")), Admit::Refuse);
+        let s = g.stats();
+        assert_eq!((s.auth_delayed, s.auth_refused), (2, 1));
+    }
+
+    #[test]
+    fn success_resets_and_entries_expire() {
+        let t0 = Instant::now();
+        let mut g = LoginGuard::default();
+        fail_n(&mut g, t0, 8, A, "n");
+        assert!(matches!(g.admit(t0, Some(A), Some("n")), Admit::At(_)));
+        // The right secret, after the window: admitted, then succeeds.
+        let later = t0 + AUTH_WAIT_MAX + AUTH_DELAY_MAX;
+        assert_eq!(g.admit(later, Some(A), Some("n")), Admit::Now);
+        g.succeeded(Some(A), Some("n"));
+        assert_eq!(g.admit(later, Some(A), Some("n")), Admit::Now);
+        assert_eq!(g.stats().auth_keys, 0);
+        // One failure after the reset counts from one again.
+        assert_eq!(g.failed(later, Some(A), Some("n")), 1);
+
+        fail_n(&mut g, later, 10, B, "m");
+        let gone = later + AUTH_ENTRY_TTL;
+        assert_eq!(g.admit(gone, Some(B), Some("m")), Admit::Now);
+        assert_eq!(g.failed(gone, Some(B), Some("m")), 1);
+        g.expire(gone + AUTH_ENTRY_TTL);
+        assert_eq!(g.stats().auth_keys, 0);
+    }
+
+    #[test]
+    fn the_table_is_bounded_and_evicts_the_oldest() {
+        let t0 = Instant::now();
+        let mut g = LoginGuard::default();
+        for i in 0..AUTH_KEYS_MAX + 10 {
+            g.failed(t0 + (i as u32) * MS, None, Some(&format!("iqn.x:{i}")));
+        }
+        assert_eq!(g.stats().auth_keys, AUTH_KEYS_MAX as u64);
+        let now = t0 + Duration::from_secs(60);
+        // The first names went; the last are still there.
+        assert!(g.live(&Key::Initiator("iqn.x:0".into()), now).is_none());
+        let last = format!("iqn.x:{}", AUTH_KEYS_MAX + 9);
+        assert!(g.live(&Key::Initiator(last), now).is_some());
+    }
+
+    #[test]
+    fn peer_share() {
+        assert!(peer_may_log_in(0));
+        assert!(peer_may_log_in(LOGIN_CONNECTIONS_PER_PEER_MAX - 1));
+        assert!(!peer_may_log_in(LOGIN_CONNECTIONS_PER_PEER_MAX));
+    }
+}
