@@ -187,6 +187,14 @@ fn run(cfg: Config) -> Result<(), String> {
             target: None,
         },
     };
+    if cfg.discovery_chap.is_none() && cfg.targets.iter().any(|t| t.chap.is_some()) {
+        // Logins hide target names from those without a secret (README,
+        // "Failed logins and login floods"); discovery would list them.
+        tracing::warn!(
+            "targets require CHAP but discovery does not (--discovery-chap): \
+             SendTargets names them to any initiator"
+        );
+    }
     let reactors = ecfg.cores.len();
     let engine = engine::Engine::new(ecfg, targets, portals).map_err(|e| e.to_string())?;
     tracing::info!(reactors, poll = ?cfg.poll, "engine ready");

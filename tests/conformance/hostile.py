@@ -50,7 +50,7 @@ LATENCY_MAX_S = 1.0
 def delay_after(failures):
     if failures < FAILURES_FREE:
         return 0.0
-    return min(DELAY_MIN * 2 ** (failures - FAILURES_FREE), DELAY_MAX)
+    return min(DELAY_MIN * 2 ** min(failures - FAILURES_FREE, 16), DELAY_MAX)
 
 
 def pdu(opcode, flags, itt, fields, data=b"", isid=0x800000000001, imm=True):
@@ -253,7 +253,8 @@ def main():
     print(f"  guessing: {n} attempts in {guess_time:.1f} s ({evaluated} answered 02/01); "
           f"first {len(first)}: {first_rate:.0f} guesses/s; "
           f"after throttling: {len(later)} in {later_span:.1f} s = {later_rate:.2f} guesses/s; "
-          f"policy implies >= {implied:.1f} s")
+          f"policy implies >= {implied:.1f} s; all {GUESSES} would take >= "
+          f"{sum(delay_after(k) for k in range(1, GUESSES)):.0f} s")
     check("guessing-no-wrong-success", all(st != (0, 0) for _, st in answered))
     check("guessing-takes-the-policy-time", guess_time >= 0.9 * implied and n < GUESSES,
           f"{n} guesses in {guess_time:.1f} s, policy >= {implied:.1f} s")
