@@ -535,8 +535,8 @@ struct ConnEntry {
     closing: bool,
     /// Counted in its core's `load`.
     placed: bool,
-    /// The peer's address (TCP; iSER: not known here), for the failed-login
-    /// accounting and the per-peer share of the login slots.
+    /// The peer's address, for the failed-login accounting and the per-peer
+    /// share of the login slots.
     peer: Option<IpAddr>,
     /// Where the first Login Request is with the failed-login throttle.
     gate: Gate,
@@ -1888,10 +1888,12 @@ impl Reactor {
             match self.listeners[portal].accept() {
                 Ok((stream, peer)) => {
                     let (mut logging_in, mut from_peer) = (0, 0);
+                    let group = crate::guard::peer_group(peer.ip());
                     for c in self.conns.values() {
                         if !c.proto.is_full_feature() && !c.closing {
                             logging_in += 1;
-                            from_peer += usize::from(c.peer == Some(peer.ip()));
+                            from_peer +=
+                                usize::from(c.peer.map(crate::guard::peer_group) == Some(group));
                         }
                     }
                     if logging_in >= self.sh.cfg.max_login_connections
@@ -2359,6 +2361,12 @@ impl Reactor {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
+        if matches!(c.gate, Gate::Held(_)) {
+            // Only iSER gets here (a held TCP connection reads nothing): an
+            // initiator sends nothing more before its Login Response.
+            self.mark_closed(id, "PDU behind a held Login Request");
+            return;
+        }
         if matches!(c.gate, Gate::Unchecked) {
             if c.proto.is_full_feature() || pdu.bhs.opcode() != iscsi::pdu::opcode::LOGIN_REQ {
                 c.gate = Gate::Passed;
@@ -3684,6 +3692,7 @@ impl Reactor {
         };
         ip.counters.connections_accepted += 1;
         let (qp, handle) = (link.qp_num, link.id.handle());
+        let peer = link.id.peer_addr().map(|a| a.ip());
         let mut limits = self.sh.cfg.limits.clone();
         limits.max_recv_data_segment_length = crate::iser::RECV_DATA_MAX;
         let cc = ConnConfig {
@@ -3705,7 +3714,7 @@ impl Reactor {
             stash: VecDeque::with_capacity(STASH_MAX + 1),
             closing: false,
             placed: true,
-            peer: None,
+            peer,
             gate: Gate::Unchecked,
         };
         let id = self.alloc_local();

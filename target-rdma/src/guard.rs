@@ -21,6 +21,7 @@
 //!   initiator name. A key with no failure for `AUTH_ENTRY_TTL` is
 //!   forgotten; the table holds at most `AUTH_KEYS_MAX` keys, the one with
 //!   the oldest failure making room for a new one.
+//! - A peer address is an IPv4 address or an IPv6 /64 (`peer_group`).
 //! - While logging in, connections from one peer address take at most
 //!   `LOGIN_CONNECTIONS_PER_PEER_MAX` of the engine's login slots; beyond
 //!   that a new connection from it is closed at once.
@@ -109,8 +110,21 @@ pub struct LoginGuard {
     stats: GuardStats,
 }
 
+/// What one peer is, for counting: an IPv4 address (also when it comes
+/// IPv4-mapped), or an IPv6 /64, which is what one host usually gets and
+/// can pick addresses from at will.
+pub fn peer_group(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+    }
+}
+
 fn keys(peer: Option<IpAddr>, name: Option<&str>) -> impl Iterator<Item = Key> + '_ {
-    peer.map(Key::Peer).into_iter().chain(
+    peer.map(|p| Key::Peer(peer_group(p))).into_iter().chain(
         name.filter(|n| !n.is_empty())
             .map(|n| Key::Initiator(n.to_string())),
     )
@@ -347,6 +361,23 @@ mod tests {
         assert!(g.live(&Key::Initiator("iqn.x:0".into()), now).is_none());
         let last = format!("iqn.x:{}", AUTH_KEYS_MAX + 9);
         assert!(g.live(&Key::Initiator(last), now).is_some());
+    }
+
+    #[test]
+    fn ipv6_peers_count_by_their_64_prefix() {
+        let p = |s: &str| peer_group(s.parse().unwrap());
+        assert_eq!(p("2001:db8:1:2:aaaa::1"), p("2001:db8:1:2:bbbb::7"));
+        assert_ne!(p("2001:db8:1:2::1"), p("2001:db8:1:3::1"));
+        assert_eq!(p("::ffff:10.0.0.1"), p("10.0.0.1"));
+        assert_eq!(p("10.0.0.1").to_string(), "10.0.0.1");
+        let t0 = Instant::now();
+        let mut g = LoginGuard::default();
+        for i in 0..AUTH_FAILURES_FREE {
+            let a: IpAddr = format!("2001:db8::{i:x}").parse().unwrap();
+            g.failed(t0, Some(a), None);
+        }
+        let other: IpAddr = "2001:db8::ffff".parse().unwrap();
+        assert!(matches!(g.admit(t0, Some(other), None), Admit::At(_)));
     }
 
     #[test]
