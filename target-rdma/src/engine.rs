@@ -735,6 +735,8 @@ impl Engine {
                 iter_read: false,
                 coalesce_policy: CoalescePolicy::new(started),
                 held_logins: BinaryHeap::new(),
+                share_warned: None,
+                share_refusals: 0,
                 stats: CoreStats {
                     reactor: me,
                     cpu: sh.cfg.pin.then(|| sh.cfg.cores.get(me).copied()).flatten(),
@@ -1048,6 +1050,10 @@ struct Reactor {
     /// First Login Requests held back by the failed-login throttle, by the
     /// time they may go on (at most `HELD_LOGINS_MAX`).
     held_logins: BinaryHeap<Reverse<(Instant, u32)>>,
+    /// When the last "share of login slots" warning was logged, and the
+    /// connections refused since.
+    share_warned: Option<Instant>,
+    share_refusals: u64,
 }
 
 /// Whether adaptive polling spins (see `SPIN_PROBE_EVERY`).
@@ -1907,10 +1913,23 @@ impl Reactor {
                     if !crate::guard::peer_may_log_in(from_peer) {
                         // One host stalling logins must not take the slots
                         // of the others (`LOGIN_CONNECTIONS_PER_PEER_MAX`).
-                        // Once per second at most would be kinder to the
-                        // log; debug keeps a flood from filling it.
                         lock(&self.sh.guard).note_peer_share_refused();
-                        tracing::debug!(%peer, from_peer, "peer has its share of login slots; refusing");
+                        self.share_refusals += 1;
+                        // A flood must not flood the log too: one line a
+                        // second at most, with the count since the last.
+                        let now = Instant::now();
+                        if self
+                            .share_warned
+                            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+                        {
+                            tracing::warn!(
+                                %peer,
+                                refused = self.share_refusals,
+                                "peer has its share of login slots; refusing its new connections"
+                            );
+                            self.share_warned = Some(now);
+                            self.share_refusals = 0;
+                        }
                         drop(stream);
                         continue;
                     }
@@ -2704,6 +2723,10 @@ impl Reactor {
                 false
             }
             Admit::At(_) | Admit::Refuse => {
+                if matches!(admit, Admit::At(_)) {
+                    // Admitted with a wait, but no room to hold it.
+                    lock(&self.sh.guard).note_held_full();
+                }
                 tracing::debug!(id, peer = ?c.peer, initiator = name, "login refused after failed authentications");
                 self.mark_closed(id, "login refused after failed authentications");
                 false

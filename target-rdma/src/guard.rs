@@ -221,6 +221,13 @@ impl LoginGuard {
         self.stats.auth_keys = self.entries.len() as u64;
     }
 
+    /// An attempt `admit` delayed found no room among the held logins
+    /// (`HELD_LOGINS_MAX`) and was refused instead.
+    pub fn note_held_full(&mut self) {
+        self.stats.auth_delayed = self.stats.auth_delayed.saturating_sub(1);
+        self.stats.auth_refused += 1;
+    }
+
     pub fn note_peer_share_refused(&mut self) {
         self.stats.peer_share_refused += 1;
     }
