@@ -540,6 +540,14 @@ struct ConnEntry {
     peer: Option<IpAddr>,
     /// Where the first Login Request is with the failed-login throttle.
     gate: Gate,
+    /// The login attempt the throttle admitted, with the InitiatorName it
+    /// was admitted under, until it succeeds, fails or the connection
+    /// goes (`LoginGuard::succeeded`, `failed`, `ended`).
+    attempt: Option<Attempt>,
+}
+
+struct Attempt {
+    name: Option<String>,
 }
 
 /// A connection's first Login Request and the failed-login throttle
@@ -1956,6 +1964,7 @@ impl Reactor {
                         placed: false,
                         peer: Some(peer.ip()),
                         gate: Gate::Unchecked,
+                        attempt: None,
                     };
                     let id = self.alloc_local();
                     if let Err(e) = self.register(id, &mut entry) {
@@ -2509,7 +2518,14 @@ impl Reactor {
                 }
                 Event::LoggedIn(o) => {
                     let peer = c.peer;
-                    lock(&self.sh.guard).succeeded(peer, Some(&o.session.initiator_name));
+                    let attempt = c.attempt.take();
+                    {
+                        let mut g = lock(&self.sh.guard);
+                        g.succeeded(peer, Some(&o.session.initiator_name));
+                        if let Some(name) = attempt.and_then(|a| a.name) {
+                            g.succeeded(None, Some(&name));
+                        }
+                    }
                     if let Some(target) = self.logged_in(id, &o) {
                         // The connection may move to another core: stop
                         // here; its remaining events go with it.
@@ -2676,17 +2692,24 @@ impl Reactor {
     /// A login failed: an authentication failure counts against the
     /// peer's address and the initiator's name (`guard`).
     fn login_failed(&mut self, id: u32) {
-        let Some(c) = self.conns.get(&id) else {
+        let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
+        let attempt = c.attempt.take();
         let login = c.proto.login();
         let status = login.and_then(|l| l.failure());
         let name = login.and_then(|l| l.initiator_name());
+        // The keys the attempt was admitted under (the same name, unless
+        // the first request came in pieces).
+        let admitted = attempt.as_ref().and_then(|a| a.name.as_deref());
         if status != Some(LoginStatus::AUTH_FAILURE) {
+            if attempt.is_some() {
+                lock(&self.sh.guard).ended(c.peer, admitted);
+            }
             tracing::info!(id, ?status, initiator = name, "login refused");
             return;
         }
-        let failures = lock(&self.sh.guard).failed(Instant::now(), c.peer, name);
+        let failures = lock(&self.sh.guard).failed(Instant::now(), c.peer, admitted.or(name));
         tracing::warn!(
             id,
             peer = %c.peer.map(|p| p.to_string()).unwrap_or_default(),
@@ -2703,15 +2726,14 @@ impl Reactor {
         let Some(c) = self.conns.get_mut(&id) else {
             return false;
         };
-        // The name as the request gives it; a request continued with the
-        // C bit may not have it whole, and is then judged by its peer.
-        let pairs = iscsi::text::parse(&pdu.data).unwrap_or_default();
-        let name = pairs
-            .iter()
-            .find(|(k, _)| k == "InitiatorName")
-            .map(|(_, v)| v.as_str());
+        let name = initiator_name_in(&pdu.data);
         let now = Instant::now();
         let admit = lock(&self.sh.guard).admit(now, c.peer, name);
+        if admit != Admit::Refuse {
+            c.attempt = Some(Attempt {
+                name: name.map(str::to_string),
+            });
+        }
         match admit {
             Admit::Now => {
                 c.gate = Gate::Passed;
@@ -2725,7 +2747,11 @@ impl Reactor {
             Admit::At(_) | Admit::Refuse => {
                 if matches!(admit, Admit::At(_)) {
                     // Admitted with a wait, but no room to hold it.
-                    lock(&self.sh.guard).note_held_full();
+                    let mut g = lock(&self.sh.guard);
+                    g.note_held_full();
+                    if let Some(a) = c.attempt.take() {
+                        g.ended(c.peer, a.name.as_deref());
+                    }
                 }
                 tracing::debug!(id, peer = ?c.peer, initiator = name, "login refused after failed authentications");
                 self.mark_closed(id, "login refused after failed authentications");
@@ -2945,6 +2971,11 @@ impl Reactor {
             let Some(mut c) = self.conns.remove(&id) else {
                 continue;
             };
+            if let Some(a) = c.attempt.take() {
+                // A login attempt that never came to an end (the peer left,
+                // a protocol error, the login timeout).
+                lock(&self.sh.guard).ended(c.peer, a.name.as_deref());
+            }
             self.drop_buffer_waits(id);
             let tcp = match c.link {
                 Link::Tcp(ref mut tcp) => tcp,
@@ -3739,6 +3770,7 @@ impl Reactor {
             placed: true,
             peer,
             gate: Gate::Unchecked,
+            attempt: None,
         };
         let id = self.alloc_local();
         if let Some(ip) = self.iser.as_mut() {
@@ -3747,6 +3779,18 @@ impl Reactor {
         }
         self.conns.insert(id, entry);
     }
+}
+
+/// The InitiatorName in the text of a first Login Request. Only whole
+/// pairs count (a NUL after them): a request continued with the C bit may
+/// end inside one. Not found: the attempt is judged by its peer address
+/// alone (the login's failure still counts against the name).
+fn initiator_name_in(data: &[u8]) -> Option<&str> {
+    let whole = &data[..data.iter().rposition(|&b| b == 0)?];
+    whole
+        .split(|&b| b == 0)
+        .find_map(|kv| kv.strip_prefix(b"InitiatorName="))
+        .and_then(|v| std::str::from_utf8(v).ok())
 }
 
 /// What login and text negotiation see of the engine.
@@ -4361,6 +4405,22 @@ mod tests {
         }
         let b = thread_cpu_ns().unwrap();
         assert!(b >= a + 10_000_000, "{a} -> {b} after 20 ms of spinning");
+    }
+
+    #[test]
+    fn initiator_name_from_whole_pairs_only() {
+        assert_eq!(
+            initiator_name_in(b"TargetName=t\0InitiatorName=iqn.x:a\0AuthMethod=CHAP\0"),
+            Some("iqn.x:a")
+        );
+        // Cut inside the name (a C-bit piece): not taken.
+        assert_eq!(
+            initiator_name_in(b"TargetName=t\0InitiatorName=iqn.x"),
+            None
+        );
+        assert_eq!(initiator_name_in(b"InitiatorName=iqn.x:a"), None);
+        assert_eq!(initiator_name_in(b""), None);
+        assert_eq!(initiator_name_in(b"InitiatorName=\xff\0"), None);
     }
 
     #[test]

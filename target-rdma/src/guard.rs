@@ -14,9 +14,10 @@
 //!   failure up to `AUTH_DELAY_MAX`: 100 ms after the 5th, 200 ms after
 //!   the 6th, ..., 5 s from the 11th on.
 //! - Attempts of a throttled key are spaced out by that delay even when
-//!   they come on many connections at once: each one admitted books the
-//!   next slot. One that would wait more than `AUTH_WAIT_MAX` is refused:
-//!   its connection is closed without an answer.
+//!   they come on many connections at once: attempts under way count as
+//!   failures until they end, and each one admitted books the next slot.
+//!   One that would wait more than `AUTH_WAIT_MAX` is refused: its
+//!   connection is closed without an answer.
 //! - A successful login resets the counters of its peer address and of its
 //!   initiator name. A key with no failure for `AUTH_ENTRY_TTL` is
 //!   forgotten; the table holds at most `AUTH_KEYS_MAX` keys, the one with
@@ -70,9 +71,20 @@ enum Key {
 struct Entry {
     /// Consecutive failures.
     failures: u32,
+    /// Attempts admitted and not yet ended: they count as failures to
+    /// come, or attempts made on many connections at once would all pass
+    /// before the first failure is known.
+    in_flight: u32,
     /// The next attempt of this key is answered no earlier.
     next_at: Instant,
-    last_failure: Instant,
+    /// The last failure or admission; what expiry and eviction go by.
+    last_seen: Instant,
+}
+
+impl Entry {
+    fn counted(&self) -> u32 {
+        self.failures.saturating_add(self.in_flight)
+    }
 }
 
 /// Whether a login attempt may go on.
@@ -143,35 +155,36 @@ pub fn delay_after(failures: u32) -> Duration {
 
 impl LoginGuard {
     /// A connection's first Login Request arrived, from `peer` with
-    /// `name`: may it be answered now?
+    /// `name`: may it be answered now? An attempt admitted (now or later)
+    /// is under way until `failed`, `succeeded` or `ended` is called for
+    /// it with the same peer and name.
     pub fn admit(&mut self, now: Instant, peer: Option<IpAddr>, name: Option<&str>) -> Admit {
         let ks: Vec<Key> = keys(peer, name).collect();
         let mut at = now;
         let mut throttled = false;
         for k in &ks {
             if let Some(e) = self.live(k, now) {
-                if e.failures >= AUTH_FAILURES_FREE {
+                if e.counted() >= AUTH_FAILURES_FREE {
                     throttled = true;
                     at = at.max(e.next_at);
                 }
             }
         }
-        if !throttled {
-            return Admit::Now;
-        }
-        if at.saturating_duration_since(now) > AUTH_WAIT_MAX {
+        if throttled && at.saturating_duration_since(now) > AUTH_WAIT_MAX {
             self.stats.auth_refused += 1;
             return Admit::Refuse;
         }
-        // Book the slot after this one, so that attempts on parallel
-        // connections are spaced out too.
-        for k in &ks {
-            if let Some(e) = self.entries.get_mut(k) {
-                if e.failures >= AUTH_FAILURES_FREE {
-                    e.next_at = at + delay_after(e.failures);
-                }
+        for k in ks {
+            let e = self.entry(k, now);
+            // Book the slot after this one, so that attempts on parallel
+            // connections are spaced out too.
+            if e.counted() >= AUTH_FAILURES_FREE {
+                e.next_at = at + delay_after(e.counted());
             }
+            e.in_flight = e.in_flight.saturating_add(1);
+            e.last_seen = e.last_seen.max(now);
         }
+        self.stats.auth_keys = self.entries.len() as u64;
         if at > now {
             self.stats.auth_delayed += 1;
             Admit::At(at)
@@ -180,30 +193,52 @@ impl LoginGuard {
         }
     }
 
-    /// An authentication failed; returns the highest consecutive failure
-    /// count among its keys (for the log).
+    /// An admitted attempt's authentication failed; returns the highest
+    /// consecutive failure count among its keys (for the log).
     pub fn failed(&mut self, now: Instant, peer: Option<IpAddr>, name: Option<&str>) -> u32 {
         self.stats.auth_failures += 1;
         let mut most = 0;
         for k in keys(peer, name) {
-            if self.live(&k, now).is_none() {
-                self.entries.remove(&k);
-                if self.entries.len() >= AUTH_KEYS_MAX {
-                    self.evict_oldest();
-                }
-            }
-            let e = self.entries.entry(k).or_insert(Entry {
-                failures: 0,
-                next_at: now,
-                last_failure: now,
-            });
+            let e = self.entry(k, now);
+            e.in_flight = e.in_flight.saturating_sub(1);
             e.failures = e.failures.saturating_add(1);
-            e.last_failure = now;
+            e.last_seen = now;
             e.next_at = e.next_at.max(now + delay_after(e.failures));
             most = most.max(e.failures);
         }
         self.stats.auth_keys = self.entries.len() as u64;
         most
+    }
+
+    /// An admitted attempt ended otherwise (another refusal, the peer
+    /// left): no longer under way, and not a failed authentication.
+    pub fn ended(&mut self, peer: Option<IpAddr>, name: Option<&str>) {
+        for k in keys(peer, name) {
+            if let Some(e) = self.entries.get_mut(&k) {
+                e.in_flight = e.in_flight.saturating_sub(1);
+                if e.failures == 0 && e.in_flight == 0 {
+                    self.entries.remove(&k);
+                }
+            }
+        }
+        self.stats.auth_keys = self.entries.len() as u64;
+    }
+
+    /// The live entry of `k`, made (evicting the oldest when the table is
+    /// full) if there is none.
+    fn entry(&mut self, k: Key, now: Instant) -> &mut Entry {
+        if self.live(&k, now).is_none() {
+            self.entries.remove(&k);
+            if self.entries.len() >= AUTH_KEYS_MAX {
+                self.evict_oldest();
+            }
+        }
+        self.entries.entry(k).or_insert(Entry {
+            failures: 0,
+            in_flight: 0,
+            next_at: now,
+            last_seen: now,
+        })
     }
 
     /// A login succeeded: its peer address and initiator name start over.
@@ -217,7 +252,7 @@ impl LoginGuard {
     /// Forget keys whose last failure is `AUTH_ENTRY_TTL` old.
     pub fn expire(&mut self, now: Instant) {
         self.entries
-            .retain(|_, e| now.saturating_duration_since(e.last_failure) < AUTH_ENTRY_TTL);
+            .retain(|_, e| now.saturating_duration_since(e.last_seen) < AUTH_ENTRY_TTL);
         self.stats.auth_keys = self.entries.len() as u64;
     }
 
@@ -243,7 +278,7 @@ impl LoginGuard {
     fn live(&self, k: &Key, now: Instant) -> Option<&Entry> {
         self.entries
             .get(k)
-            .filter(|e| now.saturating_duration_since(e.last_failure) < AUTH_ENTRY_TTL)
+            .filter(|e| now.saturating_duration_since(e.last_seen) < AUTH_ENTRY_TTL)
     }
 
     fn evict_oldest(&mut self) {
@@ -252,7 +287,7 @@ impl LoginGuard {
         let oldest = self
             .entries
             .iter()
-            .min_by_key(|(_, e)| e.last_failure)
+            .min_by_key(|(_, e)| e.last_seen)
             .map(|(k, _)| k.clone());
         if let Some(k) = oldest {
             self.entries.remove(&k);
@@ -274,10 +309,18 @@ mod tests {
     const B: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 5));
     const MS: Duration = Duration::from_millis(1);
 
-    fn fail_n(g: &mut LoginGuard, now: Instant, n: u32, peer: IpAddr, name: &str) {
+    /// `n` attempts, one after the other, each failing as soon as it is
+    /// answered; returns when the last one failed.
+    fn fail_n(g: &mut LoginGuard, mut now: Instant, n: u32, peer: IpAddr, name: &str) -> Instant {
         for _ in 0..n {
+            match g.admit(now, Some(peer), Some(name)) {
+                Admit::Now => {}
+                Admit::At(t) => now = t,
+                Admit::Refuse => panic!("refused"),
+            }
             g.failed(now, Some(peer), Some(name));
         }
+        now
     }
 
     #[test]
@@ -290,65 +333,119 @@ mod tests {
     }
 
     #[test]
+    fn sequential_guesses_wait_the_doubling_delays() {
+        let t0 = Instant::now();
+        let mut g = LoginGuard::default();
+        let mut now = t0;
+        let mut waits = Vec::new();
+        for _ in 0..13 {
+            let at = match g.admit(now, Some(A), Some("n")) {
+                Admit::Now => now,
+                Admit::At(t) => t,
+                Admit::Refuse => panic!("refused"),
+            };
+            waits.push(at.duration_since(now).as_millis() as u64);
+            now = at;
+            g.failed(now, Some(A), Some("n"));
+        }
+        assert_eq!(
+            waits,
+            [0, 0, 0, 0, 0, 100, 200, 400, 800, 1600, 3200, 5000, 5000]
+        );
+        assert_eq!(g.stats().auth_failures, 13);
+        assert_eq!(g.stats().auth_delayed, 8);
+    }
+
+    #[test]
     fn a_guesser_is_slowed_and_others_are_not() {
         let t0 = Instant::now();
         let mut g = LoginGuard::default();
-        for _ in 0..4 {
-            assert_eq!(g.admit(t0, Some(A), Some("iqn.x:evil")), Admit::Now);
-            g.failed(t0, Some(A), Some("iqn.x:evil"));
-        }
-        assert_eq!(g.admit(t0, Some(A), Some("iqn.x:evil")), Admit::Now);
-        assert_eq!(g.failed(t0, Some(A), Some("iqn.x:evil")), 5);
+        let t = fail_n(&mut g, t0, 5, A, "iqn.x:evil");
         // The 6th attempt waits 100 ms, whether it comes with the same
         // name, another name, or the same name from elsewhere.
         assert_eq!(
-            g.admit(t0, Some(A), Some("iqn.x:other")),
-            Admit::At(t0 + 100 * MS)
+            g.admit(t, Some(A), Some("iqn.x:other")),
+            Admit::At(t + 100 * MS)
         );
+        g.ended(Some(A), Some("iqn.x:other"));
         let mut g2 = LoginGuard::default();
-        fail_n(&mut g2, t0, 5, A, "iqn.x:evil");
+        let t2 = fail_n(&mut g2, t0, 5, A, "iqn.x:evil");
         assert_eq!(
-            g2.admit(t0, Some(B), Some("iqn.x:evil")),
-            Admit::At(t0 + 100 * MS)
+            g2.admit(t2, Some(B), Some("iqn.x:evil")),
+            Admit::At(t2 + 100 * MS)
         );
         // A different initiator from a different address goes at once.
-        assert_eq!(g.admit(t0, Some(B), Some("iqn.x:good")), Admit::Now);
-        assert_eq!(g.admit(t0, None, Some("iqn.x:good")), Admit::Now);
+        assert_eq!(g.admit(t, Some(B), Some("iqn.x:good")), Admit::Now);
+        g.succeeded(Some(B), Some("iqn.x:good"));
+        assert_eq!(g.admit(t, None, Some("iqn.x:good")), Admit::Now);
+        g.succeeded(None, Some("iqn.x:good"));
         assert_eq!(g.stats().auth_failures, 5);
+        // The guesser's address and name.
         assert_eq!(g.stats().auth_keys, 2);
     }
 
     #[test]
-    fn parallel_attempts_are_spaced_out_and_the_excess_refused() {
+    fn attempts_under_way_count_before_they_fail() {
+        // 32 connections at once, before any failure is known: the first
+        // six pass, the rest are spaced out as if each had failed, and
+        // those beyond AUTH_WAIT_MAX refused.
         let t0 = Instant::now();
         let mut g = LoginGuard::default();
-        fail_n(&mut g, t0, 11, A, "n");
-        // 5 s per attempt: the first at t0 + 5 s, the next at 10 s, the
+        let got: Vec<Admit> = (0..32).map(|_| g.admit(t0, Some(A), Some("n"))).collect();
+        assert!(got[..6].iter().all(|a| *a == Admit::Now), "{got:?}");
+        let waits: Vec<u64> = got[6..]
+            .iter()
+            .map_while(|a| match a {
+                Admit::At(t) => Some(t.duration_since(t0).as_millis() as u64),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(waits, [100, 300, 700, 1500, 3100, 6300]);
+        assert!(got[12..].iter().all(|a| *a == Admit::Refuse));
+        assert_eq!(g.stats().auth_refused, 20);
+        // Attempts that end without a failure free their count.
+        let mut g = LoginGuard::default();
+        for _ in 0..10 {
+            assert_eq!(g.admit(t0, Some(A), Some("n")), Admit::Now);
+            g.ended(Some(A), Some("n"));
+        }
+        assert_eq!(g.stats().auth_keys, 0);
+    }
+
+    #[test]
+    fn parallel_attempts_of_a_capped_key_are_5_s_apart() {
+        let t0 = Instant::now();
+        let mut g = LoginGuard::default();
+        let t = fail_n(&mut g, t0, 11, A, "n");
+        // 5 s per attempt: the first at t + 5 s, the next at 10 s, the
         // third would wait 15 s > AUTH_WAIT_MAX.
-        assert_eq!(g.admit(t0, Some(A), Some("n")), Admit::At(t0 + 5000 * MS));
-        assert_eq!(g.admit(t0, Some(A), Some("n")), Admit::At(t0 + 10_000 * MS));
-        assert_eq!(g.admit(t0, Some(A), Some("n")), Admit::Refuse);
+        let before = g.stats().auth_delayed;
+        assert_eq!(g.admit(t, Some(A), Some("n")), Admit::At(t + 5000 * MS));
+        assert_eq!(g.admit(t, Some(A), Some("n")), Admit::At(t + 10_000 * MS));
+        assert_eq!(g.admit(t, Some(A), Some("n")), Admit::Refuse);
         let s = g.stats();
-        assert_eq!((s.auth_delayed, s.auth_refused), (2, 1));
+        assert_eq!((s.auth_delayed - before, s.auth_refused), (2, 1));
     }
 
     #[test]
     fn success_resets_and_entries_expire() {
         let t0 = Instant::now();
         let mut g = LoginGuard::default();
-        fail_n(&mut g, t0, 8, A, "n");
-        assert!(matches!(g.admit(t0, Some(A), Some("n")), Admit::At(_)));
-        // The right secret, after the window: admitted, then succeeds.
-        let later = t0 + AUTH_WAIT_MAX + AUTH_DELAY_MAX;
-        assert_eq!(g.admit(later, Some(A), Some("n")), Admit::Now);
+        let t = fail_n(&mut g, t0, 8, A, "n");
+        // The right secret: admitted after the window, then succeeds.
+        let at = match g.admit(t, Some(A), Some("n")) {
+            Admit::At(at) => at,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(at, t + delay_after(8));
         g.succeeded(Some(A), Some("n"));
-        assert_eq!(g.admit(later, Some(A), Some("n")), Admit::Now);
-        assert_eq!(g.stats().auth_keys, 0);
+        assert_eq!(g.admit(at, Some(A), Some("n")), Admit::Now);
+        assert_eq!(g.stats().auth_keys, 2);
         // One failure after the reset counts from one again.
-        assert_eq!(g.failed(later, Some(A), Some("n")), 1);
+        assert_eq!(g.failed(at, Some(A), Some("n")), 1);
 
-        fail_n(&mut g, later, 10, B, "m");
-        let gone = later + AUTH_ENTRY_TTL;
+        let t = fail_n(&mut g, at, 10, B, "m");
+        let gone = t + AUTH_ENTRY_TTL;
         assert_eq!(g.admit(gone, Some(B), Some("m")), Admit::Now);
         assert_eq!(g.failed(gone, Some(B), Some("m")), 1);
         g.expire(gone + AUTH_ENTRY_TTL);

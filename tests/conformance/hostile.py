@@ -12,6 +12,8 @@ loopback):
     free failures, then 100 ms doubling to 5 s; README "Failed logins and
     login floods"), while another initiator from 127.0.0.5 logs in within
     1 s throughout; afterwards the right secret logs in from 127.0.0.1;
+(a2) the same with 32 connections at a time from 127.0.0.9: answers are
+    spaced out as one by one, the excess is refused (closed unanswered);
 (b) login flood: 127.0.0.1 opens 2,000 connections and stalls them (nothing
     or half a Login Request); an initiator from 127.0.0.5 logs in within
     1 s, several times, throughout.
@@ -45,6 +47,10 @@ GUESSES = 2000
 GUESS_BUDGET_S = 20.0
 FLOOD = 2000
 LATENCY_MAX_S = 1.0
+PARALLEL = 32
+PARALLEL_S = 4.0
+PARALLEL_WAIT_S = 3.0
+PARALLEL_NAME = "iqn.2026-11.io.target-rdma:hostile-parallel"
 
 
 def delay_after(failures):
@@ -159,6 +165,8 @@ def chap_login(port, target, initiator, user, secret, src="127.0.0.1", timeout=1
         return (0xff, 0xff), resps
     except (EOFError, ConnectionResetError):
         return "closed", resps
+    except socket.timeout:
+        return "timeout", resps
     finally:
         s.close()
 
@@ -273,6 +281,46 @@ def main():
     check("right-secret-after-window", st == (0, 0) and waited <= DELAY_MAX + 2,
           f"status={st} in {waited:.2f} s")
 
+    # ---- (a2) parallel guessing: 32 connections at a time, from its own
+    # address and with a name not on the allow list (which fails with 02/01
+    # too, and counts): attempts are spaced out, the excess refused
+    par = []
+    par_lock = threading.Lock()
+    t0 = time.time()
+
+    def par_guesser(j):
+        k = 0
+        while time.time() - t0 < PARALLEL_S:
+            st, _ = chap_login(a.port, a.target, PARALLEL_NAME, a.user, f"par-{j}-{k:08d}",
+                               src="127.0.0.9", timeout=PARALLEL_WAIT_S, full=False)
+            with par_lock:
+                par.append(st)
+            k += 1
+
+    ths = [threading.Thread(target=par_guesser, args=(j,)) for j in range(PARALLEL)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join(PARALLEL_S + PARALLEL_WAIT_S + 5)
+    window = time.time() - t0
+    n_ans = par.count((2, 1))
+    n_closed = par.count("closed")
+    n_timeout = par.count("timeout")
+    # Attempts the policy answers in the window: the free ones, then one
+    # per delay (each booked after the one before).
+    allowed, spent, k = FAILURES_FREE, 0.0, FAILURES_FREE
+    while spent + delay_after(k) <= window:
+        spent += delay_after(k)
+        allowed += 1
+        k += 1
+    print(f"  parallel guessing: {len(par)} attempts on {PARALLEL} connections in {window:.1f} s: "
+          f"{n_ans} answered 02/01 ({n_ans / window:.1f} guesses/s; policy allows <= {allowed}), "
+          f"{n_closed} refused, {n_timeout} still held after {PARALLEL_WAIT_S:.0f} s")
+    check("parallel-guessing-spaced-out", n_ans <= allowed + 1, f"{n_ans} <= {allowed} + 1")
+    check("parallel-guessing-excess-refused", n_closed >= 1, f"{n_closed} refused")
+    check("parallel-guessing-no-other-outcome",
+          n_ans + n_closed + n_timeout == len(par), str(sorted({str(x) for x in par})))
+
     # ---- (b) login flood from 127.0.0.1
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = FLOOD + 200
@@ -321,8 +369,8 @@ def main():
             g = {"error": str(e)}
         print(f"  stats login_guard: {g}")
         check("stats-counters", g.get("auth_failures", 0) >= FAILURES_FREE
-              and g.get("auth_delayed", 0) >= 1 and g.get("peer_share_refused", 0) >= 1
-              and "auth_keys" in g, json.dumps(g))
+              and g.get("auth_delayed", 0) >= 1 and g.get("auth_refused", 0) >= 1
+              and g.get("peer_share_refused", 0) >= 1 and "auth_keys" in g, json.dumps(g))
 
     failed = results.count(False)
     print(f"took {time.time() - t_start:.1f} s")
