@@ -46,6 +46,7 @@ DELAY_MAX = 5.0
 GUESSES = 2000
 GUESS_BUDGET_S = 20.0
 FLOOD = 2000
+FLOOD_HOLD_S = 3.0
 LATENCY_MAX_S = 1.0
 PARALLEL = 32
 PARALLEL_S = 4.0
@@ -232,7 +233,7 @@ def main():
         while not stop.is_set():
             t = time.time()
             st, _ = chap_login(a.port, a.target, LEGIT, src=src, timeout=5.0, **good)
-            lat.append((time.time() - t, st))
+            lat.append((time.time() - t, st, t))
             stop.wait(0.5)
 
     th = threading.Thread(target=legit, args=(legit_lat,))
@@ -268,11 +269,11 @@ def main():
           f"{n} guesses in {guess_time:.1f} s, policy >= {implied:.1f} s")
     check("guessing-throttled-below-1-per-s", later and later_rate < 1.0,
           f"{later_rate:.2f} guesses/s")
-    lat = [x for x, _ in legit_lat]
+    lat = [x for x, _, _ in legit_lat]
     print(f"  other initiator during guessing: {len(lat)} logins, "
-          f"latency max {max(lat, default=0):.3f} s, statuses {sorted({str(s) for _, s in legit_lat})}")
+          f"latency max {max(lat, default=0):.3f} s, statuses {sorted({str(s) for _, s, _ in legit_lat})}")
     check("other-initiator-logs-in-during-guessing",
-          legit_lat and all(st == (0, 0) and x < LATENCY_MAX_S for x, st in legit_lat),
+          legit_lat and all(st == (0, 0) and x < LATENCY_MAX_S for x, st, _ in legit_lat),
           f"{len(lat)} logins, max {max(lat, default=0):.3f} s")
     t = time.time()
     st, _ = chap_login(a.port, a.target, GUESSER, timeout=15.0, **good)
@@ -346,17 +347,22 @@ def main():
         except OSError:
             flood_err += 1
     opened = time.time() - t0
-    # Keep them stalled a while longer, the other initiator still trying.
-    stop.wait(max(0.0, 4.0 - opened))
+    # Keep them all open and stalled a while longer, the other initiator
+    # still trying: the logins that count most are those after the last
+    # flood connection was opened.
+    t_all = time.time()
+    stop.wait(FLOOD_HOLD_S)
     stop.set()
     th.join(10)
-    lat = [x for x, _ in flood_lat]
+    lat = [x for x, _, _ in flood_lat]
+    after = [(x, st) for x, st, t in flood_lat if t >= t_all]
     print(f"  flood: {len(flood)} connections opened in {opened:.1f} s ({flood_err} failed); "
-          f"other initiator: {len(lat)} logins, latency max {max(lat, default=0):.3f} s, "
-          f"statuses {sorted({str(s) for _, s in flood_lat})}")
+          f"other initiator: {len(lat)} logins ({len(after)} with all {len(flood)} open), "
+          f"latency max {max(lat, default=0):.3f} s, "
+          f"statuses {sorted({str(s) for _, s, _ in flood_lat})}")
     check("other-initiator-logs-in-during-flood",
-          len(flood_lat) >= 3 and all(st == (0, 0) and x < LATENCY_MAX_S for x, st in flood_lat),
-          f"{len(lat)} logins, max {max(lat, default=0):.3f} s")
+          len(after) >= 3 and all(st == (0, 0) and x < LATENCY_MAX_S for x, st, _ in flood_lat),
+          f"{len(lat)} logins, {len(after)} with all open, max {max(lat, default=0):.3f} s")
     for s in flood:
         s.close()
 
