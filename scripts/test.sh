@@ -288,9 +288,11 @@ CHAP_USER=harness
 CHAP_SECRET=harnesssecret0123
 TCHAP_USER=targetname
 TCHAP_SECRET=targetsecret4567
-# expected libiscsi message for an initiator that is not in --allow
-# (login status 0x0202; tgt hides the target instead: 0x0203 "Target not found")
-AUTHZ_EXPECT='Status: Authorization failure\(514\)'
+# expected libiscsi message for an initiator that is not in --allow on a CHAP
+# target (target B): target-rdma authenticates before it authorizes, so that
+# names cannot be probed without the secret, and answers like a wrong secret
+# (0x0201; without CHAP it says 0x0202); tgt hides the target: 0x0203
+AUTHZ_EXPECT='Status: Authentication failure\(513\)'
 if [ "$TARGET_UNDER_TEST" = tgt ]; then
     AUTHZ_EXPECT='Status: (Authorization failure\(514\)|Target not found\(515\))'
 fi
@@ -879,6 +881,39 @@ e2e_target_b() {
         esac
     done
     if target_alive B; then pass "target B alive at end"; else fail "target B alive at end"; fi
+    hostile_tests
+}
+
+hostile_tests() {
+    # tests/conformance/hostile.py against a CHAP target with an allow list
+    # of its own (its guessing leaves 127.0.0.1 throttled for a while):
+    # CHAP guessing is slowed while another initiator logs in at once, a
+    # login flood from one address leaves the others room, and an unknown
+    # target, an initiator not allowed and a wrong secret look alike.
+    [ -f "$CONF_DIR/hostile.py" ] || return 0
+    if [ "$TARGET_UNDER_TEST" != target-rdma ]; then
+        skip "hostile" "hostile.py checks target-rdma's own login policy"
+        return 0
+    fi
+    local port_h iqn_h=$IQN_PREFIX:harness-h stats_h=$TMP/hostile-stats.json
+    port_h=$(free_port)
+    if ! start_target H "$port_h" "$iqn_h" --lun mem:16MiB \
+            --chap "$CHAP_USER:$CHAP_SECRET" --stats-file "$stats_h" \
+            --allow iqn.2026-11.io.target-rdma:hostile-guesser \
+            --allow iqn.2026-11.io.target-rdma:hostile-legit; then
+        fail "hostile" "target H did not start"
+        return 0
+    fi
+    log "hostile: CHAP guessing, login flood, name probing"
+    if timeout -k 5 120 python3 "$CONF_DIR/hostile.py" --port "$port_h" --target "$iqn_h" \
+            --user "$CHAP_USER" --secret "$CHAP_SECRET" --stats-file "$stats_h" \
+            2>&1 | tee "$TEST_LOG_DIR/hostile.log"; then
+        pass "hostile"
+    else
+        fail "hostile" "see $TEST_LOG_DIR/hostile.log"
+    fi
+    if target_alive H; then pass "target H alive at end"; else fail "target H alive at end"; fi
+    stop_pid "$TARGET_PID_H"
 }
 
 # ------------------------------------------------------------------ gluster
@@ -1366,8 +1401,9 @@ fi
 
 echo
 log "summary ($((SECONDS - T_START)) s, logs in $TEST_LOG_DIR)"
-grep -h -E '^(conformance\(.*\)|malformed|sessions): [0-9]+ passed' "$TEST_LOG_DIR"/*.summary \
-    "$TEST_LOG_DIR"/malformed.log "$TEST_LOG_DIR"/sessions*.log 2>/dev/null || true
+grep -h -E '^(conformance\(.*\)|malformed|sessions|hostile): [0-9]+ passed' "$TEST_LOG_DIR"/*.summary \
+    "$TEST_LOG_DIR"/malformed.log "$TEST_LOG_DIR"/sessions*.log "$TEST_LOG_DIR"/hostile.log \
+    2>/dev/null || true
 local s n_pass n_fail n_skip
 for s in "${FAILED_STEPS[@]:-}"; do if [ -n "$s" ]; then echo "failed: $s"; fi; done
 for s in "${SKIPPED_STEPS[@]:-}"; do if [ -n "$s" ]; then echo "skipped: $s"; fi; done

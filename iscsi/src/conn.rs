@@ -521,6 +521,12 @@ impl Connection {
         self.phase == Phase::FullFeature
     }
 
+    /// The login state machine, until full feature phase (also after the
+    /// login failed: what it knows about who tried and how it ended).
+    pub fn login(&self) -> Option<&LoginMachine> {
+        self.login.as_ref()
+    }
+
     pub fn is_closing(&self) -> bool {
         self.phase == Phase::Closing
     }

@@ -120,6 +120,15 @@ pub trait LoginContext {
     fn target_alias(&self, _target_name: &str) -> Option<String> {
         None
     }
+    /// Authentication before authorization: whether some target here
+    /// requires CHAP. Then an unknown target name, and an initiator a
+    /// CHAP-protected target does not allow, are not refused at the first
+    /// request (02/03, 02/02) but go through the whole CHAP exchange and
+    /// fail at its end with 02/01 and the same response a wrong secret
+    /// gets, so that names cannot be probed without the secret.
+    fn authenticate_first(&self) -> bool {
+        false
+    }
 }
 
 /// What `instate_session` is asked to do.
@@ -182,6 +191,17 @@ impl LoginMachine {
     /// Feed one Login Request (opcode 0x03).
     pub fn handle(&mut self, ctx: &mut dyn LoginContext, req: &Pdu) -> LoginStep {
         state::handle(&self.limits, self.transport, &mut self.st, ctx, req)
+    }
+
+    /// The InitiatorName of the first complete request, once it was
+    /// accepted (for the engine's logs and its failed-login accounting).
+    pub fn initiator_name(&self) -> Option<&str> {
+        self.st.initiator_name()
+    }
+
+    /// The status the login failed with, once it has.
+    pub fn failure(&self) -> Option<LoginStatus> {
+        self.st.failure()
     }
 }
 

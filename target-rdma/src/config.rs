@@ -762,6 +762,16 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
+    load_with_cpus(args, affinity_cpus().as_deref())
+}
+
+/// `load`, checking `--cores` (or `cores`) against `allowed_cpus` (the
+/// affinity mask; `None`: unknown, not checked).
+pub fn load_with_cpus<I, T>(args: I, allowed_cpus: Option<&[usize]>) -> Result<Config, ConfigError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
     let cli = Cli::try_parse_from(args).map_err(ConfigError::Cli)?;
     if cli.example_config {
         return Err(ConfigError::ExampleRequested);
@@ -776,7 +786,60 @@ where
             Some((path.clone(), parse_file(path, &text)?))
         }
     };
-    build(&cli, file.as_ref().map(|(p, f)| (p.as_path(), f)))
+    let cfg = build(&cli, file.as_ref().map(|(p, f)| (p.as_path(), f)))?;
+    if let (Some(cores), Some(allowed)) = (&cfg.cores, allowed_cpus) {
+        let at = match &file {
+            Some((path, _)) if cli.cores.is_none() => format!("config {}: cores", path.display()),
+            _ => "--cores".to_string(),
+        };
+        check_cores_allowed(cores, allowed).map_err(|r| ConfigError::invalid(at, r))?;
+    }
+    Ok(cfg)
+}
+
+/// The CPUs this process may run on (its affinity mask, as `taskset` or a
+/// cgroup's cpuset set it); `None` when it cannot be read.
+pub fn affinity_cpus() -> Option<Vec<usize>> {
+    core_affinity::get_core_ids().map(|ids| ids.into_iter().map(|c| c.id).collect())
+}
+
+/// A reactor pinned to a CPU outside the affinity mask would not run there
+/// (the pin fails) and would share a CPU with another reactor: refuse the
+/// list rather than start more reactors than there are CPUs to run them.
+pub fn check_cores_allowed(cores: &[usize], allowed: &[usize]) -> Result<(), String> {
+    match cores.iter().find(|c| !allowed.contains(c)) {
+        None => Ok(()),
+        Some(c) => Err(format!(
+            "CPU {c} is not one this process may run on (allowed: {})",
+            cpu_list(allowed)
+        )),
+    }
+}
+
+/// `0-3,6`: a CPU list in the form `--cores` takes.
+fn cpu_list(cpus: &[usize]) -> String {
+    let mut sorted = cpus.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let mut j = i;
+        while j + 1 < sorted.len() && sorted[j + 1] == sorted[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            sorted[i].to_string()
+        } else {
+            format!("{}-{}", sorted[i], sorted[j])
+        });
+        i = j + 1;
+    }
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(",")
+    }
 }
 
 fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
@@ -2073,8 +2136,64 @@ mod tests {
             .expect("flags parse")
     }
 
+    /// Parsing as `load` does, on a machine whose affinity mask is not
+    /// known (so core lists are not checked against it).
     fn run(args: &[&str]) -> Result<Config, ConfigError> {
-        load(std::iter::once("target-rdma").chain(args.iter().copied()))
+        load_with_cpus(
+            std::iter::once("target-rdma").chain(args.iter().copied()),
+            None,
+        )
+    }
+
+    #[test]
+    fn cores_outside_the_affinity_mask_are_refused() {
+        let with = |args: &[&str], mask: &[usize]| {
+            load_with_cpus(
+                std::iter::once("target-rdma").chain(args.iter().copied()),
+                Some(mask),
+            )
+        };
+        let e = with(&["--cores", "99"], &[0, 1]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--cores: CPU 99 is not one this process may run on (allowed: 0-1)"
+        );
+        assert_eq!(e.exit_code(), 2);
+        let e = with(&["--cores", "0-63"], &[0, 1]).unwrap_err();
+        assert!(e.to_string().contains("CPU 2 is not one"), "{e}");
+        let e = with(&["--cores", "1,4"], &[0, 1, 2, 3, 5, 8, 9, 10]).unwrap_err();
+        assert!(e.to_string().ends_with("(allowed: 0-3,5,8-10)"), "{e}");
+        assert_eq!(
+            with(&["--cores", "1,0"], &[0, 1]).unwrap().cores,
+            Some(vec![1, 0])
+        );
+        // No list: every allowed CPU, nothing to check.
+        assert_eq!(with(&[], &[0, 1]).unwrap().cores, None);
+        assert_eq!(
+            check_cores_allowed(&[3], &[]).unwrap_err(),
+            "CPU 3 is not one this process may run on (allowed: none)"
+        );
+    }
+
+    #[test]
+    fn cores_in_the_config_file_are_checked_against_the_mask_too() {
+        let dir = std::env::temp_dir().join(format!("trdma-cores-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "cores = \"0-2\"\n").unwrap();
+        let p = path.to_str().unwrap();
+        let e = load_with_cpus(["target-rdma", "--config", p], Some(&[0, 1][..])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("config {p}: cores: CPU 2 is not one this process may run on (allowed: 0-1)")
+        );
+        // The flag overrides the file and is what gets checked.
+        let c = load_with_cpus(
+            ["target-rdma", "--config", p, "--cores", "1"],
+            Some(&[0, 1][..]),
+        );
+        assert_eq!(c.unwrap().cores, Some(vec![1]));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// Flags plus a config file text, as if given with `--config /etc/x.toml`.

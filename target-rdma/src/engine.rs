@@ -28,9 +28,10 @@
 //! wake it through its `mio::Waker` only then, so cores that are spinning
 //! are not sent system calls.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -50,7 +51,10 @@ use rdma::{CmEventKind, Completion, WcStatus};
 use scsi::{Nexus, NexusId, ScsiCompletion, ScsiTask, TaskAttr};
 use transport_tcp::{Fill, TcpConn, TX_BACKLOG_MAX_BYTES};
 
+use crate::guard::LoginGuard;
 use crate::iser::{IserDevice, IserLink, IserPortals, Op, PendingRead};
+
+mod login_gate;
 
 /// One exported iSCSI target: its name, access rules and SCSI device.
 pub struct ExportedTarget {
@@ -462,6 +466,9 @@ struct Shared {
     finished: AtomicBool,
     /// The command data pool (for its counters; reactors hold caches).
     data_pool: Pool,
+    /// Failed logins per peer address and initiator name (`guard`);
+    /// touched only at login, like `sessions`.
+    guard: Mutex<LoginGuard>,
 }
 
 impl Shared {
@@ -530,6 +537,31 @@ struct ConnEntry {
     closing: bool,
     /// Counted in its core's `load`.
     placed: bool,
+    /// The peer's address, for the failed-login accounting and the per-peer
+    /// share of the login slots.
+    peer: Option<IpAddr>,
+    /// Where the first Login Request is with the failed-login throttle.
+    gate: Gate,
+    /// The login attempt the throttle admitted, with the InitiatorName it
+    /// was admitted under, until it succeeds, fails or the connection
+    /// goes (`LoginGuard::succeeded`, `failed`, `ended`).
+    attempt: Option<Attempt>,
+}
+
+struct Attempt {
+    name: Option<String>,
+}
+
+/// A connection's first Login Request and the failed-login throttle
+/// (`guard::LoginGuard::admit`).
+enum Gate {
+    /// Not seen yet.
+    Unchecked,
+    /// Admitted (or past login).
+    Passed,
+    /// Held until its time comes (`Reactor::held_logins`); the connection
+    /// reads nothing meanwhile.
+    Held(Box<(iscsi::Pdu, RdmaTags)>),
 }
 
 /// The whole target: built on the main thread, then `run` starts one
@@ -649,6 +681,7 @@ impl Engine {
             stopping: AtomicUsize::new(0),
             published: (0..n).map(|_| Mutex::new(CoreStats::default())).collect(),
             finished: AtomicBool::new(false),
+            guard: Mutex::new(LoginGuard::default()),
         });
         for (poll, ds) in polls.iter().zip(&devices) {
             for d in ds.iter().flatten() {
@@ -711,6 +744,9 @@ impl Engine {
                 coalesce_due: false,
                 iter_read: false,
                 coalesce_policy: CoalescePolicy::new(started),
+                held_logins: BinaryHeap::new(),
+                share_warned: None,
+                share_refusals: 0,
                 stats: CoreStats {
                     reactor: me,
                     cpu: sh.cfg.pin.then(|| sh.cfg.cores.get(me).copied()).flatten(),
@@ -852,11 +888,13 @@ fn stats_json(sh: &Shared) -> String {
             })
         })
         .collect();
+    let guard = serde_json::to_value(lock(&sh.guard).stats()).unwrap_or_default();
     let doc = serde_json::json!({
         "version": 1,
         "reactors": cores,
         "luns": luns,
         "data_pool": pool,
+        "login_guard": guard,
     });
     doc.to_string()
 }
@@ -1020,6 +1058,13 @@ struct Reactor {
     coalesce_due: bool,
     iter_read: bool,
     coalesce_policy: CoalescePolicy,
+    /// First Login Requests held back by the failed-login throttle, by the
+    /// time they may go on (at most `HELD_LOGINS_MAX`).
+    held_logins: BinaryHeap<Reverse<(Instant, u32)>>,
+    /// When the last "share of login slots" warning was logged, and the
+    /// connections refused since.
+    share_warned: Option<Instant>,
+    share_refusals: u64,
 }
 
 /// Whether adaptive polling spins (see `SPIN_PROBE_EVERY`).
@@ -1318,6 +1363,10 @@ impl Reactor {
                 }
                 PollMode::Adaptive => TICK,
             };
+            if let Some(Reverse((due, _))) = self.held_logins.peek() {
+                // Wake when a held login may go on.
+                timeout = timeout.min(due.saturating_duration_since(Instant::now()));
+            }
             if self.coalesce_due && !timeout.is_zero() {
                 // Let the next batch gather in the sockets (see
                 // `COALESCE_PROBE_EVERY`): a plain sleep, which data
@@ -1413,6 +1462,7 @@ impl Reactor {
                     }
                 }
             }
+            self.release_held_logins();
             let mut completed = self.iser_poll();
             completed += self.run_until_idle();
             self.serve_buffer_waits();
@@ -1508,6 +1558,9 @@ impl Reactor {
     fn tick(&mut self) {
         self.pool.data.maintain();
         self.publish();
+        if self.me == 0 {
+            lock(&self.sh.guard).expire(Instant::now());
+        }
         if self.sh.cfg.trace_allocs > 0 {
             self.trace_allocs_when_steady();
         }
@@ -1851,15 +1904,43 @@ impl Reactor {
         loop {
             match self.listeners[portal].accept() {
                 Ok((stream, peer)) => {
-                    let logging_in = self
-                        .conns
-                        .values()
-                        .filter(|c| !c.proto.is_full_feature())
-                        .count();
+                    let (mut logging_in, mut from_peer) = (0, 0);
+                    let group = crate::guard::peer_group(peer.ip());
+                    for c in self.conns.values() {
+                        if !c.proto.is_full_feature() && !c.closing {
+                            logging_in += 1;
+                            from_peer +=
+                                usize::from(c.peer.map(crate::guard::peer_group) == Some(group));
+                        }
+                    }
                     if logging_in >= self.sh.cfg.max_login_connections
                         || self.conns.len() > LOCAL_ID_MASK as usize / 2
                     {
+                        lock(&self.sh.guard).note_login_slots_refused();
                         tracing::warn!(%peer, "too many connections in login; refusing");
+                        drop(stream);
+                        continue;
+                    }
+                    if !crate::guard::peer_may_log_in(from_peer) {
+                        // One host stalling logins must not take the slots
+                        // of the others (`LOGIN_CONNECTIONS_PER_PEER_MAX`).
+                        lock(&self.sh.guard).note_peer_share_refused();
+                        self.share_refusals += 1;
+                        // A flood must not flood the log too: one line a
+                        // second at most, with the count since the last.
+                        let now = Instant::now();
+                        if self
+                            .share_warned
+                            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+                        {
+                            tracing::warn!(
+                                %peer,
+                                refused = self.share_refusals,
+                                "peer has its share of login slots; refusing its new connections"
+                            );
+                            self.share_warned = Some(now);
+                            self.share_refusals = 0;
+                        }
                         drop(stream);
                         continue;
                     }
@@ -1884,6 +1965,9 @@ impl Reactor {
                         stash: VecDeque::with_capacity(STASH_MAX + 1),
                         closing: false,
                         placed: false,
+                        peer: Some(peer.ip()),
+                        gate: Gate::Unchecked,
+                        attempt: None,
                     };
                     let id = self.alloc_local();
                     if let Err(e) = self.register(id, &mut entry) {
@@ -1942,7 +2026,8 @@ impl Reactor {
             let Some(c) = self.conns.get_mut(&id) else {
                 return;
             };
-            if c.closing || c.stash_full() {
+            if c.closing || c.stash_full() || matches!(c.gate, Gate::Held(_)) {
+                // A held login reads on when released (`release_held_logins`).
                 return;
             }
             let Link::Tcp(tcp) = &mut c.link else {
@@ -1991,7 +2076,11 @@ impl Reactor {
             let Some(c) = self.conns.get_mut(&id) else {
                 return;
             };
-            if c.closing || c.proto.is_closing() || c.stash_full() {
+            if c.closing
+                || c.proto.is_closing()
+                || c.stash_full()
+                || matches!(c.gate, Gate::Held(_))
+            {
                 break;
             }
             // Behind a held command only Data-Outs of other tasks run
@@ -2303,6 +2392,27 @@ impl Reactor {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
+        if matches!(c.gate, Gate::Held(_)) {
+            // Only iSER gets here (a held TCP connection reads nothing): an
+            // initiator sends nothing more before its Login Response.
+            self.mark_closed(id, "PDU behind a held Login Request");
+            return;
+        }
+        if matches!(c.gate, Gate::Unchecked) {
+            if c.proto.is_full_feature() || pdu.bhs.opcode() != iscsi::pdu::opcode::LOGIN_REQ {
+                c.gate = Gate::Passed;
+            } else if !self.gate_login(id, &pdu) {
+                if let Some(c) = self.conns.get_mut(&id) {
+                    if !c.closing {
+                        c.gate = Gate::Held(Box::new((pdu, rdma)));
+                    }
+                }
+                return;
+            }
+        }
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
         let mut ctx = Ctx {
             sh: &self.sh,
             conn_global: c.global,
@@ -2410,6 +2520,15 @@ impl Reactor {
                     );
                 }
                 Event::LoggedIn(o) => {
+                    let peer = c.peer;
+                    let attempt = c.attempt.take();
+                    {
+                        let mut g = lock(&self.sh.guard);
+                        g.succeeded(peer, Some(&o.session.initiator_name));
+                        if let Some(name) = attempt.and_then(|a| a.name) {
+                            g.succeeded(None, Some(&name));
+                        }
+                    }
                     if let Some(target) = self.logged_in(id, &o) {
                         // The connection may move to another core: stop
                         // here; its remaining events go with it.
@@ -2553,7 +2672,7 @@ impl Reactor {
                 Event::Close(reason) => {
                     match &reason {
                         CloseReason::Logout => tracing::info!(id, "logout"),
-                        CloseReason::LoginFailed => tracing::info!(id, "login refused"),
+                        CloseReason::LoginFailed => self.login_failed(id),
                         r => tracing::info!(id, "closing: {r:?}"),
                     }
                     // The session ends now, before the Logout Response (or
@@ -2758,6 +2877,11 @@ impl Reactor {
             let Some(mut c) = self.conns.remove(&id) else {
                 continue;
             };
+            if let Some(a) = c.attempt.take() {
+                // A login attempt that never came to an end (the peer left,
+                // a protocol error, the login timeout).
+                lock(&self.sh.guard).ended(c.peer, a.name.as_deref());
+            }
             self.drop_buffer_waits(id);
             let tcp = match c.link {
                 Link::Tcp(ref mut tcp) => tcp,
@@ -3528,6 +3652,7 @@ impl Reactor {
         };
         ip.counters.connections_accepted += 1;
         let (qp, handle) = (link.qp_num, link.id.handle());
+        let peer = link.id.peer_addr().map(|a| a.ip());
         let mut limits = self.sh.cfg.limits.clone();
         limits.max_recv_data_segment_length = crate::iser::RECV_DATA_MAX;
         let cc = ConnConfig {
@@ -3549,6 +3674,9 @@ impl Reactor {
             stash: VecDeque::with_capacity(STASH_MAX + 1),
             closing: false,
             placed: true,
+            peer,
+            gate: Gate::Unchecked,
+            attempt: None,
         };
         let id = self.alloc_local();
         if let Some(ip) = self.iser.as_mut() {
@@ -3775,6 +3903,10 @@ impl LoginContext for Ctx<'_> {
 
     fn fill_random(&mut self, buf: &mut [u8]) {
         rand::rngs::OsRng.fill_bytes(buf);
+    }
+
+    fn authenticate_first(&self) -> bool {
+        self.sh.targets.iter().any(|t| t.chap.initiator.is_some())
     }
 
     fn instate_session(&mut self, req: &SessionRequest) -> Result<u16, LoginStatus> {

@@ -7,6 +7,7 @@
 
 mod config;
 mod engine;
+mod guard;
 mod iser;
 
 /// Counts heap allocations per thread, so each reactor can report that
@@ -248,6 +249,14 @@ fn run(cfg: Config) -> Result<(), RunError> {
             target: None,
         },
     };
+    if cfg.discovery_chap.is_none() && cfg.targets.iter().any(|t| t.chap.is_some()) {
+        // Logins hide target names from those without a secret (README,
+        // "Failed logins and login floods"); discovery would list them.
+        tracing::warn!(
+            "targets require CHAP but discovery does not (--discovery-chap): \
+             SendTargets names them to any initiator"
+        );
+    }
     let reactors = ecfg.cores.len();
     let engine = engine::Engine::new(ecfg, targets, portals).map_err(|e| e.to_string())?;
     tracing::info!(reactors, poll = ?cfg.poll, "engine ready");
@@ -274,9 +283,7 @@ fn run(cfg: Config) -> Result<(), RunError> {
 fn reactor_cores(cores: Option<&[usize]>) -> Vec<usize> {
     let mut list = match cores {
         Some(c) => c.to_vec(),
-        None => core_affinity::get_core_ids()
-            .map(|ids| ids.into_iter().map(|c| c.id).collect())
-            .unwrap_or_default(),
+        None => config::affinity_cpus().unwrap_or_default(),
     };
     if list.is_empty() {
         list.push(0);

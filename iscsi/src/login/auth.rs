@@ -31,6 +31,10 @@ enum Step {
 pub(super) struct Auth {
     step: Step,
     cfg: ChapConfig,
+    /// The exchange runs to its end but fails there whatever the response
+    /// (authentication before authorization, see `LoginContext::
+    /// authenticate_first`).
+    refused: bool,
 }
 
 fn get<'a>(keys: &[(&str, &'a str)], k: &str) -> Option<&'a str> {
@@ -40,6 +44,17 @@ fn get<'a>(keys: &[(&str, &'a str)], k: &str) -> Option<&'a str> {
 impl Auth {
     pub(super) fn set_config(&mut self, cfg: ChapConfig) {
         self.cfg = cfg;
+    }
+
+    /// Fail the exchange at its end, as a wrong secret would.
+    pub(super) fn refuse(&mut self) {
+        self.refused = true;
+    }
+
+    /// Whether the security stage's work is over (CHAP verified, or
+    /// AuthMethod=None agreed).
+    pub(super) fn done(&self) -> bool {
+        matches!(self.step, Step::Done)
     }
 
     /// Whether the target insists on CHAP from this initiator.
@@ -152,7 +167,7 @@ impl Auth {
         // take the same path.
         let name_ok = constant_time_eq(name.as_bytes(), user.as_bytes());
         let resp_ok = constant_time_eq(&resp, &expected);
-        if !(name_ok & resp_ok) {
+        if !(name_ok & resp_ok) || self.refused {
             return Err(fail);
         }
         match (get(keys, "CHAP_I"), get(keys, "CHAP_C")) {

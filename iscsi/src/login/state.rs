@@ -9,7 +9,7 @@
 
 use super::auth::Auth;
 use super::negotiate::{classify, KeyClass, Negotiator};
-use super::{LoginContext, LoginOutcome, LoginStatus, LoginStep, SessionRequest};
+use super::{ChapConfig, LoginContext, LoginOutcome, LoginStatus, LoginStep, SessionRequest};
 use crate::params::{SessionType, TargetLimits, Transport};
 use crate::pdu::{flags, opcode, Pdu};
 use crate::text;
@@ -86,6 +86,22 @@ pub(super) struct State {
     op_answered: bool,
     auth: Auth,
     neg: Option<Negotiator>,
+    /// TargetAlias held back until the initiator has authenticated: in the
+    /// first response it would tell who asks without a secret that the
+    /// target exists.
+    alias_pending: Option<String>,
+    /// The status of the failure response, once sent.
+    failed: Option<LoginStatus>,
+}
+
+impl State {
+    pub(super) fn initiator_name(&self) -> Option<&str> {
+        Some(self.initiator_name.as_str()).filter(|n| self.named && !n.is_empty())
+    }
+
+    pub(super) fn failure(&self) -> Option<LoginStatus> {
+        self.failed
+    }
 }
 
 pub(super) fn handle(
@@ -272,6 +288,11 @@ fn process(
 
     let transit = if st.stage == STAGE_SECURITY {
         st.auth.step(ctx, &security, &mut out)?;
+        if st.auth.done() {
+            if let Some(alias) = st.alias_pending.take() {
+                text::push(&mut out, "TargetAlias", &alias);
+            }
+        }
         match want {
             Some(nsg) if st.auth.can_leave()? => {
                 // Skipping the operational stage would leave a default we
@@ -340,15 +361,28 @@ fn name_session(
     if target.is_some_and(|t| t.len() > NAME_LEN_MAX) {
         return Err(LoginStatus::INITIATOR_ERROR);
     }
+    // Authentication before authorization (`LoginContext::
+    // authenticate_first`): a refusal the name alone decides is, where a
+    // secret is due, kept until the CHAP exchange ends, and then given as
+    // the 02/01 a wrong secret gets.
+    let mut unknown_target = false;
+    let mut refused = false;
     if session_type == SessionType::Normal {
         let t = target
             .filter(|t| !t.is_empty())
             .ok_or(LoginStatus::MISSING_PARAMETER)?;
+        let hide = ctx.authenticate_first();
         if !ctx.target_exists(t) {
-            return Err(LoginStatus::NOT_FOUND);
-        }
-        if !ctx.initiator_allowed(t, initiator) {
-            return Err(LoginStatus::AUTHORIZATION_FAILURE);
+            if !hide {
+                return Err(LoginStatus::NOT_FOUND);
+            }
+            unknown_target = true;
+            refused = true;
+        } else if !ctx.initiator_allowed(t, initiator) {
+            if !(hide && ctx.chap(Some(t)).initiator.is_some()) {
+                return Err(LoginStatus::AUTHORIZATION_FAILURE);
+            }
+            refused = true;
         }
     }
     st.initiator_name = initiator.to_string();
@@ -358,8 +392,20 @@ fn name_session(
     if let Some(neg) = st.neg.as_mut() {
         neg.set_discovery(discovery);
     }
-    st.auth
-        .set_config(ctx.chap(if discovery { None } else { target }));
+    let chap = if unknown_target {
+        // No target, no secret: an exchange that looks like the real one
+        // and that `refuse` makes fail at its end.
+        ChapConfig {
+            initiator: Some((String::new(), String::new())),
+            target: None,
+        }
+    } else {
+        ctx.chap(if discovery { None } else { target })
+    };
+    st.auth.set_config(chap);
+    if refused {
+        st.auth.refuse();
+    }
     // Starting in the operational stage skips authentication, which is
     // only allowed when none is required.
     if st.stage == STAGE_OPERATIONAL && st.auth.required() {
@@ -373,9 +419,13 @@ fn name_session(
             "TargetPortalGroupTag",
             &ctx.portal_group_tag().to_string(),
         );
-        if !discovery {
+        if !discovery && !unknown_target {
             if let Some(alias) = ctx.target_alias(t).filter(|a| !a.contains('\0')) {
-                text::push(out, "TargetAlias", &alias);
+                if st.auth.required() {
+                    st.alias_pending = Some(alias);
+                } else {
+                    text::push(out, "TargetAlias", &alias);
+                }
             }
         }
     }
@@ -525,6 +575,7 @@ fn response(
 fn fail(st: &mut State, req: &Pdu, status: LoginStatus) -> LoginStep {
     tracing::debug!(class = status.class, detail = status.detail, "login failed");
     st.phase = Phase::Done;
+    st.failed = Some(status);
     st.outgoing = None;
     st.incoming = Vec::new();
     let mut p = Pdu::new(opcode::LOGIN_RESP);

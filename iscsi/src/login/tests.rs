@@ -64,6 +64,9 @@ impl LoginContext for Ctx {
     fn target_alias(&self, _t: &str) -> Option<String> {
         self.alias.clone()
     }
+    fn authenticate_first(&self) -> bool {
+        self.chap.initiator.is_some()
+    }
 }
 
 fn kvbytes(pairs: &[(&str, &str)]) -> Vec<u8> {
@@ -613,6 +616,87 @@ fn chap_transit_withheld_until_done() {
 }
 
 // ---- naming, ACL, instatement ----
+
+/// Every response of a CHAP login that sends `secret` as CHAP_R, in
+/// order; the last one is the failure (or the transition) it ends with.
+fn chap_transcript(ctx: &mut Ctx, secret: &[u8]) -> Vec<Pdu> {
+    let mut m = machine();
+    let mut out = Vec::new();
+    let mut pairs = names();
+    pairs.push(("AuthMethod", "CHAP"));
+    let steps: [Pdu; 2] = [
+        req(0, 1, false, &pairs),
+        req(0, 1, false, &[("CHAP_A", "5")]),
+    ];
+    for p in &steps {
+        out.push(cont(m.handle(ctx, p)));
+    }
+    let i: u8 = get(&out[1], "CHAP_I").unwrap().parse().unwrap();
+    let c = unhex(&get(&out[1], "CHAP_C").unwrap());
+    let r = hex(&md5_resp(i, secret, &c));
+    let last = req(0, 1, true, &[("CHAP_N", "alice"), ("CHAP_R", &r)]);
+    match m.handle(ctx, &last) {
+        LoginStep::Continue(mut v) => out.push(v.remove(0)),
+        LoginStep::Failed(p) => out.push(p),
+        other => panic!("unexpected {other:?}"),
+    }
+    out
+}
+
+#[test]
+fn with_chap_unknown_target_and_acl_fail_like_a_wrong_secret() {
+    let chap = || Ctx {
+        alias: Some("Disk One".into()),
+        ..chap_ctx(false)
+    };
+    let wrong = chap_transcript(&mut chap(), b"not-the-secret!");
+    let unknown = chap_transcript(
+        &mut Ctx {
+            targets: vec![],
+            ..chap()
+        },
+        b"initiator-secret",
+    );
+    let denied = chap_transcript(
+        &mut Ctx {
+            denied: vec![INIT],
+            ..chap()
+        },
+        b"initiator-secret",
+    );
+    let fail = wrong.last().unwrap();
+    assert_eq!(fail.bhs.login_status(), (2, 1));
+    // Same PDUs, byte for byte, at every step (the test context's
+    // "random" numbers repeat, so StatSN and challenges match too).
+    for other in [&unknown, &denied] {
+        assert_eq!(other.len(), wrong.len());
+        for (a, b) in wrong.iter().zip(other.iter()) {
+            assert_eq!(a.bhs.0, b.bhs.0);
+            assert_eq!(a.data, b.data);
+        }
+    }
+    // Nothing in the first answer tells the target exists.
+    assert_eq!(get(&wrong[0], "TargetAlias"), None);
+    // The right secret still logs in, and learns the alias once
+    // authenticated.
+    let ok = chap_transcript(&mut chap(), b"initiator-secret");
+    let last = ok.last().unwrap();
+    assert_eq!(last.bhs.login_status(), (0, 0));
+    assert_eq!(get(last, "TargetAlias").as_deref(), Some("Disk One"));
+    assert_eq!(get(&ok[0], "TargetAlias"), None);
+}
+
+#[test]
+fn failure_and_initiator_name_are_reported() {
+    let mut ctx = chap_ctx(false);
+    let mut m = machine();
+    assert_eq!(m.initiator_name(), None);
+    let mut pairs = names();
+    pairs.push(("AuthMethod", "None"));
+    failed(m.handle(&mut ctx, &req(0, 1, true, &pairs)));
+    assert_eq!(m.failure(), Some(LoginStatus::AUTH_FAILURE));
+    assert_eq!(m.initiator_name(), Some(INIT));
+}
 
 #[test]
 fn first_request_checks() {
