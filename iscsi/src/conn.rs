@@ -20,8 +20,7 @@ use crate::pdu::{flags, opcode, Bhs, Decoder, Encoder, Pdu, PduError, BHS_LEN};
 use crate::textreq::{TextContext, TextMachine};
 pub use mempool::{DataBuf, DataDest};
 
-/// Tag value meaning "no tag" (RFC 7143 11.18, 11.19).
-pub const RESERVED_TAG: u32 = 0xffff_ffff;
+pub use crate::pdu::RESERVED_TAG;
 
 /// Reject reasons (RFC 7143 11.17.1).
 pub mod reject {

@@ -9,6 +9,8 @@
 //! task management) -> SCSI tasks -> completions -> Data-In / SCSI Response
 //! PDUs -> transport.
 
+#![forbid(unsafe_code)]
+
 pub mod chap;
 pub mod conn;
 pub mod digest;

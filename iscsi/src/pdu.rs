@@ -9,6 +9,10 @@
 
 use crate::digest;
 
+/// Tag value meaning "no tag": no ITT, no TTT, a new request (RFC 7143
+/// 11.18, 11.19).
+pub const RESERVED_TAG: u32 = 0xffff_ffff;
+
 /// Length of the Basic Header Segment.
 pub const BHS_LEN: usize = 48;
 /// Largest DataSegmentLength the 24-bit field can carry.

@@ -21,11 +21,9 @@
 
 use crate::login::negotiate::is_known_key;
 use crate::params::{ConnParams, SessionParams, SessionType, Transport};
-use crate::pdu::{flags, opcode, Pdu};
+use crate::pdu::{flags, opcode, Pdu, RESERVED_TAG};
 use crate::text;
 
-/// The reserved tag value: "no TTT" / "new request".
-const RESERVED_TAG: u32 = 0xffff_ffff;
 /// Upper bound on one complete answer; SendTargets stops adding targets
 /// beyond it so a huge configuration cannot make us buffer without limit.
 pub const TEXT_RESPONSE_MAX: usize = 1 << 20;

@@ -8,7 +8,11 @@
 //! data. Each LUN counts what it completes (`stats`). Nothing here knows
 //! about iSCSI or sockets.
 
+// Only the io_uring submission in the file backstore needs `unsafe`.
+#![deny(unsafe_code)]
+
 pub mod backstore;
+mod be;
 pub mod common;
 pub mod lun;
 pub mod persist;

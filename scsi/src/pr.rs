@@ -6,6 +6,7 @@
 //! target port), never to a `NexusId`, so they outlive reconnects as SPC-4
 //! requires. An SPC-2 reservation, by contrast, dies with its I_T nexus.
 
+use crate::be::{be16, be32, be64};
 use crate::common::{CmdError, Nexus, NexusId};
 use crate::sense::Sense;
 use crate::spc::UnitAttention;
@@ -191,18 +192,6 @@ pub(crate) struct PrState {
 
 fn conflict<T>() -> Result<T, CmdError> {
     Err(CmdError::ReservationConflict)
-}
-
-fn be16(b: &[u8], i: usize) -> u16 {
-    u16::from_be_bytes([b[i], b[i + 1]])
-}
-fn be32(b: &[u8], i: usize) -> u32 {
-    u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
-}
-fn be64(b: &[u8], i: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[i..i + 8]);
-    u64::from_be_bytes(a)
 }
 
 fn param_len_err<T>() -> Result<T, CmdError> {

@@ -23,6 +23,7 @@
 //! EXIT FAILURE MODE.
 
 use crate::backstore::{BackstoreCaps, Io, IoOp};
+use crate::be::be16;
 use crate::common::{CmdError, LunInfo, NexusId};
 use crate::sense::{FieldPointer, Sense, SenseKey};
 use mempool::DataBuf;
@@ -117,10 +118,6 @@ pub(crate) enum Request {
     ExitFailureMode,
 }
 
-fn be16(b: &[u8], i: usize) -> usize {
-    ((b[i] as usize) << 8) | b[i + 1] as usize
-}
-
 /// PARAMETER LIST LENGTH of a SANITIZE CDB (for residuals).
 pub(crate) fn data_out_len(cdb: &[u8]) -> u32 {
     if cdb.len() < 10 {
@@ -153,7 +150,7 @@ pub(crate) fn decode(
     if let Some(i) = (2..7).find(|&i| cdb[i] != 0) {
         return Err(invalid(i as u16, None));
     }
-    let plen = be16(cdb, 7);
+    let plen = be16(cdb, 7) as usize;
     let bsz = info.block_size as usize;
     match sa {
         OVERWRITE => {
@@ -191,7 +188,7 @@ pub(crate) fn decode(
         if p[0] & 0x60 != 0 {
             return Err(param(0, Some(6)));
         }
-        let ipl = be16(p, 2);
+        let ipl = be16(p, 2) as usize;
         if ipl == 0 || ipl > bsz {
             return Err(param(2, None));
         }

@@ -167,7 +167,7 @@ fn b(cdb: &[u8], i: usize) -> u8 {
 }
 
 fn be(cdb: &[u8], at: usize, n: usize) -> u64 {
-    (at..at + n).fold(0u64, |acc, i| (acc << 8) | b(cdb, i) as u64)
+    crate::be::be_or_zero(cdb, at, n)
 }
 
 fn invalid(byte: u16, bit: Option<u8>) -> CmdError {

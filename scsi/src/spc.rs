@@ -29,6 +29,7 @@ mod mode;
 mod opcodes;
 
 use crate::backstore::BackstoreCaps;
+pub(crate) use crate::be::{be16, be32};
 use crate::common::{CmdError, LunInfo, Nexus, NexusId};
 use crate::pr::PrState;
 use crate::sense::Sense;
@@ -146,13 +147,6 @@ fn cdb_len(op: u8) -> usize {
         5 => 12,
         _ => 1,
     }
-}
-
-pub(crate) fn be16(b: &[u8], i: usize) -> u16 {
-    u16::from_be_bytes([b[i], b[i + 1]])
-}
-pub(crate) fn be32(b: &[u8], i: usize) -> u32 {
-    u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
 }
 
 impl SpcState {

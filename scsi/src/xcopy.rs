@@ -24,6 +24,7 @@
 //! DC). No inline or held data (RECEIVE DATA), no stream devices, no
 //! LID4 / ROD tokens.
 
+use crate::be::{be16, be32, be64};
 use crate::common::{CmdError, LunInfo, NexusId, ScsiCompletion, ScsiTask};
 use crate::lun::{Lun, Origin, Stamp};
 use crate::sense::{FieldPointer, Sense, SenseKey};
@@ -80,16 +81,6 @@ const DATA_SEGMENT_GRANULARITY_LOG2: u8 = 9;
 
 pub(crate) fn is_copy_opcode(op: u8) -> bool {
     op == EXTENDED_COPY || op == RECEIVE_COPY_RESULTS
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-fn be64(b: &[u8], at: usize) -> u64 {
-    (at..at + 8).fold(0, |acc, i| (acc << 8) | b[i] as u64)
 }
 
 fn ptr(at: usize) -> u16 {

@@ -1,9 +1,11 @@
-//! target-rdma: a user-space iSCSI (and, next, iSER) block storage target.
+//! target-rdma: a user-space iSCSI and iSER block storage target.
 //!
 //! This binary reads the command line and config file (`config`), builds
 //! the SCSI targets and their backstores, and runs the engine (`engine`):
 //! transport -> iSCSI session -> SCSI LUN -> backstore -> completion -> back
 //! out on the same reactor.
+
+#![forbid(unsafe_code)]
 
 mod config;
 mod engine;

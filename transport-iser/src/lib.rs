@@ -13,6 +13,8 @@
 //! PDUs and one message per Send (`framing`). The RDMA CM private data
 //! (`rdma::iser`) and the verbs themselves are in the `rdma` crate.
 
+#![forbid(unsafe_code)]
+
 pub mod framing;
 pub mod header;
 

@@ -12,6 +12,8 @@
 //! between ranges of it, and one writev sends headers and data from where
 //! they lie. Sent buffers wait in `take_sent` for the engine to reuse.
 
+#![forbid(unsafe_code)]
+
 mod direct;
 mod rx;
 

@@ -3,6 +3,7 @@
 //! callbacks and RDMA fit it unchanged. Buffers move into the request and
 //! come back in the completion, never copied by this layer.
 
+#[allow(unsafe_code)] // io_uring's submission queue push
 mod file;
 mod mem;
 mod null;
