@@ -26,8 +26,10 @@ pub(crate) struct Arena {
     keep: Keep,
 }
 
+/// What gives the arena's memory back when it goes: the mapping is held
+/// for its `Drop` (munmap), never read.
 enum Keep {
-    Map(#[allow(dead_code)] MmapMut),
+    Map(#[expect(dead_code, reason = "held for its Drop, which unmaps")] MmapMut),
     Heap(Layout),
 }
 

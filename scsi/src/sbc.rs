@@ -13,7 +13,6 @@ use mempool::DataBuf;
 /// Limits this device server applies and the SPC side reports in the
 /// Block Limits VPD page (0xB0); both halves must read them from here so
 /// the page and the behavior agree.
-#[allow(dead_code)] // read by the SPC half for VPD page 0xB0
 pub(crate) mod limits {
     /// WSNZ: a WRITE SAME with NUMBER OF LOGICAL BLOCKS zero means "to
     /// the end of the medium" (SBC-3 5.42). That range is held to MAXIMUM

@@ -37,7 +37,6 @@ use mempool::DataBuf;
 use std::collections::{HashMap, VecDeque};
 
 /// Unit attention conditions we raise (SPC-4 6.x, SAM-5 5.14).
-#[allow(dead_code)] // CAPACITY DATA HAS CHANGED is for lun.rs to raise
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnitAttention {
     /// 29/00 POWER ON, RESET, OR BUS DEVICE RESET OCCURRED
@@ -52,8 +51,6 @@ pub enum UnitAttention {
     ReservationsReleased,
     /// 2A/05 REGISTRATIONS PREEMPTED
     RegistrationsPreempted,
-    /// 2A/09 CAPACITY DATA HAS CHANGED
-    CapacityChanged,
     /// 3F/0E REPORTED LUNS DATA HAS CHANGED
     ReportedLunsChanged,
 }
@@ -67,7 +64,6 @@ impl UnitAttention {
             UnitAttention::ReservationsPreempted => (0x2a, 0x03),
             UnitAttention::ReservationsReleased => (0x2a, 0x04),
             UnitAttention::RegistrationsPreempted => (0x2a, 0x05),
-            UnitAttention::CapacityChanged => (0x2a, 0x09),
             UnitAttention::ReportedLunsChanged => (0x3f, 0x0e),
         };
         Sense::unit_attention(asc, ascq)

@@ -183,7 +183,6 @@ impl SpcState {
 
     /// Whether REPORT SUPPORTED OPERATION CODES advertises `op` (with
     /// service action `sa` for opcodes that have them).
-    #[allow(dead_code)] // contract method for lun.rs
     pub(crate) fn opcode_supported(&self, op: u8, sa: u16) -> bool {
         // Every command asks this; most opcodes (READ, WRITE, ...) are in
         // the table unconditionally and without service actions, so one

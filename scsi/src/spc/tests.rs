@@ -168,7 +168,7 @@ fn lun_reset_reaches_every_nexus_and_frees_spc2_reservation() {
 fn ua_queue_is_bounded_and_deduplicated() {
     let mut s = lun();
     for _ in 0..100 {
-        s.establish_ua(UnitAttention::CapacityChanged, None);
+        s.establish_ua(UnitAttention::ReservationsPreempted, None);
         s.establish_ua(UnitAttention::ModeParametersChanged, Some(2));
     }
     assert_eq!(s.nexuses[&1].ua.len(), 2);
