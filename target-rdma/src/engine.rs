@@ -205,57 +205,22 @@ const ISER_CQ_TOKEN: Token = Token(usize::MAX - 5);
 /// Listener tokens are 0..portals; connection tokens start here.
 const CONN_TOKEN_BASE: usize = 1 << 20;
 const TICK: Duration = Duration::from_millis(500);
-/// Adaptive polling keeps spinning this long after the last work it saw:
-/// long enough to catch the next command of a queue-depth-1 initiator
-/// without a sleep and wake-up, short enough that an idle target sleeps.
-/// Measured at 4k QD1 on this 2-CPU VM, where a wake-up from epoll costs
-/// 150-300 us: 50 us missed most commands (about 400 us mean latency and
-/// 155 us of target CPU per I/O); 250 us catches them (72 us, 63 us CPU
-/// per I/O: sleeping and waking cost more than the spin).
+/// Adaptive polling spins this long after the last work it saw: longer
+/// than a wake-up from epoll costs here (docs/engine.md, "Polling").
 const POLL_IDLE_BUDGET: Duration = Duration::from_micros(250);
-/// Adaptive polling spins only while commands come one at a time. Every
-/// `SPIN_PROBE_EVERY` a spinning reactor blocks in epoll for
-/// `SPIN_PROBE_FOR` and counts the commands each wake-up brings; it keeps
-/// blocking while that average is at least `SPIN_BATCH_MIN_X4 / 4` (an initiator
-/// with many commands in flight: a wake-up serves a batch, and a spin
-/// between batches is CPU taken from the initiator sharing the cores),
-/// and spins again when it falls below. Measured here, 4k random I/O at
-/// QD32 over loopback, one reactor: blocking served the same IOPS (-2 to
-/// -3%) for 30% less target CPU on reads and 16% less on writes, while at
-/// QD1 spinning gave 2.6x the IOPS (36 against 94 us latency).
+/// Adaptive polling spins only while commands come one at a time: every
+/// `SPIN_PROBE_EVERY` it blocks for `SPIN_PROBE_FOR` and counts commands
+/// per wake-up (docs/engine.md, "Polling").
 const SPIN_PROBE_EVERY: Duration = Duration::from_millis(200);
 const SPIN_PROBE_FOR: Duration = Duration::from_millis(20);
 /// Four times the average commands per wake-up below which spinning pays
 /// (1.25: an initiator at queue depth 1 brings exactly one).
 const SPIN_BATCH_MIN_X4: u64 = 5;
-/// Receive coalescing (`--poll-coalesce-us`, adaptive polling only): an
-/// initiator that keeps many commands in flight but writes each PDU with
-/// its own system call (libiscsi; any initiator's 4 KiB writes) is read
-/// one PDU per `recv` and answered one response per `writev` when the
-/// reactor keeps up with it, and each of those system calls costs more
-/// than the command itself (74% of the target's CPU was in the kernel).
-/// Pausing briefly between batches lets the commands gather in the socket:
-/// one `recv` and one `writev` then serve many. Whether it pays depends on
-/// the initiator, and the initiator answers the target's rhythm (a client
-/// answered in bursts sends in bursts), so no count of commands per read
-/// predicts it: a first policy that did so flipped between on and off
-/// every few probes on the same load and paused a third of the time.
-/// Instead the reactor measures: every `COALESCE_PROBE_EVERY` it runs
-/// `COALESCE_PROBE_FOR` the other way, and pauses when pausing took at
-/// most `COALESCE_CPU_GAIN_PCT` percent of the thread's CPU per command
-/// of not pausing without losing more than `COALESCE_RATE_LOSS_PCT`
-/// percent of the command rate. A probe that confirms the choice on a
-/// steady load doubles the time to the next, up to
-/// `COALESCE_PROBE_EVERY_MAX`: a probe run without pausing cost twice the
-/// CPU per command and, every 500 ms, brought 40% of all `recv`s. The
-/// time between probes is measured in parts of `COALESCE_PROBE_EVERY`,
-/// and a part whose rate or CPU per command differs from the one before
-/// (`WindowCost::same_load`) starts the probe at once.
-/// Measured here (4k random write QD32, one reactor, alternating A/B):
-/// with 50 us, one `recv` per 14-18 writes instead of one per write and
-/// 30-45% less target CPU per write at the same IOPS; 80 us (the default)
-/// 11-16% less again, 120 us lower IOPS for no CPU. Reads, already many
-/// per `recv`, gain no CPU and lose IOPS.
+/// Receive coalescing (`--poll-coalesce-us`): pausing between batches lets
+/// commands gather so one `recv` and one `writev` serve many; whether it
+/// pays is measured every `COALESCE_PROBE_EVERY` by a `COALESCE_PROBE_FOR`
+/// run the other way, backing off to `COALESCE_PROBE_EVERY_MAX` on a
+/// steady load (docs/engine.md, "Receive coalescing", has the figures).
 const COALESCE_PROBE_EVERY: Duration = Duration::from_millis(500);
 const COALESCE_PROBE_EVERY_MAX: Duration = Duration::from_secs(4);
 const COALESCE_PROBE_FOR: Duration = Duration::from_millis(20);
