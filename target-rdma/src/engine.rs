@@ -2354,16 +2354,19 @@ impl Reactor {
         {
             self.trace_disarm();
         }
-        let Some(c) = self.conns.get_mut(&id) else {
+        let Some(mut c) = self.conns.get_mut(&id) else {
             return;
         };
-        if matches!(c.gate, Gate::Held(_)) {
-            // Only iSER gets here (a held TCP connection reads nothing): an
-            // initiator sends nothing more before its Login Response.
-            self.mark_closed(id, "PDU behind a held Login Request");
-            return;
-        }
-        if matches!(c.gate, Gate::Unchecked) {
+        if !matches!(c.gate, Gate::Passed) {
+            // Login only: a PDU of a connection in full feature phase
+            // costs this one compare.
+            if matches!(c.gate, Gate::Held(_)) {
+                // Only iSER gets here (a held TCP connection reads
+                // nothing): an initiator sends nothing more before its
+                // Login Response.
+                self.mark_closed(id, "PDU behind a held Login Request");
+                return;
+            }
             if c.proto.is_full_feature() || pdu.bhs.opcode() != iscsi::pdu::opcode::LOGIN_REQ {
                 c.gate = Gate::Passed;
             } else if !self.gate_login(id, &pdu) {
@@ -2374,10 +2377,11 @@ impl Reactor {
                 }
                 return;
             }
+            let Some(again) = self.conns.get_mut(&id) else {
+                return;
+            };
+            c = again;
         }
-        let Some(c) = self.conns.get_mut(&id) else {
-            return;
-        };
         let mut ctx = Ctx {
             sh: &self.sh,
             conn_global: c.global,
