@@ -13,9 +13,13 @@
 //!   `AUTH_DELAY_MIN` after the last failure, doubling with each further
 //!   failure up to `AUTH_DELAY_MAX`: 100 ms after the 5th, 200 ms after
 //!   the 6th, ..., 5 s from the 11th on.
-//! - Attempts of a throttled key are spaced out by that delay even when
-//!   they come on many connections at once: attempts under way count as
-//!   failures until they end, and each one admitted books the next slot.
+//! - Attempts of a key that has failed are spaced out by that delay even
+//!   when they come on many connections at once: attempts under way count
+//!   as failures until they end, and each one admitted books the next
+//!   slot. Before its first failure a key's parallel attempts all go at
+//!   once (a host logging in many sessions), so a guesser's first wave is
+//!   as wide as its connections (at most `LOGIN_CONNECTIONS_PER_PEER_MAX`
+//!   per address), and only the first per name.
 //!   One that would wait more than `AUTH_WAIT_MAX` is refused: its
 //!   connection is closed without an answer.
 //! - A successful login resets the counters of its peer address and of its
@@ -71,9 +75,12 @@ enum Key {
 struct Entry {
     /// Consecutive failures.
     failures: u32,
-    /// Attempts admitted and not yet ended: they count as failures to
-    /// come, or attempts made on many connections at once would all pass
-    /// before the first failure is known.
+    /// Attempts admitted and not yet ended. Once the key has failed they
+    /// count as failures to come, or a guesser's attempts on many
+    /// connections at once would all pass before their failures are
+    /// known; before any failure they count for nothing, so that a host
+    /// logging in many sessions at once (multipath, a hypervisor at boot)
+    /// is never held up.
     in_flight: u32,
     /// The next attempt of this key is answered no earlier.
     next_at: Instant,
@@ -83,6 +90,9 @@ struct Entry {
 
 impl Entry {
     fn counted(&self) -> u32 {
+        if self.failures == 0 {
+            return 0;
+        }
         self.failures.saturating_add(self.in_flight)
     }
 }
@@ -385,15 +395,28 @@ mod tests {
     }
 
     #[test]
-    fn attempts_under_way_count_before_they_fail() {
-        // 32 connections at once, before any failure is known: the first
-        // six pass, the rest are spaced out as if each had failed, and
-        // those beyond AUTH_WAIT_MAX refused.
+    fn parallel_logins_of_a_host_that_never_failed_all_go_at_once() {
         let t0 = Instant::now();
         let mut g = LoginGuard::default();
+        let got: Vec<Admit> = (0..64).map(|_| g.admit(t0, Some(A), Some("n"))).collect();
+        assert!(got.iter().all(|a| *a == Admit::Now), "{got:?}");
+        for _ in 0..64 {
+            g.succeeded(Some(A), Some("n"));
+        }
+        assert_eq!(g.stats().auth_delayed, 0);
+    }
+
+    #[test]
+    fn attempts_under_way_count_once_the_key_has_failed() {
+        // One failure, then 32 connections at once: the first five pass,
+        // the rest are spaced out as if each had failed, and those beyond
+        // AUTH_WAIT_MAX refused.
+        let t0 = Instant::now();
+        let mut g = LoginGuard::default();
+        let t0 = fail_n(&mut g, t0, 1, A, "n");
         let got: Vec<Admit> = (0..32).map(|_| g.admit(t0, Some(A), Some("n"))).collect();
-        assert!(got[..6].iter().all(|a| *a == Admit::Now), "{got:?}");
-        let waits: Vec<u64> = got[6..]
+        assert!(got[..5].iter().all(|a| *a == Admit::Now), "{got:?}");
+        let waits: Vec<u64> = got[5..]
             .iter()
             .map_while(|a| match a {
                 Admit::At(t) => Some(t.duration_since(t0).as_millis() as u64),
@@ -401,8 +424,8 @@ mod tests {
             })
             .collect();
         assert_eq!(waits, [100, 300, 700, 1500, 3100, 6300]);
-        assert!(got[12..].iter().all(|a| *a == Admit::Refuse));
-        assert_eq!(g.stats().auth_refused, 20);
+        assert!(got[11..].iter().all(|a| *a == Admit::Refuse));
+        assert_eq!(g.stats().auth_refused, 21);
         // Attempts that end without a failure free their count.
         let mut g = LoginGuard::default();
         for _ in 0..10 {
