@@ -34,6 +34,8 @@ import sys
 import threading
 import time
 
+from sessions import recv_pdu
+
 GUESSER = "iqn.2026-11.io.target-rdma:hostile-guesser"
 LEGIT = "iqn.2026-11.io.target-rdma:hostile-legit"
 STRANGER = "iqn.2026-11.io.target-rdma:hostile-not-allowed"
@@ -71,24 +73,6 @@ def pdu(opcode, flags, itt, fields, data=b"", isid=0x800000000001, imm=True):
         struct.pack_into(">I", bhs, off, val)
     pad = (4 - len(data) % 4) % 4
     return bytes(bhs) + data + b"\0" * pad
-
-
-def recv_exact(s, n):
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise EOFError("connection closed")
-        buf += chunk
-    return buf
-
-
-def recv_pdu(s):
-    bhs = recv_exact(s, 48)
-    ahs = bhs[4] * 4
-    dsl = int.from_bytes(bhs[5:8], "big")
-    rest = recv_exact(s, ahs + dsl + (4 - dsl % 4) % 4)
-    return bhs, rest[ahs: ahs + dsl]
 
 
 def keys(data):
