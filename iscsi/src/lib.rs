@@ -16,6 +16,7 @@ pub mod conn;
 pub mod digest;
 pub mod idhash;
 pub mod login;
+pub mod name;
 pub mod params;
 pub mod pdu;
 pub mod text;

@@ -10,6 +10,7 @@
 use super::auth::Auth;
 use super::negotiate::{classify, KeyClass, Negotiator};
 use super::{ChapConfig, LoginContext, LoginOutcome, LoginStatus, LoginStep, SessionRequest};
+use crate::name::NAME_LEN_MAX;
 use crate::params::{SessionType, TargetLimits, Transport};
 use crate::pdu::{flags, opcode, Pdu};
 use crate::text;
@@ -21,8 +22,6 @@ pub(super) const LOGIN_KEYS_MAX: usize = 512;
 /// RFC 7143 6.3: during login both sides use the default
 /// MaxRecvDataSegmentLength, whatever is being declared.
 pub(super) const LOGIN_SEGMENT_MAX: usize = 8192;
-/// RFC 7143 4.2.7.1: iSCSI names are at most 223 bytes.
-const NAME_LEN_MAX: usize = 223;
 /// The only protocol version there is (RFC 7143 11.12.4).
 const VERSION: u8 = 0;
 
