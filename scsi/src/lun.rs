@@ -580,11 +580,17 @@ impl Lun {
         }
     }
 
+    /// Whether every write must reach the medium before it completes: the
+    /// write cache is off on a backstore that has one. Without a volatile
+    /// cache (RAM, null) writes are as durable as the backstore makes them
+    /// either way.
+    fn each_write_durable(&self) -> bool {
+        !self.spc.write_cache_enabled() && self.caps.volatile_cache
+    }
+
     /// Run a task's next step.
     fn advance(&mut self, slot: usize, done: Option<(Result<(), i32>, DataBuf)>) {
-        // Without a volatile cache (RAM, null) writes are as durable as
-        // the backstore makes them either way.
-        let write_cache = self.spc.write_cache_enabled() || !self.caps.volatile_cache;
+        let each_durable = self.each_write_durable();
         let Some(Some(t)) = self.slots.get_mut(slot) else {
             return;
         };
@@ -607,10 +613,10 @@ impl Lun {
         };
         match next {
             Next::Io(op, buf) => {
-                let op = if write_cache {
-                    op
-                } else {
+                let op = if each_durable {
                     durable(op, &mut t.flush_before_done)
+                } else {
+                    op
                 };
                 match op {
                     IoOp::Write { fua: true, .. } => self.stats.durable_writes += 1,
@@ -851,10 +857,9 @@ impl Lun {
             }
             if let Some(mut io) = job.next_io(self.caps, self.sanitize_rate) {
                 self.spc.not_ready = Some(job.progress());
-                if !self.spc.write_cache_enabled() && self.caps.volatile_cache {
-                    // A sanitize's deallocations are not flushed one by one:
-                    // it is not done until its last operation, and a crash
-                    // before then leaves it to be run again.
+                if self.each_write_durable() {
+                    // Its overwrites go down with FUA; its deallocations
+                    // (BLOCK ERASE) are not flushed before its GOOD yet.
                     let mut unused = false;
                     io.op = durable(io.op, &mut unused);
                 }

@@ -479,9 +479,8 @@ impl PrState {
     }
 
     /// PERSISTENT RESERVE OUT from `me`; `all` are the I_T nexuses
-    /// currently connected (unit attentions go to them).
-    /// PERSISTENT RESERVE OUT. GOOD only once the new state is kept where
-    /// APTPL asks for it: a state that cannot be saved is undone and the
+    /// currently connected (unit attentions go to them). GOOD only once
+    /// the new state is kept where APTPL asks for it: a state that cannot be saved is undone and the
     /// command fails, so an initiator is never told of a registration or
     /// reservation that a restart would forget.
     pub(crate) fn persistent_reserve_out(

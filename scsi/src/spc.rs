@@ -354,7 +354,7 @@ impl SpcState {
     }
 
     /// LOGICAL UNIT RESET by `by`: SPC-2 reservations are released, mode
-    /// parameters return to their defaults (we save none) and every nexus,
+    /// parameters return to their saved values (else defaults) and every nexus,
     /// `by` included (SAM-5 6.3.3), gets a unit attention. Persistent
     /// reservations survive; medium removal is allowed again. A reset
     /// never turns the write cache on: an initiator that turned it off

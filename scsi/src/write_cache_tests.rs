@@ -118,7 +118,9 @@ fn wce(lun: &mut Lun, nexus: u64) -> bool {
     d[6] & 0x04 != 0
 }
 
-fn set_wce(lun: &mut Lun, nexus: u64, on: bool) {
+/// A MODE SELECT(6) parameter list: the caching page as `nexus` reads it
+/// now (PS cleared, it is reserved here), with WCE set to `on`.
+fn caching_page(lun: &mut Lun, nexus: u64, on: bool) -> Vec<u8> {
     let d = good(lun, nexus, &[0x1a, 0x08, 0x08, 0, 255, 0], &[]).data_in;
     let mut p = vec![0, 0, 0, 0];
     p.extend_from_slice(&d[4..]);
@@ -128,6 +130,11 @@ fn set_wce(lun: &mut Lun, nexus: u64, on: bool) {
     } else {
         p[6] &= !0x04;
     }
+    p
+}
+
+fn set_wce(lun: &mut Lun, nexus: u64, on: bool) {
+    let p = caching_page(lun, nexus, on);
     good(lun, nexus, &[0x15, 0x10, 0, 0, p.len() as u8, 0], &p);
 }
 
@@ -273,10 +280,7 @@ fn the_write_cache_option_starts_with_the_cache_off_and_a_reset_keeps_it_off() {
 fn saved_pages_are_refused() {
     let (mut l, _) = lun(true);
     ua_asc(&mut l, 1);
-    let d = good(&mut l, 1, &[0x1a, 0x08, 0x08, 0, 255, 0], &[]).data_in;
-    let mut p = vec![0, 0, 0, 0];
-    p.extend_from_slice(&d[4..]);
-    p[6] &= !0x04;
+    let p = caching_page(&mut l, 1, false);
     // SP=1: ILLEGAL REQUEST, INVALID FIELD IN CDB, and nothing changes.
     let c = run(&mut l, 1, &[0x15, 0x11, 0, 0, p.len() as u8, 0], &p);
     assert_eq!(c.status, status::CHECK_CONDITION);
@@ -299,11 +303,7 @@ fn lun_saving(write_cache: bool, mode_file: &std::path::Path) -> Lun {
 fn wce_off_page(lun: &mut Lun) -> Vec<u8> {
     let d = good(lun, 1, &[0x1a, 0x08, 0x08, 0, 255, 0], &[]).data_in;
     assert_eq!(d[4] & 0x80, 0x80, "PS: the page can be saved");
-    let mut p = vec![0, 0, 0, 0];
-    p.extend_from_slice(&d[4..]);
-    p[4] &= 0x3f;
-    p[6] &= !0x04;
-    p
+    caching_page(lun, 1, false)
 }
 
 #[test]

@@ -147,6 +147,11 @@ fn run(cfg: Config) -> Result<(), RunError> {
                     )
                 }
             };
+            // Where the LUN keeps what must outlive the process.
+            let state_file = |ext: &str| {
+                cfg.pr_dir
+                    .join(format!("{}-lun{}.{ext}", sanitize(&t.name), l.lun))
+            };
             let size = backstore.size_bytes();
             check_lun_size(size, l.block_size).map_err(|e| {
                 RunError::Config(format!("{where_} ({}): {e}", describe(&l.backstore)))
@@ -168,15 +173,8 @@ fn run(cfg: Config) -> Result<(), RunError> {
                 read_only: l.read_only,
                 removable: l.removable,
                 write_cache: l.write_cache,
-                pr_file: Some(
-                    cfg.pr_dir
-                        .join(format!("{}-lun{}.pr", sanitize(&t.name), l.lun)),
-                ),
-                mode_file: Some(cfg.pr_dir.join(format!(
-                    "{}-lun{}.mode",
-                    sanitize(&t.name),
-                    l.lun
-                ))),
+                pr_file: Some(state_file("pr")),
+                mode_file: Some(state_file("mode")),
                 max_transfer_blocks: (16 * 1024 * 1024 / l.block_size).max(1),
                 max_unmap_blocks: u32::MAX,
                 max_unmap_descriptors: 256,
